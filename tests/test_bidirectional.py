@@ -1,0 +1,104 @@
+"""The switch test of DESIGN.md §2, for every family: in bidirectional mode the last token reaches the first."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from ullme_cli.models.bidirectional import (
+    TESTED_MODEL_TYPES,
+    UnsupportedArchitectureError,
+    check_supported,
+    hidden_states,
+    verify_bidirectional,
+)
+
+LENGTH = 10  # longer than the tiny models' sliding window (4), so a clipping window would be caught
+PAD = 3
+
+
+def first_token_states(model, ids: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    mask = torch.ones_like(ids)
+    if padding != "none":
+        pad_ids, pad_mask = torch.zeros(1, PAD, dtype=torch.long), torch.zeros(1, PAD, dtype=torch.long)
+        parts = [(pad_ids, ids), (pad_mask, mask)] if padding == "left" else [(ids, pad_ids), (mask, pad_mask)]
+        ids, mask = (torch.cat(p, dim=1) for p in parts)
+    first = PAD if padding == "left" else 0
+    with torch.no_grad():
+        return hidden_states(model, ids, mask, mode)[0, first]
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("model_type", TESTED_MODEL_TYPES)
+def test_last_token_reaches_first_only_when_bidirectional(model_type, padding):
+    model = tiny_model(model_type)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (1, LENGTH))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 300 + 3
+    bi = [first_token_states(model, x, "bidirectional", padding) for x in (ids, changed)]
+    causal = [first_token_states(model, x, "causal", padding) for x in (ids, changed)]
+    assert (bi[0] - bi[1]).abs().max() > 1e-4
+    torch.testing.assert_close(causal[0], causal[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"])
+def test_padding_side_does_not_change_states(model_type):
+    model = tiny_model(model_type)
+    ids = torch.randint(3, 300, (1, LENGTH))
+    mask = torch.ones_like(ids)
+    pad = torch.zeros(1, PAD, dtype=torch.long)
+    with torch.no_grad():
+        plain = hidden_states(model, ids, mask, "bidirectional")[0]
+        right = hidden_states(model, torch.cat([ids, pad], 1), torch.cat([mask, pad], 1), "bidirectional")[0, :LENGTH]
+        left = hidden_states(model, torch.cat([pad, ids], 1), torch.cat([pad, mask], 1), "bidirectional")[0, PAD:]
+    torch.testing.assert_close(right, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(left, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_is_causal_flags_are_restored_after_a_bidirectional_call():
+    model = tiny_model("llama")
+    before = [m.is_causal for m in model.modules() if hasattr(m, "is_causal")]
+    ids = torch.randint(3, 300, (2, 6))
+    hidden_states(model, ids, torch.ones_like(ids), "bidirectional")
+    assert [m.is_causal for m in model.modules() if hasattr(m, "is_causal")] == before
+    assert all(before)
+
+
+def test_unpadded_batch_is_bidirectional_even_through_the_sdpa_causal_kernel():
+    """The bug of the paper's first release: no padding, no mask, SDPA falls back to is_causal=True."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 300, (1, LENGTH))
+    changed = ids.clone()
+    changed[0, -1] = 5
+    states = [hidden_states(model, x, torch.ones_like(x), "bidirectional")[0, 0] for x in (ids, changed)]
+    assert not torch.allclose(*states)
+
+
+def test_verify_passes_on_a_supported_model():
+    verify_bidirectional(tiny_model("qwen3"))
+
+
+def test_architecture_without_a_decoder_body_is_refused_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="decoder body"):
+        check_supported(model)
+
+
+def test_attention_kernel_that_ignores_4d_masks_is_refused():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    model.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UnsupportedArchitectureError, match="ignores 4-D masks"):
+        check_supported(model)
+
+
+def test_a_switch_that_has_no_effect_is_an_error_not_silent_causal(monkeypatch):
+    import ullme_cli.models.bidirectional as bidirectional
+
+    model = tiny_model("llama")
+    real = bidirectional.hidden_states
+    monkeypatch.setattr(bidirectional, "hidden_states", lambda m, i, a, mode: real(m, i, a, "causal"))
+    with pytest.raises(UnsupportedArchitectureError, match="no effect"):
+        verify_bidirectional(model)

@@ -1,0 +1,138 @@
+"""`ullme encode` and `ullme join` through the real entry point, on a tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import DEMO_CORPUS, demo_texts, run_cli
+
+from ullme_cli.artifacts import load_embeddings
+from ullme_cli.models.embedder import Embedder
+
+
+def encode(tiny, corpus, out, *extra):
+    return run_cli("encode", corpus, "-o", out, "--model", tiny, "--dtype", "float32", "-q", *extra)
+
+
+def test_encode_writes_matrix_ids_and_meta_matching_python(tiny_llama, tmp_path):
+    out = tmp_path / "emb.npy"
+    result = encode(tiny_llama, DEMO_CORPUS, out)
+    assert result.returncode == 0, result.stderr.decode()
+    matrix, ids, meta = load_embeddings(str(out))
+    assert matrix.shape == (len(ids), 32) and matrix.dtype == np.float32
+    assert ids[:2] == ["d0", "d1"]
+    assert meta["count"] == len(ids) and meta["pooling"] == "mean" and meta["attention"] == "bidirectional"
+    expected = Embedder.load(str(tiny_llama), dtype="float32").encode(demo_texts())
+    cosine = (matrix * expected).sum(1)
+    assert cosine.min() >= 0.9999
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_stdin_text_and_stdout_npz_stream(tiny_llama, tmp_path):
+    result = run_cli("encode", "-", "-o", "-", "--model", tiny_llama, "-q", input=b"first text\nsecond text\n")
+    assert result.returncode == 0, result.stderr.decode()
+    stream = tmp_path / "s.npz"
+    stream.write_bytes(result.stdout)
+    matrix, ids, meta = load_embeddings(str(stream))
+    assert ids == ["1", "2"] and matrix.shape == (2, 32) and meta["count"] == 2
+
+
+def test_out_dtypes_and_matryoshka_truncation(tiny_llama, tmp_path):
+    assert encode(tiny_llama, DEMO_CORPUS, tmp_path / "f.npy").returncode == 0
+    full, _, _ = load_embeddings(str(tmp_path / "f.npy"))
+    for out_dtype, dtype in [("float16", np.float16), ("int8", np.int8), ("binary", np.uint8)]:
+        assert encode(tiny_llama, DEMO_CORPUS, tmp_path / f"{out_dtype}.npy", "--out-dtype", out_dtype).returncode == 0
+        matrix, _, meta = load_embeddings(str(tmp_path / f"{out_dtype}.npy"))
+        assert matrix.dtype == dtype and meta["dtype"] == out_dtype
+    int8, _, _ = load_embeddings(str(tmp_path / "int8.npy"))
+    restored = int8.astype(np.float32) / 127
+    cos = (restored * full).sum(1) / np.linalg.norm(restored, axis=1)
+    assert cos.min() > 0.99
+    binary, _, _ = load_embeddings(str(tmp_path / "binary.npy"))
+    assert binary.shape[1] == 32 // 8
+    assert encode(tiny_llama, DEMO_CORPUS, tmp_path / "t.npy", "--truncate-dim", "16").returncode == 0
+    short, _, meta = load_embeddings(str(tmp_path / "t.npy"))
+    assert short.shape[1] == 16 and meta["dim"] == 16
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1, atol=1e-5)
+
+
+def test_shards_joined_equal_one_run(tiny_llama, tmp_path):
+    assert encode(tiny_llama, DEMO_CORPUS, tmp_path / "all.npy").returncode == 0
+    for i in range(3):
+        assert encode(tiny_llama, DEMO_CORPUS, tmp_path / f"s{i}.npy", "--shard", f"{i}/3").returncode == 0
+    joined = run_cli("join", tmp_path / "s2.npy", tmp_path / "s0.npy", tmp_path / "s1.npy", "-o", tmp_path / "joined.npy")
+    assert joined.returncode == 0, joined.stderr.decode()
+    one, one_ids, _ = load_embeddings(str(tmp_path / "all.npy"))
+    both, both_ids, meta = load_embeddings(str(tmp_path / "joined.npy"))
+    assert both_ids == one_ids and "shard" not in meta
+    np.testing.assert_allclose(both, one, atol=1e-5)
+    missing = run_cli("join", tmp_path / "s0.npy", tmp_path / "s2.npy", "-o", tmp_path / "bad.npy")
+    assert missing.returncode == 2 and b"missing [1]" in missing.stderr
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, result.stderr.decode()
+    assert len(lines) == 1 and lines[0].startswith("ullme: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "c.jsonl: no texts found (empty corpus)"),
+        (b'{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "c.jsonl:2: malformed JSON"),
+        (b'{"id": "a", "title": "only a title"}\n', "c.jsonl:1: field 'text' is missing or empty"),
+        (b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "c.jsonl:2: duplicate id 'a'"),
+        (b'{"id": "a", "text": "\xc3\x28"}\n', "c.jsonl:1: not valid UTF-8"),
+    ],
+)
+def test_bad_corpus_gets_one_line_error_and_exit_2(tiny_llama, tmp_path, content, expected):
+    (tmp_path / "c.jsonl").write_bytes(content)
+    line = one_line_error(encode(tiny_llama, tmp_path / "c.jsonl", tmp_path / "e.npy"))
+    assert expected in line
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_other_bad_inputs_get_one_line_errors(tiny_llama, tmp_path):
+    assert "nope.jsonl: file not found" in one_line_error(encode(tiny_llama, tmp_path / "nope.jsonl", tmp_path / "e.npy"))
+    assert "unknown pooling 'max'" in one_line_error(encode(tiny_llama, DEMO_CORPUS, tmp_path / "e.npy", "--pooling", "max"))
+    assert "--shard 3/3 is out of range" in one_line_error(encode(tiny_llama, DEMO_CORPUS, tmp_path / "e.npy", "--shard", "3/3"))
+    assert "--shard must look like i/N" in one_line_error(encode(tiny_llama, DEMO_CORPUS, tmp_path / "e.npy", "--shard", "x"))
+    empty_model = tmp_path / "model"
+    empty_model.mkdir()
+    (empty_model / "config.json").write_text("{}")
+    assert "model folder has no weights" in one_line_error(encode(empty_model, DEMO_CORPUS, tmp_path / "e.npy"))
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_sigkill_midway_then_resume_equals_uninterrupted_run(tiny_llama, tmp_path):
+    texts = demo_texts() * 20  # ~11k texts with a small token budget: many chunks, several seconds of work
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    args = ["encode", corpus, "-o", tmp_path / "emb.npy", "--model", tiny_llama, "--dtype", "float32", "-q", "--token-budget", "256"]
+    process = subprocess.Popen([sys.executable, "-m", "ullme_cli", *map(str, args)], stderr=subprocess.PIPE)
+    partial = tmp_path / "emb.npy.partial"
+    deadline = time.time() + 300
+    while len(list(partial.glob("chunk-*.npy"))) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the encode finished before it could be killed; make the corpus larger"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "emb.npy").exists()
+    done_before = len(list(partial.glob("chunk-*.npy")))
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert f"{done_before} of" in resumed.stderr.decode()
+    assert not partial.exists()
+    fresh = run_cli(*args[:3], tmp_path / "fresh.npy", *args[4:])
+    assert fresh.returncode == 0
+    a, a_ids, _ = load_embeddings(str(tmp_path / "emb.npy"))
+    b, b_ids, _ = load_embeddings(str(tmp_path / "fresh.npy"))
+    assert a_ids == b_ids
+    np.testing.assert_array_equal(a, b)

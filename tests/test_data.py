@@ -1,0 +1,70 @@
+import pytest
+
+from ullme_cli.data import read_beir_folder, read_corpus, read_qrels, read_training_examples
+from ullme_cli.errors import UllmeError
+
+
+def write(tmp_path, name, content: bytes | str):
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return str(path)
+
+
+def test_jsonl_tsv_and_text_are_read_with_ids(tmp_path):
+    jsonl = write(tmp_path, "c.jsonl", '{"id": "a", "text": "x", "title": "T"}\n\n{"_id": 7, "text": "y"}\n')
+    assert [(r.id, r.text) for r in read_corpus(jsonl)] == [("a", "T x"), ("7", "y")]
+    tsv = write(tmp_path, "c.tsv", "id\ttext\nd1\thello\nd2\tworld\tTitle\n")
+    assert [(r.id, r.text) for r in read_corpus(tsv)] == [("d1", "hello"), ("d2", "Title world")]
+    txt = write(tmp_path, "c.txt", "first\n\nthird\n")
+    assert [(r.id, r.text) for r in read_corpus(txt)] == [("1", "first"), ("3", "third")]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("c.jsonl", "", "c.jsonl: no texts found (empty corpus)"),
+        ("c.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "c.jsonl:2: malformed JSON"),
+        ("c.jsonl", '{"id": "a"}\n', "c.jsonl:1: field 'text' is missing or empty"),
+        ("c.jsonl", '{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "c.jsonl:2: duplicate id 'a' (first seen on line 1)"),
+        ("c.jsonl", b'{"id": "a", "text": "x"}\n{"id": "b", "text": "\xff"}\n', "c.jsonl:2: not valid UTF-8"),
+        ("c.jsonl", '["a", "b"]\n', "c.jsonl:1: expected a JSON object"),
+        ("c.tsv", "d1\n", "c.tsv:1: field 'text' (second column) is missing or empty"),
+    ],
+)
+def test_bad_corpus_rows_name_file_line_and_field(tmp_path, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(UllmeError) as error:
+        read_corpus(path)
+    assert str(error.value).startswith(str(tmp_path / message.split(":")[0]) + message[len(message.split(":")[0]):])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UllmeError, match="nope.jsonl: file not found"):
+        read_corpus(str(tmp_path / "nope.jsonl"))
+
+
+def test_training_rows_are_validated_or_skipped_and_counted(tmp_path):
+    path = write(
+        tmp_path,
+        "t.jsonl",
+        '{"query": "q", "positive": "p", "negative": ["n1", "n2"]}\n{"query": "q2", "positive": []}\n{"query": "q3", "positive": ["p3"]}\n',
+    )
+    with pytest.raises(UllmeError, match="t.jsonl:2: field 'positive'"):
+        read_training_examples(path)
+    examples, skipped = read_training_examples(path, skip_bad_rows=True)
+    assert skipped == 1 and [e.query for e in examples] == ["q", "q3"]
+    assert examples[0].positives == ["p"] and examples[0].negatives == ["n1", "n2"]
+
+
+def test_bundled_beir_folder_reads(tmp_path):
+    from conftest import RESOURCES
+
+    data = read_beir_folder(str(RESOURCES / "trecqa-test"))
+    assert len(data.queries) == 89 and len(data.corpus) > 1000
+    assert all(qid in {q.id for q in data.queries} for qid in data.qrels)
+
+
+def test_qrels_accept_trec_format_and_reject_bad_scores(tmp_path):
+    assert read_qrels(write(tmp_path, "q.txt", "q1 0 d1 1\nq1 0 d2 0\n")) == {"q1": {"d1": 1, "d2": 0}}
+    with pytest.raises(UllmeError, match="q.tsv:2: field 'score'"):
+        read_qrels(write(tmp_path, "q.tsv", "q1\td1\t1\nq1\td2\thigh\n"))

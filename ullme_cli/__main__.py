@@ -1,0 +1,3 @@
+from ullme_cli.cli import main
+
+main()

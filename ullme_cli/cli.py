@@ -1,0 +1,93 @@
+"""The `ullme` command line: parses arguments and calls the core. Nothing else lives here.
+
+Heavy libraries (torch, transformers, faiss, mteb) are imported inside the commands, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from ullme_cli.constants import COMPUTE_DTYPES, DEFAULT_MODEL, KINDS, OUT_DTYPES, POOLINGS
+from ullme_cli.errors import UllmeError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Decoder LLMs as text-embedding models: finetune, encode, index, search, evaluate.",
+)
+
+ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder, model folder, .gguf file, bundled name or hub id.")
+DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_DTYPES)} (auto: bf16 where the CPU/GPU runs it fast).")
+TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def encode(
+    input: str = typer.Argument(..., help="Corpus: .jsonl (id, text, title?), .tsv (id, text), text (one per line), or - for stdin."),
+    output: str = typer.Option(..., "--output", "-o", help="emb.npy (plus emb.ids.jsonl, emb.meta.json), or - for an npz stream on stdout."),
+    model: str = ModelOption,
+    kind: str = typer.Option("passage", "--kind", help=f"{' or '.join(KINDS)}: which instruction applies."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean)."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional)."),
+    instruction: Optional[str] = typer.Option(None, "--instruction", help="Instruction for these texts (overrides the model's for --kind)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default 512)."),
+    dtype: str = DtypeOption,
+    out_dtype: str = typer.Option("float32", "--out-dtype", help=f"Stored dtype: {', '.join(OUT_DTYPES)}."),
+    truncate_dim: Optional[int] = typer.Option(None, "--truncate-dim", help="Keep the first D dimensions (Matryoshka) and renormalize."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: encode only shard i of N (join them with `ullme join`)."),
+    token_budget: int = typer.Option(8192, "--token-budget", help="Padded tokens per batch."),
+    input_format: str = typer.Option("auto", "--format", help="auto, jsonl, tsv or text."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    trust_remote_code: bool = TrustOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Embed a corpus. Resumes after an interruption; writes nothing until it is complete."""
+    from ullme_cli.encoding import EncodeOptions, encode_corpus
+
+    options = EncodeOptions(
+        model=model, kind=kind, pooling=pooling, attention=attention, instruction=instruction,
+        max_length=max_length, dtype=dtype, device=device, out_dtype=out_dtype, truncate_dim=truncate_dim,
+        token_budget=token_budget, trust_remote_code=trust_remote_code, input_format=input_format,
+    )  # fmt: skip
+    meta = encode_corpus(input, output, options, shard, show_progress=not quiet)
+    if output != "-":
+        _err(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
+
+
+@app.command()
+def join(
+    shards: list[str] = typer.Argument(..., help="The emb files written by `ullme encode --shard i/N`, in any order."),
+    output: str = typer.Option(..., "--output", "-o", help="Joined emb.npy, or - for stdout."),
+) -> None:
+    """Join the shards of one corpus into one embeddings file, in corpus order."""
+    from ullme_cli.encoding import join_shards
+
+    meta = join_shards(shards, output)
+    if output != "-":
+        _err(f"joined {len(shards)} shards: {meta['count']} embeddings in {output}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UllmeError as e:
+        _err(f"ullme: error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _err("ullme: interrupted (finished work is kept; run the same command again to resume)")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

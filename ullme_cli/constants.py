@@ -1,0 +1,8 @@
+"""Names shared by the CLI and the core; importing this module loads no heavy library."""
+
+DEFAULT_MODEL = "smollm2-135m"
+POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention")
+ATTENTION_MODES = ("bidirectional", "causal")
+KINDS = ("query", "passage")
+OUT_DTYPES = ("float32", "float16", "int8", "binary")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")

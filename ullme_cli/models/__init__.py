@@ -1,0 +1,1 @@
+"""Models: the attention switch, pooling, loading and the Embedder."""

@@ -1,0 +1,142 @@
+"""The attention switch: run one loaded decoder causally or bidirectionally, chosen per call.
+
+How it works (transformers 5.x, DESIGN.md §2):
+- Every supported family builds its masks through `transformers.masking_utils`, which passes a 4-D mask
+  through untouched. In bidirectional mode we hand the model a 4-D additive mask that only hides padding.
+  The same mask serves full and sliding-window layers, so a sliding window never clips the sequence.
+- SDPA uses its causal kernel when `module.is_causal` is set and no mask arrives. We always pass a mask,
+  and we also clear `is_causal` on every attention module for the duration of the call, so no code path
+  can stay causal in silence.
+- Causal mode passes the ordinary 2-D padding mask, so the model builds its own causal masks.
+
+No modeling file is copied, which is what broke LLM2Vec and GritLM on each transformers release.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from ullme_cli.constants import ATTENTION_MODES
+from ullme_cli.errors import UllmeError
+
+AttentionMode = Literal["bidirectional", "causal"]
+
+# Families whose bidirectional mode is proven by tests/test_bidirectional.py on transformers 5.
+TESTED_MODEL_TYPES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "phi", "phi3", "olmo", "olmo2", "olmo3", "granite", "stablelm", "starcoder2", "cohere",
+    "cohere2", "glm", "glm4", "helium", "smollm3", "ministral", "exaone4", "arcee", "apertus",
+)  # fmt: skip
+
+# Attention kernels that honour an explicit 4-D mask. flash_attention_2/3 and flex take other mask forms.
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+class UnsupportedArchitectureError(UllmeError):
+    pass
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body (no LM head) of a causal LM, a peft-wrapped one included."""
+    if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected in place, so the body carries them
+        model = model.get_base_model()
+    body = getattr(model, "model", None)
+    if isinstance(body, nn.Module) and hasattr(body, "embed_tokens"):
+        return body
+    if hasattr(model, "embed_tokens"):
+        return model
+    raise UnsupportedArchitectureError(
+        f"cannot find the decoder body of {type(model).__name__}: expected a causal LM with a `.model` body"
+    )
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a clear error when this model cannot be switched to bidirectional attention."""
+    body = decoder_of(model)
+    config = body.config
+    module = sys.modules.get(type(body).__module__)
+    builds_masks = module is not None and any(
+        hasattr(module, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask")
+    )
+    if not builds_masks:
+        raise UnsupportedArchitectureError(
+            f"architecture '{config.model_type}' does not build its attention masks through "
+            "transformers.masking_utils, so bidirectional attention cannot be switched on; "
+            "use --attention causal, or one of: " + ", ".join(TESTED_MODEL_TYPES)
+        )
+    implementation = getattr(config, "_attn_implementation", "sdpa")
+    if implementation not in MASKABLE_ATTENTION:
+        raise UnsupportedArchitectureError(
+            f"attention implementation '{implementation}' ignores 4-D masks; load the model with "
+            f"attn_implementation='sdpa' or 'eager' for bidirectional attention"
+        )
+
+
+def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, 1, L, L) additive mask: every token sees every non-padding token."""
+    keep = attention_mask.bool()[:, None, None, :]
+    length = attention_mask.shape[-1]
+    blocked = torch.zeros(keep.shape[0], 1, length, length, dtype=dtype, device=attention_mask.device)
+    return blocked.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left and right padding give the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def non_causal_modules(model: nn.Module) -> Iterator[None]:
+    """Clear `is_causal` on every module that has it, and restore the old values afterwards."""
+    saved = [(m, m.is_causal) for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    try:
+        for m, _ in saved:
+            m.is_causal = False
+        yield
+    finally:
+        for m, value in saved:
+            m.is_causal = value
+
+
+def hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode
+) -> torch.Tensor:
+    """Last-layer hidden states (batch, L, d) of the decoder body, in the requested attention mode."""
+    body = decoder_of(model)
+    positions = position_ids_for(attention_mask)
+    if mode == "causal":
+        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    if mode != "bidirectional":
+        raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
+    mask = bidirectional_mask(attention_mask, body.get_input_embeddings().weight.dtype)
+    with non_causal_modules(body):
+        return body(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
+
+
+@torch.inference_mode()
+def verify_bidirectional(model: nn.Module, token_ids: tuple[int, int, int, int] = (1, 2, 3, 4)) -> None:
+    """Prove on this very model that bidirectional mode reaches backwards, and causal mode does not.
+
+    Changing the last token must move the first token's state in bidirectional mode only. A model for
+    which this fails raises instead of silently embedding causally.
+    """
+    check_supported(model)
+    device = decoder_of(model).get_input_embeddings().weight.device
+    a = torch.tensor([list(token_ids)], device=device)
+    b = a.clone()
+    b[0, -1] = token_ids[0]
+    mask = torch.ones_like(a)
+    states = {m: [hidden_states(model, x, mask, m)[0, 0].float() for x in (a, b)] for m in ATTENTION_MODES}
+    if torch.allclose(*states["bidirectional"], atol=1e-6, rtol=0):
+        raise UnsupportedArchitectureError(
+            f"bidirectional attention had no effect on architecture '{decoder_of(model).config.model_type}'"
+        )
+    if not torch.allclose(*states["causal"], atol=1e-4, rtol=1e-3):
+        raise UnsupportedArchitectureError(
+            f"causal attention leaked future tokens on architecture '{decoder_of(model).config.model_type}'"
+        )

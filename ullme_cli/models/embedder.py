@@ -1,0 +1,333 @@
+"""Embedder: a causal LM, an attention mode, a pooling head and instructions, as one saveable unit.
+
+An Embedder folder holds `ullme.json` (this config), the model in safetensors, the tokenizer, the
+latent-attention head when used, and `adapter/` when a LoRA adapter is kept unmerged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ullme_cli.constants import DEFAULT_MODEL, KINDS
+from ullme_cli.errors import UllmeError
+from ullme_cli.models.bidirectional import ATTENTION_MODES, decoder_of, hidden_states, verify_bidirectional
+from ullme_cli.models.loading import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_source,
+)
+from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler, check_pooling
+
+CONFIG_FILE = "ullme.json"
+ADAPTER_DIR = "adapter"
+DEFAULT_TOKEN_BUDGET = 8192
+
+
+@dataclass
+class EmbedderConfig:
+    model: str = DEFAULT_MODEL
+    pooling: str = "mean"
+    attention: str = "bidirectional"
+    query_instruction: str = ""
+    passage_instruction: str = ""
+    # e5 / ULLME style; the instruction tokens are masked out of pooling.
+    instruction_template: str = "Instruct: {instruction}\nQuery: "
+    # GRL scores log p(passage | generation_instruction + query) causally.
+    generation_instruction: str = ""
+    max_length: int = 512
+    padding_side: str = "right"
+    normalize: bool = True
+
+    def validate(self) -> "EmbedderConfig":
+        check_pooling(self.pooling)
+        if self.attention not in ATTENTION_MODES:
+            raise UllmeError(f"unknown attention mode '{self.attention}' (choose from {', '.join(ATTENTION_MODES)})")
+        if self.padding_side not in ("left", "right"):
+            raise UllmeError(f"padding_side must be 'left' or 'right', got '{self.padding_side}'")
+        if self.max_length < 2:
+            raise UllmeError(f"max_length must be at least 2, got {self.max_length}")
+        if "{instruction}" not in self.instruction_template:
+            raise UllmeError("instruction_template must contain '{instruction}'")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EmbedderConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known}).validate()
+
+
+@dataclass
+class Tokenized:
+    ids: list[int]
+    instruction_tokens: int  # leading tokens that belong to the instruction (and special tokens before it)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    content_mask: torch.Tensor
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int = 512) -> list[list[int]]:
+    """Group indices longest-first so that each padded batch stays within `token_budget` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # The first index of a batch is its longest, so the padded size is len * that length.
+        if current and ((len(current) + 1) * lengths[current[0]] > token_budget or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Embedder:
+    def __init__(self, model, tokenizer, config: EmbedderConfig, device: torch.device, latent=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config.validate()
+        self.device = device
+        hidden_size = decoder_of(model).config.hidden_size
+        self.pooler = Pooler(config.pooling, hidden_size, latent).to(device)
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def load(
+        cls,
+        name: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        verify: bool = True,
+        **overrides,
+    ) -> "Embedder":
+        """Load an Embedder folder, a plain model folder, a .gguf file, a bundled name or a hub id.
+
+        `overrides` set EmbedderConfig fields (pooling, attention, instructions, ...); None means keep.
+        """
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        folder = Path(name)
+        saved = folder / CONFIG_FILE
+        if saved.exists():
+            config = EmbedderConfig.from_dict({**json.loads(saved.read_text()), **overrides})
+            source = str(folder)
+        else:
+            config = EmbedderConfig.from_dict({"model": name, **overrides})
+            source = resolve_model_source(name)
+        torch_device = resolve_device(device)
+        model = load_causal_lm(source, resolve_dtype(dtype, torch_device), trust_remote_code)
+        if (folder / ADAPTER_DIR).is_dir():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(folder / ADAPTER_DIR), is_trainable=False)
+        model.to(torch_device).eval()
+        tokenizer = load_tokenizer(source, trust_remote_code)
+        latent = None
+        if config.pooling == "latent-attention" and (folder / LATENT_WEIGHTS).exists():
+            latent = LatentAttentionPooling.load(folder)
+        embedder = cls(model, tokenizer, config, torch_device, latent)
+        if verify and config.attention == "bidirectional":
+            verify_bidirectional(model)
+        return embedder
+
+    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Iterable[str] | str = "all-linear"):
+        from peft import LoraConfig, get_peft_model
+
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+        self.model = get_peft_model(self.model, lora)
+        return self
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def save(self, folder: str | Path, merge_lora: bool = False) -> Path:
+        """Write a self-contained folder that `Embedder.load` and `ullme encode --model` read.
+
+        The folder is assembled beside the target and renamed into place, so a crash leaves no half folder.
+        """
+        target = Path(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        model = self.model
+        if self.has_adapter and merge_lora:
+            model = model.merge_and_unload()
+            self.model = model
+        if self.has_adapter:
+            base = model.get_base_model()
+            # The base weights are the frozen originals: strip the LoRA wrappers' names to save them plainly.
+            state = {
+                k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k
+            }
+            base.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        if self.config.pooling == "latent-attention":
+            self.pooler.latent.save(staging)
+        (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        if target.exists():
+            import shutil
+
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+        return target
+
+    def describe(self) -> dict:
+        """What a downstream artefact must record to reproduce these vectors."""
+        return {
+            "model": self.config.model,
+            "pooling": self.config.pooling,
+            "attention": self.config.attention,
+            "max_length": self.config.max_length,
+            "query_instruction": self.config.query_instruction,
+            "passage_instruction": self.config.passage_instruction,
+            "instruction_template": self.config.instruction_template,
+            "dim": decoder_of(self.model).config.hidden_size,
+        }
+
+    # ---------------------------------------------------------------- tokenization
+    def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:
+        if kind not in KINDS:
+            raise UllmeError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
+        if instruction is None:
+            instruction = self.config.query_instruction if kind == "query" else self.config.passage_instruction
+        return self.config.instruction_template.format(instruction=instruction) if instruction else ""
+
+    def tokenize(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None) -> list[Tokenized]:
+        prefix = self.instruction_prefix(kind, instruction)
+        add_eos = self.config.pooling == "last-token"
+        eos = self.tokenizer.eos_token_id
+        max_length = self.config.max_length - (1 if add_eos else 0)
+        encoded = self.tokenizer(
+            [prefix + t for t in texts],
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_length,
+            return_offsets_mapping=bool(prefix),
+        )
+        result = []
+        for row, ids in enumerate(encoded["input_ids"]):
+            n_instruction = 0
+            if prefix:
+                # Leading tokens that end inside the prefix: special tokens (offsets 0, 0) and instruction
+                # text. A token straddling the boundary (byte-level BPE's " Who") carries content.
+                for _, end in encoded["offset_mapping"][row]:
+                    if end > len(prefix):
+                        break
+                    n_instruction += 1
+            if add_eos and (not ids or ids[-1] != eos):
+                ids = ids + [eos]  # some tokenizers stop appending EOS; last-token pooling needs it
+            result.append(Tokenized(list(ids), n_instruction))
+        return result
+
+    def collate(self, items: Sequence[Tokenized]) -> Batch:
+        length = max(len(t.ids) for t in items)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(items), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        content = torch.zeros((len(items), length), dtype=torch.long)
+        for row, t in enumerate(items):
+            n = len(t.ids)
+            start = length - n if self.config.padding_side == "left" else 0
+            ids[row, start : start + n] = torch.tensor(t.ids)
+            mask[row, start : start + n] = 1
+            content[row, start + min(t.instruction_tokens, n) : start + n] = 1
+        return Batch(ids.to(self.device), mask.to(self.device), content.to(self.device))
+
+    # ---------------------------------------------------------------- embedding
+    def embed(self, batch: Batch, mode: str | None = None) -> torch.Tensor:
+        """Pooled (and normalized, per config) vectors; differentiable, so training uses it too."""
+        states = hidden_states(self.model, batch.input_ids, batch.attention_mask, mode or self.config.attention)
+        pooled = self.pooler(states.float(), batch.attention_mask, batch.content_mask)
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    @torch.inference_mode()
+    def encode_tokenized(self, items: Sequence[Tokenized]) -> np.ndarray:
+        return self.embed(self.collate(items)).float().cpu().numpy()
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        kind: str = "passage",
+        instruction: str | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+    ) -> np.ndarray:
+        """Embed texts in input order; returns float32 (n, dim), unit-normalized unless configured off."""
+        tokenized = self.tokenize(texts, kind, instruction)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for batch in plan_batches([len(t.ids) for t in tokenized], token_budget):
+            out[batch] = self.encode_tokenized([tokenized[i] for i in batch])
+        return out
+
+    @property
+    def dim(self) -> int:
+        return decoder_of(self.model).config.hidden_size
+
+    # ---------------------------------------------------------------- generation scores (GRL)
+    def generation_logprobs(
+        self, prompts: Sequence[str], continuations: Sequence[str], grad: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """log p(continuation | prompt) under causal attention, on the same weights.
+
+        Returns per pair: `sum` and `mean` of the continuation's token log-probabilities, and `tokens`.
+        Only continuation positions go through the LM head, which keeps large vocabularies affordable.
+        """
+        if len(prompts) != len(continuations):
+            raise UllmeError("generation_logprobs: prompts and continuations differ in number")
+        budget = self.config.max_length
+        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        cont_ids = self.tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+        rows = []
+        for p, c in zip(prompt_ids, cont_ids):
+            c = c[: max(1, budget // 2)] or [self.tokenizer.eos_token_id]
+            p = p[-max(1, budget - len(c)) :]  # keep the end of the prompt, next to the continuation
+            rows.append((p, c))
+        length = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        targets = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (p, c) in enumerate(rows):
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[row, : len(p) + len(c)] = 1
+            targets[row, len(p) : len(p) + len(c)] = True
+        ids, mask, targets = ids.to(self.device), mask.to(self.device), targets.to(self.device)
+        with torch.set_grad_enabled(grad):
+            states = hidden_states(self.model, ids, mask, "causal")
+            # The state at position t-1 predicts token t.
+            predictors = targets[:, 1:]
+            selected = states[:, :-1][predictors]
+            logits = self.output_logits(selected).float()
+            token_logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:][predictors].unsqueeze(-1)).squeeze(-1)
+            row_of = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(predictors)[predictors]
+            total = torch.zeros(len(rows), device=self.device).index_add(0, row_of, token_logprobs)
+            count = predictors.sum(-1).clamp(min=1)
+        return {"sum": total, "mean": total / count, "tokens": count}
+
+    def output_logits(self, states: torch.Tensor) -> torch.Tensor:
+        model = self.model.get_base_model() if self.has_adapter else self.model
+        logits = model.get_output_embeddings()(states)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
