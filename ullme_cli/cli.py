@@ -76,6 +76,76 @@ def join(
         _err(f"joined {len(shards)} shards: {meta['count']} embeddings in {output}")
 
 
+@app.command()
+def index(
+    embeddings: str = typer.Argument(..., help="emb.npy (with its .ids.jsonl and .meta.json), an .npz, or - for an npz stream."),
+    output: str = typer.Option(..., "--output", "-o", help="Index folder: index.faiss, ids.jsonl, manifest.json."),
+    factory: str = typer.Option("auto", "--factory", help="FAISS index_factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64) or auto."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="ip or l2 (default: ip for normalized vectors)."),
+    add: bool = typer.Option(False, "--add", help="Append to the existing index in --output."),
+    keep_vectors: bool = typer.Option(True, "--keep-vectors/--no-keep-vectors", help="Keep float16 copies beside lossy indexes for --rerank-exact."),
+) -> None:
+    """Build a FAISS index (or --add to one) from embeddings."""
+    from ullme_cli.retrieval.index import build_index
+
+    manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors)
+    if note:
+        _err(f"factory auto -> {manifest['factory']} ({note})")
+    _err(f"index {output}: {manifest['count']} vectors, {manifest['factory']}, metric {manifest['metric']}")
+
+
+@app.command()
+def search(
+    indexes: list[str] = typer.Argument(..., help="Index folder(s), then QUERIES (.jsonl/.tsv/text/-) last unless --embeddings is given."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Query embeddings made already (q.npy or .npz); no QUERIES then."),
+    k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
+    output: str = typer.Option("-", "--output", "-o", help="Results file, or - for stdout."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or trec."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists to visit (default: the manifest's)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default: the manifest's)."),
+    rerank_exact: bool = typer.Option(False, "--rerank-exact", help="Rescore candidates with exact vectors (PQ/SQ indexes)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index from disk instead of reading it into RAM."),
+    input_format: str = typer.Option("auto", "--input-format", help="Queries format: auto, jsonl, tsv or text."),
+    dtype: str = DtypeOption,
+    device: str = typer.Option("auto", "--device"),
+    quiet: bool = QuietOption,
+) -> None:
+    """Search index folders; several folders (shards) are merged into one top-k."""
+    from ullme_cli.retrieval.search import search as run_search
+    from ullme_cli.retrieval.search import write_results
+
+    folders, queries = (indexes, None) if embeddings else (indexes[:-1], indexes[-1])
+    if not folders:
+        raise UllmeError("search: give at least one index folder before QUERIES")
+    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, not quiet)
+    count = write_results(results, output, fmt)
+    if output != "-":
+        _err(f"wrote {count} queries' hits to {output}")
+
+
+@app.command()
+def mine(
+    training: str = typer.Argument(..., help="Training jsonl: query, positive, negative?, instruction?."),
+    corpus: str = typer.Option(..., "--corpus", help="Passages to draw negatives from (.jsonl/.tsv/text)."),
+    output: str = typer.Option(..., "--output", "-o", help="Training jsonl with 'negative' filled in."),
+    model: str = ModelOption,
+    corpus_embeddings: Optional[str] = typer.Option(None, "--corpus-embeddings", help="Reuse these corpus embeddings (default: cached beside --output)."),
+    negatives: int = typer.Option(7, "--negatives", help="Negatives per query."),
+    skip: int = typer.Option(10, "--skip", help="Skip this many top ranks (likely unlabelled positives)."),
+    keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
+    pooling: Optional[str] = typer.Option(None, "--pooling"),
+    dtype: str = DtypeOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Mine hard negatives for training data by searching a corpus."""
+    from ullme_cli.encoding import EncodeOptions
+    from ullme_cli.retrieval.mine import mine_negatives
+
+    options = EncodeOptions(model=model, pooling=pooling, dtype=dtype)
+    stats = mine_negatives(training, corpus, output, options, corpus_embeddings, negatives, skip, keep_existing, not quiet)
+    _err(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
+
+
 def main() -> None:
     try:
         app()

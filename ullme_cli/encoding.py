@@ -75,8 +75,19 @@ def _fingerprint(records: list[TextRecord], description: dict, options: EncodeOp
     return digest.hexdigest()
 
 
-def encode_corpus(input_path: str, output: str, options: EncodeOptions, shard_spec: str | None = None, show_progress: bool = True) -> dict:
-    """Encode a corpus file into embedding files; returns the written meta."""
+def load_embedder(options: EncodeOptions):
+    from ullme_cli.models.embedder import Embedder  # heavy: imported only when a model is needed
+
+    return Embedder.load(
+        options.model, dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code,
+        pooling=options.pooling, attention=options.attention, max_length=options.max_length,
+    )  # fmt: skip
+
+
+def encode_corpus(
+    input_path: str, output: str, options: EncodeOptions, shard_spec: str | None = None, show_progress: bool = True, embedder=None
+) -> dict:
+    """Encode a corpus file into embedding files; returns the written meta. Pass `embedder` to reuse one."""
     if options.out_dtype not in OUT_DTYPES:
         raise UllmeError(f"unknown --out-dtype '{options.out_dtype}' (choose from {', '.join(OUT_DTYPES)})")
     shard = parse_shard(shard_spec)
@@ -88,17 +99,9 @@ def encode_corpus(input_path: str, output: str, options: EncodeOptions, shard_sp
         if not records:
             raise UllmeError(f"--shard {shard_spec}: the shard is empty ({total} texts for {shard[1]} shards)")
 
-    from ullme_cli.models.embedder import Embedder, plan_batches  # heavy: import after the input is valid
+    from ullme_cli.models.embedder import plan_batches
 
-    embedder = Embedder.load(
-        options.model,
-        dtype=options.dtype,
-        device=options.device,
-        trust_remote_code=options.trust_remote_code,
-        pooling=options.pooling,
-        attention=options.attention,
-        max_length=options.max_length,
-    )
+    embedder = embedder or load_embedder(options)
     description = embedder.describe()
     tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)
     batches = plan_batches([len(t.ids) for t in tokenized], options.token_budget)

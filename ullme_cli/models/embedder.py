@@ -7,7 +7,6 @@ latent-attention head when used, and `adapter/` when a LoRA adapter is kept unme
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ullme_cli.artifacts import replace_folder
 from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import ATTENTION_MODES, decoder_of, hidden_states, verify_bidirectional
@@ -184,15 +184,7 @@ class Embedder:
         if self.config.pooling == "latent-attention":
             self.pooler.latent.save(staging)
         (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        if target.exists():
-            import shutil
-
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
+        replace_folder(staging, target)
         return target
 
     def describe(self) -> dict:

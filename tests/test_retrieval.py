@@ -1,0 +1,148 @@
+"""ullme index / search / mine: round trips, recall against Flat, TREC output, shard merging, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
+
+from ullme_cli.artifacts import load_embeddings, save_embeddings
+from ullme_cli.errors import UllmeError
+from ullme_cli.retrieval.index import build_index
+from ullme_cli.retrieval.search import search, write_results
+
+META = {"model": "m", "pooling": "mean", "attention": "bidirectional", "max_length": 512, "query_instruction": "",
+        "instruction_template": "{instruction}", "truncate_dim": None, "normalized": True, "dtype": "float32", "kind": "passage"}  # fmt: skip
+
+
+def clustered_vectors(n: int, dim: int = 64, clusters: int = 200, seed: int = 0) -> np.ndarray:
+    """Unit vectors around cluster centres: the shape real embeddings have (not uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_vectors(path, vectors, prefix="d", **meta):
+    ids = [f"{prefix}{i}" for i in range(len(vectors))]
+    save_embeddings(str(path), vectors, ids, {**META, **meta, "count": len(ids), "dim": vectors.shape[1]})
+    return ids
+
+
+@pytest.fixture(scope="module")
+def demo_index(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    assert run_cli("encode", DEMO_CORPUS, "-o", folder / "emb.npy", "--model", tiny_llama, "-q").returncode == 0
+    result = run_cli("index", folder / "emb.npy", "-o", folder / "idx")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"factory auto -> Flat" in result.stderr
+    return folder
+
+
+def test_flat_round_trip_finds_each_passage_as_its_own_top_hit(demo_index, tmp_path):
+    result = run_cli("search", demo_index / "idx", DEMO_CORPUS, "-k", "1", "-q")
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(rows) == len(demo_texts())
+    assert all(row["hits"][0]["id"] == row["qid"] for row in rows)
+    manifest = json.loads((demo_index / "idx" / "manifest.json").read_text())
+    assert manifest["factory"] == "Flat" and manifest["metric"] == "ip" and manifest["count"] == len(rows)
+
+
+@pytest.mark.parametrize("factory", ["IVF512,Flat", "HNSW32"])
+def test_approximate_indexes_reach_recall_095_at_defaults(tmp_path, factory):
+    corpus, queries = clustered_vectors(20_000), clustered_vectors(200, seed=1)
+    write_vectors(tmp_path / "c.npy", corpus)
+    write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
+    build_index(str(tmp_path / "c.npy"), str(tmp_path / "flat"), "Flat")
+    build_index(str(tmp_path / "c.npy"), str(tmp_path / "ann"), factory)
+    exact = dict(search([str(tmp_path / "flat")], embeddings=str(tmp_path / "q.npy"), show_progress=False))
+    approx = dict(search([str(tmp_path / "ann")], embeddings=str(tmp_path / "q.npy"), show_progress=False))
+    recall = np.mean([len({d for d, _ in approx[q]} & {d for d, _ in exact[q]}) / 10 for q in exact])
+    assert recall >= 0.95, recall
+
+
+def test_trec_run_is_read_by_pytrec_eval(demo_index, tmp_path):
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    queries = RESOURCES / "demo" / "queries.jsonl"
+    result = run_cli("search", demo_index / "idx", queries, "-k", "20", "--format", "trec", "-o", tmp_path / "run.trec", "-q")
+    assert result.returncode == 0, result.stderr.decode()
+    with open(tmp_path / "run.trec") as f:
+        run = pytrec_eval.parse_run(f)
+    assert len(run) == 25 and all(len(hits) == 20 for hits in run.values())
+    qrels = {q: {d: 1 for d in list(hits)[:1]} for q, hits in run.items()}
+    scores = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    assert all(s["ndcg_cut_10"] > 0 for s in scores.values())
+
+
+def test_merging_shard_indexes_gives_the_same_top_k_as_one_index(tmp_path):
+    corpus, queries = clustered_vectors(3000), clustered_vectors(50, seed=2)
+    ids = write_vectors(tmp_path / "all.npy", corpus)
+    save_embeddings(str(tmp_path / "a.npy"), corpus[:1000], ids[:1000], {**META, "count": 1000, "dim": 64})
+    save_embeddings(str(tmp_path / "b.npy"), corpus[1000:], ids[1000:], {**META, "count": 2000, "dim": 64})
+    write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
+    for name in ("all", "a", "b"):
+        build_index(str(tmp_path / f"{name}.npy"), str(tmp_path / f"idx-{name}"), "Flat")
+    one = list(search([str(tmp_path / "idx-all")], embeddings=str(tmp_path / "q.npy"), k=10, show_progress=False))
+    merged = list(search([str(tmp_path / "idx-a"), str(tmp_path / "idx-b")], embeddings=str(tmp_path / "q.npy"), k=10, show_progress=False))
+    assert [[d for d, _ in hits] for _, hits in one] == [[d for d, _ in hits] for _, hits in merged]
+    mapped = list(search([str(tmp_path / "idx-all")], embeddings=str(tmp_path / "q.npy"), k=10, mmap=True, show_progress=False))
+    assert mapped == one
+
+
+def test_add_appends_and_pq_rerank_recovers_exact_order(tmp_path):
+    corpus, queries = clustered_vectors(6000, seed=3), clustered_vectors(100, seed=4)
+    write_vectors(tmp_path / "a.npy", corpus[:3000])
+    save_embeddings(str(tmp_path / "b.npy"), corpus[3000:], [f"e{i}" for i in range(3000)], {**META, "count": 3000, "dim": 64})
+    write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
+    build_index(str(tmp_path / "a.npy"), str(tmp_path / "pq"), "IVF64,PQ16")
+    manifest, _ = build_index(str(tmp_path / "b.npy"), str(tmp_path / "pq"), add=True)
+    assert manifest["count"] == 6000 and (tmp_path / "pq" / "vectors.npy").exists()
+    exact = (queries @ corpus.T).argmax(1)
+    all_ids = [f"d{i}" for i in range(3000)] + [f"e{i}" for i in range(3000)]
+    def top1(rerank):
+        hits = search([str(tmp_path / "pq")], embeddings=str(tmp_path / "q.npy"), k=1, nprobe=64, rerank_exact=rerank, show_progress=False)
+        return np.mean([h[0][0] == all_ids[e] for (_, h), e in zip(hits, exact)])
+    reranked, compressed = top1(True), top1(False)
+    assert reranked >= 0.95 and reranked > compressed
+
+
+def test_index_refusals(tmp_path):
+    write_vectors(tmp_path / "a.npy", clustered_vectors(100))
+    build_index(str(tmp_path / "a.npy"), str(tmp_path / "idx"), "Flat")
+    write_vectors(tmp_path / "wide.npy", clustered_vectors(10, dim=32), prefix="w")
+    with pytest.raises(UllmeError, match="dimension 32 does not match the index \\(64\\)"):
+        build_index(str(tmp_path / "wide.npy"), str(tmp_path / "idx"), add=True)
+    write_vectors(tmp_path / "other.npy", clustered_vectors(10), prefix="o", model="another-model")
+    with pytest.raises(UllmeError, match="another model setup: 'model'"):
+        build_index(str(tmp_path / "other.npy"), str(tmp_path / "idx"), add=True)
+    with pytest.raises(UllmeError, match="id 'd0' is already in the index"):
+        build_index(str(tmp_path / "a.npy"), str(tmp_path / "idx"), add=True)
+    (tmp_path / "a.ids.jsonl").write_text('"only-one"\n')
+    with pytest.raises(UllmeError, match="1 ids for 100 embeddings"):
+        build_index(str(tmp_path / "a.npy"), str(tmp_path / "idx2"))
+    save_embeddings(str(tmp_path / "empty.npy"), np.zeros((0, 64), np.float32), [], {**META, "count": 0})
+    result = run_cli("index", tmp_path / "empty.npy", "-o", tmp_path / "idx3")
+    assert result.returncode == 2 and b"no embeddings (empty input)" in result.stderr
+    assert not (tmp_path / "idx3").exists()
+    write_vectors(tmp_path / "good.npy", clustered_vectors(100))
+    result = run_cli("index", tmp_path / "good.npy", "-o", tmp_path / "idx4", "--factory", "Nonsense42")
+    assert result.returncode == 2 and b"--factory 'Nonsense42'" in result.stderr
+
+
+def test_mine_fills_negatives_skipping_positives_and_reuses_the_cache(tiny_llama, tmp_path):
+    texts = demo_texts(60)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 20, 2)))
+    args = ["mine", train, "--corpus", corpus, "-o", tmp_path / "mined.jsonl", "--model", tiny_llama, "--negatives", "3", "--skip", "2", "-q"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr.decode()
+    rows = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    for row in rows:
+        assert len(row["negative"]) == 3
+        assert row["query"] not in row["negative"] and row["positive"][0] not in row["negative"]
+    second = run_cli(*args)
+    assert second.returncode == 0 and b"reusing corpus embeddings" in second.stderr

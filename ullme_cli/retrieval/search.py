@@ -1,0 +1,201 @@
+"""`ullme search`: top-k over one or more index folders, merged, as JSON lines or a TREC run.
+
+Scores are "higher is better" for every metric: inner products as they are, L2 and Hamming distances
+negated. Several folders (one per encode shard) are searched one after another and their top-k merged,
+which gives the same hits as one index over all vectors (exact indexes) and lets a corpus outgrow memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import numpy as np
+
+from ullme_cli.artifacts import STDIO, atomic_path, dequantize, load_embeddings
+from ullme_cli.errors import UllmeError
+from ullme_cli.progress import progress_bar
+from ullme_cli.retrieval.index import (
+    PROVENANCE,
+    VECTORS_FILE,
+    load_faiss_index,
+    read_ids,
+    read_manifest,
+)
+
+FORMATS = ("jsonl", "trec")
+QUERY_BATCH = 1024
+
+
+@dataclass
+class OpenIndex:
+    folder: str
+    manifest: dict
+    index: object
+    ids: list[str]
+    vectors: np.ndarray | None  # exact copies for --rerank-exact
+
+    @property
+    def metric(self) -> str:
+        return self.manifest["metric"]
+
+
+def open_indexes(folders: list[str], mmap: bool = False) -> list[OpenIndex]:
+    opened = []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        vectors_path = Path(folder) / VECTORS_FILE
+        vectors = np.load(vectors_path, mmap_mode="r") if vectors_path.exists() else None
+        opened.append(OpenIndex(folder, manifest, load_faiss_index(folder, mmap), read_ids(folder), vectors))
+    first = opened[0].manifest
+    for other in opened[1:]:
+        for key in (*PROVENANCE, "dim", "metric", "dtype"):
+            if other.manifest.get(key) != first.get(key):
+                raise UllmeError(f"{other.folder}: '{key}' differs from {opened[0].folder}; these indexes cannot be merged")
+    return opened
+
+
+def set_search_parameters(index, nprobe: int | None, ef_search: int | None) -> None:
+    import faiss
+
+    if not hasattr(index, "ntotal") or isinstance(index, faiss.IndexBinary):
+        return
+    space = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        if value is not None:
+            try:
+                space.set_index_parameter(index, name, value)
+            except RuntimeError:
+                pass  # this index type has no such parameter (e.g. nprobe on HNSW)
+
+
+def exact_scores(queries: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+    """queries (q, d), candidates (q, c, d) -> (q, c) scores, higher is better."""
+    if metric == "ip":
+        return np.einsum("qd,qcd->qc", queries, candidates)
+    return -((candidates - queries[:, None, :]) ** 2).sum(-1)
+
+
+def search_one(opened: OpenIndex, queries: np.ndarray, k: int, rerank_exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of shape (q, k), higher score first; position -1 marks an empty slot."""
+    fetch = min(max(4 * k, 100), opened.index.ntotal) if rerank_exact else min(k, opened.index.ntotal)
+    distances, positions = opened.index.search(queries, fetch)
+    lower_is_better = opened.metric == "l2" or opened.manifest["dtype"] == "binary"
+    scores = -distances.astype(np.float32) if lower_is_better else distances.astype(np.float32)
+    if rerank_exact:
+        if opened.vectors is None:
+            raise UllmeError(f"{opened.folder}: --rerank-exact needs {VECTORS_FILE} (kept for PQ/SQ indexes at build time)")
+        safe = np.where(positions < 0, 0, positions)
+        scores = exact_scores(queries, np.asarray(opened.vectors[safe.ravel()], dtype=np.float32).reshape(*safe.shape, -1), opened.metric)
+        scores = np.where(positions < 0, -np.inf, scores)
+    scores = np.where(positions < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool):
+    """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says."""
+    if embeddings is not None:
+        matrix, qids, meta = load_embeddings(embeddings)
+        for key in PROVENANCE:
+            if key in meta and key in manifest and meta[key] != manifest[key] and key != "query_instruction":
+                raise UllmeError(f"{embeddings}: '{key}' is {meta[key]!r} but the index has {manifest[key]!r}")
+        return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
+    if queries is None:
+        raise UllmeError("search: give QUERIES (a file or -) or --embeddings")
+    from ullme_cli.artifacts import quantize, truncate
+    from ullme_cli.data import read_corpus
+    from ullme_cli.models.embedder import Embedder
+
+    records = read_corpus(queries, input_format)
+    embedder = Embedder.load(
+        manifest["model"], dtype=dtype, device=device, pooling=manifest.get("pooling"), attention=manifest.get("attention"),
+        max_length=manifest.get("max_length"), query_instruction=manifest.get("query_instruction"),
+        instruction_template=manifest.get("instruction_template"),
+    )  # fmt: skip
+    texts = [r.text for r in records]
+    parts = []
+    with progress_bar("encode queries", total=len(texts), enabled=show_progress) as advance:
+        for start in range(0, len(texts), QUERY_BATCH):
+            parts.append(embedder.encode(texts[start : start + QUERY_BATCH], kind="query"))
+            advance(len(parts[-1]))
+    matrix = np.concatenate(parts)
+    matrix = truncate(matrix, manifest.get("truncate_dim"), manifest.get("normalized", True))
+    if manifest["dtype"] == "binary":
+        matrix = quantize(matrix, "binary")
+    return [r.id for r in records], np.ascontiguousarray(matrix)
+
+
+def search(
+    index_folders: list[str],
+    queries: str | None = None,
+    embeddings: str | None = None,
+    k: int = 10,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    rerank_exact: bool = False,
+    mmap: bool = False,
+    input_format: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    show_progress: bool = True,
+) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """Yield (query id, [(doc id, score), ...]) in query order."""
+    if k < 1:
+        raise UllmeError(f"-k must be at least 1, got {k}")
+    opened = open_indexes(index_folders, mmap)
+    manifest = opened[0].manifest
+    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress)
+    if vectors.shape[1] != manifest["dim"]:
+        raise UllmeError(f"query vectors have dimension {vectors.shape[1]}, the index {manifest['dim']}")
+    for o in opened:
+        set_search_parameters(o.index, nprobe or o.manifest.get("nprobe"), ef_search or o.manifest.get("ef_search"))
+    with progress_bar("search", total=len(qids), enabled=show_progress) as advance:
+        for start in range(0, len(qids), QUERY_BATCH):
+            batch = vectors[start : start + QUERY_BATCH]
+            parts = [search_one(o, batch, k, rerank_exact) for o in opened]
+            scores = np.concatenate([p[0] for p in parts], axis=1)
+            owners = np.concatenate([np.full(p[1].shape, n) for n, p in enumerate(parts)], axis=1)
+            positions = np.concatenate([p[1] for p in parts], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            for row in range(len(batch)):
+                hits = [
+                    (opened[owners[row, j]].ids[positions[row, j]], float(scores[row, j]))
+                    for j in order[row]
+                    if positions[row, j] >= 0
+                ]
+                yield qids[start + row], hits
+            advance(len(batch))
+
+
+def format_hits(qid: str, hits: list[tuple[str, float]], fmt: str, tag: str = "ullme") -> str:
+    if fmt == "trec":
+        return "".join(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n" for rank, (doc, score) in enumerate(hits, start=1))
+    return json.dumps({"qid": qid, "hits": [{"id": d, "score": round(s, 6), "rank": r} for r, (d, s) in enumerate(hits, start=1)]}) + "\n"
+
+
+@contextmanager
+def open_output(path: str) -> Iterator[TextIO]:
+    """stdout for '-', else a temporary file renamed into place only when all results are written."""
+    if path == STDIO:
+        with nullcontext(sys.stdout) as out:
+            yield out
+            out.flush()
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        yield out
+
+
+def write_results(results, output: str, fmt: str) -> int:
+    if fmt not in FORMATS:
+        raise UllmeError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
+    count = 0
+    with open_output(output) as out:
+        for qid, hits in results:
+            out.write(format_hits(qid, hits, fmt))
+            count += 1
+    return count
