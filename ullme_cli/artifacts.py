@@ -130,6 +130,20 @@ def _load_npz(source, name: str) -> tuple[np.ndarray, list[str], dict]:
         raise located(name, None, f"not an ullme embeddings stream ({e})") from None
 
 
+def read_id_lines(path: Path) -> list[str]:
+    """One JSON value per line. Parsed in one call (fast for millions of ids); a bad line is then located."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return [str(i) for i in json.loads("[" + ",".join(lines) + "]")]
+    except json.JSONDecodeError:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise located(str(path), number, f"malformed JSON ({e.msg})") from None
+        raise
+
+
 def load_embeddings(path: str) -> tuple[np.ndarray, list[str], dict]:
     """Read embeddings with their ids and meta from .npy + sidecars, a .npz, or `-` (npz on stdin)."""
     if path == STDIO:
@@ -150,13 +164,7 @@ def load_embeddings(path: str) -> tuple[np.ndarray, list[str], dict]:
     for needed in (ids_path, meta_path):
         if not needed.exists():
             raise located(str(needed), None, "missing: every embeddings .npy needs its .ids.jsonl and .meta.json")
-    ids = []
-    for number, line in enumerate(ids_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                ids.append(str(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise located(str(ids_path), number, f"malformed JSON ({e.msg})") from None
+    ids = read_id_lines(ids_path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if len(ids) != len(matrix):
         raise located(str(ids_path), None, f"{len(ids)} ids for {len(matrix)} embeddings in {path}")

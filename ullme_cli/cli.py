@@ -146,6 +146,52 @@ def mine(
     _err(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
 
 
+@app.command()
+def evaluate(
+    model: str = ModelOption,
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated MTEB task or benchmark names, e.g. 'SciFact,MTEB(eng, v2)'."),
+    task_dir: list[str] = typer.Option([], "--task-dir", help="Local retrieval set in BEIR layout (corpus.jsonl, queries.jsonl, qrels/test.tsv). Repeatable."),
+    sts: list[str] = typer.Option([], "--sts", help="Local STS tsv (score, sentence1, sentence2). Repeatable."),
+    output_dir: str = typer.Option("results", "--output-dir", help="mteb's JSON per task; finished tasks are reused on a rerun."),
+    instructions: Optional[str] = typer.Option(None, "--instructions", help="YAML overriding the shipped per-task instructions."),
+    run: Optional[str] = typer.Option(None, "--run", help="Score this TREC run (with --qrels) instead of a model."),
+    qrels: Optional[str] = typer.Option(None, "--qrels", help="Judgements for --run: BEIR tsv or TREC qrels."),
+    prefetch: bool = typer.Option(False, "--prefetch", help="Only download the --tasks' data into the HF cache (needs a network)."),
+    dtype: str = DtypeOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Evaluate a model on MTEB tasks and local sets, or score a search run. JSON summary on stdout."""
+    import json
+
+    from ullme_cli.evaluation import runner
+
+    names = [n.strip() for n in _split_task_names(tasks)] if tasks else []  # 'MTEB(eng, v2)' has a comma
+    if run or qrels:
+        if not (run and qrels):
+            raise UllmeError("--run and --qrels go together")
+        typer.echo(json.dumps({"run": run, "scores": runner.score_run(run, qrels)}, indent=2))
+        return
+    if prefetch:
+        _err(f"cached: {', '.join(runner.prefetch(names))}")
+        return
+    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, dtype, not quiet)
+    typer.echo(json.dumps(runner.report(results, model), indent=2))
+
+
+def _split_task_names(text: str) -> list[str]:
+    """Split on commas outside parentheses."""
+    names, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += ch
+    return [n for n in names + [current] if n.strip()]
+
+
 def main() -> None:
     try:
         app()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli import __version__
-from ullme_cli.artifacts import dequantize, load_embeddings, replace_folder, save_npy
+from ullme_cli.artifacts import dequantize, load_embeddings, read_id_lines, replace_folder, save_npy
 from ullme_cli.errors import UllmeError
 
 INDEX_FILE = "index.faiss"
@@ -69,7 +69,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def read_ids(folder: str | Path) -> list[str]:
-    return [json.loads(line) for line in (Path(folder) / IDS_FILE).read_text(encoding="utf-8").splitlines() if line]
+    return read_id_lines(Path(folder) / IDS_FILE)
 
 
 def load_faiss_index(folder: str | Path, mmap: bool = False):

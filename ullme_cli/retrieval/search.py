@@ -92,9 +92,9 @@ def search_one(opened: OpenIndex, queries: np.ndarray, k: int, rerank_exact: boo
         safe = np.where(positions < 0, 0, positions)
         scores = exact_scores(queries, np.asarray(opened.vectors[safe.ravel()], dtype=np.float32).reshape(*safe.shape, -1), opened.metric)
         scores = np.where(positions < 0, -np.inf, scores)
-    scores = np.where(positions < 0, -np.inf, scores)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+    return np.where(positions < 0, -np.inf, scores), positions  # FAISS returns hits best first
 
 
 def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool):
@@ -148,10 +148,17 @@ def search(
     if k < 1:
         raise UllmeError(f"-k must be at least 1, got {k}")
     opened = open_indexes(index_folders, mmap)
-    manifest = opened[0].manifest
-    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress)
-    if vectors.shape[1] != manifest["dim"]:
-        raise UllmeError(f"query vectors have dimension {vectors.shape[1]}, the index {manifest['dim']}")
+    qids, vectors = query_vectors(opened[0].manifest, queries, embeddings, input_format, dtype, device, show_progress)
+    yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress)
+
+
+def search_opened(
+    opened: list[OpenIndex], qids: list[str], vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
+    ef_search: int | None = None, rerank_exact: bool = False, show_progress: bool = False,
+) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """The per-query path over indexes already open: search each, merge, map positions to ids."""
+    if vectors.shape[1] != opened[0].manifest["dim"]:
+        raise UllmeError(f"query vectors have dimension {vectors.shape[1]}, the index {opened[0].manifest['dim']}")
     for o in opened:
         set_search_parameters(o.index, nprobe or o.manifest.get("nprobe"), ef_search or o.manifest.get("ef_search"))
     with progress_bar("search", total=len(qids), enabled=show_progress) as advance:
@@ -161,12 +168,14 @@ def search(
             scores = np.concatenate([p[0] for p in parts], axis=1)
             owners = np.concatenate([np.full(p[1].shape, n) for n, p in enumerate(parts)], axis=1)
             positions = np.concatenate([p[1] for p in parts], axis=1)
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            if len(parts) > 1:  # merge the shards' lists into one top-k
+                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+                scores, owners, positions = (np.take_along_axis(a, order, 1) for a in (scores, owners, positions))
             for row in range(len(batch)):
                 hits = [
-                    (opened[owners[row, j]].ids[positions[row, j]], float(scores[row, j]))
-                    for j in order[row]
-                    if positions[row, j] >= 0
+                    (opened[owner].ids[position], score)
+                    for owner, position, score in zip(owners[row].tolist(), positions[row].tolist(), scores[row].tolist())
+                    if position >= 0
                 ]
                 yield qids[start + row], hits
             advance(len(batch))

@@ -1,0 +1,93 @@
+"""Local data as mteb tasks, so the metrics are mteb's own: BEIR folders (retrieval) and STS tsv files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from ullme_cli.data import iter_lines, read_beir_folder
+from ullme_cli.errors import located
+
+_COMMON = dict(
+    dataset={"path": "local", "revision": "local"}, category="t2t", eval_splits=["test"], eval_langs=["eng-Latn"],
+    date=None, dialect=[], domains=[], task_subtypes=[], license="not specified", annotations_creators="derived",
+    modalities=["text"], sample_creation="found", bibtex_citation="", reference=None,
+)  # fmt: skip
+
+
+def task_name_for(path: str) -> str:
+    """`.../trecqa-test` -> `trecqa-test`; `.../sts/2013/FNWN.test.tsv` -> `2013-FNWN`."""
+    p = Path(path)
+    stem = p.name.split(".")[0] if p.suffix else p.name
+    return f"{p.parent.name}-{stem}" if p.suffix and p.parent.name else stem
+
+
+def beir_retrieval_task(folder: str, name: str | None = None):
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    data = read_beir_folder(folder)  # validates before mteb sees it; errors name file and line
+    task_name = name or task_name_for(folder)
+
+    class LocalRetrieval(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name=task_name, type="Retrieval", main_score="ndcg_at_10",
+            description=f"Local BEIR-layout retrieval set from {folder}", **_COMMON,
+        )  # fmt: skip
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            split = RetrievalSplitData(
+                queries=Dataset.from_list([{"id": q.id, "text": q.text} for q in data.queries]),
+                corpus=Dataset.from_list([{"id": d.id, "text": d.text, "title": ""} for d in data.corpus]),
+                relevant_docs=data.qrels,
+                top_ranked=None,
+            )
+            self.dataset = {"default": {"test": split}}
+            self.data_loaded = True
+
+    return LocalRetrieval()
+
+
+def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
+    """SemEval STS layout: `score<TAB>sentence1<TAB>sentence2`, gold 0-5."""
+    scores, first, second = [], [], []
+    for number, line in iter_lines(path):
+        cols = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
+        if len(cols) < 3:
+            raise located(path, number, "expected 'score<TAB>sentence1<TAB>sentence2'")
+        try:
+            scores.append(float(cols[0]))
+        except ValueError:
+            raise located(path, number, f"field 'score' must be a number, got '{cols[0]}'") from None
+        first.append(cols[1])
+        second.append(cols[2])
+    if not scores:
+        raise located(path, None, "no sentence pairs found")
+    return scores, first, second
+
+
+def sts_task(path: str, name: str | None = None):
+    from datasets import Dataset
+    from mteb.abstasks.sts import AbsTaskSTS
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    scores, first, second = read_sts_file(path)
+    task_name = name or "STS-" + task_name_for(path)
+
+    class LocalSTS(AbsTaskSTS):
+        metadata = TaskMetadata(
+            name=task_name, type="STS", main_score="cosine_spearman",
+            description=f"Local STS pairs from {path}", **_COMMON,
+        )  # fmt: skip
+        min_score = 0
+        max_score = 5
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            rows = {"sentence1": first, "sentence2": second, "score": scores}
+            self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
+            self.data_loaded = True
+
+    return LocalSTS()

@@ -1,0 +1,157 @@
+"""`ullme evaluate`: resolve tasks (mteb names, benchmarks, local folders and files), run mteb, report.
+
+Results land in `--output-dir` as mteb's own JSON per task (mteb's ResultCache layout), which is also
+what makes a rerun skip finished tasks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ullme_cli.errors import UllmeError, located
+
+MAIN_METRICS = ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")
+
+
+@dataclass
+class TaskResult:
+    name: str
+    task_type: str
+    main_score: str
+    scores: dict = field(default_factory=dict)
+
+
+def resolve_tasks(names: list[str]):
+    """Task and benchmark names -> mteb task objects; unknown names get close matches."""
+    import mteb
+
+    known = {t.metadata.name: t for t in mteb.get_tasks()}
+    benchmarks = {b.name: b for b in mteb.get_benchmarks()}
+    tasks = []
+    for name in names:
+        if name in benchmarks:
+            tasks.extend(benchmarks[name].tasks)
+        elif name in known:
+            tasks.append(mteb.get_task(name))
+        else:
+            close = difflib.get_close_matches(name, list(known) + list(benchmarks), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UllmeError(f"--tasks: unknown task or benchmark '{name}'{hint}")
+    return tasks
+
+
+def check_offline_data(tasks) -> None:
+    """Load every task's data now; where it is neither cached nor reachable, list them all, one line each."""
+    missing = []
+    for task in tasks:
+        try:
+            task.load_data()
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds of network errors
+            dataset = task.metadata.dataset
+            missing.append(
+                f"{task.metadata.name}: dataset {dataset.get('path')}@{dataset.get('revision')} is not cached and the hub "
+                f"is unreachable ({type(e).__name__}); on a machine with a network run `ullme evaluate --prefetch --tasks "
+                f"{task.metadata.name}`, then copy ~/.cache/huggingface here"
+            )
+    if missing:
+        raise UllmeError("\n".join(missing))
+
+
+def prefetch(task_names: list[str]) -> list[str]:
+    """Download (into the Hugging Face cache) the data of these tasks. Needs a network."""
+    tasks = resolve_tasks(task_names)
+    check_offline_data(tasks)
+    return [t.metadata.name for t in tasks]
+
+
+def has_cached_result(output_dir: str, task_name: str) -> bool:
+    return any(Path(output_dir).glob(f"results/*/*/{task_name}.json"))
+
+
+def evaluate(
+    model: str,
+    task_names: list[str],
+    task_dirs: list[str],
+    sts_files: list[str],
+    output_dir: str,
+    instructions: str | None = None,
+    dtype: str = "auto",
+    show_progress: bool = True,
+) -> list[TaskResult]:
+    """Resolve every task first (cheap, and fails before the model loads), then run them all."""
+    from ullme_cli.evaluation.instructions import load_instruction_table
+    from ullme_cli.evaluation.local_tasks import beir_retrieval_task, sts_task
+    from ullme_cli.models.embedder import Embedder
+
+    table = load_instruction_table(instructions)
+    hub_tasks = resolve_tasks(task_names) if task_names else []
+    tasks = hub_tasks + [beir_retrieval_task(d) for d in task_dirs] + [sts_task(f) for f in sts_files]
+    if not tasks:
+        raise UllmeError("evaluate: name --tasks, --task-dir or --sts (or --run with --qrels)")
+    check_offline_data([t for t in hub_tasks if not has_cached_result(output_dir, t.metadata.name)])
+    embedder = Embedder.load(model, dtype=dtype)
+    return run_evaluation(embedder, model, tasks, output_dir, table, show_progress)
+
+
+def report(results: list[TaskResult], model: str) -> dict:
+    """Print a rich table on stderr; return the JSON summary for stdout."""
+    from rich.table import Table
+
+    from ullme_cli.progress import stderr_console
+
+    table = Table(title=f"ullme evaluate: {model}")
+    for column in ("task", "type", "main score", "value", "nDCG@10", "MRR@10", "R@10"):
+        table.add_column(column)
+    summary = {"model": model, "tasks": {}}
+    for r in results:
+        value = r.scores.get(r.main_score)
+        extra = [r.scores.get(m) for m in ("ndcg_at_10", "mrr_at_10", "recall_at_10")]
+        table.add_row(r.name, r.task_type, r.main_score, *(f"{v:.4f}" if isinstance(v, float) else "" for v in [value, *extra]))
+        summary["tasks"][r.name] = {"main_score": r.main_score, "value": value, **{m: r.scores[m] for m in (*MAIN_METRICS, "cosine_spearman") if m in r.scores}}
+    stderr_console.print(table)
+    return summary
+
+
+def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instruction_table: dict, show_progress: bool = True) -> list[TaskResult]:
+    import mteb
+    from mteb.cache import ResultCache
+
+    from ullme_cli.evaluation.mteb_adapter import make_encoder
+
+    encoder = make_encoder(embedder, instruction_table, model_name)
+    cache = ResultCache(cache_path=str(Path(output_dir)))
+    result = mteb.evaluate(encoder, tasks, cache=cache, overwrite_strategy="only-missing", show_progress_bar=show_progress)
+    reports = []
+    for task_result in result.task_results:
+        scores = task_result.scores["test"][0] if "test" in task_result.scores else next(iter(task_result.scores.values()))[0]
+        task = next(t for t in tasks if t.metadata.name == task_result.task_name)
+        reports.append(TaskResult(task_result.task_name, task.metadata.type, task.metadata.main_score, scores))
+    return reports
+
+
+def score_run(run_path: str, qrels_path: str, k_values=(1, 3, 5, 10, 100, 1000)) -> dict:
+    """Score a TREC run (`qid Q0 docid rank score tag`) with mteb's retrieval metrics."""
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores, make_score_dict
+
+    from ullme_cli.data import iter_lines, read_qrels
+
+    qrels = read_qrels(qrels_path)
+    run: dict[str, dict[str, float]] = {}
+    for number, line in iter_lines(run_path):
+        cols = line.split()
+        if len(cols) != 6:
+            raise located(run_path, number, "expected a TREC run line 'qid Q0 docid rank score tag'")
+        try:
+            run.setdefault(cols[0], {})[cols[2]] = float(cols[4])
+        except ValueError:
+            raise located(run_path, number, f"field 'score' must be a number, got '{cols[4]}'") from None
+    qrels = {q: docs for q, docs in qrels.items() if q in run}
+    if not qrels:
+        raise UllmeError(f"{run_path}: no query of the run has judgements in {qrels_path}")
+    s = calculate_retrieval_scores(run, qrels, list(k_values))
+    return make_score_dict(
+        ndcg=s.ndcg, _map=s.map, recall=s.recall, precision=s.precision, mrr=s.mrr,
+        naucs=s.naucs, naucs_mrr=s.naucs_mrr, hit_rate=s.hit_rate, task_scores={},
+    )  # fmt: skip
