@@ -1,0 +1,116 @@
+"""ullme evaluate: metrics reproduced independently, offline errors, cache reuse, instructions, run scoring."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import RESOURCES, SHARED_DATA, run_cli
+
+from ullme_cli.data import read_beir_folder
+from ullme_cli.errors import UllmeError
+from ullme_cli.evaluation.instructions import instruction_for, load_instruction_table
+from ullme_cli.evaluation.runner import evaluate, resolve_tasks
+
+TRECQA = RESOURCES / "trecqa-test"
+
+
+@pytest.fixture(scope="module")
+def trecqa_result(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), dtype="float32", show_progress=False)[0], out
+
+
+def test_retrieval_metrics_match_pytrec_eval_on_an_independent_run(tiny_llama, trecqa_result):
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from ullme_cli.models.embedder import Embedder
+
+    result, _ = trecqa_result
+    data = read_beir_folder(str(TRECQA))
+    embedder = Embedder.load(str(tiny_llama), dtype="float32")
+    instruction = instruction_for(load_instruction_table(), "trecqa-test", "Retrieval")
+    q = embedder.encode([x.text for x in data.queries], kind="query", instruction=instruction)
+    d = embedder.encode([x.text for x in data.corpus], kind="passage")
+    scores = q @ d.T
+    run = {
+        query.id: {data.corpus[j].id: float(scores[i, j]) for j in np.argsort(-scores[i])[:1000]}
+        for i, query in enumerate(data.queries)
+    }
+    per_query = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10", "recall.10"}).evaluate(run)
+    ndcg = np.mean([s["ndcg_cut_10"] for s in per_query.values()])
+    recall = np.mean([s["recall_10"] for s in per_query.values()])
+    assert result.scores["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-3)
+    assert result.scores["recall_at_10"] == pytest.approx(recall, abs=1e-3)
+
+
+def test_cached_results_are_reused_on_a_rerun(tiny_llama, trecqa_result):
+    _, out = trecqa_result
+    (path,) = out.glob("results/*/*/trecqa-test.json")
+    saved = json.loads(path.read_text())
+    saved["scores"]["test"][0]["ndcg_at_10"] = 0.12345  # a value only the cache can hold
+    path.write_text(json.dumps(saved))
+    again = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), dtype="float32", show_progress=False)[0]
+    assert again.scores["ndcg_at_10"] == 0.12345
+
+
+def test_local_sts_gives_spearman_of_cosines(tiny_llama, tmp_path):
+    from scipy.stats import spearmanr
+
+    from ullme_cli.evaluation.local_tasks import read_sts_file
+    from ullme_cli.models.embedder import Embedder
+
+    sts_file = SHARED_DATA / "sts" / "2013" / "FNWN.test.tsv"
+    if not sts_file.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    result = evaluate(str(tiny_llama), [], [], [str(sts_file)], str(tmp_path), dtype="float32", show_progress=False)[0]
+    assert result.name == "STS-2013-FNWN" and result.main_score == "cosine_spearman"
+    gold, first, second = read_sts_file(str(sts_file))
+    embedder = Embedder.load(str(tiny_llama), dtype="float32")
+    instruction = instruction_for(load_instruction_table(), result.name, "STS")
+    a = embedder.encode(first, kind="query", instruction=instruction)
+    b = embedder.encode(second, kind="query", instruction=instruction)
+    assert result.scores["cosine_spearman"] == pytest.approx(spearmanr((a * b).sum(1), gold).statistic, abs=1e-3)
+
+
+def test_instruction_lookup_prefers_task_then_type_and_can_be_overridden(tmp_path):
+    table = load_instruction_table()
+    assert instruction_for(table, "SciFact", "Retrieval").startswith("Given a scientific claim")
+    assert instruction_for(table, "MyLocalSet", "Retrieval") == table["types"]["Retrieval"]
+    assert instruction_for(table, "Anything", "UnknownType") == ""
+    override = tmp_path / "mine.yaml"
+    override.write_text("tasks:\n  SciFact: Find evidence\n")
+    assert instruction_for(load_instruction_table(str(override)), "SciFact", "Retrieval") == "Find evidence"
+    override.write_text("prompts: {}\n")
+    with pytest.raises(UllmeError, match="expected mappings 'tasks' and/or 'types'"):
+        load_instruction_table(str(override))
+
+
+def test_unknown_task_name_suggests_close_matches():
+    with pytest.raises(UllmeError, match="unknown task or benchmark 'SciFcat'; did you mean 'SciFact'"):
+        resolve_tasks(["SciFcat"])
+    result = run_cli("evaluate", "--tasks", "NFCorpuss")
+    assert result.returncode == 2 and b"did you mean 'NFCorpus'" in result.stderr
+
+
+def test_offline_hub_task_fails_with_one_line_per_missing_dataset(tmp_path):
+    result = run_cli("evaluate", "--tasks", "SciFact,NFCorpus", "--output-dir", tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("ullme: error: SciFact: dataset") and "ullme evaluate --prefetch --tasks SciFact" in lines[0]
+    assert lines[1].startswith("NFCorpus: dataset") and "Traceback" not in result.stderr.decode()
+
+
+def test_search_run_is_scored_like_pytrec_eval(tiny_llama, tmp_path):
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    assert run_cli("encode", TRECQA / "corpus.jsonl", "-o", tmp_path / "c.npy", "--model", tiny_llama, "-q").returncode == 0
+    assert run_cli("index", tmp_path / "c.npy", "-o", tmp_path / "idx").returncode == 0
+    searched = run_cli("search", tmp_path / "idx", TRECQA / "queries.jsonl", "-k", "100", "--format", "trec", "-o", tmp_path / "run.trec", "-q")
+    assert searched.returncode == 0, searched.stderr.decode()
+    scored = run_cli("evaluate", "--run", tmp_path / "run.trec", "--qrels", TRECQA / "qrels" / "test.tsv")
+    assert scored.returncode == 0, scored.stderr.decode()
+    ours = json.loads(scored.stdout)["scores"]
+    with open(tmp_path / "run.trec") as f:
+        run = pytrec_eval.parse_run(f)
+    qrels = read_beir_folder(str(TRECQA)).qrels
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    assert ours["ndcg_at_10"] == pytest.approx(np.mean([s["ndcg_cut_10"] for s in per_query.values()]), abs=1e-4)

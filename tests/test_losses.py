@@ -1,0 +1,94 @@
+"""Each loss against a computation written out by hand on small fixed tensors."""
+
+import math
+
+import pytest
+import torch
+
+from ullme_cli.losses import DPOLoss, GRLLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
+
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+P = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+N = torch.tensor([[-1.0, 0.0]])
+
+
+def softmax_nll(scores: list[float], target: int) -> float:
+    return -(scores[target] - math.log(sum(math.exp(s) for s in scores)))
+
+
+def test_info_nce_with_in_batch_and_hard_negatives():
+    tau = 0.5
+    expected = (
+        softmax_nll([0.6 / tau, 0.8 / tau, -1.0 / tau], 0) + softmax_nll([0.8 / tau, 0.6 / tau, 0.0 / tau], 1)
+    ) / 2
+    assert InfoNCELoss(tau)(Q, P, N).item() == pytest.approx(expected, rel=1e-6)
+    no_hard = (softmax_nll([0.6 / tau, 0.8 / tau], 0) + softmax_nll([0.8 / tau, 0.6 / tau], 1)) / 2
+    assert InfoNCELoss(tau)(Q, P).item() == pytest.approx(no_hard, rel=1e-6)
+
+
+def test_simcse_is_info_nce_between_two_views():
+    assert SimCSELoss(0.5)(Q, P).item() == pytest.approx(InfoNCELoss(0.5)(Q, P).item())
+
+
+def test_kl_in_both_directions():
+    s = torch.tensor([[0.9, 0.1, 0.3]])
+    g = torch.tensor([[-1.0, -2.0, -1.5]])
+    p_rt = torch.softmax(s / 0.1, -1)[0].tolist()
+    p_gen = torch.softmax(g / 1.0, -1)[0].tolist()
+    rt_gen = sum(a * math.log(a / b) for a, b in zip(p_rt, p_gen))
+    gen_rt = sum(b * math.log(b / a) for a, b in zip(p_rt, p_gen))
+    assert RelevanceKLLoss(0.1, 1.0, "rt||gen")(s, g).item() == pytest.approx(rt_gen, rel=1e-5)
+    assert RelevanceKLLoss(0.1, 1.0, "gen||rt")(s, g).item() == pytest.approx(gen_rt, rel=1e-5)
+    assert rt_gen != pytest.approx(gen_rt)
+
+
+def test_kl_treats_generation_as_a_detached_teacher():
+    s = torch.tensor([[0.9, 0.1]], requires_grad=True)
+    g = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    RelevanceKLLoss()(s, g).backward()
+    assert s.grad is not None and g.grad is None
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "hinge", "ipo"])
+def test_dpo_with_and_without_reference(variant):
+    beta = 0.1
+    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-12.0])
+    with_ref = (-10 - -14) - (-11 - -12)  # 3
+    free = -10 - -14  # 4
+    formula = {
+        "sigmoid": lambda h: -math.log(1 / (1 + math.exp(-beta * h))),
+        "hinge": lambda h: max(0.0, 1 - beta * h),
+        "ipo": lambda h: (h - 1 / (2 * beta)) ** 2,
+    }[variant]
+    assert DPOLoss(beta, variant)(pc, pr, rc, rr).item() == pytest.approx(formula(with_ref), rel=1e-5)
+    assert DPOLoss(beta, variant, reference_free=True)(pc, pr).item() == pytest.approx(formula(free), rel=1e-5)
+
+
+def test_sft_is_token_weighted_negative_log_likelihood():
+    assert SFTLoss()(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item() == pytest.approx(8 / 4)
+
+
+def test_mntp_predicts_masked_tokens_from_the_previous_position():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    masked, labels = mask_tokens(ids, torch.ones_like(ids), mask_token_id=0, probability=1.0)
+    assert masked.tolist() == [[5, 0, 0, 0]] and labels.tolist() == [[-100, 6, 7, 8]]
+    logits = torch.zeros(1, 4, 10)
+    logits[0, 0, 6] = logits[0, 1, 7] = logits[0, 2, 8] = 2.0
+    expected = -math.log(math.exp(2) / (math.exp(2) + 9))
+    assert MNTPLoss()(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_grl_is_the_weighted_sum_of_its_parts():
+    negatives = N.expand(2, 1, 2)
+    means = torch.tensor([[-1.0, -2.0], [-1.5, -1.0]])
+    sums = torch.tensor([[-5.0, -9.0], [-7.0, -4.0]])
+    refs = torch.tensor([[-6.0, -8.0], [-7.0, -5.0]])
+    loss = GRLLoss(lambda_cl=1.0, lambda_dpo=0.5, lambda_kl=2.0, temperature=0.5)
+    total, parts = loss(Q, P, negatives, means, sums, refs)
+    cl = InfoNCELoss(0.5)(Q, P, torch.cat([N, N]))
+    dpo = DPOLoss(0.1)(sums[:, 0], sums[:, 1], refs[:, 0], refs[:, 1])
+    scores = torch.stack([(Q * P).sum(1), (Q * N).sum(1)], dim=1)
+    kl = RelevanceKLLoss(0.1, 1.0)(scores, means)
+    assert parts["cl"].item() == pytest.approx(cl.item()) and parts["dpo"].item() == pytest.approx(dpo.item())
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert total.item() == pytest.approx(cl.item() + 0.5 * dpo.item() + 2.0 * kl.item(), rel=1e-5)

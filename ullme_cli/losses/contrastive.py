@@ -1,0 +1,42 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' rows, keeping gradients for the local ones; returns (gathered, offset of ours)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+class InfoNCELoss(nn.Module):
+    """Contrastive loss with in-batch and hard negatives (InfoNCE; Oord et al., 2018; e5, ULLME).
+
+        L = -1/B Σ_i log [ exp(s(q_i, p_i⁺)/τ) / Σ_{p ∈ P} exp(s(q_i, p)/τ) ]
+
+    s is the dot product of unit vectors (cosine). P holds every positive of the global batch (gathered
+    from all processes with gradients kept) and every hard negative. τ = 0.05 by default.
+
+    Inputs: queries (B, d), positives (B, d), negatives (N, d) or None. Returns a scalar.
+    """
+
+    def __init__(self, temperature: float = 0.05, gather: bool = True):
+        super().__init__()
+        self.temperature = temperature
+        self.gather = gather
+
+    def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        offset = 0
+        if self.gather:
+            positives, offset = gather_with_grad(positives)
+            if negatives is not None:
+                negatives, _ = gather_with_grad(negatives)
+        candidates = positives if negatives is None else torch.cat([positives, negatives], dim=0)
+        logits = queries @ candidates.T / self.temperature
+        labels = torch.arange(queries.shape[0], device=queries.device) + offset
+        return F.cross_entropy(logits.float(), labels)
