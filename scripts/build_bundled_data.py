@@ -71,7 +71,21 @@ def main() -> None:
         "".join(json.dumps({"id": f"q{i}", "text": q}) + "\n" for i, q in enumerate(list(test)[:25])), encoding="utf-8"
     )
     (demo / "SOURCE.md").write_text(SOURCE_NOTE.format(split="test (first 25 questions)"))
-    print(f"trecqa-test: {len(test)} queries; demo: {len(rows)} passages")
+    train = read_split(Path(args.source) / "train.csv")
+    folder = ROOT / "trecqa-train"
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = 0
+    with (folder / "train.jsonl").open("w", encoding="utf-8") as f:
+        for question, candidates in train.items():
+            positives = [t for t, label in candidates if label]
+            negatives = [t for t, label in candidates if not label]
+            if positives and negatives:
+                f.write(json.dumps({"query": question, "positive": positives, "negative": negatives}) + "\n")
+                kept += 1
+    (folder / "SOURCE.md").write_text(SOURCE_NOTE.format(split="train").replace(
+        "each question becomes a query, every candidate\nsentence becomes a corpus passage, and label 1 marks a relevant passage",
+        "each question with at least one relevant and one\nirrelevant candidate becomes a training row: label-1 sentences are positives, label-0 sentences hard negatives"))
+    print(f"trecqa-test: {len(test)} queries; demo: {len(rows)} passages; trecqa-train: {kept} training rows")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,27 @@ def _err(message: str) -> None:
 
 
 @app.command()
+def finetune(
+    recipe: str = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_values: list[str] = typer.Option([], "--set", help="Override a recipe value: section.key=value (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    quiet: bool = QuietOption,
+) -> None:
+    """Fine-tune an embedder (LoRA or full) with contrastive, SimCSE, MNTP, SFT, DPO or GRL losses."""
+    from ullme_cli.recipes import dump_recipe, load_recipe
+
+    resolved = load_recipe(recipe, set_values)
+    if print_recipe:
+        typer.echo(dump_recipe(resolved), nl=False)
+        return
+    from ullme_cli.training.trainer import finetune as run_finetune
+
+    summary = run_finetune(resolved, resume=resume, show_progress=not quiet)
+    _err(f"trained {summary['steps']} steps; model in {summary['output']}")
+
+
+@app.command()
 def encode(
     input: str = typer.Argument(..., help="Corpus: .jsonl (id, text, title?), .tsv (id, text), text (one per line), or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="emb.npy (plus emb.ids.jsonl, emb.meta.json), or - for an npz stream on stdout."),

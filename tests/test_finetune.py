@@ -1,0 +1,138 @@
+"""ullme finetune: recipe validation, every strategy end to end on a tiny model, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, RESOURCES, run_cli
+
+from ullme_cli.errors import UllmeError
+from ullme_cli.recipes import load_recipe
+
+TRAIN = RESOURCES / "trecqa-train" / "train.jsonl"
+
+
+def write_recipe(tmp_path, model_name, name="r.yaml", **sections):
+    recipe = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": str(model_name), "max_length": 48},
+        "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train": str(TRAIN), "negatives_per_query": 2},
+        "loss": {"strategy": "grl"},
+        "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2, "learning_rate": 1e-3},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train": {"stepz": 3}}, "unknown key 'train.stepz'"),
+        ({"train": {"steps": "many"}}, "'train.steps': expected int"),
+        ({"train": {"steps": 0}}, "'train.steps' must be at least 1"),
+        ({"loss": {"strategy": "magic"}}, "'loss.strategy' must be one of"),
+        ({"loss": {"weights": {"contrastive": 1, "telepathy": 2}}}, "'loss.weights.telepathy' is not a loss component"),
+        ({"loss": {"kl_direction": "sideways"}}, "'loss.kl_direction'"),
+        ({"model": {"pooling": "max"}}, "'model.pooling' must be one of"),
+        ({"lora": {"enabled": False}, "loss": {"strategy": "dpo"}}, "'loss.reference_free' must be true for DPO without LoRA"),
+        ({"train": {"warmup_steps": 10}}, "'train.warmup_steps' must be between 0 and train.steps (3)"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_the_file(tmp_path, change, message):
+    path = write_recipe(tmp_path, "m", **change)
+    with pytest.raises(UllmeError) as error:
+        load_recipe(str(path))
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UllmeError, match="bad.yaml:.*not valid YAML"):
+        load_recipe(str(bad))
+    result = run_cli("finetune", tmp_path / "none.yaml")
+    assert result.returncode == 2 and b"none.yaml: file not found" in result.stderr
+
+
+def test_set_overrides_and_print_recipe(tmp_path):
+    path = write_recipe(tmp_path, "m")
+    result = run_cli("finetune", path, "--set", "train.steps=7", "--set", "loss.tau_kl=0.2", "--print-recipe")
+    assert result.returncode == 0, result.stderr.decode()
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["steps"] == 7 and printed["loss"]["tau_kl"] == 0.2
+    bad = run_cli("finetune", path, "--set", "train.steps=-1", "--print-recipe")
+    assert bad.returncode == 2 and b"'train.steps' must be at least 1" in bad.stderr
+
+
+def test_every_shipped_recipe_is_valid():
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        recipe = load_recipe(str(path))
+        assert os.path.exists(recipe.data.train), path
+
+
+@pytest.mark.parametrize("strategy", ["contrastive", "simcse", "mntp", "sft", "dpo", "grl"])
+def test_each_strategy_trains_and_the_result_encodes(tiny_llama, tmp_path, strategy):
+    path = write_recipe(tmp_path, tiny_llama, loss={"strategy": strategy})
+    result = run_cli("finetune", path, "-q")
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    encoded = run_cli("encode", "-", "-o", tmp_path / "e.npy", "--model", tmp_path / "run" / "model", "-q", input=b"a question ?\n")
+    assert encoded.returncode == 0, encoded.stderr.decode()
+
+
+def test_grl_metrics_show_all_three_components_moving(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama, train={"steps": 6})
+    assert run_cli("finetune", path, "-q").returncode == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for component in ("contrastive", "dpo", "kl"):
+        values = [r[component] for r in rows]
+        assert max(values) - min(values) > 1e-4, (component, values)
+
+
+def test_mix_of_components_by_weight(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama, loss={"strategy": "contrastive", "weights": {"contrastive": 1.0, "sft": 0.3}})
+    assert run_cli("finetune", path, "-q").returncode == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["loss"] == pytest.approx(row["contrastive"] + 0.3 * row["sft"], rel=1e-5)
+
+
+def test_existing_run_needs_resume(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama)
+    assert run_cli("finetune", path, "-q").returncode == 0
+    again = run_cli("finetune", path, "-q")
+    assert again.returncode == 2 and b"pass --resume" in again.stderr
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path):
+    steps = 150
+    killed = write_recipe(tmp_path, tiny_llama, "killed.yaml", train={"steps": steps, "checkpoint_every": 10, "learning_rate": 1e-4})
+    args = [sys.executable, "-m", "ullme_cli", "finetune", str(killed), "-q"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("step-0000030")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = run_cli("finetune", killed, "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert b"resuming from" in resumed.stderr
+    fresh_dir = tmp_path / "fresh"
+    fresh = write_recipe(fresh_dir.parent, tiny_llama, "fresh.yaml", output_dir=str(fresh_dir), train={"steps": steps, "checkpoint_every": 10, "learning_rate": 1e-4})
+    assert run_cli("finetune", fresh, "-q").returncode == 0
+    a = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (fresh_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in a] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-5)

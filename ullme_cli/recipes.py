@@ -1,0 +1,219 @@
+"""Recipes: one YAML file pins one fine-tuning configuration.
+
+The schema is the dataclasses below. Unknown keys, wrong types and impossible values are errors that
+name the key and the file. `--set section.key=value` overrides a value (parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, POOLINGS
+from ullme_cli.errors import UllmeError
+
+LOSS_COMPONENTS = ("contrastive", "simcse", "mntp", "sft", "dpo", "kl")
+# Strategy presets: the weights of each component (GRL's are the paper's λ).
+STRATEGIES = {
+    "contrastive": {"contrastive": 1.0},
+    "simcse": {"simcse": 1.0},
+    "mntp": {"mntp": 1.0},
+    "sft": {"sft": 1.0},
+    "dpo": {"dpo": 1.0},
+    "grl": {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0},
+}
+
+
+@dataclass
+class ModelSection:
+    name: str = DEFAULT_MODEL
+    attention: str = "bidirectional"
+    pooling: str = "mean"
+    query_instruction: str = "Given a question, retrieve passages that answer the question"
+    passage_instruction: str = ""
+    generation_instruction: str = "Write a passage that answers the question: "
+    max_length: int = 128
+    dtype: str = "float32"
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list = "all-linear"
+    merge: bool = False
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    negatives_per_query: int = 1
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class LossSection:
+    strategy: str = "contrastive"
+    weights: dict = field(default_factory=dict)  # explicit component weights; empty means the strategy's
+    temperature: float = 0.05
+    tau_kl: float = 0.1
+    tau_gen: float = 1.0
+    kl_direction: str = "rt||gen"
+    beta: float = 0.1
+    dpo_variant: str = "sigmoid"
+    reference_free: bool = False
+    mask_probability: float = 0.2
+
+    def resolved_weights(self) -> dict[str, float]:
+        return {k: float(v) for k, v in (self.weights or STRATEGIES[self.strategy]).items() if float(v) != 0.0}
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/finetune"
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value, annotation, where: str):
+    allowed = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
+    options = [a.strip() for a in annotation.split("|")]
+    for option in options:
+        kind = allowed.get(option.split("[")[0], list if option.startswith("list") else None)
+        if kind is None:
+            continue
+        if isinstance(value, bool) and option != "bool":
+            continue
+        if isinstance(value, kind):
+            return float(value) if option == "float" else value
+    raise UllmeError(f"{where}: expected {annotation}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, values: dict, source: str, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise UllmeError(f"{source}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UllmeError(f"{source}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in values.items():
+        f = fields[name]
+        nested = {"ModelSection": ModelSection, "LoraSection": LoraSection, "DataSection": DataSection,
+                  "LossSection": LossSection, "TrainSection": TrainSection}.get(str(f.type))  # fmt: skip
+        if nested is not None:
+            kwargs[name] = _build(nested, value or {}, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, str(f.type), f"{source}: '{prefix}{name}'")
+    return cls(**kwargs)
+
+
+def _validate(recipe: Recipe, source: str) -> Recipe:
+    def bad(key: str, why: str):
+        raise UllmeError(f"{source}: '{key}' {why}")
+
+    if recipe.model.attention not in ATTENTION_MODES:
+        bad("model.attention", f"must be one of {', '.join(ATTENTION_MODES)}")
+    if recipe.model.pooling not in POOLINGS:
+        bad("model.pooling", f"must be one of {', '.join(POOLINGS)}")
+    if recipe.model.dtype not in ("float32", "bfloat16"):
+        bad("model.dtype", "must be float32 or bfloat16 (training weights)")
+    if recipe.loss.strategy not in STRATEGIES:
+        bad("loss.strategy", f"must be one of {', '.join(STRATEGIES)}")
+    for component in recipe.loss.weights:
+        if component not in LOSS_COMPONENTS:
+            bad(f"loss.weights.{component}", f"is not a loss component ({', '.join(LOSS_COMPONENTS)})")
+    if recipe.loss.kl_direction not in ("rt||gen", "gen||rt"):
+        bad("loss.kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'")
+    if recipe.loss.dpo_variant not in ("sigmoid", "hinge", "ipo"):
+        bad("loss.dpo_variant", "must be sigmoid, hinge or ipo")
+    for key in ("temperature", "tau_kl", "tau_gen", "beta"):
+        if getattr(recipe.loss, key) <= 0:
+            bad(f"loss.{key}", "must be positive")
+    if not 0 < recipe.loss.mask_probability < 1:
+        bad("loss.mask_probability", "must be between 0 and 1")
+    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(recipe.train, key) < 1:
+            bad(f"train.{key}", "must be at least 1")
+    if recipe.train.learning_rate <= 0:
+        bad("train.learning_rate", "must be positive")
+    if recipe.train.warmup_steps < 0 or recipe.train.warmup_steps > recipe.train.steps:
+        bad("train.warmup_steps", f"must be between 0 and train.steps ({recipe.train.steps})")
+    if recipe.model.max_length < 8:
+        bad("model.max_length", "must be at least 8")
+    needs_pairs = set(recipe.loss.resolved_weights()) - {"simcse", "mntp"}
+    if needs_pairs & {"dpo", "kl"} and recipe.data.negatives_per_query < 1:
+        bad("data.negatives_per_query", "must be at least 1 for dpo and kl")
+    if not recipe.data.train:
+        bad("data.train", "must name a training jsonl file")
+    if "dpo" in recipe.loss.resolved_weights() and not recipe.lora.enabled and not recipe.loss.reference_free:
+        bad("loss.reference_free", "must be true for DPO without LoRA (the reference is the model with adapters off)")
+    return recipe
+
+
+def apply_overrides(values: dict, overrides: list[str], source: str) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise UllmeError(f"--set expects section.key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UllmeError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return values
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Relative data paths are taken relative to the recipe file."""
+    p = Path(path)
+    if not p.exists():
+        raise UllmeError(f"{path}: file not found")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UllmeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    values = apply_overrides(values, overrides or [], path)
+    recipe = _validate(_build(Recipe, values, path), path)
+    if recipe.data.train and not Path(recipe.data.train).is_absolute() and not Path(recipe.data.train).exists():
+        candidate = p.parent / recipe.data.train
+        if candidate.exists():
+            recipe.data.train = str(candidate)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)

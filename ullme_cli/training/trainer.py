@@ -1,0 +1,176 @@
+"""`ullme finetune`: the training loop.
+
+One step, top to bottom: take the step's batch (a pure function of seed and step, so a resumed run sees
+the same data), compute the recipe's loss, backpropagate, average gradients across processes, clip,
+step the optimiser and schedule, log, and checkpoint every N steps.
+
+Checkpoints hold the trainable weights, the optimiser state and the RNG state in safetensors plus JSON
+(no pickle); they are written to a staging folder and renamed into place, so a SIGKILL leaves either the
+old checkpoint or the new one. `--resume` continues from the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ullme_cli.artifacts import atomic_write_text
+from ullme_cli.data import TrainingExample, read_training_examples
+from ullme_cli.errors import UllmeError
+from ullme_cli.progress import progress_bar, stderr_console
+from ullme_cli.recipes import Recipe, dump_recipe
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+FINAL = "model"
+
+
+def batch_indices(step: int, batch_size: int, count: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """The examples of `step` for process `rank`: a seeded permutation per epoch, read in order."""
+    global_size = batch_size * world
+    start = step * global_size + rank * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, count)
+        indices.append(int(np.random.default_rng(seed + epoch).permutation(count)[offset]))
+    return indices
+
+
+def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
+    named = {f"model.{n}": p for n, p in embedder.model.named_parameters() if p.requires_grad}
+    named.update({f"pooler.{n}": p for n, p in embedder.pooler.named_parameters() if p.requires_grad})
+    return named
+
+
+def save_checkpoint(folder: Path, step: int, params: dict, optimizer, generator: torch.Generator, keep: int) -> Path:
+    root = folder / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
+    names = list(params)
+    tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in params.items()}
+    state = optimizer.state_dict()
+    scalars = {"step": step, "param_groups": state["param_groups"], "names": names}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optim.{index}.{slot}"] = value.detach().contiguous().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.generator"] = generator.get_state()
+    save_file(tensors, staging / "state.safetensors")
+    (staging / "trainer_state.json").write_text(json.dumps(scalars))
+    target = root / f"step-{step:07d}"
+    staging.rename(target)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted((folder / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(checkpoint: Path, params: dict, optimizer, generator: torch.Generator) -> int:
+    tensors = load_file(checkpoint / "state.safetensors")
+    scalars = json.loads((checkpoint / "trainer_state.json").read_text())
+    if scalars["names"] != list(params):
+        raise UllmeError(f"{checkpoint}: its parameters do not match this recipe's model; start a new output_dir")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+    optim_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, slot = key.split(".", 2)
+            optim_state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": optim_state, "param_groups": scalars["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.generator"])
+    return scalars["step"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> dict:
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.training.step import StepLoss
+
+    t = recipe.train
+    out = Path(recipe.output_dir)
+    if not resume and latest_checkpoint(out) is not None:
+        raise UllmeError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, or pick another output_dir")
+    examples, skipped = read_training_examples(recipe.data.train, recipe.data.skip_bad_rows)
+    if skipped:
+        stderr_console.print(f"skipped {skipped} malformed rows of {recipe.data.train}", soft_wrap=True)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(t.seed)
+    embedder = Embedder.load(
+        recipe.model.name, dtype=recipe.model.dtype, device=str(accelerator.device), pooling=recipe.model.pooling,
+        attention=recipe.model.attention, query_instruction=recipe.model.query_instruction,
+        passage_instruction=recipe.model.passage_instruction, generation_instruction=recipe.model.generation_instruction,
+        max_length=recipe.model.max_length,
+    )  # fmt: skip
+    if recipe.lora.enabled:
+        embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    embedder.model.train()
+    params = trainable_parameters(embedder)
+    optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    generator = torch.Generator().manual_seed(t.seed)
+    step = 0
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        step = load_checkpoint(checkpoint, params, optimizer, generator)
+        stderr_console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
+    for _ in range(step):
+        scheduler.step()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    metrics_path = out / METRICS
+    _truncate_metrics(metrics_path, step)
+    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query)
+
+    with progress_bar("finetune", total=t.steps, enabled=show_progress and accelerator.is_main_process) as advance:
+        advance(step)
+        started = time.perf_counter()
+        while step < t.steps:
+            batch: list[TrainingExample] = [
+                examples[i] for i in batch_indices(step, t.batch_size, len(examples), t.seed, accelerator.process_index, accelerator.num_processes)
+            ]
+            loss, parts = loss_fn(batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if accelerator.num_processes > 1:  # DDP by hand: our forward calls the decoder body directly
+                for p in params.values():
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            record = {"step": step, "loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "steps_per_s": step / max(time.perf_counter() - started, 1e-9)}  # fmt: skip
+            if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps):
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            advance(1, loss=record["loss"], **parts)
+            if accelerator.is_main_process and (step % t.checkpoint_every == 0 or step == t.steps):
+                save_checkpoint(out, step, params, optimizer, generator, t.keep_checkpoints)
+    embedder.model.eval()
+    if accelerator.is_main_process:
+        embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
+    return {"steps": step, "output": str(out / FINAL), "examples": len(examples)}
