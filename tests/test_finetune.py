@@ -46,6 +46,7 @@ def write_recipe(tmp_path, model_name, name="r.yaml", **sections):
         ({"model": {"pooling": "max"}}, "'model.pooling' must be one of"),
         ({"lora": {"enabled": False}, "loss": {"strategy": "dpo"}}, "'loss.reference_free' must be true for DPO without LoRA"),
         ({"train": {"warmup_steps": 10}}, "'train.warmup_steps' must be between 0 and train.steps (3)"),
+        ({"train": {"grad_cache_chunk": 2}, "loss": {"strategy": "simcse"}}, "'train.grad_cache_chunk' GradCache covers"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, change, message):
@@ -89,6 +90,14 @@ def test_each_strategy_trains_and_the_result_encodes(tiny_llama, tmp_path, strat
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     encoded = run_cli("encode", "-", "-o", tmp_path / "e.npy", "--model", tmp_path / "run" / "model", "-q", input=b"a question ?\n")
     assert encoded.returncode == 0, encoded.stderr.decode()
+
+
+def test_grad_cache_training_runs_end_to_end(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama, train={"grad_cache_chunk": 2})
+    result = run_cli("finetune", path, "-q")
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
 
 
 def test_grl_metrics_show_all_three_components_moving(tiny_llama, tmp_path):

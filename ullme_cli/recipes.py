@@ -85,6 +85,7 @@ class TrainSection:
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    grad_cache_chunk: int = 0  # > 0: GradCache with chunks of this many texts, so batch size is free of memory
 
 
 @dataclass
@@ -160,6 +161,10 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(recipe.train, key) < 1:
             bad(f"train.{key}", "must be at least 1")
+    if recipe.train.grad_cache_chunk < 0:
+        bad("train.grad_cache_chunk", "must be 0 (off) or a chunk size")
+    if recipe.train.grad_cache_chunk and set(recipe.loss.resolved_weights()) & {"simcse", "mntp"}:
+        bad("train.grad_cache_chunk", "GradCache covers contrastive, kl, dpo and sft, not simcse or mntp")
     if recipe.train.learning_rate <= 0:
         bad("train.learning_rate", "must be positive")
     if recipe.train.warmup_steps < 0 or recipe.train.warmup_steps > recipe.train.steps:

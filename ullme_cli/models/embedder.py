@@ -287,16 +287,7 @@ class Embedder:
         Returns per pair: `sum` and `mean` of the continuation's token log-probabilities, and `tokens`.
         Only continuation positions go through the LM head, which keeps large vocabularies affordable.
         """
-        if len(prompts) != len(continuations):
-            raise UllmeError("generation_logprobs: prompts and continuations differ in number")
-        budget = self.config.max_length
-        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        cont_ids = self.tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
-        rows = []
-        for p, c in zip(prompt_ids, cont_ids):
-            c = c[: max(1, budget // 2)] or [self.tokenizer.eos_token_id]
-            p = p[-max(1, budget - len(c)) :]  # keep the end of the prompt, next to the continuation
-            rows.append((p, c))
+        rows = self.generation_pairs(prompts, continuations)
         length = max(len(p) + len(c) for p, c in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -317,6 +308,20 @@ class Embedder:
             total = torch.zeros(len(rows), device=self.device).index_add(0, row_of, token_logprobs)
             count = predictors.sum(-1).clamp(min=1)
         return {"sum": total, "mean": total / count, "tokens": count}
+
+    def generation_pairs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Token ids (prompt, continuation) per pair, cut to max_length: continuation to half, prompt from the left."""
+        if len(prompts) != len(continuations):
+            raise UllmeError("generation_logprobs: prompts and continuations differ in number")
+        budget = self.config.max_length
+        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        cont_ids = self.tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+        rows = []
+        for p, c in zip(prompt_ids, cont_ids):
+            c = c[: max(1, budget // 2)] or [self.tokenizer.eos_token_id]
+            p = p[-max(1, budget - len(c)) :]  # keep the end of the prompt, next to the continuation
+            rows.append((p, c))
+        return rows
 
     def output_logits(self, states: torch.Tensor) -> torch.Tensor:
         model = self.model.get_base_model() if self.has_adapter else self.model

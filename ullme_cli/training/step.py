@@ -1,7 +1,13 @@
-"""One training step's loss, from a batch of examples to a scalar, component by component.
+"""One training step, from a batch of examples to gradients, component by component.
 
-Read top to bottom: embed queries and passages (bidirectional), score generations (causal, same
-weights), then add each loss component the recipe weights. Only what a component needs is computed.
+Read top to bottom: pick each query's positive and negatives, embed queries and passages
+(bidirectional), score generations (causal, same weights), add each loss component the recipe weights,
+and backpropagate. Only what a component needs is computed.
+
+GradCache (Gao et al., 2021) when `chunk_size` is set: embed every chunk without gradients, take the
+loss's gradient with respect to the embeddings, then embed each chunk again with gradients (replaying its
+RNG state, so dropout masks match) and backpropagate the cached gradient. Memory then depends on the
+chunk, not the batch. Generation terms are per-example, so they are backpropagated chunk by chunk.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ from ullme_cli.losses import DPOLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SF
 from ullme_cli.models.bidirectional import hidden_states
 from ullme_cli.recipes import LossSection
 
+EMBEDDING_TERMS = {"contrastive", "kl", "simcse"}
+GENERATION_TERMS = {"dpo", "sft", "kl"}
+
 
 class StepLoss:
-    def __init__(self, embedder, loss: LossSection, negatives_per_query: int):
+    def __init__(self, embedder, loss: LossSection, negatives_per_query: int, chunk_size: int = 0):
         self.embedder = embedder
         self.weights = loss.resolved_weights()
         self.negatives_per_query = negatives_per_query
+        self.chunk_size = chunk_size
         self.info_nce = InfoNCELoss(loss.temperature)
         self.simcse = SimCSELoss(loss.temperature)
         self.mntp = MNTPLoss()
@@ -27,58 +37,58 @@ class StepLoss:
         self.kl = RelevanceKLLoss(loss.tau_kl, loss.tau_gen, loss.kl_direction)
         self.mask_probability = loss.mask_probability
 
+    # ------------------------------------------------------------------ pieces
     def embed(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> torch.Tensor:
         e = self.embedder
-        if instructions is None or all(i is None for i in instructions):
-            return e.embed(e.collate(e.tokenize(texts, kind)))
-        items = [e.tokenize([t], kind, i)[0] for t, i in zip(texts, instructions)]
+        items = [e.tokenize([t], kind, i)[0] for t, i in zip(texts, instructions)] if instructions else e.tokenize(texts, kind)
         return e.embed(e.collate(items))
 
-    def __call__(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        w, e, n = self.weights, self.embedder, self.negatives_per_query
+    def candidates(self, batch: list[TrainingExample]) -> tuple[list[str], list[list[str]]]:
+        n = self.negatives_per_query
         positives = [ex.positives[0] for ex in batch]
-        # Rows without enough hard negatives borrow the next rows' positives: still wrong answers for them.
+        # Rows without enough hard negatives borrow other rows' positives: still wrong answers for them.
         negatives = [
             (ex.negatives + [positives[(i + j + 1) % len(batch)] for j in range(n)])[:n] for i, ex in enumerate(batch)
         ]
-        parts: dict[str, torch.Tensor] = {}
-        if {"contrastive", "kl"} & set(w):
-            q = self.embed([ex.query for ex in batch], "query", [ex.instruction for ex in batch])
-            p = self.embed(positives, "passage")
-            neg = self.embed([t for row in negatives for t in row], "passage").reshape(len(batch), n, -1)
-            if "contrastive" in w:
-                parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]))
-        if {"dpo", "kl", "sft"} & set(w):
-            prompts = [e.config.generation_instruction + ex.query for ex in batch]
-            candidates = [[pos] + row for pos, row in zip(positives, negatives)]  # U(q): positive first
-            flat_prompts = [pr for pr, row in zip(prompts, candidates) for _ in row]
-            flat_texts = [t for row in candidates for t in row]
-            generation = e.generation_logprobs(flat_prompts, flat_texts, grad=True)
-            sums = generation["sum"].reshape(len(batch), 1 + n)
-            if "sft" in w:
-                parts["sft"] = self.sft(sums[:, 0], generation["tokens"].reshape(len(batch), 1 + n)[:, 0])
-            if "dpo" in w:
-                reference = self.reference_sums(prompts, positives, [row[0] for row in negatives])
-                parts["dpo"] = self.dpo(sums[:, 0], sums[:, 1], *reference)
-            if "kl" in w:
-                candidates_emb = torch.cat([p.unsqueeze(1), neg], dim=1)
-                retrieval = torch.einsum("bd,bud->bu", q, candidates_emb)
-                parts["kl"] = self.kl(retrieval, generation["mean"].reshape(len(batch), 1 + n))
-        if "simcse" in w:
-            texts = [ex.query for ex in batch] + positives
-            parts["simcse"] = self.simcse(self.embed(texts, "passage"), self.embed(texts, "passage"))
-        if "mntp" in w:
-            parts["mntp"] = self.mntp_loss(positives, generator)
-        total = sum(w[name] * value for name, value in parts.items())
-        return total, {name: float(value.detach()) for name, value in parts.items()}
+        return positives, negatives
 
-    def reference_sums(self, prompts, chosen, rejected):
+    def generation_scores(self, batch, positives, negatives, grad: bool) -> dict[str, torch.Tensor]:
+        e = self.embedder
+        prompts = [e.config.generation_instruction + ex.query for ex in batch]
+        rows = [[pos] + row for pos, row in zip(positives, negatives)]  # U(q): the positive first
+        flat_prompts = [pr for pr, row in zip(prompts, rows) for _ in row]
+        scores = e.generation_logprobs(flat_prompts, [t for row in rows for t in row], grad=grad)
+        return {k: v.reshape(len(batch), -1) for k, v in scores.items()}
+
+    def reference_sums(self, batch, chosen, rejected):
         if self.dpo.reference_free:
             return None, None
         e = self.embedder
+        prompts = [e.config.generation_instruction + ex.query for ex in batch]
         with torch.no_grad(), e.model.disable_adapter():  # the reference: the same weights, adapters off
             scores = e.generation_logprobs(prompts + prompts, list(chosen) + list(rejected))["sum"]
         return scores[: len(prompts)], scores[len(prompts) :]
+
+    def embedding_terms(self, q, p, neg, simcse_views, generation_means) -> dict[str, torch.Tensor]:
+        w, parts = self.weights, {}
+        if "contrastive" in w:
+            parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]))
+        if "kl" in w:
+            retrieval = torch.einsum("bd,bud->bu", q, torch.cat([p.unsqueeze(1), neg], dim=1))
+            parts["kl"] = self.kl(retrieval, generation_means)
+        if "simcse" in w:
+            parts["simcse"] = self.simcse(*simcse_views)
+        return parts
+
+    def generation_terms(self, batch, positives, negatives, generation, sft_tokens=None) -> dict[str, torch.Tensor]:
+        """`sft_tokens`: the whole batch's positive-token count, when `batch` is one chunk of it."""
+        w, parts = self.weights, {}
+        if "sft" in w:
+            parts["sft"] = self.sft(generation["sum"][:, 0], generation["tokens"][:, 0] if sft_tokens is None else sft_tokens)
+        if "dpo" in w:
+            reference = self.reference_sums(batch, positives, [row[0] for row in negatives])
+            parts["dpo"] = self.dpo(generation["sum"][:, 0], generation["sum"][:, 1], *reference)
+        return parts
 
     def mntp_loss(self, texts: list[str], generator: torch.Generator) -> torch.Tensor:
         e = self.embedder
@@ -87,3 +97,90 @@ class StepLoss:
         masked, labels = mask_tokens(batch.input_ids, batch.attention_mask, mask_id, self.mask_probability, generator)
         states = hidden_states(e.model, masked, batch.attention_mask, "bidirectional")
         return self.mntp(e.output_logits(states), labels)
+
+    # ------------------------------------------------------------------ the step
+    def backward(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[float, dict[str, float]]:
+        """Compute the weighted loss and backpropagate it; return its value and its components."""
+        if self.chunk_size and self.chunk_size < len(batch):
+            return self._backward_grad_cache(batch, generator)
+        w = self.weights
+        positives, negatives = self.candidates(batch)
+        parts: dict[str, torch.Tensor] = {}
+        generation = None
+        if GENERATION_TERMS & set(w):
+            generation = self.generation_scores(batch, positives, negatives, grad=bool({"dpo", "sft"} & set(w)))
+            parts.update(self.generation_terms(batch, positives, negatives, generation))
+        if EMBEDDING_TERMS & set(w):
+            q = p = neg = views = None
+            if {"contrastive", "kl"} & set(w):
+                q = self.embed([ex.query for ex in batch], "query", [ex.instruction for ex in batch])
+                p = self.embed(positives, "passage")
+                neg = self.embed([t for row in negatives for t in row], "passage").reshape(len(batch), len(negatives[0]), -1)
+            if "simcse" in w:
+                texts = [ex.query for ex in batch] + positives
+                views = (self.embed(texts, "passage"), self.embed(texts, "passage"))
+            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None))
+        if "mntp" in w:
+            parts["mntp"] = self.mntp_loss(positives, generator)
+        total = sum(w[name] * value for name, value in parts.items())
+        total.backward()
+        return float(total.detach()), {name: float(value.detach()) for name, value in parts.items()}
+
+    def _backward_grad_cache(self, batch, generator) -> tuple[float, dict[str, float]]:
+        w = self.weights
+        if {"simcse", "mntp"} & set(w):
+            raise NotImplementedError("GradCache covers contrastive, kl, dpo and sft; set train.grad_cache_chunk: 0")
+        positives, negatives = self.candidates(batch)
+        n = len(negatives[0])
+        roles = {
+            "q": ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),
+            "p": (positives, "passage", None),
+            "neg": ([t for row in negatives for t in row], "passage", None),
+        }
+        chunks = {role: self._chunks(len(texts)) for role, (texts, _, _) in roles.items()}
+        # 1. Embed every chunk without gradients, remembering the RNG state each chunk started from.
+        cached, rng = {}, {}
+        with torch.no_grad():
+            for role, (texts, kind, instr) in roles.items():
+                pieces = []
+                for start, stop in chunks[role]:
+                    rng[(role, start)] = torch.get_rng_state()
+                    pieces.append(self.embed(texts[start:stop], kind, instr[start:stop] if instr else None))
+                cached[role] = torch.cat(pieces).requires_grad_()
+        # 2. Generation scores: per-example terms, backpropagated chunk by chunk (weighted by chunk share).
+        parts_value: dict[str, float] = {}
+        means = []
+        e = self.embedder
+        prompts = [e.config.generation_instruction + ex.query for ex in batch]
+        # SFT is token-weighted over the batch, so each chunk divides by the batch's token count.
+        sft_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(prompts, positives)), device=e.device)
+        for start, stop in self._chunks(len(batch)) if GENERATION_TERMS & set(w) else []:
+            sub = batch[start:stop]
+            generation = self.generation_scores(sub, positives[start:stop], negatives[start:stop], grad=bool({"dpo", "sft"} & set(w)))
+            means.append(generation["mean"].detach())
+            terms = self.generation_terms(sub, positives[start:stop], negatives[start:stop], generation, sft_tokens)
+            if terms:
+                shares = {k: 1.0 if k == "sft" else len(sub) / len(batch) for k in terms}  # dpo is a mean over rows
+                sum(w[k] * v * shares[k] for k, v in terms.items()).backward()
+                for k, v in terms.items():
+                    parts_value[k] = parts_value.get(k, 0.0) + float(v.detach()) * shares[k]
+        # 3. Embedding terms on the cached embeddings, then their gradients pushed back chunk by chunk.
+        q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
+        terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None)
+        embedding_total = sum(w[k] * v for k, v in terms.items())
+        embedding_total.backward()
+        for role, (texts, kind, instr) in roles.items():
+            gradient = cached[role].grad
+            for start, stop in chunks[role]:
+                saved = torch.get_rng_state()
+                torch.set_rng_state(rng[(role, start)])  # replay the chunk's dropout masks
+                again = self.embed(texts[start:stop], kind, instr[start:stop] if instr else None)
+                torch.set_rng_state(saved)
+                again.backward(gradient[start:stop])
+        parts_value.update({k: float(v.detach()) for k, v in terms.items()})
+        total = sum(w[k] * parts_value[k] for k in parts_value)
+        return total, parts_value
+
+    def _chunks(self, count: int) -> list[tuple[int, int]]:
+        size = self.chunk_size or count
+        return [(start, min(start + size, count)) for start in range(0, count, size)]

@@ -142,7 +142,7 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     metrics_path = out / METRICS
     _truncate_metrics(metrics_path, step)
-    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query)
+    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk)
 
     with progress_bar("finetune", total=t.steps, enabled=show_progress and accelerator.is_main_process) as advance:
         advance(step)
@@ -151,9 +151,8 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
             batch: list[TrainingExample] = [
                 examples[i] for i in batch_indices(step, t.batch_size, len(examples), t.seed, accelerator.process_index, accelerator.num_processes)
             ]
-            loss, parts = loss_fn(batch, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, parts = loss_fn.backward(batch, generator)
             if accelerator.num_processes > 1:  # DDP by hand: our forward calls the decoder body directly
                 for p in params.values():
                     if p.grad is not None:
@@ -162,7 +161,7 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
             optimizer.step()
             scheduler.step()
             step += 1
-            record = {"step": step, "loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": loss, **parts, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "steps_per_s": step / max(time.perf_counter() - started, 1e-9)}  # fmt: skip
             if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps):
                 with metrics_path.open("a") as f:
