@@ -62,3 +62,30 @@ def test_auto_dtype_is_bfloat16_on_cpus_with_fast_bf16():
 
     expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
+
+
+def test_converted_default_model_saves_with_a_lora_adapter(default_embedder, tmp_path):
+    """The GGUF-converted cache must be a plain float model: finetune saves it with its adapter."""
+    from ullme_cli.models.embedder import Embedder
+
+    embedder = Embedder.load("smollm2-135m", dtype="float32").add_lora(r=2, alpha=4, dropout=0.0)
+    embedder.save(tmp_path / "saved")
+    again = Embedder.load(str(tmp_path / "saved"), dtype="float32")
+    texts = ["Who wrote The Iron Lady ?", "Hugo Young wrote it ."]
+    assert (again.encode(texts) * embedder.encode(texts)).sum(1).min() > 0.9999
+
+
+def test_tiny_cpu_recipe_lowers_its_training_loss_and_its_model_encodes(tmp_path):
+    import json
+
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    result = run_cli("finetune", REPO / "recipes" / "tiny-cpu.yaml", "--set", f"output_dir={out}", "-q", timeout=900)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30
+    first, last = np.mean([r["loss"] for r in rows[:10]]), np.mean([r["loss"] for r in rows[-10:]])
+    assert last < first, (first, last)
+    encoded = run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "e.npy", "--model", out / "model", "-q")
+    assert encoded.returncode == 0, encoded.stderr.decode()

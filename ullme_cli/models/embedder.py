@@ -7,6 +7,7 @@ latent-attention head when used, and `adapter/` when a LoRA adapter is kept unme
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -166,6 +167,15 @@ class Embedder:
         target = Path(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self._write(staging, merge_lora)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_folder(staging, target)
+        return target
+
+    def _write(self, staging: Path, merge_lora: bool) -> None:
         model = self.model
         if self.has_adapter and merge_lora:
             model = model.merge_and_unload()
@@ -184,8 +194,6 @@ class Embedder:
         if self.config.pooling == "latent-attention":
             self.pooler.latent.save(staging)
         (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        replace_folder(staging, target)
-        return target
 
     def describe(self) -> dict:
         """What a downstream artefact must record to reproduce these vectors."""

@@ -84,7 +84,8 @@ def convert_gguf(gguf_path: Path) -> Path:
     transformers refuses `save_pretrained` on GGUF-loaded models, so the weights move into a model built
     from the same config; its logits are identical.
     """
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    # v2: v1 caches kept the GGUF quantization_config, which makes transformers refuse save_pretrained.
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}-v2"
     if (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,7 +94,10 @@ def convert_gguf(gguf_path: Path) -> Path:
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    clean = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized now: a plain float model
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -1,0 +1,77 @@
+"""Step time and peak memory of training steps on one batch: contrastive, DPO and GRL, with and without
+GradCache, on the same model, batch and LoRA settings.
+
+Each configuration runs in its own process so that its peak resident memory (ru_maxrss) is its own.
+Prints seconds per step (median of --steps after one warm-up step), peak RSS, and the ratio to the
+contrastive step. Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = [
+    ("contrastive", {"contrastive": 1.0}, 0),
+    ("dpo", {"dpo": 1.0}, 0),
+    ("grl", {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0}, 0),
+    ("contrastive+gradcache", {"contrastive": 1.0}, 2),
+    ("grl+gradcache", {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0}, 2),
+]
+
+
+def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negatives: int, max_length: int) -> dict:
+    import torch
+
+    from ullme_cli.data import read_training_examples
+    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    embedder = Embedder.load(model, dtype="float32", max_length=max_length, generation_instruction="Answer the question: ")
+    embedder.add_lora(r=8, alpha=16, dropout=0.0)
+    embedder.model.train()
+    train = Path(__file__).resolve().parent.parent / "ullme_cli" / "resources" / "trecqa-train" / "train.jsonl"
+    examples, _ = read_training_examples(str(train))
+    step = StepLoss(embedder, LossSection(weights=weights), negatives, chunk)
+    times = []
+    for i in range(steps + 1):
+        embedder.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        step.backward(examples[:batch], torch.Generator().manual_seed(0))
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times[1:]), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--negatives", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        name, weights, chunk = json.loads(args.one)
+        print(json.dumps(run_one(args.model, weights, chunk, args.batch, args.steps, args.negatives, args.max_length)))
+        return
+    print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8, fp32, CPU")
+    print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}")
+    base = None
+    for name, weights, chunk in CONFIGS:
+        command = [sys.executable, __file__, "--one", json.dumps([name, weights, chunk]), "--model", args.model,
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--negatives", str(args.negatives),
+                   "--max-length", str(args.max_length)]  # fmt: skip
+        result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        base = base or result["seconds"]
+        print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x")
+
+
+if __name__ == "__main__":
+    main()
