@@ -146,3 +146,20 @@ def test_mine_fills_negatives_skipping_positives_and_reuses_the_cache(tiny_llama
         assert row["query"] not in row["negative"] and row["positive"][0] not in row["negative"]
     second = run_cli(*args)
     assert second.returncode == 0 and b"reusing corpus embeddings" in second.stderr
+
+
+def test_query_instruction_travels_from_encode_to_search(tiny_llama, tmp_path):
+    from ullme_cli.models.embedder import Embedder
+
+    instruction = "Given a question, retrieve sentences that answer it"
+    assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "e.npy", "--model", tiny_llama, "--query-instruction", instruction, "-q").returncode == 0
+    assert run_cli("index", tmp_path / "e.npy", "-o", tmp_path / "idx").returncode == 0
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["query_instruction"] == instruction
+    hits = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, dtype="float32", show_progress=False))
+    embedder = Embedder.load(str(tiny_llama), dtype="float32", query_instruction=instruction)
+    question = json.loads((RESOURCES / "demo" / "queries.jsonl").read_text().splitlines()[0])["text"]
+    expected = embedder.encode([question], kind="query")[0]
+    corpus, ids, _ = load_embeddings(str(tmp_path / "e.npy"))
+    assert [d for d, _ in hits["q0"]] == [ids[i] for i in np.argsort(-(corpus @ expected))[:3]]
+    overridden = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, dtype="float32", show_progress=False, instruction=""))
+    assert overridden["q0"] != hits["q0"]

@@ -60,6 +60,7 @@ def encode(
     pooling: Optional[str] = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean)."),
     attention: Optional[str] = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional)."),
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Instruction for these texts (overrides the model's for --kind)."),
+    query_instruction: Optional[str] = typer.Option(None, "--query-instruction", help="Instruction that queries against these passages use; recorded for `ullme search`."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default 512)."),
     dtype: str = DtypeOption,
     out_dtype: str = typer.Option("float32", "--out-dtype", help=f"Stored dtype: {', '.join(OUT_DTYPES)}."),
@@ -75,7 +76,7 @@ def encode(
     from ullme_cli.encoding import EncodeOptions, encode_corpus
 
     options = EncodeOptions(
-        model=model, kind=kind, pooling=pooling, attention=attention, instruction=instruction,
+        model=model, kind=kind, pooling=pooling, attention=attention, instruction=instruction, query_instruction=query_instruction,
         max_length=max_length, dtype=dtype, device=device, out_dtype=out_dtype, truncate_dim=truncate_dim,
         token_budget=token_budget, trust_remote_code=trust_remote_code, input_format=input_format,
     )  # fmt: skip
@@ -124,6 +125,7 @@ def search(
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or trec."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists to visit (default: the manifest's)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default: the manifest's)."),
+    instruction: Optional[str] = typer.Option(None, "--instruction", help="Query instruction (default: the manifest's)."),
     rerank_exact: bool = typer.Option(False, "--rerank-exact", help="Rescore candidates with exact vectors (PQ/SQ indexes)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index from disk instead of reading it into RAM."),
     input_format: str = typer.Option("auto", "--input-format", help="Queries format: auto, jsonl, tsv or text."),
@@ -138,7 +140,7 @@ def search(
     folders, queries = (indexes, None) if embeddings else (indexes[:-1], indexes[-1])
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
-    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, not quiet)
+    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, not quiet, instruction)
     count = write_results(results, output, fmt)
     if output != "-":
         _err(f"wrote {count} queries' hits to {output}")

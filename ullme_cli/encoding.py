@@ -40,6 +40,7 @@ class EncodeOptions:
     pooling: str | None = None
     attention: str | None = None
     instruction: str | None = None
+    query_instruction: str | None = None  # recorded for `ullme search`, which encodes queries with it
     max_length: int | None = None
     dtype: str = "auto"
     device: str = "auto"
@@ -81,6 +82,7 @@ def load_embedder(options: EncodeOptions):
     return Embedder.load(
         options.model, dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code,
         pooling=options.pooling, attention=options.attention, max_length=options.max_length,
+        query_instruction=options.query_instruction,
     )  # fmt: skip
 
 

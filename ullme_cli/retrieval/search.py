@@ -143,12 +143,14 @@ def search(
     dtype: str = "auto",
     device: str = "auto",
     show_progress: bool = True,
+    instruction: str | None = None,
 ) -> Iterator[tuple[str, list[tuple[str, float]]]]:
-    """Yield (query id, [(doc id, score), ...]) in query order."""
+    """Yield (query id, [(doc id, score), ...]) in query order. `instruction` overrides the manifest's."""
     if k < 1:
         raise UllmeError(f"-k must be at least 1, got {k}")
     opened = open_indexes(index_folders, mmap)
-    qids, vectors = query_vectors(opened[0].manifest, queries, embeddings, input_format, dtype, device, show_progress)
+    manifest = opened[0].manifest if instruction is None else {**opened[0].manifest, "query_instruction": instruction}
+    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress)
     yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress)
 
 
