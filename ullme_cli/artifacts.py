@@ -44,9 +44,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def replace_folder(staging: Path, target: Path) -> None:
-    """Move a fully written staging folder to `target`, replacing any old one with two renames."""
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; if the block succeeds it replaces `path` (two renames),
+    otherwise it is removed. A crash leaves the old folder or the new one, never half of one."""
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
@@ -132,11 +141,11 @@ def _load_npz(source, name: str) -> tuple[np.ndarray, list[str], dict]:
 
 def read_id_lines(path: Path) -> list[str]:
     """One JSON value per line. Parsed in one call (fast for millions of ids); a bad line is then located."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
     try:
-        return [str(i) for i in json.loads("[" + ",".join(lines) + "]")]
+        return [str(i) for i in json.loads("[" + ",".join(line for line in lines if line.strip()) + "]")]
     except json.JSONDecodeError:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
             try:
                 json.loads(line) if line.strip() else None
             except json.JSONDecodeError as e:

@@ -1,8 +1,7 @@
-import torch
 from torch import nn
 
 from ullme_cli.losses.contrastive import InfoNCELoss
-from ullme_cli.losses.kl import RelevanceKLLoss
+from ullme_cli.losses.kl import RelevanceKLLoss, candidate_scores
 from ullme_cli.losses.preference import DPOLoss
 
 
@@ -30,8 +29,7 @@ class GRLLoss(nn.Module):
 
     def forward(self, queries, positives, negatives, generation_means, generation_sums, reference_sums=None):
         flat_negatives = negatives.reshape(-1, negatives.shape[-1])
-        candidates = torch.cat([positives.unsqueeze(1), negatives], dim=1)  # (B, 1+n, d): U(q)
-        retrieval_scores = torch.einsum("bd,bud->bu", queries, candidates)
+        retrieval_scores = candidate_scores(queries, positives, negatives)
         ref_chosen = ref_rejected = None
         if reference_sums is not None:
             ref_chosen, ref_rejected = reference_sums[:, 0], reference_sums[:, 1]

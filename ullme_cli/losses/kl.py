@@ -4,6 +4,11 @@ from torch import nn
 DIRECTIONS = ("rt||gen", "gen||rt")
 
 
+def candidate_scores(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """s(q, p) over each query's U(q) = [its positive, its negatives]: (B, d), (B, d), (B, n, d) -> (B, 1+n)."""
+    return torch.einsum("bd,bud->bu", queries, torch.cat([positives.unsqueeze(1), negatives], dim=1))
+
+
 class RelevanceKLLoss(nn.Module):
     """KL between embedding relevance and generation likelihood over each query's candidates (ULLME GRL).
 

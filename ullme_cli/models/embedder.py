@@ -7,8 +7,6 @@ latent-attention head when used, and `adapter/` when a LoRA adapter is kept unme
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ullme_cli.artifacts import replace_folder
+from ullme_cli.artifacts import atomic_folder
 from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import ATTENTION_MODES, decoder_of, hidden_states, verify_bidirectional
@@ -164,16 +162,9 @@ class Embedder:
 
         The folder is assembled beside the target and renamed into place, so a crash leaves no half folder.
         """
-        target = Path(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_folder(folder) as staging:
             self._write(staging, merge_lora)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        replace_folder(staging, target)
-        return target
+        return Path(folder)
 
     def _write(self, staging: Path, merge_lora: bool) -> None:
         model = self.model

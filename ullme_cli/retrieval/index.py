@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ullme_cli import __version__
-from ullme_cli.artifacts import dequantize, load_embeddings, read_id_lines, replace_folder, save_npy
+from ullme_cli.artifacts import atomic_folder, dequantize, load_embeddings, read_id_lines, save_npy
 from ullme_cli.errors import UllmeError
 
 INDEX_FILE = "index.faiss"
@@ -166,9 +164,7 @@ def build_index(
     index.add(vectors)
     manifest["count"] = index.ntotal
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         write = faiss.write_index_binary if binary else faiss.write_index
         write(index, str(staging / INDEX_FILE))
         (staging / IDS_FILE).write_text("".join(json.dumps(i) + "\n" for i in old_ids + ids), encoding="utf-8")
@@ -176,8 +172,4 @@ def build_index(
             kept = [np.load(out / VECTORS_FILE)] if add and (out / VECTORS_FILE).exists() else []
             save_npy(staging / VECTORS_FILE, np.concatenate(kept + [vectors.astype(np.float16)]))
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest, note

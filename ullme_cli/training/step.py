@@ -16,6 +16,7 @@ import torch
 
 from ullme_cli.data import TrainingExample
 from ullme_cli.losses import DPOLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
+from ullme_cli.losses.kl import candidate_scores
 from ullme_cli.models.bidirectional import hidden_states
 from ullme_cli.recipes import LossSection
 
@@ -52,9 +53,13 @@ class StepLoss:
         ]
         return positives, negatives
 
+    def prompts(self, batch: list[TrainingExample]) -> list[str]:
+        """The generation prompt of each example: generation_instruction + query (DESIGN.md §4)."""
+        return [self.embedder.config.generation_instruction + ex.query for ex in batch]
+
     def generation_scores(self, batch, positives, negatives, grad: bool) -> dict[str, torch.Tensor]:
         e = self.embedder
-        prompts = [e.config.generation_instruction + ex.query for ex in batch]
+        prompts = self.prompts(batch)
         rows = [[pos] + row for pos, row in zip(positives, negatives)]  # U(q): the positive first
         flat_prompts = [pr for pr, row in zip(prompts, rows) for _ in row]
         scores = e.generation_logprobs(flat_prompts, [t for row in rows for t in row], grad=grad)
@@ -64,7 +69,7 @@ class StepLoss:
         if self.dpo.reference_free:
             return None, None
         e = self.embedder
-        prompts = [e.config.generation_instruction + ex.query for ex in batch]
+        prompts = self.prompts(batch)
         with torch.no_grad(), e.model.disable_adapter():  # the reference: the same weights, adapters off
             scores = e.generation_logprobs(prompts + prompts, list(chosen) + list(rejected))["sum"]
         return scores[: len(prompts)], scores[len(prompts) :]
@@ -74,8 +79,7 @@ class StepLoss:
         if "contrastive" in w:
             parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]))
         if "kl" in w:
-            retrieval = torch.einsum("bd,bud->bu", q, torch.cat([p.unsqueeze(1), neg], dim=1))
-            parts["kl"] = self.kl(retrieval, generation_means)
+            parts["kl"] = self.kl(candidate_scores(q, p, neg), generation_means)
         if "simcse" in w:
             parts["simcse"] = self.simcse(*simcse_views)
         return parts
@@ -151,9 +155,8 @@ class StepLoss:
         parts_value: dict[str, float] = {}
         means = []
         e = self.embedder
-        prompts = [e.config.generation_instruction + ex.query for ex in batch]
         # SFT is token-weighted over the batch, so each chunk divides by the batch's token count.
-        sft_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(prompts, positives)), device=e.device)
+        sft_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(self.prompts(batch), positives)), device=e.device)
         for start, stop in self._chunks(len(batch)) if GENERATION_TERMS & set(w) else []:
             sub = batch[start:stop]
             generation = self.generation_scores(sub, positives[start:stop], negatives[start:stop], grad=bool({"dpo", "sft"} & set(w)))

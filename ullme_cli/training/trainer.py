@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ullme_cli.artifacts import atomic_write_text
+from ullme_cli.artifacts import atomic_folder, atomic_write_text
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.progress import progress_bar, stderr_console
@@ -51,8 +50,7 @@ def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
 
 def save_checkpoint(folder: Path, step: int, params: dict, optimizer, generator: torch.Generator, keep: int) -> Path:
     root = folder / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
+    target = root / f"step-{step:07d}"
     names = list(params)
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in params.items()}
     state = optimizer.state_dict()
@@ -62,10 +60,9 @@ def save_checkpoint(folder: Path, step: int, params: dict, optimizer, generator:
             tensors[f"optim.{index}.{slot}"] = value.detach().contiguous().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.generator"] = generator.get_state()
-    save_file(tensors, staging / "state.safetensors")
-    (staging / "trainer_state.json").write_text(json.dumps(scalars))
-    target = root / f"step-{step:07d}"
-    staging.rename(target)
+    with atomic_folder(target) as staging:
+        save_file(tensors, staging / "state.safetensors")
+        (staging / "trainer_state.json").write_text(json.dumps(scalars))
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return target
