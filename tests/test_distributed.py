@@ -1,5 +1,6 @@
 """Cross-device negatives in a real 2-process run (gloo on CPU): gathered InfoNCE equals the full batch."""
 
+import gc
 import os
 
 import numpy as np
@@ -28,6 +29,12 @@ def worker(rank: int, folder: str, port: int) -> None:
     np.save(f"{folder}/loss{rank}.npy", loss.detach().numpy())
     for name, t in (("q", q), ("p", p), ("n", n)):
         np.save(f"{folder}/{name}{rank}.npy", t.grad.numpy())
+    # Gloo's worker threads can still hold the autograd all-gather's buffers; tearing down while a peer is
+    # mid-collective aborts the process at exit ("terminate called without an active exception", about one
+    # run in three). Drop the tensors, wait for the peer, then destroy.
+    del q, p, n, loss
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -169,4 +169,6 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     embedder.model.eval()
     if accelerator.is_main_process:
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group before exit; gloo aborts at teardown otherwise
     return {"steps": step, "output": str(out / FINAL), "examples": len(examples)}
