@@ -47,6 +47,9 @@ def write_recipe(tmp_path, model_name, name="r.yaml", **sections):
         ({"lora": {"enabled": False}, "loss": {"strategy": "dpo"}}, "'loss.reference_free' must be true for DPO without LoRA"),
         ({"train": {"warmup_steps": 10}}, "'train.warmup_steps' must be between 0 and train.steps (3)"),
         ({"train": {"grad_cache_chunk": 2}, "loss": {"strategy": "simcse"}}, "'train.grad_cache_chunk' GradCache covers"),
+        ({"train": {"mixed_precision": "fp8"}}, "'train.mixed_precision' must be no, bf16 or fp16"),
+        ({"eval": {"every": -1}}, "'eval.every' must be 0"),
+        ({"eval": {"task": "x"}}, "unknown key 'eval.task'"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, change, message):
@@ -145,3 +148,67 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path):
     b = [json.loads(line) for line in (fresh_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in a] == list(range(1, steps + 1))
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-5)
+
+
+def write_beir(folder, passages: dict[str, str], queries: dict[str, str], qrels: dict[str, str]):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in passages.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels.items()))
+
+
+def test_evaluation_every_n_steps_is_logged_and_leaves_training_unchanged(tiny_llama, tmp_path):
+    from conftest import demo_texts
+
+    texts = demo_texts(30)
+    eval_dir = tmp_path / "evalset"
+    write_beir(eval_dir, {f"d{i}": t for i, t in enumerate(texts)}, {f"q{i}": texts[i][:40] for i in range(5)}, {f"q{i}": f"d{i}" for i in range(5)})
+    with_eval = write_recipe(tmp_path, tiny_llama, "a.yaml", output_dir=str(tmp_path / "a"), train={"steps": 4}, eval={"task_dir": str(eval_dir), "every": 2})
+    plain = write_recipe(tmp_path, tiny_llama, "b.yaml", output_dir=str(tmp_path / "b"), train={"steps": 4})
+    for path in (with_eval, plain):
+        result = run_cli("finetune", path, "-q")
+        assert result.returncode == 0, result.stderr.decode()
+    a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in a if "eval_ndcg_at_10" in r]
+    assert evaluated == [2, 4]
+    assert all(0.0 <= r["eval_ndcg_at_10"] <= 1.0 and 0.0 <= r["eval_recall_at_10"] <= 1.0 for r in a if "eval_ndcg_at_10" in r)
+    assert list((tmp_path / "a" / "eval").rglob("evalset.json"))  # mteb's own result files, per step
+    # Evaluating in between changes nothing about the training itself.
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-6)
+
+
+def test_a_missing_eval_set_fails_before_training(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama, eval={"task_dir": str(tmp_path / "nowhere")})
+    result = run_cli("finetune", path, "-q")
+    assert result.returncode == 2 and b"nowhere" in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_bf16_autocast_trains(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama, train={"mixed_precision": "bf16", "steps": 4})
+    result = run_cli("finetune", path, "-q")
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["mixed_precision"] == "bf16"
+
+
+def test_each_step_draws_a_positive_and_negatives_from_the_whole_lists():
+    import torch
+
+    from ullme_cli.data import TrainingExample
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+
+    example = TrainingExample(query="q", positives=["p0", "p1", "p2"], negatives=["n0", "n1", "n2", "n3"])
+    step = StepLoss(None, LossSection(), negatives_per_query=2)
+    draws = [step.candidates([example], torch.Generator().manual_seed(0)) for _ in range(2)]
+    assert draws[0] == draws[1]  # same generator state, same draw: resume stays exact
+    generator = torch.Generator().manual_seed(1)
+    seen_positives, seen_negatives = set(), set()
+    for _ in range(60):
+        (positive,), (negatives,) = step.candidates([example], generator)
+        assert len(set(negatives)) == 2 and positive not in negatives
+        seen_positives.add(positive)
+        seen_negatives.update(negatives)
+    assert seen_positives == {"p0", "p1", "p2"} and seen_negatives == {"n0", "n1", "n2", "n3"}

@@ -86,6 +86,13 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     grad_cache_chunk: int = 0  # > 0: GradCache with chunks of this many texts, so batch size is free of memory
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU): autocast around the forward passes
+
+
+@dataclass
+class EvalSection:
+    task_dir: str = ""  # a retrieval set in BEIR layout, evaluated during training
+    every: int = 0  # steps between evaluations; 0: only after the last step (when task_dir is set)
 
 
 @dataclass
@@ -96,6 +103,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +134,7 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
     for name, value in values.items():
         f = fields[name]
         nested = {"ModelSection": ModelSection, "LoraSection": LoraSection, "DataSection": DataSection,
-                  "LossSection": LossSection, "TrainSection": TrainSection}.get(str(f.type))  # fmt: skip
+                  "LossSection": LossSection, "TrainSection": TrainSection, "EvalSection": EvalSection}.get(str(f.type))  # fmt: skip
         if nested is not None:
             kwargs[name] = _build(nested, value or {}, source, f"{prefix}{name}.")
         else:
@@ -165,6 +173,10 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("train.grad_cache_chunk", "must be 0 (off) or a chunk size")
     if recipe.train.grad_cache_chunk and set(recipe.loss.resolved_weights()) & {"simcse", "mntp"}:
         bad("train.grad_cache_chunk", "GradCache covers contrastive, kl, dpo and sft, not simcse or mntp")
+    if recipe.train.mixed_precision not in ("no", "bf16", "fp16"):
+        bad("train.mixed_precision", "must be no, bf16 or fp16")
+    if recipe.eval.every < 0:
+        bad("eval.every", "must be 0 (after the last step only) or a step interval")
     if recipe.train.learning_rate <= 0:
         bad("train.learning_rate", "must be positive")
     if recipe.train.warmup_steps < 0 or recipe.train.warmup_steps > recipe.train.steps:
@@ -213,11 +225,18 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         raise UllmeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     values = apply_overrides(values, overrides or [], path)
     recipe = _validate(_build(Recipe, values, path), path)
-    if recipe.data.train and not Path(recipe.data.train).is_absolute() and not Path(recipe.data.train).exists():
-        candidate = p.parent / recipe.data.train
-        if candidate.exists():
-            recipe.data.train = str(candidate)
+    recipe.data.train = _relative_to_recipe(recipe.data.train, p)
+    recipe.eval.task_dir = _relative_to_recipe(recipe.eval.task_dir, p)
     return recipe
+
+
+def _relative_to_recipe(value: str, recipe_path: Path) -> str:
+    """A relative path that does not exist from here is looked up next to the recipe file."""
+    if value and not Path(value).is_absolute() and not Path(value).exists():
+        candidate = recipe_path.parent / value
+        if candidate.exists():
+            return str(candidate)
+    return value
 
 
 def dump_recipe(recipe: Recipe) -> str:

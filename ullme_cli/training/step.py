@@ -44,12 +44,21 @@ class StepLoss:
         items = [e.tokenize([t], kind, i)[0] for t, i in zip(texts, instructions)] if instructions else e.tokenize(texts, kind)
         return e.embed(e.collate(items))
 
-    def candidates(self, batch: list[TrainingExample]) -> tuple[list[str], list[list[str]]]:
+    def candidates(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[list[str], list[list[str]]]:
+        """One positive and `negatives_per_query` hard negatives per example, drawn afresh each step.
+
+        Draws come from the run's generator, whose state the checkpoints keep, so a resumed run draws the same.
+        """
         n = self.negatives_per_query
-        positives = [ex.positives[0] for ex in batch]
+
+        def draw(texts: list[str], count: int) -> list[str]:
+            order = torch.randperm(len(texts), generator=generator)[:count].tolist()
+            return [texts[i] for i in order]
+
+        positives = [draw(ex.positives, 1)[0] for ex in batch]
         # Rows without enough hard negatives borrow other rows' positives: still wrong answers for them.
         negatives = [
-            (ex.negatives + [positives[(i + j + 1) % len(batch)] for j in range(n)])[:n] for i, ex in enumerate(batch)
+            (draw(ex.negatives, n) + [positives[(i + j + 1) % len(batch)] for j in range(n)])[:n] for i, ex in enumerate(batch)
         ]
         return positives, negatives
 
@@ -108,7 +117,7 @@ class StepLoss:
         if self.chunk_size and self.chunk_size < len(batch):
             return self._backward_grad_cache(batch, generator)
         w = self.weights
-        positives, negatives = self.candidates(batch)
+        positives, negatives = self.candidates(batch, generator)
         parts: dict[str, torch.Tensor] = {}
         generation = None
         if GENERATION_TERMS & set(w):
@@ -134,7 +143,7 @@ class StepLoss:
         w = self.weights
         if {"simcse", "mntp"} & set(w):
             raise NotImplementedError("GradCache covers contrastive, kl, dpo and sft; set train.grad_cache_chunk: 0")
-        positives, negatives = self.candidates(batch)
+        positives, negatives = self.candidates(batch, generator)
         n = len(negatives[0])
         roles = {
             "q": ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),

@@ -98,6 +98,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def evaluate_retrieval(embedder, task, out: Path, step: int) -> dict[str, float]:
+    """nDCG@10, recall@10 and MRR@10 of the model as it is at `step`, on the recipe's eval set.
+
+    mteb's own result files land in `<output_dir>/eval/`, one model name per step, so a resumed run
+    reuses the evaluations it already made.
+    """
+    from ullme_cli.evaluation.instructions import load_instruction_table
+    from ullme_cli.evaluation.runner import run_evaluation
+
+    rng = torch.get_rng_state()  # evaluation must not shift the training run's random stream
+    embedder.model.eval()
+    try:
+        result = run_evaluation(embedder, f"{out.name}-step{step}", [task], str(out / "eval"), load_instruction_table(), show_progress=False)[0]
+    finally:
+        embedder.model.train()
+        torch.set_rng_state(rng)
+    return {f"eval_{metric}": float(result.scores[metric]) for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10")}
+
+
 def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> dict:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
@@ -113,7 +132,14 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     if skipped:
         stderr_console.print(f"skipped {skipped} malformed rows of {recipe.data.train}", soft_wrap=True)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    eval_task = None
+    if recipe.eval.task_dir:
+        from ullme_cli.evaluation.local_tasks import beir_retrieval_task
+
+        eval_task = beir_retrieval_task(recipe.eval.task_dir)  # validates the folder before training starts
+    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UllmeError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision)
     torch.manual_seed(t.seed)
     embedder = Embedder.load(
         recipe.model.name, dtype=recipe.model.dtype, device=str(accelerator.device), pooling=recipe.model.pooling,
@@ -143,13 +169,15 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
 
     with progress_bar("finetune", total=t.steps, enabled=show_progress and accelerator.is_main_process) as advance:
         advance(step)
-        started = time.perf_counter()
+        first_step, training_seconds = step, 0.0
         while step < t.steps:
+            started = time.perf_counter()
             batch: list[TrainingExample] = [
                 examples[i] for i in batch_indices(step, t.batch_size, len(examples), t.seed, accelerator.process_index, accelerator.num_processes)
             ]
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = loss_fn.backward(batch, generator)
+            with accelerator.autocast():
+                loss, parts = loss_fn.backward(batch, generator)
             if accelerator.num_processes > 1:  # DDP by hand: our forward calls the decoder body directly
                 for p in params.values():
                     if p.grad is not None:
@@ -158,9 +186,13 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
             optimizer.step()
             scheduler.step()
             step += 1
+            training_seconds += time.perf_counter() - started
             record = {"step": step, "loss": loss, **parts, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "steps_per_s": step / max(time.perf_counter() - started, 1e-9)}  # fmt: skip
-            if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps):
+                      "grad_norm": float(grad_norm), "steps_per_s": (step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
+            evaluate_now = eval_task is not None and (step == t.steps or (recipe.eval.every and step % recipe.eval.every == 0))
+            if evaluate_now and accelerator.is_main_process:
+                record.update(evaluate_retrieval(embedder, eval_task, out, step))
+            if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps or evaluate_now):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             advance(1, loss=record["loss"], **parts)
