@@ -1,15 +1,27 @@
-"""Cross-device negatives in a real 2-process run (gloo on CPU): gathered InfoNCE equals the full batch."""
+"""Real multi-process runs on CPU (gloo): gathered InfoNCE equals the full batch, and a 2-process finetune
+under `accelerate launch` equals one process with the global batch."""
 
 import gc
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
+from conftest import REPO, RESOURCES, run_cli
+from safetensors.torch import load_file
 
+from ullme_cli.data import read_training_examples
 from ullme_cli.losses import InfoNCELoss
+
+TRAIN = RESOURCES / "trecqa-train" / "train.jsonl"
 
 WORLD, PER_RANK, DIM = 2, 3, 8
 
@@ -51,3 +63,41 @@ def test_gathered_loss_and_gradients_equal_the_full_batch(tmp_path):
     for name, tensor in (("q", q), ("p", p), ("n", n)):
         grads = np.concatenate([np.load(tmp_path / f"{name}{r}.npy") for r in range(WORLD)])
         np.testing.assert_allclose(grads, WORLD * tensor.grad.numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_finetune_equals_one_process_with_the_global_batch(tiny_llama, tmp_path):
+    """Two processes under torchrun (accelerate picks up MULTI_CPU with gloo) against one process with twice the batch."""
+    # One positive and one negative per row: every draw is forced, so both runs score the same candidates.
+    examples, _ = read_training_examples(str(TRAIN))
+    rows = [{"query": ex.query, "positive": ex.positives[:1], "negative": ex.negatives[:1]} for ex in examples[:12]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(name: str, batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "output_dir": str(tmp_path / name),
+            "model": {"name": str(tiny_llama), "max_length": 48},
+            "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(train), "negatives_per_query": 1},
+            "loss": {"strategy": "grl"},
+            "train": {"steps": 3, "batch_size": batch_size, "warmup_steps": 1, "learning_rate": 1e-3},
+        }))  # fmt: skip
+        return path
+
+    one = run_cli("finetune", recipe("one", 4), "-q")
+    assert one.returncode == 0, one.stderr.decode()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+               "-m", "ullme_cli", "finetune", str(recipe("two", 2)), "-q"]  # fmt: skip
+    two = subprocess.run(command, cwd=REPO, capture_output=True, timeout=600)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "contrastive", "dpo", "kl", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-5, err_msg=key)
+    weights_one = load_file(tmp_path / "one" / "model" / "adapter" / "adapter_model.safetensors")
+    weights_two = load_file(tmp_path / "two" / "model" / "adapter" / "adapter_model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)

@@ -79,7 +79,7 @@ def test_set_overrides_and_print_recipe(tmp_path):
 
 
 def test_every_shipped_recipe_is_valid():
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
+    for path in sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes" / "study").glob("*.yaml")):
         recipe = load_recipe(str(path))
         assert os.path.exists(recipe.data.train), path
 

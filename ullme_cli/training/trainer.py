@@ -1,10 +1,11 @@
 """`ullme finetune`: the training loop.
 
-One step, top to bottom: take the step's batch (a pure function of seed and step, so a resumed run sees
-the same data), compute the recipe's loss, backpropagate, average gradients across processes, clip,
-step the optimiser and schedule, log, and checkpoint every N steps.
+One step, top to bottom: take the step's batch and seed its random draws (both pure functions of seed,
+step and process, so a resumed run sees the same data and draws), compute the recipe's loss,
+backpropagate, average gradients and logged losses across processes, clip, step the optimiser and
+schedule, log, optionally evaluate, and checkpoint every N steps.
 
-Checkpoints hold the trainable weights, the optimiser state and the RNG state in safetensors plus JSON
+Checkpoints hold the trainable weights and the optimiser state in safetensors plus JSON
 (no pickle); they are written to a staging folder and renamed into place, so a SIGKILL leaves either the
 old checkpoint or the new one. `--resume` continues from the newest.
 """
@@ -42,13 +43,22 @@ def batch_indices(step: int, batch_size: int, count: int, seed: int, rank: int =
     return indices
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of every random draw in one step of one process (dropout, positives and negatives, masks).
+
+    A pure function of (seed, step, rank), so no RNG state needs checkpointing, and a resumed run draws exactly
+    what the uninterrupted run drew.
+    """
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
 def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
     named = {f"model.{n}": p for n, p in embedder.model.named_parameters() if p.requires_grad}
     named.update({f"pooler.{n}": p for n, p in embedder.pooler.named_parameters() if p.requires_grad})
     return named
 
 
-def save_checkpoint(folder: Path, step: int, params: dict, optimizer, generator: torch.Generator, keep: int) -> Path:
+def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int) -> Path:
     root = folder / CHECKPOINTS
     target = root / f"step-{step:07d}"
     names = list(params)
@@ -58,8 +68,6 @@ def save_checkpoint(folder: Path, step: int, params: dict, optimizer, generator:
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"optim.{index}.{slot}"] = value.detach().contiguous().cpu()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.generator"] = generator.get_state()
     with atomic_folder(target) as staging:
         save_file(tensors, staging / "state.safetensors")
         (staging / "trainer_state.json").write_text(json.dumps(scalars))
@@ -73,7 +81,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(checkpoint: Path, params: dict, optimizer, generator: torch.Generator) -> int:
+def load_checkpoint(checkpoint: Path, params: dict, optimizer) -> int:
     tensors = load_file(checkpoint / "state.safetensors")
     scalars = json.loads((checkpoint / "trainer_state.json").read_text())
     if scalars["names"] != list(params):
@@ -87,8 +95,6 @@ def load_checkpoint(checkpoint: Path, params: dict, optimizer, generator: torch.
             _, index, slot = key.split(".", 2)
             optim_state.setdefault(int(index), {})[slot] = value
     optimizer.load_state_dict({"state": optim_state, "param_groups": scalars["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    generator.set_state(tensors["rng.generator"])
     return scalars["step"]
 
 
@@ -107,13 +113,11 @@ def evaluate_retrieval(embedder, task, out: Path, step: int) -> dict[str, float]
     from ullme_cli.evaluation.instructions import load_instruction_table
     from ullme_cli.evaluation.runner import run_evaluation
 
-    rng = torch.get_rng_state()  # evaluation must not shift the training run's random stream
     embedder.model.eval()
     try:
         result = run_evaluation(embedder, f"{out.name}-step{step}", [task], str(out / "eval"), load_instruction_table(), show_progress=False)[0]
     finally:
         embedder.model.train()
-        torch.set_rng_state(rng)
     return {f"eval_{metric}": float(result.scores[metric]) for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10")}
 
 
@@ -140,6 +144,11 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UllmeError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        # Our step calls the decoder body directly (two attention modes on one set of weights), which a
+        # wrapped, sharded model does not support yet. Data parallelism is done by hand below.
+        raise UllmeError(f"finetune: accelerate's {accelerator.distributed_type.value} is not supported yet; "
+                         "use a multi-GPU or multi-CPU (DDP) accelerate config, with LoRA and train.grad_cache_chunk for memory")  # fmt: skip
     torch.manual_seed(t.seed)
     embedder = Embedder.load(
         recipe.model.name, dtype=recipe.model.dtype, device=str(accelerator.device), pooling=recipe.model.pooling,
@@ -152,11 +161,10 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     embedder.model.train()
     params = trainable_parameters(embedder)
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    generator = torch.Generator().manual_seed(t.seed)
     step = 0
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, params, optimizer, generator)
+        step = load_checkpoint(checkpoint, params, optimizer)
         stderr_console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     for _ in range(step):
@@ -176,12 +184,17 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
                 examples[i] for i in batch_indices(step, t.batch_size, len(examples), t.seed, accelerator.process_index, accelerator.num_processes)
             ]
             optimizer.zero_grad(set_to_none=True)
+            seed = step_seed(t.seed, step, accelerator.process_index)
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
             with accelerator.autocast():
                 loss, parts = loss_fn.backward(batch, generator)
             if accelerator.num_processes > 1:  # DDP by hand: our forward calls the decoder body directly
                 for p in params.values():
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
+                reduced = accelerator.reduce(torch.tensor([loss, *parts.values()], device=accelerator.device), reduction="mean")
+                loss, parts = float(reduced[0]), dict(zip(parts, reduced[1:].tolist()))  # log the global means
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -197,7 +210,7 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
                     f.write(json.dumps(record) + "\n")
             advance(1, loss=record["loss"], **parts)
             if accelerator.is_main_process and (step % t.checkpoint_every == 0 or step == t.steps):
-                save_checkpoint(out, step, params, optimizer, generator, t.keep_checkpoints)
+                save_checkpoint(out, step, params, optimizer, t.keep_checkpoints)
     embedder.model.eval()
     if accelerator.is_main_process:
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
