@@ -68,3 +68,30 @@ def test_qrels_accept_trec_format_and_reject_bad_scores(tmp_path):
     assert read_qrels(write(tmp_path, "q.txt", "q1 0 d1 1\nq1 0 d2 0\n")) == {"q1": {"d1": 1, "d2": 0}}
     with pytest.raises(UllmeError, match="q.tsv:2: field 'score'"):
         read_qrels(write(tmp_path, "q.tsv", "q1\td1\t1\nq1\td2\thigh\n"))
+
+
+def test_training_rows_from_a_datasets_folder(tmp_path):
+    """`hf:FOLDER` goes through `datasets.load_dataset`; sentence-transformers' `anchor` column is the query."""
+    from datasets import Dataset
+
+    folder = tmp_path / "triples"
+    folder.mkdir()
+    rows = [
+        {"anchor": "who wrote hamlet ?", "positive": "Shakespeare wrote Hamlet .", "negative": "Hamlet is a play ."},
+        {"anchor": "capital of france ?", "positive": "Paris is the capital .", "negative": "France is large ."},
+    ]
+    Dataset.from_list(rows).to_parquet(str(folder / "train.parquet"))
+    examples, skipped = read_training_examples(f"hf:{folder}")
+    assert skipped == 0 and [(e.query, e.positives, e.negatives) for e in examples] == [
+        (r["anchor"], [r["positive"]], [r["negative"]]) for r in rows
+    ]
+    with pytest.raises(UllmeError, match=r"hf:.*:test: cannot load this dataset"):
+        read_training_examples(f"hf:{folder}:test")
+
+
+def test_a_hub_dataset_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UllmeError) as error:
+        read_training_examples("hf:ullme-nonexistent/never-cached-triples")
+    message = str(error.value)
+    assert message.startswith("hf:ullme-nonexistent/never-cached-triples: cannot load this dataset") and "\n" not in message

@@ -163,17 +163,43 @@ def _string_list(name: str, number: int, row: dict, key: str, required: bool) ->
     return list(items)
 
 
-def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list[TrainingExample], int]:
-    """Read training jsonl (DESIGN.md §5). Returns the examples and the number of rows skipped.
+HUB_PREFIX = "hf:"
 
-    A bad row is an error naming file and line, unless `skip_bad_rows`, when it is counted and dropped.
+
+def iter_dataset_rows(spec: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a `datasets` dataset named `hf:NAME[:SPLIT]` (split `train` unless named).
+
+    NAME is a hub id (needs a network, or the Hugging Face cache) or a local folder of parquet, json or
+    csv files. Columns `anchor` (sentence-transformers' name) is read as `query`.
+    """
+    name, _, split = spec[len(HUB_PREFIX) :].partition(":")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # datasets raises many kinds: offline, not found, bad split, bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UllmeError(f"{spec}: cannot load this dataset ({reason}); with no network, load it once on a machine "
+                         "with one (it stays in the Hugging Face cache) or point at a local folder") from None  # fmt: skip
+    for number, row in enumerate(dataset, start=1):
+        if "query" not in row and "anchor" in row:
+            row = {**row, "query": row["anchor"]}
+        yield number, row
+
+
+def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list[TrainingExample], int]:
+    """Read training rows (DESIGN.md §5) from jsonl, stdin, or a `datasets` dataset (`hf:NAME[:SPLIT]`).
+
+    Returns the examples and the number of rows skipped. A bad row is an error naming file and line (row,
+    for a dataset), unless `skip_bad_rows`, when it is counted and dropped.
     """
     name = "<stdin>" if path == STDIN else path
     examples: list[TrainingExample] = []
     skipped = 0
-    for number, line in iter_lines(path):
+    rows = iter_dataset_rows(path) if path.startswith(HUB_PREFIX) else iter_lines(path)
+    for number, line in rows:
         try:
-            row = parse_json_line(name, number, line)
+            row = line if isinstance(line, dict) else parse_json_line(name, number, line)
             query = _string_field(name, number, row, "query")
             positives = _string_list(name, number, row, "positive", required=True)
             negatives = _string_list(name, number, row, "negative", required=False)
