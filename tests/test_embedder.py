@@ -135,3 +135,32 @@ def test_remote_code_stays_off_unless_asked(tiny_llama, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     load(tiny_llama)
     assert seen == [False]
+
+
+def test_out_of_memory_halves_the_batch_and_carries_on(tiny_llama, monkeypatch, capsys):
+    """The GPU fallback's logic, on CPU: an out-of-memory error above 3 rows is what a small GPU would raise."""
+    embedder = load(tiny_llama)
+    texts = demo_texts(20)
+    expected = embedder.encode(texts)
+    real = Embedder.encode_tokenized
+    attempts = []
+
+    def small_gpu(self, items):
+        attempts.append(len(items))
+        if len(items) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, items)
+
+    monkeypatch.setattr(Embedder, "encode_tokenized", small_gpu)
+    got = embedder.encode(texts)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert embedder.row_cap is not None and embedder.row_cap <= 3 and max(a for a in attempts if a <= 3) <= 3
+    assert "out of GPU memory on a batch of 20 texts" in capsys.readouterr().err
+    # Once the cap is learnt, later batches go straight to the size that fits.
+    attempts.clear()
+    embedder.encode(texts)
+    assert max(attempts) <= embedder.row_cap
+
+    monkeypatch.setattr(Embedder, "encode_tokenized", lambda self, items: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(UllmeError, match="out of GPU memory on a single text"):
+        embedder.encode(texts[:1])

@@ -136,7 +136,7 @@ def encode_corpus(
                 advance(len(rows))
                 continue
             for batch in chunk:
-                matrix[batch] = embedder.encode_tokenized([tokenized[i] for i in batch])
+                matrix[batch] = embedder.encode_batch([tokenized[i] for i in batch])
                 advance(len(batch))
             if saved is not None:
                 save_npy(saved, matrix[rows])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ullme_cli.artifacts import atomic_folder
+from ullme_cli.progress import stderr_console
 from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import ATTENTION_MODES, decoder_of, hidden_states, verify_bidirectional
@@ -103,6 +104,7 @@ class Embedder:
         self.device = device
         hidden_size = decoder_of(model).config.hidden_size
         self.pooler = Pooler(config.pooling, hidden_size, latent).to(device)
+        self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -259,6 +261,28 @@ class Embedder:
     def encode_tokenized(self, items: Sequence[Tokenized]) -> np.ndarray:
         return self.embed(self.collate(items)).float().cpu().numpy()
 
+    def encode_batch(self, items: Sequence[Tokenized]) -> np.ndarray:
+        """`encode_tokenized` in pieces of at most `row_cap` rows. A GPU out-of-memory error halves the cap
+        and retries the piece, so a long job carries on with smaller batches instead of dying.
+
+        CPU jobs never see this error (the operating system ends the process instead).
+        """
+        pieces, start = [], 0
+        while start < len(items):
+            piece = items[start : start + (self.row_cap or len(items))]
+            try:
+                pieces.append(self.encode_tokenized(piece))
+            except torch.OutOfMemoryError:
+                if len(piece) == 1:
+                    raise UllmeError("out of GPU memory on a single text; lower --max-length or use a smaller dtype") from None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.row_cap = len(piece) // 2
+                stderr_console.print(f"out of GPU memory on a batch of {len(piece)} texts; continuing with at most {self.row_cap}", soft_wrap=True)
+                continue
+            start += len(piece)
+        return np.concatenate(pieces)
+
     def encode(
         self,
         texts: Sequence[str],
@@ -270,7 +294,7 @@ class Embedder:
         tokenized = self.tokenize(texts, kind, instruction)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for batch in plan_batches([len(t.ids) for t in tokenized], token_budget):
-            out[batch] = self.encode_tokenized([tokenized[i] for i in batch])
+            out[batch] = self.encode_batch([tokenized[i] for i in batch])
         return out
 
     @property
