@@ -3,14 +3,20 @@ and against the FLOP ceiling (2 · non-embedding params · tokens at the measure
 
 Rows: ullme (bf16 where the CPU is fast at it, bidirectional: the product default), ullme causal (same
 attention as sentence-transformers, to show the vectors agree), sentence-transformers at its defaults
-(fp32), and sentence-transformers in bf16. LLM2Vec needs transformers 4.44 in a side environment; this
-script does not build one and says so.
+(fp32), sentence-transformers in bf16, and LLM2Vec in bf16. LLM2Vec pins transformers 4.44, so it runs in a
+side environment (`--build-llm2vec-venv` makes one in benchmarks/.llm2vec-venv from the package registry);
+without one the row is skipped with the reason.
 
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128]
+       [--build-llm2vec-venv] [--llm2vec-python PATH]
 """
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,13 +39,62 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+LLM2VEC_VENV = Path(__file__).resolve().parent / ".llm2vec-venv"
+
+
+def build_llm2vec_venv() -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(LLM2VEC_VENV)], check=True)
+    pip = [str(LLM2VEC_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the CPU wheel on our machines, before llm2vec asks for torch
+    subprocess.run(pip + ["llm2vec==0.2.3", "transformers==4.44.2"], check=True)
+
+
+def legacy_model_folder(source: Path, into: Path) -> Path:
+    """The model folder in a form transformers 4.44 reads: same weights (linked), tokenizer files rewritten.
+
+    transformers 5 saves `tokenizer_class: TokenizersBackend` and BPE merges as pairs; tokenizers < 0.20
+    knows neither. The vocabulary and merges are the same, so the tokens are too.
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name not in ("tokenizer.json", "tokenizer_config.json"):
+            os.symlink(item, into / item.name)
+    tokenizer = json.loads((source / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"].get("merges", [])]
+    tokenizer["model"].pop("ignore_merges", None)
+    (into / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+    (into / "tokenizer_config.json").write_text(json.dumps(config))
+    return into
+
+
+def llm2vec_row(python: Path, source: Path, texts: list[str], max_length: int, dtype: torch.dtype):
+    """(name, seconds, vectors) from LLM2Vec in its side environment, or (reason, None, None)."""
+    if not python.exists():
+        return f"skipped: no side environment at {python} (pass --build-llm2vec-venv to make one)", None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = legacy_model_folder(source, Path(tmp) / "model")
+        job = {"model": str(folder), "texts": texts, "max_length": max_length, "dtype": str(dtype).replace("torch.", ""), "out": f"{tmp}/v.npy"}
+        script = Path(__file__).resolve().parent / "llm2vec_encode.py"
+        run = subprocess.run([str(python), str(script)], input=json.dumps(job), capture_output=True, text=True)
+        if run.returncode != 0:
+            return f"skipped: LLM2Vec failed ({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode})", None, None
+        info = json.loads(run.stdout.strip().splitlines()[-1])
+        return f"LLM2Vec {info['llm2vec']} (tf {info['transformers']}) {job['dtype']}", info["seconds"], np.load(job["out"])
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts", default=str(root / "ullme_cli" / "resources" / "demo" / "corpus.jsonl"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--llm2vec-python", default=str(LLM2VEC_VENV / "bin" / "python"))
+    parser.add_argument("--build-llm2vec-venv", action="store_true", help="create benchmarks/.llm2vec-venv first")
     args = parser.parse_args()
+    if args.build_llm2vec_venv and not LLM2VEC_VENV.exists():
+        build_llm2vec_venv()
     from sentence_transformers import SentenceTransformer, models
 
     from ullme_cli.models.embedder import Embedder
@@ -76,19 +131,25 @@ def main() -> None:
         st_vectors, seconds = timed(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True))
         rows.append((f"sentence-transformers {str(dtype).replace('torch.', '')}", dtype, seconds, st_vectors))
 
+    name, seconds, l2v_vectors = llm2vec_row(Path(args.llm2vec_python), Path(source), texts, args.max_length, compute)
+    llm2vec_note = name if l2v_vectors is None else None
+    if l2v_vectors is not None:
+        rows.append((name, compute, seconds, l2v_vectors))
+
     peaks = {d: matmul_peak(d) for d in {torch.float32, compute}}
     print(f"{len(texts)} texts, {tokens} tokens, max_length {args.max_length}, {params / 1e6:.1f}M non-embedding params, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("matmul peak: " + ", ".join(f"{str(d).replace('torch.', '')} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
-    print(f"{'encoder':<34}{'texts/s':>9}{'tokens/s':>10}{'vs ullme':>10}{'% of peak':>11}{'cos ullme':>11}{'cos causal':>12}")
+    print(f"{'encoder':<40}{'texts/s':>9}{'tokens/s':>10}{'vs ullme':>10}{'% of peak':>11}{'cos ullme':>11}{'cos causal':>12}")
     base = rows[0][2]
     for name, dtype, seconds, vecs in rows:
         flops = 2 * params * tokens / seconds
         cos = float(np.mean((vecs * vectors).sum(1)))
         cos_causal = float(np.mean((vecs * causal_vectors).sum(1)))
-        print(f"{name:<34}{len(texts) / seconds:>9.1f}{tokens / seconds:>10.0f}{base / seconds:>9.2f}x"
+        print(f"{name:<40}{len(texts) / seconds:>9.1f}{tokens / seconds:>10.0f}{base / seconds:>9.2f}x"
               f"{100 * flops / peaks[dtype]:>10.1f}%{cos:>11.4f}{cos_causal:>12.4f}")  # fmt: skip
-    print("LLM2Vec: skipped (pins transformers 4.44; no side environment is built by this script)")
+    if llm2vec_note:
+        print(f"LLM2Vec: {llm2vec_note}")
 
 
 if __name__ == "__main__":
