@@ -9,7 +9,7 @@ from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
 from ullme_cli.artifacts import load_embeddings, save_embeddings
 from ullme_cli.errors import UllmeError
 from ullme_cli.retrieval.index import build_index
-from ullme_cli.retrieval.search import search, write_results
+from ullme_cli.retrieval.search import search
 
 META = {"model": "m", "pooling": "mean", "attention": "bidirectional", "max_length": 512, "query_instruction": "",
         "instruction_template": "{instruction}", "truncate_dim": None, "normalized": True, "dtype": "float32", "kind": "passage"}  # fmt: skip
