@@ -2,8 +2,10 @@
 GradCache, on the same model, batch and LoRA settings.
 
 Each configuration runs in its own process so that its peak resident memory (ru_maxrss) is its own.
-Prints seconds per step (median of --steps after one warm-up step), peak RSS, and the ratio to the
-contrastive step. Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3]
+Prints seconds per step (median of --steps after one warm-up step), peak RSS, the ratio to the
+contrastive step, and the step's FLOPs (torch's FlopCounterMode, forward and backward, padding included)
+with their ratio to the contrastive step's: the part of the time ratio that is the work itself.
+Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3] [--mixed-precision bf16]
 """
 
 import argparse
@@ -23,8 +25,11 @@ CONFIGS = [
 ]
 
 
-def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negatives: int, max_length: int) -> dict:
+def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negatives: int, max_length: int, precision: str) -> dict:
+    import contextlib
+
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from ullme_cli.data import read_training_examples
     from ullme_cli.models.embedder import Embedder
@@ -39,13 +44,19 @@ def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negat
     train = Path(__file__).resolve().parent.parent / "ullme_cli" / "resources" / "trecqa-train" / "train.jsonl"
     examples, _ = read_training_examples(str(train))
     step = StepLoss(embedder, LossSection(weights=weights), negatives, chunk)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     times = []
     for i in range(steps + 1):
         embedder.model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        step.backward(examples[:batch], torch.Generator().manual_seed(0))
+        with autocast:
+            step.backward(examples[:batch], torch.Generator().manual_seed(0))
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times[1:]), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    counter = FlopCounterMode(display=False)
+    with counter, autocast:
+        step.backward(examples[:batch], torch.Generator().manual_seed(0))
+    return {"seconds": statistics.median(times[1:]), "peak_mb": peak_mb, "gflops": counter.get_total_flops() / 1e9}
 
 
 def main() -> None:
@@ -55,22 +66,25 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, weights, chunk = json.loads(args.one)
-        print(json.dumps(run_one(args.model, weights, chunk, args.batch, args.steps, args.negatives, args.max_length)))
+        print(json.dumps(run_one(args.model, weights, chunk, args.batch, args.steps, args.negatives, args.max_length, args.mixed_precision)))
         return
-    print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8, fp32, CPU")
-    print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}")
-    base = None
+    print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8, "
+          f"{'fp32' if args.mixed_precision == 'no' else 'bf16 autocast'}, CPU")  # fmt: skip
+    print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}{'GFLOP':>9}{'FLOPs vs contrastive':>22}")
+    base = base_flops = None
     for name, weights, chunk in CONFIGS:
         command = [sys.executable, __file__, "--one", json.dumps([name, weights, chunk]), "--model", args.model,
                    "--batch", str(args.batch), "--steps", str(args.steps), "--negatives", str(args.negatives),
-                   "--max-length", str(args.max_length)]  # fmt: skip
+                   "--max-length", str(args.max_length), "--mixed-precision", args.mixed_precision]  # fmt: skip
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        base = base or result["seconds"]
-        print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x")
+        base, base_flops = base or result["seconds"], base_flops or result["gflops"]
+        print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x"
+              f"{result['gflops']:>9.0f}{result['gflops'] / base_flops:>21.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
