@@ -147,7 +147,7 @@ def write_report(args, base: dict, results: dict[str, dict[int, dict]], runs: di
         "  relevant sentence, 1,367 sentences; no test question appears in train), and the SemEval STS 2012–2014",
         f"  test sets ({len(sts_files)} files, Spearman of cosine similarity), which no run trained on.",
         "- **Runs:** the recipes in `recipes/study/`, which differ only in attention, pooling and loss:",
-        f"  LoRA r=16 on all linear layers, {args.steps or 100} steps, batch 8, lr 2e-4 with warmup and cosine decay,",
+        f"  LoRA r=16 (no dropout) on all linear layers, {args.steps or 100} steps, batch 8, lr 2e-4 with warmup and cosine decay,",
         "  max_length 64, bf16 autocast; GRL uses the paper's defaults (λ_CL=1, λ_DPO=0.5, λ_KL=1, τ_KL=0.1,",
         "  β=0.1, KL(P_rt ‖ P_gen)) with the adapters-off model as the DPO reference.",
         f"- **Seeds:** {', '.join(map(str, seeds))}. Cells show the mean over seeds and, in brackets, the lowest and",
