@@ -1,0 +1,31 @@
+"""scripts/study.py end to end on a tiny model: every fine-tune, every evaluation, the report and the plot."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_study_script_writes_the_report_and_plot_and_resumes(tiny_llama, tmp_path):
+    sts = tmp_path / "shared" / "sts" / "2099"
+    sts.mkdir(parents=True)
+    pairs = [("4.8", "A man is playing a guitar .", "A man plays the guitar ."), ("0.4", "A cat sleeps .", "Stocks fell sharply today ."),
+             ("2.5", "A woman is cooking .", "A woman is eating ."), ("3.6", "Kids play soccer .", "Children are playing football ."),
+             ("1.0", "The sun is hot .", "He bought a new car .")]  # fmt: skip
+    (sts / "tiny.test.tsv").write_text("".join("\t".join(p) + "\n" for p in pairs))
+    report = tmp_path / "docs" / "results.md"
+    command = [sys.executable, str(REPO / "scripts" / "study.py"), "--model", str(tiny_llama), "--steps", "2", "--seeds", "0", "1",
+               "--shared", str(tmp_path / "shared"), "--runs", str(tmp_path / "runs"), "--report", str(report)]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    text = report.read_text()
+    for row in ("| base (no fine-tuning) |", "| bidirectional + contrastive |", "| bidirectional + GRL |", "| causal + contrastive |"):
+        assert row in text
+    assert "GRL − contrastive, nDCG@10:" in text and "STS-2099-tiny" in text and "### Limits of this study" in text
+    assert (report.parent / "study_curves.png").stat().st_size > 10_000
+    assert first.stderr.count("$ ullme finetune") == 6 and first.stderr.count("$ ullme evaluate") == 7
+    # A second run reuses every fine-tune and evaluation.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "$ ullme" not in again.stderr and report.read_text() == text
