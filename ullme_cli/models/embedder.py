@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from ullme_cli.artifacts import atomic_folder
-from ullme_cli.progress import stderr_console
 from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import ATTENTION_MODES, decoder_of, hidden_states, verify_bidirectional
@@ -28,6 +27,7 @@ from ullme_cli.models.loading import (
     resolve_model_source,
 )
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler, check_pooling
+from ullme_cli.progress import stderr_console
 
 CONFIG_FILE = "ullme.json"
 ADAPTER_DIR = "adapter"

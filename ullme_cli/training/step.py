@@ -47,7 +47,7 @@ class StepLoss:
     def candidates(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[list[str], list[list[str]]]:
         """One positive and `negatives_per_query` hard negatives per example, drawn afresh each step.
 
-        Draws come from the run's generator, whose state the checkpoints keep, so a resumed run draws the same.
+        Draws come from the step's generator, seeded from (seed, step, process): a resumed run draws the same.
         """
         n = self.negatives_per_query
 
