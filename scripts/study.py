@@ -34,6 +34,10 @@ RECIPES = {
     "bidirectional + GRL": "bidirectional-grl",
     "causal + contrastive": "causal-contrastive",
 }
+# Each fine-tune's starting point: the base model in the fine-tune's own attention and pooling.
+STARTS = {"bidirectional + mean": ("bidirectional", "mean"), "causal + last-token": ("causal", "last-token")}
+START_OF = {"bidirectional + contrastive": "bidirectional + mean", "bidirectional + GRL": "bidirectional + mean",
+            "causal + contrastive": "causal + last-token"}  # fmt: skip
 RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_10", "mrr_at_10")
 TEST_SET = REPO / "ullme_cli" / "resources" / "trecqa-test"
 
@@ -65,12 +69,13 @@ def finetune(recipe: str, run_dir: Path, seed: int, steps: int | None, model: st
     return seconds
 
 
-def evaluate(model: str, out: Path, sts_files: list[Path]) -> dict:
+def evaluate(model: str, out: Path, sts_files: list[Path], setup: tuple[str, str] | None = None) -> dict:
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     sts = [arg for f in sts_files for arg in ("--sts", f)]
-    summary = json.loads(ullme("evaluate", "--model", model, "--task-dir", TEST_SET, *sts, "--output-dir", out, capture=True))
+    override = ["--attention", setup[0], "--pooling", setup[1]] if setup else []
+    summary = json.loads(ullme("evaluate", "--model", model, *override, "--task-dir", TEST_SET, *sts, "--output-dir", out, capture=True))
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -127,9 +132,10 @@ def spread(values: list[float]) -> str:
     return f"{mean:.4f} ({min(values):.4f}–{max(values):.4f})" if len(values) > 1 else f"{mean:.4f}"
 
 
-def write_report(args, base: dict, results: dict[str, dict[int, dict]], runs: dict[str, dict[int, Path]],
+def write_report(args, bases: dict[str, dict], results: dict[str, dict[int, dict]], runs: dict[str, dict[int, Path]],
                  seconds: dict[str, dict[int, float]], sts_files: list[Path], plot: Path) -> str:  # fmt: skip
     seeds = args.seeds
+    base = bases["bidirectional + mean"]
     lines = [
         "# Results",
         "",
@@ -153,12 +159,15 @@ def write_report(args, base: dict, results: dict[str, dict[int, dict]], runs: di
         f"- **Seeds:** {', '.join(map(str, seeds))}. Cells show the mean over seeds and, in brackets, the lowest and",
         "  highest seed.",
         "- **Evaluation setup:** `ullme evaluate` with the model's own saved setup (bf16 compute, the",
-        "  instruction table's query instructions). The base model is evaluated at its defaults.",
+        "  instruction table's query instructions). The base model is evaluated twice: in the default setup",
+        "  (bidirectional, mean pooling), the start of both bidirectional fine-tunes, and causal with last-token",
+        "  pooling (`--attention causal --pooling last-token`), the start of the causal fine-tune.",
         "",
         "| model | nDCG@10 | recall@10 | MRR@10 | STS mean Spearman | train time / run |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| base (no fine-tuning) | {base['ndcg_at_10']:.4f} | {base['recall_at_10']:.4f} | {base['mrr_at_10']:.4f} | {base['sts_mean']:.4f} | — |",
     ]
+    for start, b in bases.items():
+        lines.append(f"| base, {start} (no fine-tuning) | {b['ndcg_at_10']:.4f} | {b['recall_at_10']:.4f} | {b['mrr_at_10']:.4f} | {b['sts_mean']:.4f} | — |")
     for config, by_seed in results.items():
         cells = [spread([by_seed[s][m] for s in seeds]) for m in (*RETRIEVAL_METRICS, "sts_mean")]
         timed = [seconds[config][s] for s in seeds if seconds[config][s] > 0]
@@ -170,12 +179,14 @@ def write_report(args, base: dict, results: dict[str, dict[int, dict]], runs: di
 
     grl, cl, causal = "bidirectional + GRL", "bidirectional + contrastive", "causal + contrastive"
     lines += ["", "### What the table says", ""]
-    beats = [c for c in results if all(results[c][s]["ndcg_at_10"] > base["ndcg_at_10"] for s in seeds)]
-    lines.append(
-        f"- Fine-tunes that beat the base model's nDCG@10 on the held-out queries with every seed: "
-        f"{', '.join(beats) if beats else 'none'}"
-        + (f"; not: {', '.join(c for c in results if c not in beats)}." if len(beats) < len(results) else ".")
-    )
+    for label, reference in (("their own start (the base model in the same attention and pooling)", lambda c: bases[START_OF[c]]),
+                             ("the base model in the default setup (bidirectional + mean)", lambda c: base)):  # fmt: skip
+        beats = [c for c in results if all(results[c][s]["ndcg_at_10"] > reference(c)["ndcg_at_10"] for s in seeds)]
+        lines.append(
+            f"- Fine-tunes whose nDCG@10 on the held-out queries beats {label} with every seed: "
+            f"{', '.join(beats) if beats else 'none'}"
+            + (f"; not: {', '.join(c for c in results if c not in beats)}." if len(beats) < len(results) else ".")
+        )
     for metric, label in (("ndcg_at_10", "nDCG@10"), ("recall_at_10", "recall@10"), ("sts_mean", "STS mean Spearman")):
         delta = mean_of(grl, metric) - mean_of(cl, metric)
         seed_deltas = [results[grl][s][metric] - results[cl][s][metric] for s in seeds]
@@ -190,11 +201,12 @@ def write_report(args, base: dict, results: dict[str, dict[int, dict]], runs: di
         "",
         "### Per STS set (Spearman, mean over seeds)",
         "",
-        "| set | base | " + " | ".join(results) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in results) + " |",
+        "| set | " + " | ".join(f"base, {start}" for start in bases) + " | " + " | ".join(results) + " |",
+        "| --- | " + " | ".join("---" for _ in [*bases, *results]) + " |",
     ]
     for key in sorted(k for k in base if k.startswith("sts:")):
-        lines.append(f"| {key[4:]} | {base[key]:.4f} | " + " | ".join(f"{mean_of(c, key):.4f}" for c in results) + " |")
+        lines.append(f"| {key[4:]} | " + " | ".join(f"{b[key]:.4f}" for b in bases.values()) + " | "
+                     + " | ".join(f"{mean_of(c, key):.4f}" for c in results) + " |")  # fmt: skip
     lines += [
         "",
         "### Limits of this study",
@@ -218,10 +230,11 @@ def write_report(args, base: dict, results: dict[str, dict[int, dict]], runs: di
         "bash scripts/reproduce.sh        # about an hour on 2 CPU cores; rerun to resume",
         "```",
         "",
-        "One evaluation by hand (the base model row):",
+        "One evaluation by hand (the base model rows; drop `--attention causal --pooling last-token` for the default):",
         "",
         "```bash",
-        "ullme evaluate --model smollm2-135m --task-dir ullme_cli/resources/trecqa-test \\",
+        "ullme evaluate --model smollm2-135m --attention causal --pooling last-token \\",
+        "  --task-dir ullme_cli/resources/trecqa-test \\",
         "  $(for f in ../shared/data/sts/*/*.test.tsv; do echo --sts $f; done) --output-dir results/base",
         "```",
         "",
@@ -243,7 +256,10 @@ def main() -> None:
     if not sts_files:
         sys.exit(f"study: no STS test files under {args.shared}/sts; pass --shared")
     root = Path(args.runs)
-    base = scores(evaluate(args.model or "smollm2-135m", root / "eval" / "base", sts_files))
+    bases = {
+        start: scores(evaluate(args.model or "smollm2-135m", root / "eval" / ("base" if setup == ("bidirectional", "mean") else f"base-{setup[0]}-{setup[1]}"), sts_files, setup))
+        for start, setup in STARTS.items()
+    }  # fmt: skip
     results: dict[str, dict[int, dict]] = {}
     runs: dict[str, dict[int, Path]] = {}
     seconds: dict[str, dict[int, float]] = {}
@@ -257,7 +273,7 @@ def main() -> None:
     report = Path(args.report)
     plot = report.parent / "study_curves.png"
     plot_curves(runs, plot)
-    report.write_text(write_report(args, base, results, runs, seconds, sts_files, plot), encoding="utf-8")
+    report.write_text(write_report(args, bases, results, runs, seconds, sts_files, plot), encoding="utf-8")
     print(f"study: wrote {report} and {plot}", file=sys.stderr)
 
 

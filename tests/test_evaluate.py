@@ -52,6 +52,24 @@ def test_cached_results_are_reused_on_a_rerun(tiny_llama, trecqa_result):
     assert again.scores["ndcg_at_10"] == 0.12345
 
 
+def test_another_setup_of_the_same_model_is_evaluated_not_taken_from_the_cache(tiny_llama, trecqa_result):
+    from ullme_cli.models.embedder import Embedder
+
+    result, out = trecqa_result
+    causal = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), dtype="float32", show_progress=False,
+                      pooling="last-token", attention="causal")[0]  # fmt: skip
+    assert causal.scores["ndcg_at_10"] != result.scores["ndcg_at_10"]
+    assert len(list(out.glob("results/*/*/trecqa-test.json"))) == 2
+    data = read_beir_folder(str(TRECQA))
+    embedder = Embedder.load(str(tiny_llama), dtype="float32", pooling="last-token", attention="causal")
+    instruction = instruction_for(load_instruction_table(), "trecqa-test", "Retrieval")
+    q = embedder.encode([x.text for x in data.queries], kind="query", instruction=instruction)
+    d = embedder.encode([x.text for x in data.corpus], kind="passage")
+    top1 = {query.id: data.corpus[int(np.argmax(q[i] @ d.T))].id for i, query in enumerate(data.queries)}
+    hits = np.mean([1.0 if data.qrels[qid].get(doc, 0) > 0 else 0.0 for qid, doc in top1.items()])
+    assert causal.scores["precision_at_1"] == pytest.approx(hits, abs=1e-3)
+
+
 def test_local_sts_gives_spearman_of_cosines(tiny_llama, tmp_path):
     from scipy.stats import spearmanr
 

@@ -21,11 +21,11 @@ def test_study_script_writes_the_report_and_plot_and_resumes(tiny_llama, tmp_pat
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     text = report.read_text()
-    for row in ("| base (no fine-tuning) |", "| bidirectional + contrastive |", "| bidirectional + GRL |", "| causal + contrastive |"):
+    for row in ("| base, bidirectional + mean (no fine-tuning) |", "| base, causal + last-token (no fine-tuning) |", "| bidirectional + contrastive |", "| bidirectional + GRL |", "| causal + contrastive |"):
         assert row in text
     assert "GRL − contrastive, nDCG@10:" in text and "STS-2099-tiny" in text and "### Limits of this study" in text
     assert (report.parent / "study_curves.png").stat().st_size > 10_000
-    assert first.stderr.count("$ ullme finetune") == 6 and first.stderr.count("$ ullme evaluate") == 7
+    assert first.stderr.count("$ ullme finetune") == 6 and first.stderr.count("$ ullme evaluate") == 8
     # A second run reuses every fine-tune and evaluation.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ ullme" not in again.stderr and report.read_text() == text

@@ -180,6 +180,8 @@ def evaluate(
     run: Optional[str] = typer.Option(None, "--run", help="Score this TREC run (with --qrels) instead of a model."),
     qrels: Optional[str] = typer.Option(None, "--qrels", help="Judgements for --run: BEIR tsv or TREC qrels."),
     prefetch: bool = typer.Option(False, "--prefetch", help="Only download the --tasks' data into the HF cache (needs a network)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean)."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional)."),
     dtype: str = DtypeOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -197,7 +199,7 @@ def evaluate(
     if prefetch:
         _err(f"cached: {', '.join(runner.prefetch(names))}")
         return
-    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, dtype, not quiet)
+    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, dtype, not quiet, pooling=pooling, attention=attention)
     typer.echo(json.dumps(runner.report(results, model), indent=2))
 
 

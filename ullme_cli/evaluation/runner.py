@@ -79,8 +79,14 @@ def evaluate(
     instructions: str | None = None,
     dtype: str = "auto",
     show_progress: bool = True,
+    pooling: str | None = None,
+    attention: str | None = None,
 ) -> list[TaskResult]:
-    """Resolve every task first (cheap, and fails before the model loads), then run them all."""
+    """Resolve every task first (cheap, and fails before the model loads), then run them all.
+
+    `pooling` and `attention` override the model's own (None keeps them), e.g. to score a base model in
+    the setup that a fine-tune will use.
+    """
     from ullme_cli.evaluation.instructions import load_instruction_table
     from ullme_cli.evaluation.local_tasks import beir_retrieval_task, sts_task
     from ullme_cli.models.embedder import Embedder
@@ -91,8 +97,10 @@ def evaluate(
     if not tasks:
         raise UllmeError("evaluate: name --tasks, --task-dir or --sts (or --run with --qrels)")
     check_offline_data([t for t in hub_tasks if not has_cached_result(output_dir, t.metadata.name)])
-    embedder = Embedder.load(model, dtype=dtype)
-    return run_evaluation(embedder, model, tasks, output_dir, table, show_progress)
+    embedder = Embedder.load(model, dtype=dtype, pooling=pooling, attention=attention)
+    # mteb reuses cached results by model name, so a model run in another setup needs a name of its own.
+    name = model if pooling is None and attention is None else f"{model}-{embedder.config.attention}-{embedder.config.pooling}"
+    return run_evaluation(embedder, name, tasks, output_dir, table, show_progress)
 
 
 def report(results: list[TaskResult], model: str) -> dict:
