@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +168,10 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
         step = load_checkpoint(checkpoint, params, optimizer)
         stderr_console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
-    for _ in range(step):
-        scheduler.step()
+    with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in range(step):
+            scheduler.step()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     metrics_path = out / METRICS
