@@ -92,6 +92,16 @@ def test_save_load_round_trip_lora(tiny_llama, tmp_path, merge):
     np.testing.assert_allclose(load(tmp_path / "saved").encode(TEXTS), before, atol=1e-4)
 
 
+def test_lora_add_and_load_raise_no_deprecation_noise(tiny_llama, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(tiny_llama).add_lora(r=4, alpha=8, dropout=0.0).save(tmp_path / "saved")
+        load(tmp_path / "saved")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_generation_logprobs_match_full_logits(tiny_llama):
     embedder = load(tiny_llama)
     prompts, continuations = ["Who wrote it ?", "Why"], ["Hugo Young wrote it .", "because"]

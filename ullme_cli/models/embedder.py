@@ -7,6 +7,8 @@ latent-attention head when used, and `adapter/` when a LoRA adapter is kept unme
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,6 +30,15 @@ from ullme_cli.models.loading import (
 )
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler, check_pooling
 from ullme_cli.progress import stderr_console
+
+@contextmanager
+def _peft_deprecations_silenced():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    on every LoRA load: noise for our users, and nothing they can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
 
 CONFIG_FILE = "ullme.json"
 ADAPTER_DIR = "adapter"
@@ -136,7 +147,8 @@ class Embedder:
         if (folder / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(folder / ADAPTER_DIR), is_trainable=False)
+            with _peft_deprecations_silenced():
+                model = PeftModel.from_pretrained(model, str(folder / ADAPTER_DIR), is_trainable=False)
         model.to(torch_device).eval()
         tokenizer = load_tokenizer(source, trust_remote_code)
         latent = None
@@ -152,7 +164,8 @@ class Embedder:
 
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-        self.model = get_peft_model(self.model, lora)
+        with _peft_deprecations_silenced():
+            self.model = get_peft_model(self.model, lora)
         return self
 
     @property
