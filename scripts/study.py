@@ -52,10 +52,12 @@ def ullme(*args: str, capture: bool = False) -> str:
 
 
 def finetune(recipe: str, run_dir: Path, seed: int, steps: int | None, model: str | None) -> float:
-    """Train one run unless its model is already there; return its wall-clock seconds."""
+    """Train one run unless its model is already there; return its wall-clock seconds, or 0 where the run
+    was resumed (its time covers only the last part) or its time was not recorded."""
     timing = run_dir / "study_seconds.json"
     if (run_dir / "model" / "ullme.json").exists():
-        return json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+        recorded = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "resumed": True}
+        return 0.0 if recorded["resumed"] else recorded["seconds"]
     overrides = ["--set", f"output_dir={run_dir}", "--set", f"train.seed={seed}"]
     if steps:
         overrides += ["--set", f"train.steps={steps}", "--set", f"train.warmup_steps={max(1, steps // 10)}"]
@@ -65,8 +67,8 @@ def finetune(recipe: str, run_dir: Path, seed: int, steps: int | None, model: st
     started = time.perf_counter()
     ullme("finetune", REPO / "recipes" / "study" / f"{recipe}.yaml", *overrides, *resume)
     seconds = time.perf_counter() - started
-    timing.write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))  # a resumed run counts its last part only
-    return seconds
+    timing.write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
+    return 0.0 if resume else seconds
 
 
 def evaluate(model: str, out: Path, sts_files: list[Path], setup: tuple[str, str] | None = None) -> dict:
@@ -173,7 +175,7 @@ def write_report(args, bases: dict[str, dict], results: dict[str, dict[int, dict
         f"  fine-tune. Scoring the base model in the default setup on the held-out queries and the {len(sts_files)} STS sets",
         f"  took {base_time} here (one `ullme evaluate`, model load included; the command is under Reproduce).",
         "",
-        "| model | nDCG@10 | recall@10 | MRR@10 | STS mean Spearman | train time (fastest seed) |",
+        "| model | nDCG@10 | recall@10 | MRR@10 | STS mean Spearman | train time (fastest uninterrupted seed) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for start, b in bases.items():
@@ -181,7 +183,7 @@ def write_report(args, bases: dict[str, dict], results: dict[str, dict[int, dict
     for config, by_seed in results.items():
         cells = [spread([by_seed[s][m] for s in seeds]) for m in (*RETRIEVAL_METRICS, "sts_mean")]
         timed = [seconds[config][s] for s in seeds if seconds[config][s] > 0]
-        minutes = f"{min(timed) / 60:.1f} min" if timed else "(reused)"  # the others may have shared the CPU
+        minutes = f"{min(timed) / 60:.1f} min" if timed else "—"  # the others may have shared the CPU
         lines.append(f"| {config} | " + " | ".join(cells) + f" | {minutes} |")
 
     def mean_of(config: str, metric: str) -> float:
@@ -230,6 +232,8 @@ def write_report(args, bases: dict[str, dict], results: dict[str, dict[int, dict
         "  only, and the STS sets use the instruction table's symmetric-task instruction.",
         "- Training uses max_length 64, so long passages are cut; GRL's generation terms see the question",
         "  and at most 32 tokens of the passage.",
+        "- Train times are the wall clock of `ullme finetune` on a machine that other jobs sometimes shared;",
+        "  a resumed run is left out. `docs/benchmarks.md` has step times measured with nothing else running.",
         "- No hyper-parameter search: the same learning rate, steps and LoRA settings for every run, the",
         "  paper's GRL defaults, and no tuning of temperatures for this data.",
         "",
