@@ -2,7 +2,8 @@
 4.44 (llm2vec pins it), never in ullme's own. Reads a JSON job on stdin, writes vectors to an .npy file
 and prints a JSON line with the seconds spent encoding.
 
-Job: {"model": folder, "texts": [...], "max_length": int, "dtype": "bfloat16"|"float32", "out": path}
+Job: {"model": folder, "texts": [...], "max_length": int, "dtype": "bfloat16"|"float32", "out": path,
+     "repeats": int (timed runs; the fastest is reported)}
 """
 
 import json
@@ -23,9 +24,11 @@ def main() -> None:
     )  # fmt: skip
     texts = job["texts"]
     model.encode(texts[:8], batch_size=32, show_progress_bar=False)  # warm-up
-    start = time.perf_counter()
-    vectors = model.encode(texts, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
-    seconds = time.perf_counter() - start
+    seconds = float("inf")
+    for _ in range(job.get("repeats", 1)):  # the fastest run, as for the other rows
+        start = time.perf_counter()
+        vectors = model.encode(texts, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
+        seconds = min(seconds, time.perf_counter() - start)
     vectors = np.asarray(vectors, dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     np.save(job["out"], vectors)

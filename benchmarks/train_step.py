@@ -6,7 +6,7 @@ Prints seconds per step (median of --steps after one warm-up step), peak RSS, th
 contrastive step, and the step's FLOPs (torch's FlopCounterMode, forward and backward, padding included)
 with their ratio to the contrastive step's: the part of the time ratio that is the work itself.
 Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3] [--mixed-precision bf16]
-       [--lora-dropout 0.05]
+       [--lora-dropout 0.05] [--model-dtype bfloat16]
 """
 
 import argparse
@@ -27,7 +27,7 @@ CONFIGS = [
 
 
 def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negatives: int, max_length: int, precision: str,
-            lora_dropout: float) -> dict:
+            lora_dropout: float, model_dtype: str) -> dict:
     import contextlib
 
     import torch
@@ -40,7 +40,7 @@ def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negat
     from pathlib import Path
 
     torch.manual_seed(0)
-    embedder = Embedder.load(model, dtype="float32", max_length=max_length, generation_instruction="Answer the question: ")
+    embedder = Embedder.load(model, dtype=model_dtype, max_length=max_length, generation_instruction="Answer the question: ")
     embedder.add_lora(r=8, alpha=16, dropout=lora_dropout)
     embedder.model.train()
     train = Path(__file__).resolve().parent.parent / "ullme_cli" / "resources" / "trecqa-train" / "train.jsonl"
@@ -70,22 +70,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype (LoRA stays fp32)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, weights, chunk = json.loads(args.one)
         print(json.dumps(run_one(args.model, weights, chunk, args.batch, args.steps, args.negatives, args.max_length, args.mixed_precision,
-                                 args.lora_dropout)))
+                                 args.lora_dropout, args.model_dtype)))
         return
     print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8 (dropout {args.lora_dropout}), "
-          f"{'fp32' if args.mixed_precision == 'no' else 'bf16 autocast'}, CPU")  # fmt: skip
+          f"{args.model_dtype} weights, {'no autocast' if args.mixed_precision == 'no' else 'bf16 autocast'}, CPU")  # fmt: skip
     print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}{'GFLOP':>9}{'FLOPs vs contrastive':>22}")
     base = base_flops = None
     for name, weights, chunk in CONFIGS:
         command = [sys.executable, __file__, "--one", json.dumps([name, weights, chunk]), "--model", args.model,
                    "--batch", str(args.batch), "--steps", str(args.steps), "--negatives", str(args.negatives),
                    "--max-length", str(args.max_length), "--mixed-precision", args.mixed_precision,
-                   "--lora-dropout", str(args.lora_dropout)]  # fmt: skip
+                   "--lora-dropout", str(args.lora_dropout), "--model-dtype", args.model_dtype]  # fmt: skip
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         base, base_flops = base or result["seconds"], base_flops or result["gflops"]
         print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x"
