@@ -53,6 +53,15 @@ def test_instruction_tokens_are_counted_and_excluded(tiny_llama):
     assert not np.allclose(embedder.encode(["Who wrote it ?"], "query"), embedder.encode(["Who wrote it ?"], "passage"))
 
 
+def test_default_token_budget_follows_the_device(tiny_llama):
+    from ullme_cli.models.embedder import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET
+
+    embedder = load(tiny_llama)
+    assert embedder.default_token_budget == CPU_TOKEN_BUDGET == 2048  # measured fastest on CPU
+    embedder.device = torch.device("cuda")  # only read, never used, here
+    assert embedder.default_token_budget == GPU_TOKEN_BUDGET
+
+
 def test_plan_batches_respects_the_token_budget():
     lengths = [5, 50, 7, 50, 3, 9]
     batches = plan_batches(lengths, token_budget=100)
@@ -162,13 +171,13 @@ def test_out_of_memory_halves_the_batch_and_carries_on(tiny_llama, monkeypatch, 
         return real(self, items)
 
     monkeypatch.setattr(Embedder, "encode_tokenized", small_gpu)
-    got = embedder.encode(texts)
+    got = embedder.encode(texts, token_budget=1 << 16)  # one batch of all 20
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert embedder.row_cap is not None and embedder.row_cap <= 3 and max(a for a in attempts if a <= 3) <= 3
     assert "out of GPU memory on a batch of 20 texts" in capsys.readouterr().err
     # Once the cap is learnt, later batches go straight to the size that fits.
     attempts.clear()
-    embedder.encode(texts)
+    embedder.encode(texts, token_budget=1 << 16)
     assert max(attempts) <= embedder.row_cap
 
     monkeypatch.setattr(Embedder, "encode_tokenized", lambda self, items: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))

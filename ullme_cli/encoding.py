@@ -7,6 +7,7 @@ The final files appear only when everything is done (DESIGN.md §6), and the par
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -46,7 +47,7 @@ class EncodeOptions:
     device: str = "auto"
     out_dtype: str = "float32"
     truncate_dim: int | None = None
-    token_budget: int = 8192
+    token_budget: int | None = None  # None: the embedder's default for its device
     trust_remote_code: bool = False
     input_format: str = "auto"
 
@@ -104,6 +105,8 @@ def encode_corpus(
     from ullme_cli.models.embedder import plan_batches
 
     embedder = embedder or load_embedder(options)
+    # Resolved here, so a resume on another device with another default never mixes two batchings.
+    options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
     description = embedder.describe()
     tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)
     batches = plan_batches([len(t.ids) for t in tokenized], options.token_budget)

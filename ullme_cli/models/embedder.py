@@ -42,7 +42,11 @@ def _peft_deprecations_silenced():
 
 CONFIG_FILE = "ullme.json"
 ADAPTER_DIR = "adapter"
-DEFAULT_TOKEN_BUDGET = 8192
+# Padded tokens per encode batch. On CPU, batches of ~2k tokens stay in cache: 2048 encoded the demo
+# corpus 1.27x faster than 8192 (benchmarks/encode.py, docs/benchmarks.md). GPUs want big batches; 16384
+# is a guess that no GPU has checked yet.
+CPU_TOKEN_BUDGET = 2048
+GPU_TOKEN_BUDGET = 16384
 
 
 @dataclass
@@ -167,6 +171,10 @@ class Embedder:
         with _peft_deprecations_silenced():
             self.model = get_peft_model(self.model, lora)
         return self
+
+    @property
+    def default_token_budget(self) -> int:
+        return GPU_TOKEN_BUDGET if self.device.type == "cuda" else CPU_TOKEN_BUDGET
 
     @property
     def has_adapter(self) -> bool:
@@ -301,12 +309,12 @@ class Embedder:
         texts: Sequence[str],
         kind: str = "passage",
         instruction: str | None = None,
-        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        token_budget: int | None = None,
     ) -> np.ndarray:
         """Embed texts in input order; returns float32 (n, dim), unit-normalized unless configured off."""
         tokenized = self.tokenize(texts, kind, instruction)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for batch in plan_batches([len(t.ids) for t in tokenized], token_budget):
+        for batch in plan_batches([len(t.ids) for t in tokenized], token_budget or self.default_token_budget):
             out[batch] = self.encode_batch([tokenized[i] for i in batch])
         return out
 
