@@ -136,3 +136,16 @@ def test_sigkill_midway_then_resume_equals_uninterrupted_run(tiny_llama, tmp_pat
     b, b_ids, _ = load_embeddings(str(tmp_path / "fresh.npy"))
     assert a_ids == b_ids
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("command", [[], ["encode"], ["finetune"], ["search"], ["evaluate"]])
+def test_help_imports_no_heavy_library(command):
+    """`ullme --help` answers fast because torch, transformers, faiss and mteb load only when a command runs."""
+    probe = (
+        "import sys\nfrom ullme_cli.cli import app\n"
+        f"try:\n    app({command + ['--help']!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = ('torch', 'transformers', 'faiss', 'mteb', 'datasets', 'peft', 'accelerate')\n"
+        "print([m for m in heavy if m in sys.modules], file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "Usage" in result.stdout and result.stderr.strip().endswith("[]"), result.stderr
