@@ -66,7 +66,7 @@ def encode(
     out_dtype: str = typer.Option("float32", "--out-dtype", help=f"Stored dtype: {', '.join(OUT_DTYPES)}."),
     truncate_dim: Optional[int] = typer.Option(None, "--truncate-dim", help="Keep the first D dimensions (Matryoshka) and renormalize."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: encode only shard i of N (join them with `ullme join`)."),
-    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 2048 on CPU, 16384 on GPU)."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
     input_format: str = typer.Option("auto", "--format", help="auto, jsonl, tsv or text."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = TrustOption,
