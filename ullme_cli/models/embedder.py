@@ -31,15 +31,6 @@ from ullme_cli.models.loading import (
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler, check_pooling
 from ullme_cli.progress import stderr_console
 
-@contextmanager
-def _peft_deprecations_silenced():
-    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
-    on every LoRA load: noise for our users, and nothing they can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 CONFIG_FILE = "ullme.json"
 ADAPTER_DIR = "adapter"
 # Padded tokens per encode batch. On a 2-core CPU, 1536 encoded the demo corpus about 1.4x faster than
@@ -47,6 +38,15 @@ ADAPTER_DIR = "adapter"
 # big batches; 16384 is a guess that no GPU has checked yet.
 CPU_TOKEN_BUDGET = 1536
 GPU_TOKEN_BUDGET = 16384
+
+
+@contextmanager
+def _peft_deprecations_silenced():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    on every LoRA load: noise for our users, and nothing they can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @dataclass
