@@ -26,8 +26,7 @@ CONFIGS = [
 ]
 
 
-def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negatives: int, max_length: int, precision: str,
-            lora_dropout: float, model_dtype: str) -> dict:
+def run_one(args: argparse.Namespace, weights: dict, chunk: int) -> dict:
     import contextlib
 
     import torch
@@ -40,24 +39,25 @@ def run_one(model: str, weights: dict, chunk: int, batch: int, steps: int, negat
     from pathlib import Path
 
     torch.manual_seed(0)
-    embedder = Embedder.load(model, dtype=model_dtype, max_length=max_length, generation_instruction="Answer the question: ")
-    embedder.add_lora(r=8, alpha=16, dropout=lora_dropout)
+    embedder = Embedder.load(args.model, dtype=args.model_dtype, max_length=args.max_length, generation_instruction="Answer the question: ")
+    embedder.add_lora(r=8, alpha=16, dropout=args.lora_dropout)
     embedder.model.train()
     train = Path(__file__).resolve().parent.parent / "ullme_cli" / "resources" / "trecqa-train" / "train.jsonl"
     examples, _ = read_training_examples(str(train))
-    step = StepLoss(embedder, LossSection(weights=weights), negatives, chunk)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    step = StepLoss(embedder, LossSection(weights=weights), args.negatives, chunk)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.mixed_precision == "bf16" else contextlib.nullcontext()
+    batch = examples[: args.batch]
     times = []
-    for i in range(steps + 1):
+    for i in range(args.steps + 1):
         embedder.model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         with autocast:
-            step.backward(examples[:batch], torch.Generator().manual_seed(0))
+            step.backward(batch, torch.Generator().manual_seed(0))
         times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     counter = FlopCounterMode(display=False)
     with counter, autocast:
-        step.backward(examples[:batch], torch.Generator().manual_seed(0))
+        step.backward(batch, torch.Generator().manual_seed(0))
     return {"seconds": statistics.median(times[1:]), "peak_mb": peak_mb, "gflops": counter.get_total_flops() / 1e9}
 
 
@@ -75,18 +75,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         name, weights, chunk = json.loads(args.one)
-        print(json.dumps(run_one(args.model, weights, chunk, args.batch, args.steps, args.negatives, args.max_length, args.mixed_precision,
-                                 args.lora_dropout, args.model_dtype)))
+        print(json.dumps(run_one(args, weights, chunk)))
         return
     print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8 (dropout {args.lora_dropout}), "
           f"{args.model_dtype} weights, {'no autocast' if args.mixed_precision == 'no' else 'bf16 autocast'}, CPU")  # fmt: skip
     print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}{'GFLOP':>9}{'FLOPs vs contrastive':>22}")
     base = base_flops = None
     for name, weights, chunk in CONFIGS:
-        command = [sys.executable, __file__, "--one", json.dumps([name, weights, chunk]), "--model", args.model,
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--negatives", str(args.negatives),
-                   "--max-length", str(args.max_length), "--mixed-precision", args.mixed_precision,
-                   "--lora-dropout", str(args.lora_dropout), "--model-dtype", args.model_dtype]  # fmt: skip
+        # The child gets this run's own options, so every option reaches every row.
+        command = [sys.executable, __file__, *sys.argv[1:], "--one", json.dumps([name, weights, chunk])]
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         base, base_flops = base or result["seconds"], base_flops or result["gflops"]
         print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x"

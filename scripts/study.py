@@ -272,10 +272,11 @@ def main() -> None:
     root = Path(args.runs)
     # The causal start is scored on the held-out queries only: it is the reference for the causal fine-tune's
     # retrieval, and STS of the default base is already in the table.
-    bases = {
-        start: scores(evaluate(args.model or "smollm2-135m", root / "eval" / ("base" if default else f"base-{setup[0]}-{setup[1]}"), sts_files if default else [], setup))
-        for start, setup in STARTS.items() for default in [setup == ("bidirectional", "mean")]
-    }  # fmt: skip
+    bases: dict[str, dict] = {}
+    for start, setup in STARTS.items():
+        default = setup == ("bidirectional", "mean")
+        folder = root / "eval" / ("base" if default else f"base-{setup[0]}-{setup[1]}")
+        bases[start] = scores(evaluate(args.model or "smollm2-135m", folder, sts_files if default else [], setup))
     results: dict[str, dict[int, dict]] = {}
     runs: dict[str, dict[int, Path]] = {}
     seconds: dict[str, dict[int, float]] = {}
