@@ -73,7 +73,7 @@ def test_save_load_round_trip_plain(tiny_llama, tmp_path):
     embedder = load(tiny_llama, pooling="weighted-mean", query_instruction="find it")
     embedder.save(tmp_path / "saved")
     again = load(tmp_path / "saved")
-    assert again.config == embedder.config
+    assert again.setup.replace(model="x", fingerprint="") == embedder.setup.replace(model="x", fingerprint="")
     np.testing.assert_allclose(again.encode(TEXTS, "query"), embedder.encode(TEXTS, "query"), atol=1e-6)
 
 

@@ -8,11 +8,12 @@ from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
 
 from ullme_cli.artifacts import load_embeddings, save_embeddings
 from ullme_cli.errors import UllmeError
+from ullme_cli.model_setup import ModelSetup
 from ullme_cli.retrieval.index import build_index
 from ullme_cli.retrieval.search import search
 
-META = {"model": "m", "pooling": "mean", "attention": "bidirectional", "max_length": 512, "query_instruction": "",
-        "instruction_template": "{instruction}", "truncate_dim": None, "normalized": True, "dtype": "float32", "kind": "passage"}  # fmt: skip
+META = {**ModelSetup(model="m", fingerprint="f" * 64, instruction_template="{instruction}").record(),
+        "truncate_dim": None, "dtype": "float32", "kind": "passage", "corpus_fingerprint": "c0"}  # fmt: skip
 
 
 def clustered_vectors(n: int, dim: int = 64, clusters: int = 200, seed: int = 0) -> np.ndarray:
@@ -25,7 +26,7 @@ def clustered_vectors(n: int, dim: int = 64, clusters: int = 200, seed: int = 0)
 
 def write_vectors(path, vectors, prefix="d", **meta):
     ids = [f"{prefix}{i}" for i in range(len(vectors))]
-    save_embeddings(str(path), vectors, ids, {**META, **meta, "count": len(ids), "dim": vectors.shape[1]})
+    save_embeddings(str(path), vectors, ids, {**META, "corpus_fingerprint": f"{path}", **meta, "dim": vectors.shape[1]})
     return ids
 
 
@@ -78,8 +79,8 @@ def test_trec_run_is_read_by_pytrec_eval(demo_index, tmp_path):
 def test_merging_shard_indexes_gives_the_same_top_k_as_one_index(tmp_path):
     corpus, queries = clustered_vectors(3000), clustered_vectors(50, seed=2)
     ids = write_vectors(tmp_path / "all.npy", corpus)
-    save_embeddings(str(tmp_path / "a.npy"), corpus[:1000], ids[:1000], {**META, "count": 1000, "dim": 64})
-    save_embeddings(str(tmp_path / "b.npy"), corpus[1000:], ids[1000:], {**META, "count": 2000, "dim": 64})
+    save_embeddings(str(tmp_path / "a.npy"), corpus[:1000], ids[:1000], {**META, "dim": 64, "corpus_fingerprint": "a"})
+    save_embeddings(str(tmp_path / "b.npy"), corpus[1000:], ids[1000:], {**META, "dim": 64, "corpus_fingerprint": "b"})
     write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
     for name in ("all", "a", "b"):
         build_index(str(tmp_path / f"{name}.npy"), str(tmp_path / f"idx-{name}"), "Flat")
@@ -93,7 +94,7 @@ def test_merging_shard_indexes_gives_the_same_top_k_as_one_index(tmp_path):
 def test_add_appends_and_pq_rerank_recovers_exact_order(tmp_path):
     corpus, queries = clustered_vectors(6000, seed=3), clustered_vectors(100, seed=4)
     write_vectors(tmp_path / "a.npy", corpus[:3000])
-    save_embeddings(str(tmp_path / "b.npy"), corpus[3000:], [f"e{i}" for i in range(3000)], {**META, "count": 3000, "dim": 64})
+    save_embeddings(str(tmp_path / "b.npy"), corpus[3000:], [f"e{i}" for i in range(3000)], {**META, "dim": 64, "corpus_fingerprint": "b"})
     write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
     build_index(str(tmp_path / "a.npy"), str(tmp_path / "pq"), "IVF64,PQ16")
     manifest, _ = build_index(str(tmp_path / "b.npy"), str(tmp_path / "pq"), add=True)
@@ -113,15 +114,21 @@ def test_index_refusals(tmp_path):
     write_vectors(tmp_path / "wide.npy", clustered_vectors(10, dim=32), prefix="w")
     with pytest.raises(UllmeError, match="dimension 32 does not match the index \\(64\\)"):
         build_index(str(tmp_path / "wide.npy"), str(tmp_path / "idx"), add=True)
-    write_vectors(tmp_path / "other.npy", clustered_vectors(10), prefix="o", model="another-model")
-    with pytest.raises(UllmeError, match="another model setup: 'model'"):
+    write_vectors(tmp_path / "other.npy", clustered_vectors(10), prefix="o", fingerprint="e" * 64)
+    with pytest.raises(UllmeError, match="another model setup than the index .*: the model files differ"):
         build_index(str(tmp_path / "other.npy"), str(tmp_path / "idx"), add=True)
-    with pytest.raises(UllmeError, match="id 'd0' is already in the index"):
+    write_vectors(tmp_path / "pooled.npy", clustered_vectors(10), prefix="o", pooling="cls")
+    with pytest.raises(UllmeError, match="'pooling' is 'cls' here but 'mean' there"):
+        build_index(str(tmp_path / "pooled.npy"), str(tmp_path / "idx"), add=True)
+    with pytest.raises(UllmeError, match="this corpus \\(the same ids and texts\\) is in the index"):
         build_index(str(tmp_path / "a.npy"), str(tmp_path / "idx"), add=True)
+    write_vectors(tmp_path / "clash.npy", clustered_vectors(10, seed=9))
+    with pytest.raises(UllmeError, match="id 'd0' is already in the index"):
+        build_index(str(tmp_path / "clash.npy"), str(tmp_path / "idx"), add=True)
     (tmp_path / "a.ids.jsonl").write_text('"only-one"\n')
     with pytest.raises(UllmeError, match="1 ids for 100 embeddings"):
         build_index(str(tmp_path / "a.npy"), str(tmp_path / "idx2"))
-    save_embeddings(str(tmp_path / "empty.npy"), np.zeros((0, 64), np.float32), [], {**META, "count": 0})
+    save_embeddings(str(tmp_path / "empty.npy"), np.zeros((0, 64), np.float32), [], META)
     result = run_cli("index", tmp_path / "empty.npy", "-o", tmp_path / "idx3")
     assert result.returncode == 2 and b"no embeddings (empty input)" in result.stderr
     assert not (tmp_path / "idx3").exists()
@@ -144,7 +151,9 @@ def test_mine_fills_negatives_skipping_positives_and_reuses_the_cache(tiny_llama
     for row in rows:
         assert len(row["negative"]) == 3
         assert row["query"] not in row["negative"] and row["positive"][0] not in row["negative"]
-    second = run_cli(*args)
+    again = run_cli(*args)
+    assert again.returncode == 2 and b"exists already; pass --overwrite" in again.stderr
+    second = run_cli(*args, "--overwrite")
     assert second.returncode == 0 and b"reusing corpus embeddings" in second.stderr
 
 

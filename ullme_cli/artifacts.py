@@ -3,45 +3,68 @@
 On disk: `emb.npy` + `emb.ids.jsonl` (one id per row, same order) + `emb.meta.json`.
 Through a pipe (`-`): one `.npz` stream with arrays `embeddings`, `ids` and `meta` (JSON text), so that
 `ullme encode ... -o - | ullme index - -o idx/` carries ids and provenance along. No pickle anywhere.
+
+The three files are one unit: the meta records the count, the dimension and a checksum of the matrix
+and ids, and every reader checks them, so a crash between two renames cannot pass old ids or meta off
+as the new vectors' own. Writers take an exclusive lock on their output (`output_lock`), never replace
+an existing output unless asked (`check_output`), and never write over one of their inputs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from ullme_cli.constants import OUT_DTYPES
+from ullme_cli.data import read_json_object
 from ullme_cli.errors import UllmeError, located
+from ullme_cli.fingerprints import array_checksum
 
 STDIO = "-"
 INT8_SCALE = 127.0  # unit vectors have |x_i| <= 1, so x * 127 never clips and shards share one scale
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UllmeError(f"{target}: cannot write here: a parent of it is a file, not a folder") from None
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+STAGING_MARK = ".staging-"  # atomic_folder's staging folders: `.NAME.staging-XXXX` beside the target
 
 
 @contextmanager
@@ -49,8 +72,9 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `path`; if the block succeeds it replaces `path` (two renames),
     otherwise it is removed. A crash leaves the old folder or the new one, never half of one."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    make_parent(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp creates 0700; give the folder the usual permissions
     try:
         yield staging
     except BaseException:
@@ -80,6 +104,75 @@ def sidecars(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     stem = p.with_suffix("") if p.suffix == ".npy" else p
     return stem.with_name(stem.name + ".ids.jsonl"), stem.with_name(stem.name + ".meta.json")
+
+
+def embedding_files(path: str) -> list[Path]:
+    """Every file that writing embeddings to `path` creates."""
+    return [Path(path), *sidecars(path)]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = (), overwrite: bool = False, folder: bool = False) -> None:
+    """Refuse, before any work, an output that is one of the inputs (always), a folder where a file goes
+    (or a file where a folder goes), or that exists already (unless `overwrite`)."""
+    outputs = [Path(o) for o in outputs]
+    for out in outputs:
+        for source in inputs:
+            if source != STDIO and _same_file(out, Path(source)):
+                raise UllmeError(f"{out}: is an input of this command; choose another output")
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UllmeError(f"{out}: cannot write here: {parent} is a file, not a folder")
+        if out.exists() and out.is_dir() != folder:
+            raise UllmeError(f"{out}: is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'} path")
+    existing = [o for o in outputs if o.exists()]
+    if existing and not overwrite:
+        raise UllmeError(f"{existing[0]}: exists already; pass --overwrite to replace it")
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` while writing it: a second writer fails at once, with a clear error.
+
+    The lock is `flock` on `.NAME.lock` beside the output; the kernel drops it when the process dies, so
+    a SIGKILL leaves no stale lock, only an empty file that the next writer reuses.
+    """
+    if str(path) == STDIO:
+        yield
+        return
+    target = Path(path)
+    created = [p for p in target.parents if not p.exists()]
+    make_parent(target)
+    lock_path = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UllmeError(f"{target}: another ullme process is writing this output; wait for it or choose another") from None
+        try:  # the file may have been removed by the previous holder between our open and our lock
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        for folder in created:  # folders made only for this output, left empty by a failure
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def quantize(matrix: np.ndarray, out_dtype: str) -> np.ndarray:
@@ -116,32 +209,51 @@ def truncate(matrix: np.ndarray, dim: int | None, normalized: bool) -> np.ndarra
     return matrix
 
 
-def save_embeddings(path: str, matrix: np.ndarray, ids: list[str], meta: dict) -> None:
+def save_embeddings(path: str, matrix: np.ndarray, ids: list[str], meta: dict) -> dict:
+    """Write the three files (or the npz stream) and return the meta written. The meta gains count, width
+    and checksum, and is renamed into place last; readers check it against the other two."""
     if len(ids) != len(matrix):
         raise UllmeError(f"internal: {len(matrix)} vectors but {len(ids)} ids")
+    meta = {**meta, "count": len(ids), "width": int(matrix.shape[1]), "checksum": array_checksum(matrix, ids)}
     if path == STDIO:
         buffer = io.BytesIO()
         np.savez(buffer, embeddings=matrix, ids=np.array(ids, dtype=str), meta=np.array(json.dumps(meta)))
         sys.stdout.buffer.write(buffer.getvalue())
         sys.stdout.buffer.flush()
-        return
+        return meta
     ids_path, meta_path = sidecars(path)
     save_npy(path, matrix)
     atomic_write_text(ids_path, "".join(json.dumps(i) + "\n" for i in ids))
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")  # written last: it marks completion
+    return meta
+
+
+def check_unit(name: str, matrix: np.ndarray, ids: list[str], meta: dict) -> None:
+    """The matrix, ids and meta of one output belong together: same count, width and checksum."""
+    if matrix.ndim != 2:
+        raise located(name, None, f"expected a 2-D matrix of embeddings, got {matrix.ndim}-D with shape {tuple(matrix.shape)}")
+    if len(ids) != len(matrix):
+        raise located(name, None, f"{len(ids)} ids for {len(matrix)} embeddings")
+    if "checksum" not in meta:
+        raise located(name, None, "its meta has no checksum (not written by this ullme); make it again")
+    if meta.get("count") != len(matrix) or meta.get("width") != matrix.shape[1] or meta["checksum"] != array_checksum(matrix, ids):
+        raise located(name, None, "the embeddings, ids and meta do not belong together (an interrupted or mixed write); make it again")
 
 
 def _load_npz(source, name: str) -> tuple[np.ndarray, list[str], dict]:
     try:
         with np.load(source, allow_pickle=False) as data:
             return data["embeddings"], [str(i) for i in data["ids"]], json.loads(str(data["meta"]))
-    except (ValueError, KeyError, OSError) as e:
-        raise located(name, None, f"not an ullme embeddings stream ({e})") from None
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise located(name, None, f"not an ullme embeddings stream ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def read_id_lines(path: Path) -> list[str]:
     """One JSON value per line. Parsed in one call (fast for millions of ids); a bad line is then located."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise located(str(path), None, f"not valid UTF-8 (byte {e.start})") from None
     try:
         return [str(i) for i in json.loads("[" + ",".join(line for line in lines if line.strip()) + "]")]
     except json.JSONDecodeError:
@@ -159,22 +271,28 @@ def load_embeddings(path: str) -> tuple[np.ndarray, list[str], dict]:
         data = sys.stdin.buffer.read()
         if not data:
             raise located("<stdin>", None, "no embeddings on standard input (empty input)")
-        return _load_npz(io.BytesIO(data), "<stdin>")
+        matrix, ids, meta = _load_npz(io.BytesIO(data), "<stdin>")
+        check_unit("<stdin>", matrix, ids, meta)
+        return matrix, ids, meta
     p = Path(path)
     if not p.exists():
         raise located(path, None, "file not found")
+    if p.is_dir():
+        raise located(path, None, "is a folder, expected an embeddings file")
     if p.suffix == ".npz":
-        return _load_npz(p, path)
+        matrix, ids, meta = _load_npz(p, path)
+        check_unit(path, matrix, ids, meta)
+        return matrix, ids, meta
     try:
         matrix = np.load(p, allow_pickle=False, mmap_mode="r")
-    except ValueError as e:
-        raise located(path, None, f"not a .npy file ({e})") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise located(path, None, f"not a readable .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     ids_path, meta_path = sidecars(p)
     for needed in (ids_path, meta_path):
         if not needed.exists():
             raise located(str(needed), None, "missing: every embeddings .npy needs its .ids.jsonl and .meta.json")
     ids = read_id_lines(ids_path)
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if len(ids) != len(matrix):
-        raise located(str(ids_path), None, f"{len(ids)} ids for {len(matrix)} embeddings in {path}")
-    return np.asarray(matrix), ids, meta
+    meta = read_json_object(meta_path)
+    matrix = np.asarray(matrix)
+    check_unit(path, matrix, ids, meta)
+    return matrix, ids, meta

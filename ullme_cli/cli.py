@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 import typer
+from typer.exceptions import TyperException
 
 from ullme_cli.constants import COMPUTE_DTYPES, DEFAULT_MODEL, KINDS, OUT_DTYPES, POOLINGS
 from ullme_cli.errors import UllmeError
@@ -24,6 +25,7 @@ ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder
 DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_DTYPES)} (auto: bf16 where the CPU/GPU runs it fast).")
 TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace an existing output (never an input).")
 
 
 def _err(message: str) -> None:
@@ -70,17 +72,17 @@ def encode(
     input_format: str = typer.Option("auto", "--format", help="auto, jsonl, tsv or text."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = TrustOption,
+    overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
 ) -> None:
     """Embed a corpus. Resumes after an interruption; writes nothing until it is complete."""
     from ullme_cli.encoding import EncodeOptions, encode_corpus
+    from ullme_cli.model_setup import Runtime, resolve_setup
 
-    options = EncodeOptions(
-        model=model, kind=kind, pooling=pooling, attention=attention, instruction=instruction, query_instruction=query_instruction,
-        max_length=max_length, dtype=dtype, device=device, out_dtype=out_dtype, truncate_dim=truncate_dim,
-        token_budget=token_budget, trust_remote_code=trust_remote_code, input_format=input_format,
-    )  # fmt: skip
-    meta = encode_corpus(input, output, options, shard, show_progress=not quiet)
+    options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
+                            token_budget=token_budget, input_format=input_format).validate()  # fmt: skip
+    setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
+    meta = encode_corpus(input, output, setup, Runtime(dtype, device, trust_remote_code), options, shard, overwrite, show_progress=not quiet)
     if output != "-":
         _err(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
 
@@ -89,11 +91,12 @@ def encode(
 def join(
     shards: list[str] = typer.Argument(..., help="The emb files written by `ullme encode --shard i/N`, in any order."),
     output: str = typer.Option(..., "--output", "-o", help="Joined emb.npy, or - for stdout."),
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Join the shards of one corpus into one embeddings file, in corpus order."""
     from ullme_cli.encoding import join_shards
 
-    meta = join_shards(shards, output)
+    meta = join_shards(shards, output, overwrite)
     if output != "-":
         _err(f"joined {len(shards)} shards: {meta['count']} embeddings in {output}")
 
@@ -106,11 +109,12 @@ def index(
     metric: Optional[str] = typer.Option(None, "--metric", help="ip or l2 (default: ip for normalized vectors)."),
     add: bool = typer.Option(False, "--add", help="Append to the existing index in --output."),
     keep_vectors: bool = typer.Option(True, "--keep-vectors/--no-keep-vectors", help="Keep float16 copies beside lossy indexes for --rerank-exact."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder (one that holds only ullme's index files)."),
 ) -> None:
     """Build a FAISS index (or --add to one) from embeddings."""
     from ullme_cli.retrieval.index import build_index
 
-    manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors)
+    manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors, overwrite=overwrite)
     if note:
         _err(f"factory auto -> {manifest['factory']} ({note})")
     _err(f"index {output}: {manifest['count']} vectors, {manifest['factory']}, metric {manifest['metric']}")
@@ -131,6 +135,7 @@ def search(
     input_format: str = typer.Option("auto", "--input-format", help="Queries format: auto, jsonl, tsv or text."),
     dtype: str = DtypeOption,
     device: str = typer.Option("auto", "--device"),
+    overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
 ) -> None:
     """Search index folders; several folders (shards) are merged into one top-k."""
@@ -140,8 +145,9 @@ def search(
     folders, queries = (indexes, None) if embeddings else (indexes[:-1], indexes[-1])
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
+    inputs = [*folders, *(q for q in (queries, embeddings) if q)]
     results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, not quiet, instruction)
-    count = write_results(results, output, fmt)
+    count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":
         _err(f"wrote {count} queries' hits to {output}")
 
@@ -158,14 +164,15 @@ def mine(
     keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
     pooling: Optional[str] = typer.Option(None, "--pooling"),
     dtype: str = DtypeOption,
+    overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
 ) -> None:
     """Mine hard negatives for training data by searching a corpus."""
-    from ullme_cli.encoding import EncodeOptions
+    from ullme_cli.model_setup import Runtime, resolve_setup
     from ullme_cli.retrieval.mine import mine_negatives
 
-    options = EncodeOptions(model=model, pooling=pooling, dtype=dtype)
-    stats = mine_negatives(training, corpus, output, options, corpus_embeddings, negatives, skip, keep_existing, not quiet)
+    setup = resolve_setup(model, pooling=pooling)
+    stats = mine_negatives(training, corpus, output, setup, Runtime(dtype), corpus_embeddings, negatives, skip, keep_existing, overwrite, not quiet)
     _err(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
 
 
@@ -217,17 +224,47 @@ def _split_task_names(text: str) -> list[str]:
     return [n for n in names + [current] if n.strip()]
 
 
+# Commands that keep finished work when interrupted, so that the same command continues it.
+RESUMABLE = {"encode": "", "finetune": " with --resume"}
+
+
+def _interrupted() -> None:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        _err(f"ullme: interrupted; run the same command again{RESUMABLE[command]} to resume")
+    else:
+        _err("ullme: interrupted; no output was written")
+    sys.exit(130)
+
+
 def main() -> None:
     try:
-        app()
+        # Not standalone: click would print usage errors over several lines, and turns Ctrl-C into a
+        # silent exit code 130, which it returns here (commands themselves return None).
+        code = app(standalone_mode=False)
     except UllmeError as e:
         _err(f"ullme: error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt:
-        _err("ullme: interrupted (finished work is kept; run the same command again to resume)")
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort):
+        _interrupted()
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except TyperException as e:  # usage errors: one line, with click's exit status (2)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()
+        else:
+            _err(f"ullme: error: {e.format_message()} (see ullme {' '.join(a for a in sys.argv[1:2])} --help)")
+        sys.exit(getattr(e, "exit_code", 2))
     except BrokenPipeError:
         sys.exit(1)
+    except OSError as e:  # an unwritable or vanished path: the user's to fix, so one line, not a traceback
+        where = e.filename or ""
+        _err(f"ullme: error: {where}{': ' if where else ''}{e.strerror or e}")
+        sys.exit(2)
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int):
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,17 @@ def _detect_format(path: str, first_line: str | None) -> str:
     return "text"
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold one object (a meta file, a manifest, ullme.json); errors name the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise located(str(path), None, f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise located(str(path), None, "expected a JSON object")
+    return value
+
+
 def parse_json_line(name: str, number: int, line: str) -> dict:
     try:
         row = json.loads(line)
@@ -131,6 +142,9 @@ def read_corpus(path: str, fmt: str = "auto") -> list[TextRecord]:
             cols = line.split("\t")
             if index == 0 and cols[0].strip().lower() in ("id", "_id", "docid", "qid"):
                 continue
+            if len(cols) > 3:
+                raise located(name, number, f"{len(cols)} tab-separated columns; expected id, text and an optional title "
+                                            "(a tab inside a text needs jsonl)")  # fmt: skip
             if len(cols) < 2 or not cols[1].strip():
                 raise located(name, number, "field 'text' (second column) is missing or empty")
             rid, text = cols[0].strip(), cols[1]

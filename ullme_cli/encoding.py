@@ -1,8 +1,9 @@
 """The `ullme encode` job: shard, tokenize once, batch by token budget, checkpoint chunks, assemble.
 
 Resume: finished chunks of batches are saved atomically in `<output>.partial/`, keyed by a fingerprint of
-the inputs and options. A rerun after a crash or SIGKILL loads them and encodes only what is missing.
-The final files appear only when everything is done (DESIGN.md §6), and the partial folder is removed.
+the setup (model files included), the options and the corpus. A rerun after a crash or SIGKILL loads them
+and encodes only what is missing. The final files appear only when everything is done (DESIGN.md §6), and
+the partial folder is removed. One writer at a time holds the output's lock.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ from ullme_cli.artifacts import (
     OUT_DTYPES,
     STDIO,
     atomic_write_text,
+    check_output,
+    embedding_files,
     load_embeddings,
+    output_lock,
     quantize,
     save_embeddings,
     save_npy,
     truncate,
 )
-from ullme_cli.data import TextRecord, read_corpus
+from ullme_cli.constants import KINDS
+from ullme_cli.data import FORMATS, read_corpus
 from ullme_cli.errors import UllmeError
+from ullme_cli.fingerprints import corpus_fingerprint
+from ullme_cli.model_setup import SETUP_FIELDS, ModelSetup, Runtime, require_same_setup, setup_mismatch
 from ullme_cli.progress import progress_bar, stderr_console
 
 CHUNK_TEXTS = 256  # texts per checkpointed chunk: small enough to lose little, large enough to be cheap
@@ -36,20 +43,27 @@ CHUNK_TEXTS = 256  # texts per checkpointed chunk: small enough to lose little, 
 
 @dataclass
 class EncodeOptions:
-    model: str
+    """What one encode job does with a loaded model. How the model embeds is its ModelSetup."""
+
     kind: str = "passage"
-    pooling: str | None = None
-    attention: str | None = None
-    instruction: str | None = None
-    query_instruction: str | None = None  # recorded for `ullme search`, which encodes queries with it
-    max_length: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
+    instruction: str | None = None  # overrides the setup's instruction for `kind`
     out_dtype: str = "float32"
     truncate_dim: int | None = None
     token_budget: int | None = None  # None: the embedder's default for its device
-    trust_remote_code: bool = False
     input_format: str = "auto"
+
+    def validate(self) -> "EncodeOptions":
+        if self.kind not in KINDS:
+            raise UllmeError(f"--kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
+        if self.out_dtype not in OUT_DTYPES:
+            raise UllmeError(f"unknown --out-dtype '{self.out_dtype}' (choose from {', '.join(OUT_DTYPES)})")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise UllmeError(f"--token-budget must be at least 1, got {self.token_budget}")
+        if self.truncate_dim is not None and self.truncate_dim < 1:
+            raise UllmeError(f"--truncate-dim must be at least 1, got {self.truncate_dim}")
+        if self.input_format not in FORMATS:
+            raise UllmeError(f"unknown input format '{self.input_format}' (choose from {', '.join(FORMATS)})")
+        return self
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -68,46 +82,54 @@ def shard_slice(total: int, index: int, count: int) -> tuple[int, int]:
     return index * total // count, (index + 1) * total // count
 
 
-def _fingerprint(records: list[TextRecord], description: dict, options: EncodeOptions, shard) -> str:
-    digest = hashlib.sha256()
-    payload = {"description": description, "options": vars(options), "shard": shard}
-    digest.update(json.dumps(payload, sort_keys=True).encode())
-    for r in records:
-        digest.update(r.id.encode() + b"\0" + r.text.encode() + b"\0")
-    return digest.hexdigest()
-
-
-def load_embedder(options: EncodeOptions):
-    from ullme_cli.models.embedder import Embedder  # heavy: imported only when a model is needed
-
-    return Embedder.load(
-        options.model, dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code,
-        pooling=options.pooling, attention=options.attention, max_length=options.max_length,
-        query_instruction=options.query_instruction,
-    )  # fmt: skip
+def _job_fingerprint(setup: ModelSetup, options: EncodeOptions, shard, corpus: str) -> str:
+    """What the chunks of `.partial/` depend on: the setup (with the model's fingerprint), the options, the
+    shard and the corpus. A rerun resumes only when all of them are the same."""
+    payload = {"setup": setup.record(), "options": vars(options), "shard": shard, "corpus": corpus}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def encode_corpus(
-    input_path: str, output: str, options: EncodeOptions, shard_spec: str | None = None, show_progress: bool = True, embedder=None
+    input_path: str,
+    output: str,
+    setup: ModelSetup,
+    runtime: Runtime = Runtime(),
+    options: EncodeOptions = EncodeOptions(),
+    shard_spec: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    embedder=None,
 ) -> dict:
-    """Encode a corpus file into embedding files; returns the written meta. Pass `embedder` to reuse one."""
-    if options.out_dtype not in OUT_DTYPES:
-        raise UllmeError(f"unknown --out-dtype '{options.out_dtype}' (choose from {', '.join(OUT_DTYPES)})")
+    """Encode a corpus file into embedding files; returns the written meta. Pass `embedder` to reuse one.
+
+    Everything that can be checked is checked before the first batch: options, output paths, the corpus,
+    the model, and the truncation against the model's dimension.
+    """
+    options.validate()
     shard = parse_shard(shard_spec)
+    if output != STDIO:
+        check_output(embedding_files(output), [input_path], overwrite)
+    with output_lock(output):
+        return _encode_locked(input_path, output, setup, runtime, options, shard, show_progress, embedder)
+
+
+def _encode_locked(input_path, output, setup, runtime, options, shard, show_progress, embedder) -> dict:
     records = read_corpus(input_path, options.input_format)
     total = len(records)
+    corpus = corpus_fingerprint((r.id, r.text) for r in records)
     if shard is not None:
         start, stop = shard_slice(total, *shard)
         records = records[start:stop]
         if not records:
-            raise UllmeError(f"--shard {shard_spec}: the shard is empty ({total} texts for {shard[1]} shards)")
+            raise UllmeError(f"--shard {shard[0]}/{shard[1]}: the shard is empty ({total} texts for {shard[1]} shards)")
 
-    from ullme_cli.models.embedder import plan_batches
+    from ullme_cli.models.embedder import load_embedder, plan_batches
 
-    embedder = embedder or load_embedder(options)
+    embedder = embedder or load_embedder(setup, runtime)
+    if options.truncate_dim is not None and options.truncate_dim > embedder.dim:
+        raise UllmeError(f"--truncate-dim must be between 1 and {embedder.dim} (the model's dimension), got {options.truncate_dim}")
     # Resolved here, so a resume on another device with another default never mixes two batchings.
     options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
-    description = embedder.describe()
     tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)
     batches = plan_batches([len(t.ids) for t in tokenized], options.token_budget)
     chunks: list[list[list[int]]] = [[]]
@@ -116,12 +138,18 @@ def encode_corpus(
             chunks.append([])
         chunks[-1].append(batch)
 
-    fingerprint = _fingerprint(records, description, options, shard)
+    fingerprint = _job_fingerprint(embedder.setup, options, shard, corpus)
     partial = None if output == STDIO else Path(output + ".partial")
     if partial is not None:
         state = partial / "state.json"
-        if partial.exists() and (not state.exists() or json.loads(state.read_text()).get("fingerprint") != fingerprint):
-            shutil.rmtree(partial)  # left by a different job: its chunks do not apply
+        if partial.exists():
+            try:
+                same_job = json.loads(state.read_text()).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                same_job = False
+            if not same_job:
+                stderr_console.print(f"{partial}: left by a job with other inputs (model files, setup, options or corpus); starting over", soft_wrap=True)
+                shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "chunks": len(chunks)}))
 
@@ -144,36 +172,41 @@ def encode_corpus(
             if saved is not None:
                 save_npy(saved, matrix[rows])
 
-    instruction = embedder.instruction_prefix(options.kind, options.instruction)
     meta = {
-        **description,
+        **embedder.setup.record(),
         "kind": options.kind,
-        "instruction": instruction,
-        "normalized": embedder.config.normalize,
+        "instruction": embedder.instruction_prefix(options.kind, options.instruction),
         "dim": options.truncate_dim or embedder.dim,
         "dtype": options.out_dtype,
         "compute_dtype": str(next(embedder.model.parameters()).dtype).replace("torch.", ""),
-        "count": len(records),
         "truncate_dim": options.truncate_dim,
+        "corpus_fingerprint": corpus,
         "ullme_version": __version__,
     }
     if shard is not None:
         meta["shard"] = {"index": shard[0], "count": shard[1], "start": shard_slice(total, *shard)[0], "total": total}
-    final = quantize(truncate(matrix, options.truncate_dim, embedder.config.normalize), options.out_dtype)
-    save_embeddings(output, final, [r.id for r in records], meta)
+    final = quantize(truncate(matrix, options.truncate_dim, embedder.setup.normalize), options.out_dtype)
+    meta = save_embeddings(output, final, [r.id for r in records], meta)
     if partial is not None:
         shutil.rmtree(partial, ignore_errors=True)
     return meta
 
 
-# Keys that must agree between shards of one corpus.
-_SHARD_INVARIANTS = ("model", "pooling", "attention", "max_length", "instruction", "kind", "dim", "dtype", "truncate_dim")
+# What must agree between shards of one corpus, besides the setup: one job, cut in pieces.
+SHARD_JOB_KEYS = ("kind", "instruction", "dim", "dtype", "truncate_dim", "corpus_fingerprint")
 
 
-def join_shards(paths: list[str], output: str) -> dict:
+def join_shards(paths: list[str], output: str, overwrite: bool = False) -> dict:
     """Join the outputs of `--shard i/N` runs (any order) into one file, in corpus order."""
     if not paths:
         raise UllmeError("join: no shard files given")
+    if output != STDIO:
+        check_output(embedding_files(output), [f for p in paths if p != STDIO for f in embedding_files(p)], overwrite)
+    with output_lock(output):
+        return _join_locked(paths, output)
+
+
+def _join_locked(paths: list[str], output: str) -> dict:
     parts = []
     for path in paths:
         matrix, ids, meta = load_embeddings(path)
@@ -184,9 +217,11 @@ def join_shards(paths: list[str], output: str) -> dict:
     first = parts[0][3]
     count = first["shard"]["count"]
     for path, _, _, meta in parts:
-        for key in _SHARD_INVARIANTS:
-            if meta.get(key) != first.get(key):
-                raise UllmeError(f"{path}: '{key}' is {meta.get(key)!r}, but {parts[0][0]} has {first.get(key)!r}")
+        require_same_setup(meta, first, path, parts[0][0], keys=SETUP_FIELDS)
+        problem = setup_mismatch(meta, first, SHARD_JOB_KEYS)
+        if problem:
+            what = "another corpus" if "corpus_fingerprint" in problem else "another job"
+            raise UllmeError(f"{path}: a shard of {what} than {parts[0][0]}: {problem}")
         if meta["shard"]["count"] != count or meta["shard"]["total"] != first["shard"]["total"]:
             raise UllmeError(f"{path}: belongs to a different sharding ({meta['shard']})")
     indices = [p[3]["shard"]["index"] for p in parts]
@@ -196,7 +231,5 @@ def join_shards(paths: list[str], output: str) -> dict:
     ids = [i for p in parts for i in p[2]]
     if len(set(ids)) != len(ids):
         raise UllmeError("join: the shards share ids; they do not come from one corpus")
-    meta = {k: v for k, v in first.items() if k != "shard"}
-    meta["count"] = len(ids)
-    save_embeddings(output, np.concatenate([p[1] for p in parts]), ids, meta)
-    return meta
+    meta = {k: v for k, v in first.items() if k not in ("shard", "count", "width", "checksum")}
+    return save_embeddings(output, np.concatenate([p[1] for p in parts]), ids, meta)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, POOLINGS
+from ullme_cli.constants import ATTENTION_MODES, POOLINGS
 from ullme_cli.errors import UllmeError
+from ullme_cli.model_setup import ModelSetup
 
 LOSS_COMPONENTS = ("contrastive", "simcse", "mntp", "sft", "dpo", "kl")
 # Strategy presets: the weights of each component (GRL's are the paper's λ).
@@ -28,15 +29,19 @@ STRATEGIES = {
 
 
 @dataclass
-class ModelSection:
-    name: str = DEFAULT_MODEL
-    attention: str = "bidirectional"
-    pooling: str = "mean"
+class ModelSection(ModelSetup):
+    """The recipe's model: a ModelSetup (the YAML key `name` is its source, `model`) and the weights' dtype.
+
+    Only the defaults that suit training differ from the setup's own.
+    """
+
     query_instruction: str = "Given a question, retrieve passages that answer the question"
-    passage_instruction: str = ""
     generation_instruction: str = "Write a passage that answers the question: "
     max_length: int = 128
     dtype: str = "float32"
+
+    def setup(self) -> ModelSetup:
+        return ModelSetup.from_dict(dataclasses.asdict(self))
 
 
 @dataclass
@@ -106,7 +111,10 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        model = values["model"]
+        values["model"] = {"name": model.pop("model"), **{k: v for k, v in model.items() if k != "fingerprint"}}
+        return values
 
 
 def _check_type(value, annotation, where: str):
@@ -127,6 +135,10 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
     if not isinstance(values, dict):
         raise UllmeError(f"{source}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is ModelSection:  # the YAML spells the source `name`; the fingerprint is computed, never set
+        fields.pop("fingerprint")
+        fields["name"] = fields.pop("model")
+        values = dict(values)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UllmeError(f"{source}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
@@ -139,6 +151,8 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
             kwargs[name] = _build(nested, value or {}, source, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, str(f.type), f"{source}: '{prefix}{name}'")
+    if cls is ModelSection and "name" in kwargs:
+        kwargs["model"] = kwargs.pop("name")
     return cls(**kwargs)
 
 
@@ -150,6 +164,10 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("model.attention", f"must be one of {', '.join(ATTENTION_MODES)}")
     if recipe.model.pooling not in POOLINGS:
         bad("model.pooling", f"must be one of {', '.join(POOLINGS)}")
+    if recipe.model.padding_side not in ("left", "right"):
+        bad("model.padding_side", "must be left or right")
+    if "{instruction}" not in recipe.model.instruction_template:
+        bad("model.instruction_template", "must contain '{instruction}'")
     if recipe.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16 (training weights)")
     if recipe.loss.strategy not in STRATEGIES:
@@ -166,6 +184,20 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
             bad(f"loss.{key}", "must be positive")
     if not 0 < recipe.loss.mask_probability < 1:
         bad("loss.mask_probability", "must be between 0 and 1")
+    for component, weight in recipe.loss.weights.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            bad(f"loss.weights.{component}", f"must be a number of at least 0, got {weight!r}")
+    if not recipe.loss.resolved_weights():
+        bad("loss.weights", "are all 0: nothing would be trained")
+    if recipe.lora.enabled and recipe.lora.r < 1:
+        bad("lora.r", "must be at least 1")
+    if recipe.lora.alpha <= 0:
+        bad("lora.alpha", "must be positive")
+    if not 0 <= recipe.lora.dropout < 1:
+        bad("lora.dropout", "must be at least 0 and below 1")
+    for key in ("weight_decay", "max_grad_norm"):
+        if getattr(recipe.train, key) < 0:
+            bad(f"train.{key}", "must be at least 0")
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(recipe.train, key) < 1:
             bad(f"train.{key}", "must be at least 1")
@@ -217,12 +249,18 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     p = Path(path)
     if not p.exists():
         raise UllmeError(f"{path}: file not found")
+    if p.is_dir():
+        raise UllmeError(f"{path}: is a folder, expected a recipe YAML file")
     try:
         values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         raise UllmeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UllmeError(f"{path}: not a text file (not valid UTF-8)") from None
+    if not isinstance(values, dict):
+        raise UllmeError(f"{path}: a recipe is a mapping of sections (output_dir, model, lora, data, loss, train, eval), got a {type(values).__name__}")
     values = apply_overrides(values, overrides or [], path)
     recipe = _validate(_build(Recipe, values, path), path)
     recipe.data.train = _relative_to_recipe(recipe.data.train, p)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
 from ullme_cli.data import iter_lines, read_beir_folder
 from ullme_cli.errors import located
+from ullme_cli.fingerprints import corpus_fingerprint
 
 _COMMON = dict(
     dataset={"path": "local", "revision": "local"}, category="t2t", eval_splits=["test"], eval_langs=["eng-Latn"],
@@ -31,6 +33,10 @@ def beir_retrieval_task(folder: str, name: str | None = None):
 
     data = read_beir_folder(folder)  # validates before mteb sees it; errors name file and line
     task_name = name or task_name_for(folder)
+    content = corpus_fingerprint(
+        [("corpus", r.id + "\0" + r.text) for r in data.corpus] + [("queries", r.id + "\0" + r.text) for r in data.queries]
+        + [("qrels", json.dumps(data.qrels, sort_keys=True))]
+    )  # fmt: skip
 
     class LocalRetrieval(AbsTaskRetrieval):
         metadata = TaskMetadata(
@@ -48,7 +54,9 @@ def beir_retrieval_task(folder: str, name: str | None = None):
             self.dataset = {"default": {"test": split}}
             self.data_loaded = True
 
-    return LocalRetrieval()
+    task = LocalRetrieval()
+    task.content_fingerprint = content
+    return task
 
 
 def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
@@ -90,4 +98,6 @@ def sts_task(path: str, name: str | None = None):
             self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
             self.data_loaded = True
 
-    return LocalSTS()
+    task = LocalSTS()
+    task.content_fingerprint = corpus_fingerprint((f"{s}", f"{a}\0{b}") for s, a, b in zip(scores, first, second))
+    return task

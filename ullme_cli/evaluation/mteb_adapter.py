@@ -9,26 +9,30 @@ import numpy as np
 from ullme_cli.evaluation.instructions import instruction_for
 
 
-def model_meta(embedder, name: str):
+def mteb_model_name(name: str) -> str:
+    return name if "/" in name else f"ullme/{name}"
+
+
+def model_meta(embedder, name: str, revision: str):
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
     return ModelMeta.create_empty(
         overwrites={
-            "name": name if "/" in name else f"ullme/{name}", "revision": "local", "embed_dim": embedder.dim,
+            "name": mteb_model_name(name), "revision": revision, "embed_dim": embedder.dim,
             "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"], "open_weights": True,
-            "max_tokens": embedder.config.max_length, "use_instructions": True, "modalities": ["text"],
+            "max_tokens": embedder.setup.max_length, "use_instructions": True, "modalities": ["text"],
         }
     )  # fmt: skip
 
 
-def make_encoder(embedder, instruction_table: dict, name: str):
+def make_encoder(embedder, instruction_table: dict, name: str, revision: str):
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.types import PromptType
 
     class UllmeEncoder(AbsEncoder):
         def __init__(self) -> None:
             self.embedder = embedder
-            self.mteb_model_meta = model_meta(embedder, name)
+            self.mteb_model_meta = model_meta(embedder, name, revision)
 
         def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs: Any) -> np.ndarray:
             texts = [text for batch in inputs for text in batch["text"]]

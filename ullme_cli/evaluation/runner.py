@@ -1,16 +1,21 @@
 """`ullme evaluate`: resolve tasks (mteb names, benchmarks, local folders and files), run mteb, report.
 
 Results land in `--output-dir` as mteb's own JSON per task (mteb's ResultCache layout), which is also
-what makes a rerun skip finished tasks.
+what makes a rerun skip finished tasks. Each task's result is filed under a key of what decides it: the
+model's setup with its fingerprint, the task's instruction, and the task's content (the files of a local
+task, the dataset revision of a hub task). New weights or other qrels at the same path get a new key.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ullme_cli.errors import UllmeError, located
+from ullme_cli.progress import stderr_console
 
 MAIN_METRICS = ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")
 
@@ -66,8 +71,13 @@ def prefetch(task_names: list[str]) -> list[str]:
     return [t.metadata.name for t in tasks]
 
 
-def has_cached_result(output_dir: str, task_name: str) -> bool:
-    return any(Path(output_dir).glob(f"results/*/*/{task_name}.json"))
+def task_fingerprint(task) -> str:
+    """What a task's scores depend on besides the model: its files (local tasks) or dataset revision."""
+    local = getattr(task, "content_fingerprint", None)
+    if local:
+        return local
+    dataset = task.metadata.dataset
+    return f"{dataset.get('path')}@{dataset.get('revision')}"
 
 
 def evaluate(
@@ -89,17 +99,21 @@ def evaluate(
     """
     from ullme_cli.evaluation.instructions import load_instruction_table
     from ullme_cli.evaluation.local_tasks import beir_retrieval_task, sts_task
-    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.model_setup import Runtime, resolve_setup
+    from ullme_cli.models.embedder import load_embedder
+    from ullme_cli.models.loading import model_fingerprint, resolve_model_source
 
     table = load_instruction_table(instructions)
     hub_tasks = resolve_tasks(task_names) if task_names else []
     tasks = hub_tasks + [beir_retrieval_task(d) for d in task_dirs] + [sts_task(f) for f in sts_files]
     if not tasks:
         raise UllmeError("evaluate: name --tasks, --task-dir or --sts (or --run with --qrels)")
-    check_offline_data([t for t in hub_tasks if not has_cached_result(output_dir, t.metadata.name)])
-    embedder = Embedder.load(model, dtype=dtype, pooling=pooling, attention=attention)
-    # mteb reuses cached results by model name, so a model run in another setup needs a name of its own.
-    name = model if pooling is None and attention is None else f"{model}-{embedder.config.attention}-{embedder.config.pooling}"
+    setup = resolve_setup(model, pooling=pooling, attention=attention)
+    setup = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
+    name = Path(model).name if Path(model).exists() else model
+    # Hub data is checked before the model loads, and only for tasks that have no result yet.
+    check_offline_data([t for t in hub_tasks if not cached_result_path(output_dir, setup, name, t, table).exists()])
+    embedder = load_embedder(setup, Runtime(dtype))
     return run_evaluation(embedder, name, tasks, output_dir, table, show_progress)
 
 
@@ -122,20 +136,47 @@ def report(results: list[TaskResult], model: str) -> dict:
     return summary
 
 
-def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instruction_table: dict, show_progress: bool = True) -> list[TaskResult]:
+def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
+    """The result key (module docstring) that files this task's result, as the model revision mteb stores."""
+    from ullme_cli.evaluation.instructions import instruction_for
+
+    weights = weights or setup.fingerprint
+    if not weights:
+        raise UllmeError("internal: evaluating weights that have no fingerprint")
+    instruction = instruction_for(instruction_table, task.metadata.name, task.metadata.type)
+    payload = {"setup": setup.record(), "weights": weights, "instruction": instruction, "task": task_fingerprint(task)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_result_path(output_dir: str, setup, model_name: str, task, instruction_table: dict, weights: str | None = None) -> Path:
+    from mteb.cache import ResultCache
+
+    from ullme_cli.evaluation.mteb_adapter import mteb_model_name
+
+    revision = _revision(setup, task, instruction_table, weights)
+    name = mteb_model_name(model_name).replace("/", "__").replace(" ", "_")
+    return ResultCache(cache_path=str(Path(output_dir))).get_task_result_path(task.metadata.name, name, revision)
+
+
+def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instruction_table: dict, show_progress: bool = True,
+                   weights: str | None = None) -> list[TaskResult]:  # fmt: skip
+    """Evaluate each task under its own result key (see the module's docstring); reuse a finished one.
+
+    `weights`: the fingerprint of in-memory weights (training), where no files describe them.
+    """
     import mteb
     from mteb.cache import ResultCache
 
     from ullme_cli.evaluation.mteb_adapter import make_encoder
 
-    encoder = make_encoder(embedder, instruction_table, model_name)
     cache = ResultCache(cache_path=str(Path(output_dir)))
-    result = mteb.evaluate(encoder, tasks, cache=cache, overwrite_strategy="only-missing", show_progress_bar=show_progress)
     reports = []
-    for task_result in result.task_results:
-        scores = task_result.scores["test"][0] if "test" in task_result.scores else next(iter(task_result.scores.values()))[0]
-        task = next(t for t in tasks if t.metadata.name == task_result.task_name)
-        reports.append(TaskResult(task_result.task_name, task.metadata.type, task.metadata.main_score, scores))
+    for task in tasks:
+        encoder = make_encoder(embedder, instruction_table, model_name, _revision(embedder.setup, task, instruction_table, weights))
+        result = mteb.evaluate(encoder, [task], cache=cache, overwrite_strategy="only-missing", show_progress_bar=show_progress)
+        for task_result in result.task_results:
+            scores = task_result.scores["test"][0] if "test" in task_result.scores else next(iter(task_result.scores.values()))[0]
+            reports.append(TaskResult(task_result.task_name, task.metadata.type, task.metadata.main_score, scores))
     return reports
 
 
@@ -158,6 +199,11 @@ def score_run(run_path: str, qrels_path: str, k_values=(1, 3, 5, 10, 100, 1000))
     qrels = {q: docs for q, docs in qrels.items() if q in run}
     if not qrels:
         raise UllmeError(f"{run_path}: no query of the run has judgements in {qrels_path}")
+    unjudged = sorted(set(run) - set(qrels))
+    if unjudged:  # trec_eval scores the judged queries only; say how many were left out
+        stderr_console.print(f"{run_path}: {len(unjudged)} of {len(run)} queries have no judgements in {qrels_path} and are not scored "
+                             f"(first: '{unjudged[0]}')", soft_wrap=True)  # fmt: skip
+        run = {q: hits for q, hits in run.items() if q in qrels}
     s = calculate_retrieval_scores(run, qrels, list(k_values))
     return make_score_dict(
         ndcg=s.ndcg, _map=s.map, recall=s.recall, precision=s.precision, mrr=s.mrr,

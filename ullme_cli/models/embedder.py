@@ -1,7 +1,8 @@
 """Embedder: a causal LM, an attention mode, a pooling head and instructions, as one saveable unit.
 
-An Embedder folder holds `ullme.json` (this config), the model in safetensors, the tokenizer, the
-latent-attention head when used, and `adapter/` when a LoRA adapter is kept unmerged.
+An Embedder folder holds `ullme.json` (its ModelSetup, see model_setup.py), the model in safetensors,
+the tokenizer, the latent-attention head when used, and `adapter/` when a LoRA adapter is kept unmerged.
+`load_embedder(setup, runtime)` is the one way in; `Embedder.load(name, **overrides)` is its shorthand.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,19 +21,21 @@ import torch.nn.functional as F
 from ullme_cli.artifacts import atomic_folder
 from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
-from ullme_cli.models.bidirectional import ATTENTION_MODES, decoder_of, hidden_states, verify_bidirectional
+from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, require_same_setup, resolve_setup
+from ullme_cli.models.bidirectional import decoder_of, hidden_states, verify_bidirectional
 from ullme_cli.models.loading import (
+    ADAPTER_DIR,
+    load_adapter,
     load_causal_lm,
     load_tokenizer,
+    model_fingerprint,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
 )
-from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler, check_pooling
+from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
 from ullme_cli.progress import stderr_console
 
-CONFIG_FILE = "ullme.json"
-ADAPTER_DIR = "adapter"
 # Padded tokens per encode batch. On a 2-core CPU, 1536 encoded the demo corpus about 1.4x faster than
 # 8192 and 5% faster than 2048, and was as fast as any on 180-token texts (docs/benchmarks.md). GPUs want
 # big batches; 16384 is a guess that no GPU has checked yet.
@@ -47,39 +50,6 @@ def _peft_deprecations_silenced():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
-
-
-@dataclass
-class EmbedderConfig:
-    model: str = DEFAULT_MODEL
-    pooling: str = "mean"
-    attention: str = "bidirectional"
-    query_instruction: str = ""
-    passage_instruction: str = ""
-    # e5 / ULLME style; the instruction tokens are masked out of pooling.
-    instruction_template: str = "Instruct: {instruction}\nQuery: "
-    # GRL scores log p(passage | generation_instruction + query) causally.
-    generation_instruction: str = ""
-    max_length: int = 512
-    padding_side: str = "right"
-    normalize: bool = True
-
-    def validate(self) -> "EmbedderConfig":
-        check_pooling(self.pooling)
-        if self.attention not in ATTENTION_MODES:
-            raise UllmeError(f"unknown attention mode '{self.attention}' (choose from {', '.join(ATTENTION_MODES)})")
-        if self.padding_side not in ("left", "right"):
-            raise UllmeError(f"padding_side must be 'left' or 'right', got '{self.padding_side}'")
-        if self.max_length < 2:
-            raise UllmeError(f"max_length must be at least 2, got {self.max_length}")
-        if "{instruction}" not in self.instruction_template:
-            raise UllmeError("instruction_template must contain '{instruction}'")
-        return self
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "EmbedderConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known}).validate()
 
 
 @dataclass
@@ -111,14 +81,43 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int 
     return batches
 
 
+def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool = True) -> "Embedder":
+    """Load the model that `setup` names, in the setup it describes, on the runtime's device and dtype.
+
+    The model's files are fingerprinted first. A setup that carries a fingerprint (read from a manifest,
+    say) must match the files found: vectors are never mixed across changed weights.
+    """
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, device)
+    source = resolve_model_source(setup.model)
+    fingerprint = model_fingerprint(source)
+    if setup.fingerprint:
+        require_same_setup({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
+    setup = setup.replace(fingerprint=fingerprint)
+    model = load_causal_lm(source, dtype, runtime.trust_remote_code)
+    folder = Path(source)
+    if (folder / ADAPTER_DIR).is_dir():
+        with _peft_deprecations_silenced():
+            model = load_adapter(model, folder / ADAPTER_DIR)
+    model.to(device).eval()
+    tokenizer = load_tokenizer(source, runtime.trust_remote_code)
+    latent = None
+    if setup.pooling == "latent-attention" and (folder / LATENT_WEIGHTS).exists():
+        latent = LatentAttentionPooling.load(folder)
+    embedder = Embedder(model, tokenizer, setup, device, latent)
+    if verify and setup.attention == "bidirectional":
+        verify_bidirectional(model)
+    return embedder
+
+
 class Embedder:
-    def __init__(self, model, tokenizer, config: EmbedderConfig, device: torch.device, latent=None):
+    def __init__(self, model, tokenizer, setup: ModelSetup, device: torch.device, latent=None):
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config.validate()
+        self.setup = setup.validate()
         self.device = device
         hidden_size = decoder_of(model).config.hidden_size
-        self.pooler = Pooler(config.pooling, hidden_size, latent).to(device)
+        self.pooler = Pooler(setup.pooling, hidden_size, latent).to(device)
         self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
 
     # ---------------------------------------------------------------- loading and saving
@@ -135,36 +134,18 @@ class Embedder:
     ) -> "Embedder":
         """Load an Embedder folder, a plain model folder, a .gguf file, a bundled name or a hub id.
 
-        `overrides` set EmbedderConfig fields (pooling, attention, instructions, ...); None means keep.
+        `overrides` set ModelSetup fields (pooling, attention, instructions, ...); None means keep.
         """
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        folder = Path(name)
-        saved = folder / CONFIG_FILE
-        if saved.exists():
-            config = EmbedderConfig.from_dict({**json.loads(saved.read_text()), **overrides})
-            source = str(folder)
-        else:
-            config = EmbedderConfig.from_dict({"model": name, **overrides})
-            source = resolve_model_source(name)
-        torch_device = resolve_device(device)
-        model = load_causal_lm(source, resolve_dtype(dtype, torch_device), trust_remote_code)
-        if (folder / ADAPTER_DIR).is_dir():
-            from peft import PeftModel
+        return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code), verify)
 
-            with _peft_deprecations_silenced():
-                model = PeftModel.from_pretrained(model, str(folder / ADAPTER_DIR), is_trainable=False)
-        model.to(torch_device).eval()
-        tokenizer = load_tokenizer(source, trust_remote_code)
-        latent = None
-        if config.pooling == "latent-attention" and (folder / LATENT_WEIGHTS).exists():
-            latent = LatentAttentionPooling.load(folder)
-        embedder = cls(model, tokenizer, config, torch_device, latent)
-        if verify and config.attention == "bidirectional":
-            verify_bidirectional(model)
-        return embedder
+    def weights_changed(self) -> None:
+        """Training changes the weights in memory: the loaded files' fingerprint no longer describes them."""
+        self.setup = self.setup.replace(fingerprint="")
 
     def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Iterable[str] | str = "all-linear"):
         from peft import LoraConfig, get_peft_model
+
+        self.weights_changed()
 
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
@@ -205,36 +186,25 @@ class Embedder:
         else:
             model.save_pretrained(staging, safe_serialization=True)
         self.tokenizer.save_pretrained(staging)
-        if self.config.pooling == "latent-attention":
+        if self.setup.pooling == "latent-attention":
             self.pooler.latent.save(staging)
-        (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-
-    def describe(self) -> dict:
-        """What a downstream artefact must record to reproduce these vectors."""
-        return {
-            "model": self.config.model,
-            "pooling": self.config.pooling,
-            "attention": self.config.attention,
-            "max_length": self.config.max_length,
-            "query_instruction": self.config.query_instruction,
-            "passage_instruction": self.config.passage_instruction,
-            "instruction_template": self.config.instruction_template,
-            "dim": decoder_of(self.model).config.hidden_size,
-        }
+        # The fingerprint describes files, and is computed from them when the folder is loaded.
+        record = {k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}
+        (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     # ---------------------------------------------------------------- tokenization
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:
         if kind not in KINDS:
             raise UllmeError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
         if instruction is None:
-            instruction = self.config.query_instruction if kind == "query" else self.config.passage_instruction
-        return self.config.instruction_template.format(instruction=instruction) if instruction else ""
+            instruction = self.setup.query_instruction if kind == "query" else self.setup.passage_instruction
+        return self.setup.instruction_template.format(instruction=instruction) if instruction else ""
 
     def tokenize(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None) -> list[Tokenized]:
         prefix = self.instruction_prefix(kind, instruction)
-        add_eos = self.config.pooling == "last-token"
+        add_eos = self.setup.pooling == "last-token"
         eos = self.tokenizer.eos_token_id
-        max_length = self.config.max_length - (1 if add_eos else 0)
+        max_length = self.setup.max_length - (1 if add_eos else 0)
         encoded = self.tokenizer(
             [prefix + t for t in texts],
             add_special_tokens=True,
@@ -265,7 +235,7 @@ class Embedder:
         content = torch.zeros((len(items), length), dtype=torch.long)
         for row, t in enumerate(items):
             n = len(t.ids)
-            start = length - n if self.config.padding_side == "left" else 0
+            start = length - n if self.setup.padding_side == "left" else 0
             ids[row, start : start + n] = torch.tensor(t.ids)
             mask[row, start : start + n] = 1
             content[row, start + min(t.instruction_tokens, n) : start + n] = 1
@@ -274,9 +244,9 @@ class Embedder:
     # ---------------------------------------------------------------- embedding
     def embed(self, batch: Batch, mode: str | None = None) -> torch.Tensor:
         """Pooled (and normalized, per config) vectors; differentiable, so training uses it too."""
-        states = hidden_states(self.model, batch.input_ids, batch.attention_mask, mode or self.config.attention)
+        states = hidden_states(self.model, batch.input_ids, batch.attention_mask, mode or self.setup.attention)
         pooled = self.pooler(states.float(), batch.attention_mask, batch.content_mask)
-        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+        return F.normalize(pooled, dim=-1) if self.setup.normalize else pooled
 
     @torch.inference_mode()
     def encode_tokenized(self, items: Sequence[Tokenized]) -> np.ndarray:
@@ -357,7 +327,7 @@ class Embedder:
         """Token ids (prompt, continuation) per pair, cut to max_length: continuation to half, prompt from the left."""
         if len(prompts) != len(continuations):
             raise UllmeError("generation_logprobs: prompts and continuations differ in number")
-        budget = self.config.max_length
+        budget = self.setup.max_length
         prompt_ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         cont_ids = self.tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
         rows = []

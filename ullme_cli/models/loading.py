@@ -7,6 +7,7 @@ caller asks. A GGUF file is converted once into a safetensors folder in the cach
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ BUNDLED = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_DIR = "adapter"
 
 
 def cache_root() -> Path:
@@ -61,7 +63,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UllmeError(f"--device '{name}': not a device (use auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UllmeError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UllmeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu" and not getattr(torch, device.type, None):
+        raise UllmeError(f"--device {name}: not supported by this torch build")
+    return device
 
 
 def _bundled_gguf(name: str) -> Path:
@@ -132,11 +145,61 @@ def resolve_model_source(name: str) -> str:
     return name  # a hub id
 
 
-def _offline_error(name: str, error: Exception) -> UllmeError:
+def _load_error(name: str, error: Exception, what: str) -> UllmeError:
+    """A local folder's load failure names the broken file; a hub id's names the hub."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).is_dir():
+        config = Path(name) / "config.json"
+        if what == "model" and config.exists():
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                return UllmeError(f"{config}: not valid JSON ({e})")
+        return UllmeError(f"{name}: cannot load the {what} from this folder ({reason[:300]})")
     return UllmeError(
         f"{name}: cannot load from the Hugging Face hub ({type(error).__name__}); with no network, pass a local "
         f"folder, a .gguf file, or the bundled default '{DEFAULT_MODEL}'"
     )
+
+
+def model_fingerprint(source: str) -> str:
+    """The content fingerprint of a resolved model source (see fingerprints.py).
+
+    A hub id is fingerprinted through its snapshot in the Hugging Face cache, which `from_pretrained`
+    reads; where none is cached yet, the id and the hub's commit stand in (not checked here: no network).
+    """
+    from ullme_cli.fingerprints import folder_fingerprint
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: loading will fail (offline) or download it
+            return f"hub:{source}"
+    try:
+        return folder_fingerprint(folder)
+    except OSError as e:
+        raise UllmeError(f"{e.filename or folder}: cannot read this model file ({e.strerror})") from None
+
+
+def load_adapter(model, folder: Path):
+    """A LoRA adapter from safetensors; a pickled `adapter_model.bin` is refused with the way out."""
+    from peft import PeftModel
+
+    if not (folder / "adapter_model.safetensors").exists():
+        if (folder / "adapter_model.bin").exists():
+            raise UllmeError(
+                f"{folder}/adapter_model.bin: ullme loads adapters from safetensors only (a .bin file is a pickle, which can "
+                "run code); convert it once, where you trust it: python -c \"import torch, safetensors.torch as s; "
+                f"s.save_file(torch.load('{folder}/adapter_model.bin', weights_only=True), '{folder}/adapter_model.safetensors')\""
+            )
+        raise UllmeError(f"{folder}: adapter folder without adapter_model.safetensors")
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - peft and safetensors raise many kinds for a broken adapter
+        raise _load_error(str(folder), e, "adapter") from None
 
 
 def quiet_transformers() -> None:
@@ -152,8 +215,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise _offline_error(source, e) from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise _load_error(source, e, "tokenizer") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -172,5 +235,7 @@ def load_causal_lm(source: str, dtype: torch.dtype, trust_remote_code: bool = Fa
             if "scaled_dot_product_attention" not in str(e):
                 raise
             return AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
-    except OSError as e:
-        raise _offline_error(source, e) from None
+    except UllmeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken config, a truncated safetensors file, an unknown model type...
+        raise _load_error(source, e, "model") from None

@@ -1,7 +1,8 @@
 """`ullme index`: a FAISS index folder (index.faiss, ids.jsonl, manifest.json) built from embedding files.
 
-The manifest records how the vectors were made (model, pooling, attention, query instruction), so that
-`ullme search` encodes queries the same way, and `--add` refuses vectors from another model.
+The manifest records how the vectors were made (the setup record of model_setup.py, with the model's
+fingerprint) and the fingerprints of the corpora in it, so that `ullme search` encodes queries the same
+way with the same weights, and `--add` refuses vectors from another setup or a corpus already added.
 """
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli import __version__
-from ullme_cli.artifacts import atomic_folder, dequantize, load_embeddings, read_id_lines, save_npy
-from ullme_cli.errors import UllmeError
+from ullme_cli.artifacts import (
+    atomic_folder,
+    check_output,
+    dequantize,
+    embedding_files,
+    load_embeddings,
+    output_lock,
+    read_id_lines,
+    save_npy,
+)
+from ullme_cli.data import read_json_object
+from ullme_cli.errors import UllmeError, located
+from ullme_cli.model_setup import SETUP_FIELDS, VECTOR_FIELDS, require_same_setup
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.jsonl"
 MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"  # exact copies kept beside lossy (PQ/SQ) indexes, for --rerank-exact
+INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE, VECTORS_FILE)
 METRICS = ("ip", "l2")
-# What must agree between an index and the vectors added to it or searched against it.
-PROVENANCE = ("model", "pooling", "attention", "max_length", "query_instruction", "instruction_template", "truncate_dim")
+# What must agree between an index and vectors added to it, besides the vector setup.
+ADD_KEYS = (*VECTOR_FIELDS, "passage_instruction", "truncate_dim", "dtype")
 # Measured on 20k clustered 64-d unit vectors (tests/test_retrieval.py): FAISS' defaults (40/16) give
 # recall@10 0.39; 200/256 give 0.996 against Flat.
 DEFAULT_EF_CONSTRUCTION = 200
@@ -59,26 +72,77 @@ def is_lossy(factory: str) -> bool:
     return any(tag in factory for tag in ("PQ", "SQ", "LSH", "RQ"))
 
 
+MANIFEST_KEYS = ("metric", "factory", "dim", "dtype", "count")
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST_FILE
+    if not Path(folder).is_dir():
+        raise located(str(folder), None, "index folder not found")
     if not path.exists():
-        raise UllmeError(f"{folder}: not an ullme index folder (no {MANIFEST_FILE})")
-    return json.loads(path.read_text())
+        raise located(str(folder), None, f"not an ullme index folder (no {MANIFEST_FILE})")
+    manifest = read_json_object(path)
+    missing = [k for k in (*MANIFEST_KEYS, *SETUP_FIELDS) if k not in manifest]
+    if missing:
+        raise located(str(path), None, f"field '{missing[0]}' is missing (an index from an older ullme, or edited); build it again")
+    return manifest
 
 
 def read_ids(folder: str | Path) -> list[str]:
-    return read_id_lines(Path(folder) / IDS_FILE)
+    path = Path(folder) / IDS_FILE
+    if not path.exists():
+        raise located(str(path), None, "missing: an index folder holds index.faiss, ids.jsonl and manifest.json")
+    return read_id_lines(path)
 
 
 def load_faiss_index(folder: str | Path, mmap: bool = False):
+    """The FAISS index of a folder, checked against its manifest's count and dimension."""
     import faiss
 
-    path = str(Path(folder) / INDEX_FILE)
-    binary = read_manifest(folder)["dtype"] == "binary"
-    if binary:
-        return faiss.read_index_binary(path)
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(path, flags)
+    manifest = read_manifest(folder)
+    path = Path(folder) / INDEX_FILE
+    if not path.exists():
+        raise located(str(path), None, "missing: an index folder holds index.faiss, ids.jsonl and manifest.json")
+    try:
+        if manifest["dtype"] == "binary":
+            index = faiss.read_index_binary(str(path))
+        else:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    except RuntimeError as e:
+        raise located(str(path), None, f"not a readable FAISS index ({str(e).strip().splitlines()[-1][:200] if str(e).strip() else 'corrupt'})") from None
+    if index.ntotal != manifest["count"]:
+        raise located(str(path), None, f"holds {index.ntotal} vectors but the manifest says {manifest['count']}; build the index again")
+    return index
+
+
+def check_vectors(name: str, vectors: np.ndarray, ids: list[str]) -> None:
+    """No NaN or infinite vector (FAISS would index it and search would drop it in silence), no repeated id."""
+    if vectors.dtype.kind == "f":
+        bad = ~np.isfinite(vectors).all(axis=1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise located(name, None, f"vector {row} (id '{ids[row]}') has NaN or infinite values; {int(bad.sum())} such rows")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        duplicate = next(i for i in ids if i in seen or seen.add(i))
+        raise located(name, None, f"id '{duplicate}' appears more than once")
+
+
+def check_index_output(output: str, add: bool, overwrite: bool, inputs: list) -> None:
+    """An index folder is written only where it is new, or with --add to it, or with --overwrite over one
+    that holds nothing but ullme's own index files. Files ullme did not write are never deleted."""
+    out = Path(output)
+    check_output([out], inputs, overwrite=True, folder=True)
+    if add:
+        read_manifest(out)
+        return
+    if not out.exists() or not any(out.iterdir()):
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in INDEX_FILES)
+    if foreign:
+        raise UllmeError(f"{output}: folder holds files that ullme did not write ({foreign[0]}); choose another -o")
+    if not overwrite:
+        raise UllmeError(f"{output}: an index exists here already; pass --add to extend it or --overwrite to replace it")
 
 
 def _create(factory: str, dim: int, metric: str, binary: bool):
@@ -93,14 +157,6 @@ def _create(factory: str, dim: int, metric: str, binary: bool):
         raise UllmeError(f"--factory '{factory}': FAISS cannot build it ({first})") from None
 
 
-def _check_provenance(meta: dict, reference: dict, what: str, source: str) -> None:
-    for key in PROVENANCE:
-        if key in reference and meta.get(key) != reference.get(key):
-            raise UllmeError(
-                f"{source}: embeddings from another model setup: '{key}' is {meta.get(key)!r} but the {what} has {reference.get(key)!r}"
-            )
-
-
 def build_index(
     embeddings: str,
     output: str,
@@ -109,16 +165,27 @@ def build_index(
     add: bool = False,
     keep_vectors: bool = True,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> tuple[dict, str]:
     """Build (or with `add`, extend) an index folder. Returns the manifest and a note on the choice."""
+    check_index_output(output, add, overwrite, embedding_files(embeddings) if embeddings != "-" else [])
+    with output_lock(output):
+        return _build_locked(embeddings, output, factory, metric, add, keep_vectors, seed)
+
+
+def _build_locked(embeddings: str, output: str, factory: str, metric: str | None, add: bool, keep_vectors: bool, seed: int) -> tuple[dict, str]:
     import faiss
 
     matrix, ids, meta = load_embeddings(embeddings)
     if len(matrix) == 0:
         raise UllmeError(f"{embeddings}: no embeddings (empty input)")
-    if meta.get("kind") == "query":
+    missing = [k for k in (*SETUP_FIELDS, "kind", "dtype", "corpus_fingerprint") if k not in meta]
+    if missing:
+        raise UllmeError(f"{embeddings}: its meta has no '{missing[0]}' (made by an older ullme, or by hand); encode it again")
+    if meta["kind"] == "query":
         raise UllmeError(f"{embeddings}: these are query embeddings; index passages (encode --kind passage)")
-    binary = meta.get("dtype") == "binary"
+    check_vectors(embeddings, matrix, ids)
+    binary = meta["dtype"] == "binary"
     vectors = np.ascontiguousarray(dequantize(matrix, meta))
     dim = vectors.shape[1]
     out = Path(output)
@@ -128,18 +195,18 @@ def build_index(
         manifest = read_manifest(out)
         if manifest["dim"] != dim:
             raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({manifest['dim']}) in {output}")
-        _check_provenance(meta, manifest, "index", embeddings)
+        require_same_setup(meta, manifest, embeddings, f"the index {output}", keys=ADD_KEYS)
+        if meta["corpus_fingerprint"] in manifest.get("corpora", []):
+            raise UllmeError(f"{embeddings}: this corpus (the same ids and texts) is in the index {output} already")
         index = load_faiss_index(out)
         old_ids = read_ids(out)
         clash = set(old_ids) & set(ids)
         if clash:
             raise UllmeError(f"{embeddings}: id '{sorted(clash)[0]}' is already in the index {output}")
         factory, metric = manifest["factory"], manifest["metric"]
+        manifest["corpora"] = [*manifest.get("corpora", []), meta["corpus_fingerprint"]]
     else:
-        if out.exists() and any(out.iterdir()):
-            if not (out / MANIFEST_FILE).exists():
-                raise UllmeError(f"{output}: folder exists and is not an ullme index; choose another -o")
-        metric = metric or ("ip" if meta.get("normalized", True) else "l2")
+        metric = metric or ("ip" if meta["normalize"] else "l2")
         if metric not in METRICS:
             raise UllmeError(f"unknown --metric '{metric}' (choose from ip, l2)")
         if factory == "auto":
@@ -156,10 +223,10 @@ def build_index(
             sample = vectors[np.random.default_rng(seed).choice(len(vectors), sample_size, replace=False)]
             index.train(sample)
         manifest = {
-            **{k: meta.get(k) for k in PROVENANCE},
-            "metric": metric, "factory": factory, "dim": dim, "dtype": meta.get("dtype", "float32"),
-            "normalized": meta.get("normalized", True), "nprobe": default_nprobe(factory),
-            "ef_search": DEFAULT_EF_SEARCH if "HNSW" in factory else None, "ullme_version": __version__,
+            **{k: meta[k] for k in SETUP_FIELDS}, "truncate_dim": meta.get("truncate_dim"),
+            "corpora": [meta["corpus_fingerprint"]], "metric": metric, "factory": factory, "dim": dim, "dtype": meta["dtype"],
+            "nprobe": default_nprobe(factory), "ef_search": DEFAULT_EF_SEARCH if "HNSW" in factory else None,
+            "ullme_version": __version__,
         }  # fmt: skip
     index.add(vectors)
     manifest["count"] = index.ntotal

@@ -3,6 +3,7 @@
 For each training query, search the corpus exactly, skip the top `skip` ranks (likely unlabelled
 positives) and the known positives, and keep the next `negatives` passages. The corpus embeddings are
 cached next to the output (or taken from `--corpus-embeddings`), so a rerun does not encode them again.
+They are reused only when their setup (model fingerprint included) and corpus fingerprint match.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.artifacts import atomic_path, dequantize, load_embeddings
+from ullme_cli.artifacts import atomic_path, check_output, dequantize, load_embeddings, output_lock
 from ullme_cli.data import read_corpus, read_training_examples
-from ullme_cli.encoding import EncodeOptions, encode_corpus, load_embedder
+from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
+from ullme_cli.fingerprints import corpus_fingerprint
+from ullme_cli.model_setup import VECTOR_FIELDS, ModelSetup, Runtime, require_same_setup, setup_mismatch
 from ullme_cli.progress import stderr_console
+
+# What corpus embeddings must share with the model that mines: the vectors' setup and the passage side.
+CORPUS_KEYS = (*VECTOR_FIELDS, "passage_instruction")
 
 
 def _normal(text: str) -> str:
@@ -27,33 +33,57 @@ def mine_negatives(
     training: str,
     corpus: str,
     output: str,
-    options: EncodeOptions,
+    setup: ModelSetup,
+    runtime: Runtime = Runtime(),
     corpus_embeddings: str | None = None,
     negatives: int = 7,
     skip: int = 10,
     keep_existing: bool = False,
+    overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict:
-    import faiss
-
     if negatives < 1 or skip < 0:
         raise UllmeError("--negatives must be at least 1 and --skip at least 0")
-    examples, _ = read_training_examples(training)
-    records = read_corpus(corpus, options.input_format)
-    embedder = load_embedder(options)
+    check_output([output], [training, corpus, *([corpus_embeddings] if corpus_embeddings else [])], overwrite)
+    with output_lock(output):
+        return _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, negatives, skip, keep_existing, show_progress)
+
+
+def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddings: str | None, show_progress: bool) -> np.ndarray:
+    """The corpus's passage vectors: given, cached beside the output, or encoded now (and cached)."""
+    expected = {**embedder.setup.record(), "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}
     if corpus_embeddings is None:
         cache = Path(output).with_name(Path(output).name + ".cache") / "corpus.npy"
-        corpus_embeddings = str(cache)
+        reusable = False
         if cache.exists():
-            stderr_console.print(f"reusing corpus embeddings from {cache}", soft_wrap=True)
-        else:
-            encode_corpus(corpus, str(cache), EncodeOptions(**{**vars(options), "kind": "passage"}), show_progress=show_progress, embedder=embedder)
+            try:
+                _, _, meta = load_embeddings(str(cache))
+                problem = setup_mismatch(meta, expected, (*CORPUS_KEYS, "corpus_fingerprint"))
+            except UllmeError as e:
+                problem = str(e)
+            reusable = problem is None
+            stderr_console.print(f"reusing corpus embeddings from {cache}" if reusable else f"{cache}: stale ({problem}); encoding the corpus again", soft_wrap=True)
+        if not reusable:
+            encode_corpus(corpus, str(cache), embedder.setup, overwrite=True, show_progress=show_progress, embedder=embedder)
+        corpus_embeddings = str(cache)
     matrix, ids, meta = load_embeddings(corpus_embeddings)
-    if ids != [r.id for r in records]:
-        raise UllmeError(f"{corpus_embeddings}: its ids do not match {corpus}; delete it or pass the right --corpus-embeddings")
-    if meta.get("model") != embedder.config.model or meta.get("pooling") != embedder.config.pooling:
-        raise UllmeError(f"{corpus_embeddings}: made with {meta.get('model')}/{meta.get('pooling')}, not {embedder.config.model}/{embedder.config.pooling}")
-    vectors = np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32)
+    require_same_setup(meta, expected, corpus_embeddings, f"the model {embedder.setup.model}", keys=CORPUS_KEYS)
+    if meta.get("corpus_fingerprint") != expected["corpus_fingerprint"] or ids != [r.id for r in records]:
+        raise UllmeError(f"{corpus_embeddings}: made from another corpus than {corpus} (ids or texts differ); pass the right --corpus-embeddings")
+    return np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32)
+
+
+def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, negatives, skip, keep_existing, show_progress) -> dict:
+    import faiss
+
+    from ullme_cli.models.embedder import load_embedder
+
+    examples, _ = read_training_examples(training)
+    records = read_corpus(corpus)
+    embedder = load_embedder(setup, runtime)
+    vectors = _corpus_vectors(corpus, records, output, embedder, corpus_embeddings, show_progress)
+    if vectors.shape[1] != embedder.dim:
+        raise UllmeError(f"{corpus_embeddings}: vectors of dimension {vectors.shape[1]}, the model's are {embedder.dim} (truncated embeddings cannot be mined)")
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
 
@@ -84,4 +114,4 @@ def mine_negatives(
             short += len(chosen) < negatives
             example.negatives = chosen
             out.write(json.dumps(example.to_json()) + "\n")
-    return {"examples": len(examples), "corpus": len(records), "short": short, "cache": corpus_embeddings}
+    return {"examples": len(examples), "corpus": len(records), "short": short}

@@ -16,11 +16,11 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from ullme_cli.artifacts import STDIO, atomic_path, dequantize, load_embeddings
-from ullme_cli.errors import UllmeError
-from ullme_cli.progress import progress_bar
+from ullme_cli.artifacts import STDIO, atomic_path, check_output, dequantize, load_embeddings, output_lock
+from ullme_cli.errors import UllmeError, located
+from ullme_cli.model_setup import VECTOR_FIELDS, ModelSetup, Runtime, require_same_setup
+from ullme_cli.progress import progress_bar, stderr_console
 from ullme_cli.retrieval.index import (
-    PROVENANCE,
     VECTORS_FILE,
     load_faiss_index,
     read_ids,
@@ -50,12 +50,13 @@ def open_indexes(folders: list[str], mmap: bool = False) -> list[OpenIndex]:
         manifest = read_manifest(folder)
         vectors_path = Path(folder) / VECTORS_FILE
         vectors = np.load(vectors_path, mmap_mode="r") if vectors_path.exists() else None
-        opened.append(OpenIndex(folder, manifest, load_faiss_index(folder, mmap), read_ids(folder), vectors))
+        index, ids = load_faiss_index(folder, mmap), read_ids(folder)
+        if len(ids) != index.ntotal:
+            raise located(str(Path(folder) / "ids.jsonl"), None, f"{len(ids)} ids for {index.ntotal} vectors in the index; build it again")
+        opened.append(OpenIndex(folder, manifest, index, ids, vectors))
     first = opened[0].manifest
     for other in opened[1:]:
-        for key in (*PROVENANCE, "dim", "metric", "dtype"):
-            if other.manifest.get(key) != first.get(key):
-                raise UllmeError(f"{other.folder}: '{key}' differs from {opened[0].folder}; these indexes cannot be merged")
+        require_same_setup(other.manifest, first, other.folder, opened[0].folder, keys=(*VECTOR_FIELDS, "query_instruction", "truncate_dim", "dim", "metric", "dtype"))
     return opened
 
 
@@ -101,22 +102,22 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says."""
     if embeddings is not None:
         matrix, qids, meta = load_embeddings(embeddings)
-        for key in PROVENANCE:
-            if key in meta and key in manifest and meta[key] != manifest[key] and key != "query_instruction":
-                raise UllmeError(f"{embeddings}: '{key}' is {meta[key]!r} but the index has {manifest[key]!r}")
+        require_same_setup(meta, manifest, embeddings, "the index", keys=(*VECTOR_FIELDS, "truncate_dim"))
+        expected = ModelSetup.from_dict(manifest).instruction_template.format(instruction=manifest["query_instruction"]) if manifest["query_instruction"] else ""
+        if meta.get("kind") != "query":
+            stderr_console.print(f"warning: {embeddings} holds {meta.get('kind')} embeddings, not queries (encode --kind query)", soft_wrap=True)
+        elif meta.get("instruction") != expected:
+            stderr_console.print(f"warning: {embeddings} was encoded with the instruction {meta.get('instruction')!r}, the index's queries use {expected!r}", soft_wrap=True)
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
         raise UllmeError("search: give QUERIES (a file or -) or --embeddings")
     from ullme_cli.artifacts import quantize, truncate
     from ullme_cli.data import read_corpus
-    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.models.embedder import load_embedder
 
     records = read_corpus(queries, input_format)
-    embedder = Embedder.load(
-        manifest["model"], dtype=dtype, device=device, pooling=manifest.get("pooling"), attention=manifest.get("attention"),
-        max_length=manifest.get("max_length"), query_instruction=manifest.get("query_instruction"),
-        instruction_template=manifest.get("instruction_template"),
-    )  # fmt: skip
+    # The manifest's setup, fingerprint included: a model whose files changed since indexing is refused.
+    embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(dtype, device))
     texts = [r.text for r in records]
     parts = []
     with progress_bar("encode queries", total=len(texts), enabled=show_progress) as advance:
@@ -124,7 +125,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
             parts.append(embedder.encode(texts[start : start + QUERY_BATCH], kind="query"))
             advance(len(parts[-1]))
     matrix = np.concatenate(parts)
-    matrix = truncate(matrix, manifest.get("truncate_dim"), manifest.get("normalized", True))
+    matrix = truncate(matrix, manifest.get("truncate_dim"), manifest["normalize"])
     if manifest["dtype"] == "binary":
         matrix = quantize(matrix, "binary")
     return [r.id for r in records], np.ascontiguousarray(matrix)
@@ -201,11 +202,13 @@ def open_output(path: str) -> Iterator[TextIO]:
         yield out
 
 
-def write_results(results, output: str, fmt: str) -> int:
+def write_results(results, output: str, fmt: str, inputs=(), overwrite: bool = False) -> int:
     if fmt not in FORMATS:
         raise UllmeError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if output != STDIO:
+        check_output([output], inputs, overwrite)
     count = 0
-    with open_output(output) as out:
+    with output_lock(output), open_output(output) as out:
         for qid, hits in results:
             out.write(format_hits(qid, hits, fmt))
             count += 1

@@ -64,7 +64,7 @@ class StepLoss:
 
     def prompts(self, batch: list[TrainingExample]) -> list[str]:
         """The generation prompt of each example: generation_instruction + query (DESIGN.md §4)."""
-        return [self.embedder.config.generation_instruction + ex.query for ex in batch]
+        return [self.embedder.setup.generation_instruction + ex.query for ex in batch]
 
     def generation_scores(self, batch, positives, negatives, grad: bool) -> dict[str, torch.Tensor]:
         e = self.embedder

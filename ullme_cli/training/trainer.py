@@ -13,18 +13,22 @@ old checkpoint or the new one. `--resume` continues from the newest.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ullme_cli.artifacts import atomic_folder, atomic_write_text
+from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_write_text, check_output, output_lock
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
+from ullme_cli.fingerprints import tensors_fingerprint
+from ullme_cli.model_setup import Runtime
 from ullme_cli.progress import progress_bar, stderr_console
 from ullme_cli.recipes import Recipe, dump_recipe
 
@@ -82,9 +86,39 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(checkpoint: Path, params: dict, optimizer) -> int:
-    tensors = load_file(checkpoint / "state.safetensors")
-    scalars = json.loads((checkpoint / "trainer_state.json").read_text())
+def remove_staging_leftovers(folder: Path) -> None:
+    """Staging folders that a kill left behind (atomic_folder's `.NAME.staging-*`): never a finished output."""
+    for parent in (folder, folder / CHECKPOINTS):
+        for leftover in parent.glob(f".*{STAGING_MARK}*") if parent.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def read_checkpoint(checkpoint: Path) -> tuple[dict, dict]:
+    """The tensors and scalars of a checkpoint; UllmeError naming the file when either is unreadable."""
+    try:
+        tensors = load_file(checkpoint / "state.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+        raise UllmeError(f"{checkpoint / 'state.safetensors'}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        scalars = json.loads((checkpoint / "trainer_state.json").read_text())
+        if not isinstance(scalars, dict) or not {"step", "names", "param_groups"} <= set(scalars):
+            raise ValueError("fields missing")
+    except (OSError, ValueError) as e:
+        raise UllmeError(f"{checkpoint / 'trainer_state.json'}: unreadable ({e})") from None
+    return tensors, scalars
+
+
+def newest_complete_checkpoint(folder: Path) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint whose files read back whole; newer broken ones are reported and skipped."""
+    for checkpoint in sorted((folder / CHECKPOINTS).glob("step-*"), reverse=True):
+        try:
+            return (checkpoint, *read_checkpoint(checkpoint))
+        except UllmeError as e:
+            stderr_console.print(f"skipping a broken checkpoint: {e}", soft_wrap=True)
+    return None
+
+
+def load_checkpoint(checkpoint: Path, tensors: dict, scalars: dict, params: dict, optimizer) -> int:
     if scalars["names"] != list(params):
         raise UllmeError(f"{checkpoint}: its parameters do not match this recipe's model; start a new output_dir")
     with torch.no_grad():
@@ -100,39 +134,58 @@ def load_checkpoint(checkpoint: Path, params: dict, optimizer) -> int:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step`. A line torn by a kill mid-write (the last one) is dropped."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def evaluate_retrieval(embedder, task, out: Path, step: int) -> dict[str, float]:
+def evaluate_retrieval(embedder, task, out: Path, step: int, weights: str) -> dict[str, float]:
     """nDCG@10, recall@10 and MRR@10 of the model as it is at `step`, on the recipe's eval set.
 
-    mteb's own result files land in `<output_dir>/eval/`, one model name per step, so a resumed run
-    reuses the evaluations it already made.
+    mteb's own result files land in `<output_dir>/eval/`, keyed by the fingerprint of the weights at this
+    step, so a resumed run reuses the evaluations it already made, and other weights never do.
     """
     from ullme_cli.evaluation.instructions import load_instruction_table
     from ullme_cli.evaluation.runner import run_evaluation
 
     embedder.model.eval()
     try:
-        result = run_evaluation(embedder, f"{out.name}-step{step}", [task], str(out / "eval"), load_instruction_table(), show_progress=False)[0]
+        result = run_evaluation(embedder, f"{out.name}-step{step}", [task], str(out / "eval"), load_instruction_table(),
+                                show_progress=False, weights=weights)[0]  # fmt: skip
     finally:
         embedder.model.train()
     return {f"eval_{metric}": float(result.scores[metric]) for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10")}
 
 
 def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> dict:
+    t = recipe.train
+    out = Path(recipe.output_dir)
+    check_output([out], [recipe.data.train, recipe.model.model], overwrite=True, folder=True)
+    if not resume and latest_checkpoint(out) is not None:
+        raise UllmeError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, or pick another output_dir")
+    if not resume and (out / FINAL).exists():
+        raise UllmeError(f"{out}: holds a finished model of an earlier run; pick another output_dir")
+    # One lock per run: under torchrun or accelerate every process runs this, and rank 0 holds it for all.
+    with output_lock(out) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return _finetune_locked(recipe, out, resume, show_progress)
+
+
+def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: bool) -> dict:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.models.embedder import load_embedder
     from ullme_cli.training.step import StepLoss
 
     t = recipe.train
-    out = Path(recipe.output_dir)
-    if not resume and latest_checkpoint(out) is not None:
-        raise UllmeError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, or pick another output_dir")
     examples, skipped = read_training_examples(recipe.data.train, recipe.data.skip_bad_rows)
     if skipped:
         stderr_console.print(f"skipped {skipped} malformed rows of {recipe.data.train}", soft_wrap=True)
@@ -151,21 +204,22 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
         raise UllmeError(f"finetune: accelerate's {accelerator.distributed_type.value} is not supported yet; "
                          "use a multi-GPU or multi-CPU (DDP) accelerate config, with LoRA and train.grad_cache_chunk for memory")  # fmt: skip
     torch.manual_seed(t.seed)
-    embedder = Embedder.load(
-        recipe.model.name, dtype=recipe.model.dtype, device=str(accelerator.device), pooling=recipe.model.pooling,
-        attention=recipe.model.attention, query_instruction=recipe.model.query_instruction,
-        passage_instruction=recipe.model.passage_instruction, generation_instruction=recipe.model.generation_instruction,
-        max_length=recipe.model.max_length,
-    )  # fmt: skip
+    embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
+    base_fingerprint = embedder.setup.fingerprint
+    embedder.weights_changed()
     if recipe.lora.enabled:
         embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
     embedder.model.train()
     params = trainable_parameters(embedder)
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     step = 0
-    checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        step = load_checkpoint(checkpoint, params, optimizer)
+    if resume and accelerator.is_main_process:
+        remove_staging_leftovers(out)
+    accelerator.wait_for_everyone()
+    found = newest_complete_checkpoint(out) if resume else None
+    if found is not None:
+        checkpoint, tensors, scalars = found
+        step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer)
         stderr_console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
@@ -207,7 +261,8 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
                       "grad_norm": float(grad_norm), "steps_per_s": (step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
             evaluate_now = eval_task is not None and (step == t.steps or (recipe.eval.every and step % recipe.eval.every == 0))
             if evaluate_now and accelerator.is_main_process:
-                record.update(evaluate_retrieval(embedder, eval_task, out, step))
+                weights = tensors_fingerprint(params.items(), salt=base_fingerprint)
+                record.update(evaluate_retrieval(embedder, eval_task, out, step, weights))
             if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps or evaluate_now):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")

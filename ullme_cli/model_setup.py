@@ -1,0 +1,119 @@
+"""The setup record: the one declaration of how a text becomes a vector.
+
+`ModelSetup` holds everything that decides a vector: the model source and a fingerprint of its files,
+attention, pooling, instructions, template, max_length and normalization. `Runtime` holds what decides
+only where and how fast it is computed (dtype, device, trust_remote_code). Recipes, `encode`, the
+Embedder (`ullme.json`), embedding meta files and index manifests all carry the same record, and every
+place where two outputs meet (resume, join, index --add, search, mine, evaluate's cache) compares it
+with `require_same_setup`.
+
+This module imports nothing heavy, so the CLI and readers of meta files can use it freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, POOLINGS
+from ullme_cli.errors import UllmeError
+
+SETUP_FILE = "ullme.json"
+
+
+@dataclass
+class ModelSetup:
+    # A bundled name, an absolute model folder or .gguf path, or a hub id.
+    model: str = DEFAULT_MODEL
+    # Content hash of the model's files (weights, adapter, tokenizer, config); filled in when loaded.
+    fingerprint: str = ""
+    attention: str = "bidirectional"
+    pooling: str = "mean"
+    query_instruction: str = ""
+    passage_instruction: str = ""
+    # e5 / ULLME style; the instruction tokens are masked out of pooling.
+    instruction_template: str = "Instruct: {instruction}\nQuery: "
+    # GRL scores log p(passage | generation_instruction + query) causally.
+    generation_instruction: str = ""
+    max_length: int = 512
+    padding_side: str = "right"
+    normalize: bool = True
+
+    def validate(self) -> "ModelSetup":
+        if self.pooling not in POOLINGS:
+            raise UllmeError(f"unknown pooling '{self.pooling}' (choose from {', '.join(POOLINGS)})")
+        if self.attention not in ATTENTION_MODES:
+            raise UllmeError(f"unknown attention mode '{self.attention}' (choose from {', '.join(ATTENTION_MODES)})")
+        if self.padding_side not in ("left", "right"):
+            raise UllmeError(f"padding_side must be 'left' or 'right', got '{self.padding_side}'")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise UllmeError(f"max_length must be at least 2, got {self.max_length}")
+        if "{instruction}" not in self.instruction_template:
+            raise UllmeError("instruction_template must contain '{instruction}'")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSetup":
+        """The setup fields of `values` (a meta file, a manifest, ullme.json); other keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known}).validate()
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **overrides) -> "ModelSetup":
+        """A copy with `overrides` applied; None means keep."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+SETUP_FIELDS = tuple(f.name for f in fields(ModelSetup))
+# What decides the vectors themselves. The source path is not among them: the same files moved elsewhere
+# make the same vectors, and the fingerprint tells when the files changed.
+VECTOR_FIELDS = ("fingerprint", "attention", "pooling", "instruction_template", "max_length", "normalize")
+
+
+def is_local_path(name: str) -> bool:
+    return Path(name).exists() or name.startswith((".", "/", "~"))
+
+
+def resolve_setup(model: str = DEFAULT_MODEL, **overrides) -> ModelSetup:
+    """The setup to load: the saved one of an Embedder folder (or the defaults), with `overrides` applied.
+
+    A local path is made absolute, so a manifest that names it works from any working folder.
+    """
+    source = str(Path(model).expanduser().resolve()) if is_local_path(model) else model
+    saved = Path(source) / SETUP_FILE
+    base = ModelSetup(model=source)
+    if saved.is_file():
+        from ullme_cli.data import read_json_object
+
+        base = ModelSetup.from_dict({**read_json_object(saved), "model": source, "fingerprint": ""})
+    return base.replace(**overrides)
+
+
+def setup_mismatch(found: dict, expected: dict, keys=VECTOR_FIELDS) -> str | None:
+    """The first key of `keys` on which two setup records (meta files, manifests) disagree, described."""
+    for key in keys:
+        if found.get(key) != expected.get(key):
+            if key == "fingerprint":
+                return f"the model files differ (fingerprint {str(found.get(key))[:12]} against {str(expected.get(key))[:12]})"
+            return f"'{key}' is {found.get(key)!r} here but {expected.get(key)!r} there"
+    return None
+
+
+def require_same_setup(found: dict, expected: dict, found_name: str, expected_name: str, keys=VECTOR_FIELDS) -> None:
+    """Refuse to combine outputs made by different setups (or, with the fingerprint, different weights)."""
+    if "fingerprint" in keys and not (found.get("fingerprint") and expected.get("fingerprint")):
+        older = found_name if not found.get("fingerprint") else expected_name
+        raise UllmeError(f"{older}: has no model fingerprint (made by an older ullme); make it again")
+    problem = setup_mismatch(found, expected, keys)
+    if problem:
+        raise UllmeError(f"{found_name}: made with another model setup than {expected_name}: {problem}")
