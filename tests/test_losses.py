@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ullme_cli.losses import DPOLoss, GRLLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
+from ullme_cli.losses import DPOLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
 
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 P = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
@@ -78,17 +78,34 @@ def test_mntp_predicts_masked_tokens_from_the_previous_position():
     assert MNTPLoss()(logits, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_grl_is_the_weighted_sum_of_its_parts():
+def test_grl_terms_are_the_ones_training_assembles():
+    """StepLoss (what `finetune` runs) builds GRL's parts under one set of names, with the paper's λ."""
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+
     negatives = N.expand(2, 1, 2)
     means = torch.tensor([[-1.0, -2.0], [-1.5, -1.0]])
     sums = torch.tensor([[-5.0, -9.0], [-7.0, -4.0]])
-    refs = torch.tensor([[-6.0, -8.0], [-7.0, -5.0]])
-    loss = GRLLoss(lambda_cl=1.0, lambda_dpo=0.5, lambda_kl=2.0, temperature=0.5)
-    total, parts = loss(Q, P, negatives, means, sums, refs)
+    step = StepLoss(None, LossSection(strategy="grl", temperature=0.5, reference_free=True), negatives_per_query=1)
+    assert step.weights == {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0}
+    parts = step.embedding_terms(Q, P, negatives, None, means)
+    parts.update(step.generation_terms(None, None, [["n"]] * 2, {"sum": sums, "mean": means}))
     cl = InfoNCELoss(0.5)(Q, P, torch.cat([N, N]))
-    dpo = DPOLoss(0.1)(sums[:, 0], sums[:, 1], refs[:, 0], refs[:, 1])
+    dpo = DPOLoss(0.1, reference_free=True)(sums[:, 0], sums[:, 1])
     scores = torch.stack([(Q * P).sum(1), (Q * N).sum(1)], dim=1)
     kl = RelevanceKLLoss(0.1, 1.0)(scores, means)
-    assert parts["cl"].item() == pytest.approx(cl.item()) and parts["dpo"].item() == pytest.approx(dpo.item())
+    assert set(parts) == {"contrastive", "dpo", "kl"}
+    assert parts["contrastive"].item() == pytest.approx(cl.item()) and parts["dpo"].item() == pytest.approx(dpo.item())
     assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
-    assert total.item() == pytest.approx(cl.item() + 0.5 * dpo.item() + 2.0 * kl.item(), rel=1e-5)
+
+
+def test_ipo_scores_token_means_and_sigmoid_sums_unless_told():
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+
+    means, sums = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-5.0, -9.0]])
+    generation = {"sum": sums, "mean": means}
+    for variant, logprob, expected in [("ipo", "auto", means), ("sigmoid", "auto", sums), ("ipo", "sum", sums), ("sigmoid", "mean", means)]:
+        loss = LossSection(strategy="dpo", dpo_variant=variant, dpo_logprob=logprob, reference_free=True)
+        part = StepLoss(None, loss, negatives_per_query=1).generation_terms(None, None, [["n"]], generation)["dpo"]
+        assert part.item() == pytest.approx(DPOLoss(0.1, variant, True)(expected[:, 0], expected[:, 1]).item())

@@ -41,15 +41,27 @@ def test_text_truncated_inside_its_instruction_falls_back_to_all_tokens():
     torch.testing.assert_close(pooled[0], STATES[0, :3].mean(0))
 
 
-def test_latent_attention_is_trainable_and_round_trips(tmp_path):
-    head = LatentAttentionPooling(hidden_size=16, num_latents=8, num_heads=4)
+@pytest.mark.parametrize("form", ["released", "paper"])
+def test_latent_attention_is_trainable_and_round_trips(tmp_path, form):
+    head = LatentAttentionPooling(hidden_size=16, num_latents=8, num_heads=4, form=form)
     states = torch.randn(2, 5, 16)
-    out = head(states, RIGHT)
-    out.sum().backward()
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    for _ in range(2):  # the released form's zero-initialized output layers pass gradients on after one step
+        optimizer.zero_grad()
+        head(states, RIGHT).pow(2).sum().backward()
+        optimizer.step()
     assert head.latents.grad is not None and head.latents.grad.abs().sum() > 0
+    out = head(states, RIGHT).detach()
     head.save(tmp_path)
     again = LatentAttentionPooling.load(tmp_path)
-    torch.testing.assert_close(again(states, RIGHT), out.detach())
+    assert again.form == form
+    torch.testing.assert_close(again(states, RIGHT), out)
+
+
+def test_an_untrained_released_latent_head_is_mean_pooling():
+    states = torch.randn(2, 5, 16) * 10
+    head = LatentAttentionPooling(hidden_size=16, num_latents=8, num_heads=4)
+    torch.testing.assert_close(head(states, RIGHT), Pooler("mean", 16)(states, RIGHT, RIGHT))
 
 
 def test_unknown_pooling_is_a_clear_error():

@@ -223,3 +223,30 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_tolerates_a_torn_metrics
     again = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
     for name, tensor in finished.items():
         np.testing.assert_allclose(again[name].numpy(), tensor.numpy(), atol=1e-6)
+
+
+def test_fp16_trains_with_a_loss_scaler_whose_state_makes_resume_exact(tiny_llama, tmp_path):
+    """fp16 autocast runs on CPU here, so the scaler's logic (skipped overflow steps, the scale in the
+    checkpoint) is tested for real; a GPU run is the same code with device 'cuda'."""
+    recipe = {
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 32},
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"train": str(RESOURCES / "trecqa-train" / "train.jsonl")},
+        "loss": {"strategy": "grl"},
+        "train": {"steps": 8, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 1, "keep_checkpoints": 8,
+                  "mixed_precision": "fp16", "grad_cache_chunk": 2, "learning_rate": 1e-2},
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert run_cli("finetune", tmp_path / "r.yaml", "-q").returncode == 0
+    run = tmp_path / "run"
+    scales = [json.loads((c / "trainer_state.json").read_text())["grad_scaler"]["scale"] for c in sorted((run / "checkpoints").glob("step-*"))]
+    assert scales[0] < 65536 and scales[-1] == scales[-2]  # overflowing steps shrank the scale, then steps applied
+    finished = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for n, t in finished.items() if "lora_B" in n)  # some steps were taken
+    for later in ("step-0000007", "step-0000008"):
+        shutil.rmtree(run / "checkpoints" / later)
+    shutil.rmtree(run / "model")
+    resumed = run_cli("finetune", tmp_path / "r.yaml", "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    again = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in finished.items():
+        np.testing.assert_array_equal(again[name].numpy(), tensor.numpy())

@@ -1,7 +1,7 @@
 """Names shared by the CLI and the core; importing this module loads no heavy library."""
 
 DEFAULT_MODEL = "smollm2-135m"
-POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention")
+POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention", "latent-attention-paper")
 ATTENTION_MODES = ("bidirectional", "causal")
 KINDS = ("query", "passage")
 OUT_DTYPES = ("float32", "float16", "int8", "binary")

@@ -34,8 +34,10 @@ class ModelSetup:
     passage_instruction: str = ""
     # e5 / ULLME style; the instruction tokens are masked out of pooling.
     instruction_template: str = "Instruct: {instruction}\nQuery: "
-    # GRL scores log p(passage | generation_instruction + query) causally.
+    # GRL scores log p(passage | generation_instruction + query + generation_separator) causally. The
+    # separator keeps "hamlet?" and "Shakespeare" apart as a tokenizer would see them in running text.
     generation_instruction: str = ""
+    generation_separator: str = "\n"
     max_length: int = 512
     padding_side: str = "right"
     normalize: bool = True

@@ -71,6 +71,7 @@ class LossSection:
     kl_direction: str = "rt||gen"
     beta: float = 0.1
     dpo_variant: str = "sigmoid"
+    dpo_logprob: str = "auto"  # sum | mean | auto (mean for ipo, sum for sigmoid and hinge)
     reference_free: bool = False
     mask_probability: float = 0.2
 
@@ -179,6 +180,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("loss.kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'")
     if recipe.loss.dpo_variant not in ("sigmoid", "hinge", "ipo"):
         bad("loss.dpo_variant", "must be sigmoid, hinge or ipo")
+    if recipe.loss.dpo_logprob not in ("auto", "sum", "mean"):
+        bad("loss.dpo_logprob", "must be auto, sum or mean")
     for key in ("temperature", "tau_kl", "tau_gen", "beta"):
         if getattr(recipe.loss, key) <= 0:
             bad(f"loss.{key}", "must be positive")

@@ -3,15 +3,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each process the gradient of its own rows, summed over every
+    process's loss. Built on the public collectives (`all_gather`, `all_reduce`), which gloo and NCCL both
+    have; torch.distributed.nn.functional.all_gather is deprecated as of torch 2.13."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All processes' rows, keeping gradients for the local ones; returns (gathered, offset of ours)."""
+    """All processes' rows (equal counts), keeping gradients for the local ones; returns (gathered, offset of ours)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
 class InfoNCELoss(nn.Module):

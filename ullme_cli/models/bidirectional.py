@@ -118,6 +118,26 @@ def hidden_states(
         return body(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
 
 
+def lm_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (batch, len(keep) or L, vocab) exactly as the model's own causal-LM head gives them.
+
+    The model's forward applies whatever its family adds after the LM head (Gemma's softcapping, Granite's
+    `logits_scaling`, Cohere's `logit_scale`, ...), so no family is special-cased here. `keep` lists the
+    sequence positions whose logits are needed (transformers' `logits_to_keep`); None keeps all.
+    """
+    kwargs = dict(input_ids=input_ids, position_ids=position_ids_for(attention_mask), logits_to_keep=keep if keep is not None else 0, use_cache=False)
+    if mode == "causal":
+        return model(attention_mask=attention_mask, **kwargs).logits
+    if mode != "bidirectional":
+        raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
+    body = decoder_of(model)
+    mask = bidirectional_mask(attention_mask, body.get_input_embeddings().weight.dtype)
+    with non_causal_modules(body):
+        return model(attention_mask=mask, **kwargs).logits
+
+
 @torch.inference_mode()
 def verify_bidirectional(model: nn.Module, token_ids: tuple[int, int, int, int] = (1, 2, 3, 4)) -> None:
     """Prove on this very model that bidirectional mode reaches backwards, and causal mode does not.

@@ -22,7 +22,7 @@ from ullme_cli.artifacts import atomic_folder
 from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, require_same_setup, resolve_setup
-from ullme_cli.models.bidirectional import decoder_of, hidden_states, verify_bidirectional
+from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, verify_bidirectional
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
     load_adapter,
@@ -102,7 +102,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     model.to(device).eval()
     tokenizer = load_tokenizer(source, runtime.trust_remote_code)
     latent = None
-    if setup.pooling == "latent-attention" and (folder / LATENT_WEIGHTS).exists():
+    if setup.pooling.startswith("latent-attention") and (folder / LATENT_WEIGHTS).exists():
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
     if verify and setup.attention == "bidirectional":
@@ -186,7 +186,7 @@ class Embedder:
         else:
             model.save_pretrained(staging, safe_serialization=True)
         self.tokenizer.save_pretrained(staging)
-        if self.setup.pooling == "latent-attention":
+        if self.setup.pooling.startswith("latent-attention"):
             self.pooler.latent.save(staging)
         # The fingerprint describes files, and is computed from them when the folder is loaded.
         record = {k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}
@@ -296,10 +296,12 @@ class Embedder:
     def generation_logprobs(
         self, prompts: Sequence[str], continuations: Sequence[str], grad: bool = False
     ) -> dict[str, torch.Tensor]:
-        """log p(continuation | prompt) under causal attention, on the same weights.
+        """log p(continuation | prompt) under causal attention, on the same weights, with the logits of the
+        model's own causal-LM head (family logit scales included).
 
         Returns per pair: `sum` and `mean` of the continuation's token log-probabilities, and `tokens`.
-        Only continuation positions go through the LM head, which keeps large vocabularies affordable.
+        Only positions that predict a continuation token go through the LM head, which keeps large
+        vocabularies affordable.
         """
         rows = self.generation_pairs(prompts, continuations)
         length = max(len(p) + len(c) for p, c in rows)
@@ -307,21 +309,28 @@ class Embedder:
         mask = torch.zeros_like(ids)
         targets = torch.zeros_like(ids, dtype=torch.bool)
         for row, (p, c) in enumerate(rows):
-            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[row, : len(p) + len(c)] = 1
-            targets[row, len(p) : len(p) + len(c)] = True
+            start = length - len(p) - len(c) if self.setup.padding_side == "left" else 0
+            ids[row, start : start + len(p) + len(c)] = torch.tensor(p + c)
+            mask[row, start : start + len(p) + len(c)] = 1
+            targets[row, start + len(p) : start + len(p) + len(c)] = True
         ids, mask, targets = ids.to(self.device), mask.to(self.device), targets.to(self.device)
+        # The state at position t-1 predicts token t: keep the positions that predict some row's target.
+        predictors = torch.zeros_like(targets)
+        predictors[:, :-1] = targets[:, 1:]
+        keep = predictors.any(0).nonzero().squeeze(-1)
         with torch.set_grad_enabled(grad):
-            states = hidden_states(self.model, ids, mask, "causal")
-            # The state at position t-1 predicts token t.
-            predictors = targets[:, 1:]
-            selected = states[:, :-1][predictors]
-            logits = self.output_logits(selected).float()
-            token_logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:][predictors].unsqueeze(-1)).squeeze(-1)
-            row_of = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(predictors)[predictors]
+            logits = lm_logits(self.model, ids, mask, "causal", keep).float()
+            kept = predictors[:, keep]
+            next_tokens = ids[:, keep + 1][kept]
+            token_logprobs = logits[kept].log_softmax(-1).gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
+            row_of = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(kept)[kept]
             total = torch.zeros(len(rows), device=self.device).index_add(0, row_of, token_logprobs)
-            count = predictors.sum(-1).clamp(min=1)
+            count = kept.sum(-1).clamp(min=1)
         return {"sum": total, "mean": total / count, "tokens": count}
+
+    def generation_prompt(self, query: str) -> str:
+        """The prompt whose continuation GRL, DPO and SFT score: instruction, query, separator."""
+        return self.setup.generation_instruction + query + self.setup.generation_separator
 
     def generation_pairs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         """Token ids (prompt, continuation) per pair, cut to max_length: continuation to half, prompt from the left."""
@@ -336,9 +345,3 @@ class Embedder:
             p = p[-max(1, budget - len(c)) :]  # keep the end of the prompt, next to the continuation
             rows.append((p, c))
         return rows
-
-    def output_logits(self, states: torch.Tensor) -> torch.Tensor:
-        model = self.model.get_base_model() if self.has_adapter else self.model
-        logits = model.get_output_embeddings()(states)
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits

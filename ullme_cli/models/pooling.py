@@ -47,26 +47,56 @@ def position_weights(content_mask: torch.Tensor) -> torch.Tensor:
     return content_mask.long().cumsum(-1) * content_mask.long()
 
 
-class LatentAttentionPooling(nn.Module):
-    """NV-Embed latent attention (Lee et al., 2024): token states query a trainable latent array.
+class GEGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gates = x.chunk(2, dim=-1)
+        return x * nn.functional.gelu(gates)
 
-    O = softmax(Q Kᵀ/√d_h) V with Q = H W_q and K = V-source = latents (r × d), per head;
-    Y = O W_o + MLP(O W_o); the vector is the mean of Y over content tokens.
+
+class LatentAttentionPooling(nn.Module):
+    """NV-Embed latent attention (Lee et al., 2024): token states query a trainable latent array (r × d).
+
+    form "released" (default; NV-Embed's published model code), pre-norm with residuals:
+        X = H + Attn(LN(H), LN_c(latents))      Y = X + FF(LN(X)),  FF = Linear(d, 8d) · GEGLU · Linear(4d, d)
+    form "paper" (the paper's formula):
+        O = Attn(H, latents)                    Y = O + MLP(O),     MLP = Linear(d, 4d) · GELU · Linear(4d, d)
+    Attn has `num_heads` heads, queries from the tokens, keys and values from the latents. The vector is the
+    mean of Y over content tokens. In the released form the attention output and the FF's last layer start
+    at zero, so an untrained head gives exactly mean pooling, and training moves it from there.
     """
 
-    def __init__(self, hidden_size: int, num_latents: int = 512, num_heads: int = 8):
+    FORMS = ("released", "paper")
+
+    def __init__(self, hidden_size: int, num_latents: int = 512, num_heads: int = 8, form: str = "released"):
         super().__init__()
         if hidden_size % num_heads:
             raise UllmeError(f"latent attention: hidden size {hidden_size} is not divisible by {num_heads} heads")
-        self.config = {"hidden_size": hidden_size, "num_latents": num_latents, "num_heads": num_heads}
+        if form not in self.FORMS:
+            raise UllmeError(f"latent attention: unknown form '{form}' (choose from {', '.join(self.FORMS)})")
+        self.form = form
+        self.config = {"hidden_size": hidden_size, "num_latents": num_latents, "num_heads": num_heads, "form": form}
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_size) * hidden_size**-0.5)
         self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size))
+        if form == "paper":
+            self.mlp = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size))
+            return
+        self.norm = nn.LayerNorm(hidden_size)
+        self.norm_latents = nn.LayerNorm(hidden_size)
+        self.norm_ff = nn.LayerNorm(hidden_size)
+        self.ff = nn.Sequential(nn.Linear(hidden_size, 8 * hidden_size), GEGLU(), nn.Linear(4 * hidden_size, hidden_size))
+        for zero in (self.attention.out_proj, self.ff[-1]):
+            nn.init.zeros_(zero.weight)
+            nn.init.zeros_(zero.bias)
 
     def forward(self, states: torch.Tensor, content_mask: torch.Tensor) -> torch.Tensor:
         latents = self.latents.to(states.dtype).unsqueeze(0).expand(states.shape[0], -1, -1)
-        attended, _ = self.attention(states, latents, latents, need_weights=False)
-        return masked_mean(attended + self.mlp(attended), content_mask)
+        if self.form == "paper":
+            attended, _ = self.attention(states, latents, latents, need_weights=False)
+            return masked_mean(attended + self.mlp(attended), content_mask)
+        context = self.norm_latents(latents)
+        attended, _ = self.attention(self.norm(states), context, context, need_weights=False)
+        x = states + attended
+        return masked_mean(x + self.ff(self.norm_ff(x)), content_mask)
 
     def save(self, folder: Path) -> None:
         save_file({k: v.detach().contiguous().float().cpu() for k, v in self.state_dict().items()}, folder / LATENT_WEIGHTS)
@@ -74,7 +104,8 @@ class LatentAttentionPooling(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> "LatentAttentionPooling":
-        head = cls(**json.loads((folder / LATENT_CONFIG).read_text()))
+        config = json.loads((folder / LATENT_CONFIG).read_text())
+        head = cls(**{"form": "paper", **config})  # heads saved before the released form existed are the paper's
         head.load_state_dict(load_file(folder / LATENT_WEIGHTS))
         return head
 
@@ -83,8 +114,8 @@ class Pooler(nn.Module):
     def __init__(self, name: str, hidden_size: int, latent: LatentAttentionPooling | None = None):
         super().__init__()
         self.name = check_pooling(name)
-        if name == "latent-attention":
-            self.latent = latent or LatentAttentionPooling(hidden_size)
+        if name.startswith("latent-attention"):
+            self.latent = latent or LatentAttentionPooling(hidden_size, form="paper" if name.endswith("-paper") else "released")
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor, content_mask: torch.Tensor) -> torch.Tensor:
         # A text truncated inside its instruction has no content tokens: pool its real tokens instead.

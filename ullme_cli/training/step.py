@@ -6,27 +6,50 @@ and backpropagate. Only what a component needs is computed.
 
 GradCache (Gao et al., 2021) when `chunk_size` is set: embed every chunk without gradients, take the
 loss's gradient with respect to the embeddings, then embed each chunk again with gradients (replaying its
-RNG state, so dropout masks match) and backpropagate the cached gradient. Memory then depends on the
-chunk, not the batch. Generation terms are per-example, so they are backpropagated chunk by chunk.
+RNG state on the CPU and on the GPU, so dropout masks match) and backpropagate the cached gradient.
+Memory then depends on the chunk, not the batch. Generation terms are per-example, so they are
+backpropagated chunk by chunk.
+
+Every backward starts from `self.scale(loss)`: the identity, or an fp16 gradient scaler's `scale`.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 from ullme_cli.data import TrainingExample
 from ullme_cli.losses import DPOLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
 from ullme_cli.losses.kl import candidate_scores
-from ullme_cli.models.bidirectional import hidden_states
+from ullme_cli.models.bidirectional import lm_logits
 from ullme_cli.recipes import LossSection
 
 EMBEDDING_TERMS = {"contrastive", "kl", "simcse"}
 GENERATION_TERMS = {"dpo", "sft", "kl"}
 
 
+def rng_state(device: torch.device) -> tuple:
+    """The CPU generator's state, and the GPU's where the model runs on one."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def replayed_rng(state: tuple, device: torch.device) -> Iterator[None]:
+    """Run a block from a saved RNG state on every device in use, and restore the states after it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
 class StepLoss:
-    def __init__(self, embedder, loss: LossSection, negatives_per_query: int, chunk_size: int = 0):
+    def __init__(self, embedder, loss: LossSection, negatives_per_query: int, chunk_size: int = 0,
+                 scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss):  # fmt: skip
         self.embedder = embedder
+        self.scale = scale
         self.weights = loss.resolved_weights()
         self.negatives_per_query = negatives_per_query
         self.chunk_size = chunk_size
@@ -35,6 +58,8 @@ class StepLoss:
         self.mntp = MNTPLoss()
         self.sft = SFTLoss()
         self.dpo = DPOLoss(loss.beta, loss.dpo_variant, loss.reference_free)
+        # IPO's 1/(2β) margin is meant for token means (TRL, the ULLME code); sigmoid and hinge use sums.
+        self.dpo_score = loss.dpo_logprob if loss.dpo_logprob != "auto" else ("mean" if loss.dpo_variant == "ipo" else "sum")
         self.kl = RelevanceKLLoss(loss.tau_kl, loss.tau_gen, loss.kl_direction)
         self.mask_probability = loss.mask_probability
 
@@ -74,13 +99,13 @@ class StepLoss:
         scores = e.generation_logprobs(flat_prompts, [t for row in rows for t in row], grad=grad)
         return {k: v.reshape(len(batch), -1) for k, v in scores.items()}
 
-    def reference_sums(self, batch, chosen, rejected):
+    def reference_scores(self, batch, chosen, rejected):
         if self.dpo.reference_free:
             return None, None
         e = self.embedder
         prompts = self.prompts(batch)
         with torch.no_grad(), e.model.disable_adapter():  # the reference: the same weights, adapters off
-            scores = e.generation_logprobs(prompts + prompts, list(chosen) + list(rejected))["sum"]
+            scores = e.generation_logprobs(prompts + prompts, list(chosen) + list(rejected))[self.dpo_score]
         return scores[: len(prompts)], scores[len(prompts) :]
 
     def embedding_terms(self, q, p, neg, simcse_views, generation_means) -> dict[str, torch.Tensor]:
@@ -99,8 +124,9 @@ class StepLoss:
         if "sft" in w:
             parts["sft"] = self.sft(generation["sum"][:, 0], generation["tokens"][:, 0] if sft_tokens is None else sft_tokens)
         if "dpo" in w:
-            reference = self.reference_sums(batch, positives, [row[0] for row in negatives])
-            parts["dpo"] = self.dpo(generation["sum"][:, 0], generation["sum"][:, 1], *reference)
+            reference = self.reference_scores(batch, positives, [row[0] for row in negatives])
+            policy = generation[self.dpo_score]
+            parts["dpo"] = self.dpo(policy[:, 0], policy[:, 1], *reference)
         return parts
 
     def mntp_loss(self, texts: list[str], generator: torch.Generator) -> torch.Tensor:
@@ -108,8 +134,7 @@ class StepLoss:
         batch = e.collate(e.tokenize(texts, "passage"))
         mask_id = e.tokenizer.mask_token_id if e.tokenizer.mask_token_id is not None else e.tokenizer.pad_token_id
         masked, labels = mask_tokens(batch.input_ids, batch.attention_mask, mask_id, self.mask_probability, generator)
-        states = hidden_states(e.model, masked, batch.attention_mask, "bidirectional")
-        return self.mntp(e.output_logits(states), labels)
+        return self.mntp(lm_logits(e.model, masked, batch.attention_mask, "bidirectional"), labels)
 
     # ------------------------------------------------------------------ the step
     def backward(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[float, dict[str, float]]:
@@ -136,11 +161,11 @@ class StepLoss:
         if "mntp" in w:
             parts["mntp"] = self.mntp_loss(positives, generator)
         total = sum(w[name] * value for name, value in parts.items())
-        total.backward()
+        self.scale(total).backward()
         return float(total.detach()), {name: float(value.detach()) for name, value in parts.items()}
 
     def _backward_grad_cache(self, batch, generator) -> tuple[float, dict[str, float]]:
-        w = self.weights
+        w, e = self.weights, self.embedder
         if {"simcse", "mntp"} & set(w):
             raise NotImplementedError("GradCache covers contrastive, kl, dpo and sft; set train.grad_cache_chunk: 0")
         positives, negatives = self.candidates(batch, generator)
@@ -149,7 +174,7 @@ class StepLoss:
             "q": ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),
             "p": (positives, "passage", None),
             "neg": ([t for row in negatives for t in row], "passage", None),
-        }
+        } if EMBEDDING_TERMS & set(w) else {}  # fmt: skip
         chunks = {role: self._chunks(len(texts)) for role, (texts, _, _) in roles.items()}
         # 1. Embed every chunk without gradients, remembering the RNG state each chunk started from.
         cached, rng = {}, {}
@@ -157,13 +182,12 @@ class StepLoss:
             for role, (texts, kind, instr) in roles.items():
                 pieces = []
                 for start, stop in chunks[role]:
-                    rng[(role, start)] = torch.get_rng_state()
+                    rng[(role, start)] = rng_state(e.device)
                     pieces.append(self.embed(texts[start:stop], kind, instr[start:stop] if instr else None))
                 cached[role] = torch.cat(pieces).requires_grad_()
         # 2. Generation scores: per-example terms, backpropagated chunk by chunk (weighted by chunk share).
         parts_value: dict[str, float] = {}
         means = []
-        e = self.embedder
         # SFT is token-weighted over the batch, so each chunk divides by the batch's token count.
         sft_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(self.prompts(batch), positives)), device=e.device)
         for start, stop in self._chunks(len(batch)) if GENERATION_TERMS & set(w) else []:
@@ -173,23 +197,21 @@ class StepLoss:
             terms = self.generation_terms(sub, positives[start:stop], negatives[start:stop], generation, sft_tokens)
             if terms:
                 shares = {k: 1.0 if k == "sft" else len(sub) / len(batch) for k in terms}  # dpo is a mean over rows
-                sum(w[k] * v * shares[k] for k, v in terms.items()).backward()
+                self.scale(sum(w[k] * v * shares[k] for k, v in terms.items())).backward()
                 for k, v in terms.items():
                     parts_value[k] = parts_value.get(k, 0.0) + float(v.detach()) * shares[k]
         # 3. Embedding terms on the cached embeddings, then their gradients pushed back chunk by chunk.
-        q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
-        terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None)
-        embedding_total = sum(w[k] * v for k, v in terms.items())
-        embedding_total.backward()
-        for role, (texts, kind, instr) in roles.items():
-            gradient = cached[role].grad
-            for start, stop in chunks[role]:
-                saved = torch.get_rng_state()
-                torch.set_rng_state(rng[(role, start)])  # replay the chunk's dropout masks
-                again = self.embed(texts[start:stop], kind, instr[start:stop] if instr else None)
-                torch.set_rng_state(saved)
-                again.backward(gradient[start:stop])
-        parts_value.update({k: float(v.detach()) for k, v in terms.items()})
+        if roles:
+            q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
+            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None)
+            self.scale(sum(w[k] * v for k, v in terms.items())).backward()
+            for role, (texts, kind, instr) in roles.items():
+                gradient = cached[role].grad  # already scaled, when a scaler is in use
+                for start, stop in chunks[role]:
+                    with replayed_rng(rng[(role, start)], e.device):  # the chunk's dropout masks again
+                        again = self.embed(texts[start:stop], kind, instr[start:stop] if instr else None)
+                    again.backward(gradient[start:stop])
+            parts_value.update({k: float(v.detach()) for k, v in terms.items()})
         total = sum(w[k] * parts_value[k] for k in parts_value)
         return total, parts_value
 

@@ -63,13 +63,15 @@ def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int) -> Path:
+def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int, scaler=None) -> Path:
     root = folder / CHECKPOINTS
     target = root / f"step-{step:07d}"
     names = list(params)
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in params.items()}
     state = optimizer.state_dict()
     scalars = {"step": step, "param_groups": state["param_groups"], "names": names}
+    if scaler is not None:  # fp16: the loss scale and its growth counter, so that a resume scales the same
+        scalars["grad_scaler"] = scaler.state_dict()
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"optim.{index}.{slot}"] = value.detach().contiguous().cpu()
@@ -118,7 +120,7 @@ def newest_complete_checkpoint(folder: Path) -> tuple[Path, dict, dict] | None:
     return None
 
 
-def load_checkpoint(checkpoint: Path, tensors: dict, scalars: dict, params: dict, optimizer) -> int:
+def load_checkpoint(checkpoint: Path, tensors: dict, scalars: dict, params: dict, optimizer, scaler=None) -> int:
     if scalars["names"] != list(params):
         raise UllmeError(f"{checkpoint}: its parameters do not match this recipe's model; start a new output_dir")
     with torch.no_grad():
@@ -130,6 +132,8 @@ def load_checkpoint(checkpoint: Path, tensors: dict, scalars: dict, params: dict
             _, index, slot = key.split(".", 2)
             optim_state.setdefault(int(index), {})[slot] = value
     optimizer.load_state_dict({"state": optim_state, "param_groups": scalars["param_groups"]})
+    if scaler is not None and scalars.get("grad_scaler"):
+        scaler.load_state_dict(scalars["grad_scaler"])
     return scalars["step"]
 
 
@@ -195,9 +199,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         from ullme_cli.evaluation.local_tasks import beir_retrieval_task
 
         eval_task = beir_retrieval_task(recipe.eval.task_dir)  # validates the folder before training starts
-    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UllmeError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision)
+    # Autocast is ours (below), so accelerate runs without a precision of its own.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         # Our step calls the decoder body directly (two attention modes on one set of weights), which a
         # wrapped, sharded model does not support yet. Data parallelism is done by hand below.
@@ -212,6 +215,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     embedder.model.train()
     params = trainable_parameters(embedder)
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
     step = 0
     if resume and accelerator.is_main_process:
         remove_staging_leftovers(out)
@@ -219,7 +224,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     found = newest_complete_checkpoint(out) if resume else None
     if found is not None:
         checkpoint, tensors, scalars = found
-        step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer)
+        step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler)
         stderr_console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
@@ -230,7 +235,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     metrics_path = out / METRICS
     _truncate_metrics(metrics_path, step)
-    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk)
+    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
 
     with progress_bar("finetune", total=t.steps, enabled=show_progress and accelerator.is_main_process) as advance:
         advance(step)
@@ -244,7 +250,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             seed = step_seed(t.seed, step, accelerator.process_index)
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
-            with accelerator.autocast():
+            with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, parts = loss_fn.backward(batch, generator)
             if accelerator.num_processes > 1:  # DDP by hand: our forward calls the decoder body directly
                 for p in params.values():
@@ -252,9 +258,17 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
                 reduced = accelerator.reduce(torch.tensor([loss, *parts.values()], device=accelerator.device), reduction="mean")
                 loss, parts = float(reduced[0]), dict(zip(parts, reduced[1:].tolist()))  # log the global means
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step when a gradient overflowed, and shrinks the scale
+                scaler.update()
+            else:
+                optimizer.step()
+            with warnings.catch_warnings():  # a scaler's skipped step is not a misordered scheduler
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                scheduler.step()
             step += 1
             training_seconds += time.perf_counter() - started
             record = {"step": step, "loss": loss, **parts, "lr": scheduler.get_last_lr()[0],
@@ -268,7 +282,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
                     f.write(json.dumps(record) + "\n")
             advance(1, loss=record["loss"], **parts)
             if accelerator.is_main_process and (step % t.checkpoint_every == 0 or step == t.steps):
-                save_checkpoint(out, step, params, optimizer, t.keep_checkpoints)
+                save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler)
     embedder.model.eval()
     if accelerator.is_main_process:
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
