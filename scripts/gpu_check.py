@@ -80,6 +80,10 @@ def check_grad_cache_replay(folder: Path) -> str:
     from ullme_cli.training.step import replayed_rng, rng_state
 
     embedder = Embedder.load(str(folder), dtype="float32", device="cuda").add_lora(r=4, alpha=8, dropout=0.3)
+    with torch.no_grad():  # LoRA's B starts at zero, which would hide the dropout in front of A
+        for name, p in embedder.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
     embedder.model.train()
     batch = embedder.collate(embedder.tokenize(TEXTS[:8]))
     with torch.no_grad():
