@@ -101,3 +101,32 @@ def test_two_process_finetune_equals_one_process_with_the_global_batch(tiny_llam
     assert weights_one.keys() == weights_two.keys()
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
+
+
+def torchrun(*args, port_offset: int = 11):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + port_offset),
+               "-m", "ullme_cli", *map(str, args)]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, capture_output=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_process_encode_equals_one_process_and_resumes_per_rank(tiny_llama, tmp_path):
+    from conftest import DEMO_CORPUS
+
+    from ullme_cli.artifacts import load_embeddings
+
+    assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "one.npy", "--model", tiny_llama, "-q").returncode == 0
+    # A part that an interrupted launch finished: rank 0 must take it as it is and encode nothing.
+    parts = tmp_path / "two.npy.parts"
+    made = run_cli("encode", DEMO_CORPUS, "-o", parts / "part-00000-of-00002.npy", "--model", tiny_llama, "--shard", "0/2", "-q")
+    assert made.returncode == 0
+    two = torchrun("encode", DEMO_CORPUS, "-o", tmp_path / "two.npy", "--model", tiny_llama, "-q")
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    assert b"rank 0: reusing" in two.stderr and b"rank 1: reusing" not in two.stderr
+    a, a_ids, a_meta = load_embeddings(str(tmp_path / "one.npy"))
+    b, b_ids, b_meta = load_embeddings(str(tmp_path / "two.npy"))
+    assert a_ids == b_ids and not parts.exists()
+    cosine = (a * b).sum(1)
+    assert cosine.min() > 0.99999
+    assert a_meta["processes"] == 1 and b_meta["processes"] == 2 and "shard" not in b_meta
+    assert b_meta["corpus_fingerprint"] == a_meta["corpus_fingerprint"] and b_meta["fingerprint"] == a_meta["fingerprint"]

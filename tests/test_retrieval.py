@@ -172,3 +172,27 @@ def test_query_instruction_travels_from_encode_to_search(tiny_llama, tmp_path):
     assert [d for d, _ in hits["q0"]] == [ids[i] for i in np.argsort(-(corpus @ expected))[:3]]
     overridden = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, dtype="float32", show_progress=False, instruction=""))
     assert overridden["q0"] != hits["q0"]
+
+
+def test_ivf_shards_trained_from_one_index_merge_to_exactly_one_ivf_index(tmp_path):
+    """The multi-node layout: one trained IVF index, a shard index per node built from its centroids
+    (`--trained-from`), merged at search time, gives the same hits and scores as one IVF index over all
+    vectors with the same centroids."""
+    corpus, queries = clustered_vectors(8000, seed=5), clustered_vectors(100, seed=6)
+    ids = write_vectors(tmp_path / "all.npy", corpus)
+    write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
+    build_index(str(tmp_path / "all.npy"), str(tmp_path / "trained"), "IVF64,Flat")
+    for shard in range(4):
+        rows = slice(shard * 2000, (shard + 1) * 2000)
+        save_embeddings(str(tmp_path / f"s{shard}.npy"), corpus[rows], ids[rows], {**META, "dim": 64, "corpus_fingerprint": f"s{shard}"})
+    result = run_cli("index", tmp_path / "s0.npy", "-o", tmp_path / "idx-0", "--trained-from", tmp_path / "trained")
+    assert result.returncode == 0, result.stderr.decode()
+    for shard in range(1, 4):
+        build_index(str(tmp_path / f"s{shard}.npy"), str(tmp_path / f"idx-{shard}"), trained_from=str(tmp_path / "trained"))
+    one = list(search([str(tmp_path / "trained")], embeddings=str(tmp_path / "q.npy"), k=10, nprobe=8, show_progress=False))
+    merged = list(search([str(tmp_path / f"idx-{s}") for s in range(4)], embeddings=str(tmp_path / "q.npy"), k=10, nprobe=8, show_progress=False))
+    assert [[d for d, _ in hits] for _, hits in merged] == [[d for d, _ in hits] for _, hits in one]
+    np.testing.assert_allclose([[s for _, s in hits] for _, hits in merged], [[s for _, s in hits] for _, hits in one], atol=1e-6)
+    # nprobe 8 of 64 lists is approximate: the shards must agree with one IVF index, not with exact search
+    exact = list(search([str(tmp_path / "trained")], embeddings=str(tmp_path / "q.npy"), k=10, nprobe=64, show_progress=False))
+    assert [[d for d, _ in h] for _, h in exact] != [[d for d, _ in h] for _, h in one]

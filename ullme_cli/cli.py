@@ -75,14 +75,26 @@ def encode(
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Embed a corpus. Resumes after an interruption; writes nothing until it is complete."""
-    from ullme_cli.encoding import EncodeOptions, encode_corpus
+    """Embed a corpus. Resumes after an interruption; writes nothing until it is complete.
+
+    Under `torchrun --nproc_per_node N -m ullme_cli encode ...` (or `accelerate launch`) the N processes
+    share the corpus and rank 0 writes the joined files."""
+    from ullme_cli.encoding import EncodeOptions, Launch, encode_corpus, encode_launched
     from ullme_cli.model_setup import Runtime, resolve_setup
 
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
                             token_budget=token_budget, input_format=input_format).validate()  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
-    meta = encode_corpus(input, output, setup, Runtime(dtype, device, trust_remote_code), options, shard, overwrite, show_progress=not quiet)
+    runtime = Runtime(dtype, device, trust_remote_code)
+    launch = Launch.from_env()
+    if launch.world > 1:
+        if shard:
+            raise UllmeError("--shard and a multi-process launch do not mix: the launch shards by rank")
+        meta = encode_launched(input, output, setup, runtime, options, overwrite, show_progress=not quiet)
+        if launch.rank != 0:
+            return
+    else:
+        meta = encode_corpus(input, output, setup, runtime, options, shard, overwrite, show_progress=not quiet)
     if output != "-":
         _err(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
 
@@ -110,13 +122,14 @@ def index(
     add: bool = typer.Option(False, "--add", help="Append to the existing index in --output."),
     keep_vectors: bool = typer.Option(True, "--keep-vectors/--no-keep-vectors", help="Keep float16 copies beside lossy indexes for --rerank-exact."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder (one that holds only ullme's index files)."),
+    trained_from: Optional[str] = typer.Option(None, "--trained-from", help="Start from this index folder's trained centroids/codebooks (shard indexes that merge exactly)."),
 ) -> None:
     """Build a FAISS index (or --add to one) from embeddings."""
     from ullme_cli.retrieval.index import build_index
 
-    manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors, overwrite=overwrite)
+    manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors, overwrite=overwrite, trained_from=trained_from)
     if note:
-        _err(f"factory auto -> {manifest['factory']} ({note})")
+        _err(f"factory {'auto -> ' if factory == 'auto' and not trained_from else ''}{manifest['factory']} ({note})")
     _err(f"index {output}: {manifest['count']} vectors, {manifest['factory']}, metric {manifest['metric']}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         "corpus_fingerprint": corpus,
         "ullme_version": __version__,
     }
+    meta["processes"] = 1
     if shard is not None:
         meta["shard"] = {"index": shard[0], "count": shard[1], "start": shard_slice(total, *shard)[0], "total": total}
     final = quantize(truncate(matrix, options.truncate_dim, embedder.setup.normalize), options.out_dtype)
@@ -232,4 +234,81 @@ def _join_locked(paths: list[str], output: str) -> dict:
     if len(set(ids)) != len(ids):
         raise UllmeError("join: the shards share ids; they do not come from one corpus")
     meta = {k: v for k, v in first.items() if k not in ("shard", "count", "width", "checksum")}
+    meta["processes"] = sum(p[3].get("processes", 1) for p in parts)
     return save_embeddings(output, np.concatenate([p[1] for p in parts]), ids, meta)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun or `accelerate launch` start (their environment variables)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Launch":
+        get = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
+        world = get("WORLD_SIZE", 1)
+        return cls(get("RANK", 0), world, get("LOCAL_RANK", 0), get("LOCAL_WORLD_SIZE", world))
+
+
+def encode_launched(
+    input_path: str, output: str, setup: ModelSetup, runtime: Runtime, options: EncodeOptions, overwrite: bool = False, show_progress: bool = True
+) -> dict | None:
+    """`ullme encode` under torchrun or `accelerate launch` with N processes: rank r encodes shard r/N into
+    `<output>.parts/` (each resumable on its own), then rank 0 joins the parts into the same three files a
+    single process writes, with `"processes": N` in the meta (returned on rank 0, None elsewhere). Each rank
+    gets its own GPU (cuda:LOCAL_RANK) where there are GPUs, and threads are split so that processes ×
+    threads stays within the cores."""
+    import torch
+    import torch.distributed as dist
+
+    launch = Launch.from_env()
+    if output == STDIO:
+        raise UllmeError("encode with several processes writes files: give -o a path, not -")
+    check_output(embedding_files(output), [input_path], overwrite)  # every rank reaches the same answer
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world))
+    if runtime.device == "auto" and torch.cuda.is_available():
+        runtime = dataclasses.replace(runtime, device=f"cuda:{launch.local_rank}")
+    dist.init_process_group("nccl" if runtime.device.startswith("cuda") else "gloo")
+    try:
+        parts = Path(output + ".parts")
+        part = parts / f"part-{launch.rank:05d}-of-{launch.world:05d}.npy"
+        shard = f"{launch.rank}/{launch.world}"
+        if _finished_part(part, input_path, setup, options, shard):
+            stderr_console.print(f"rank {launch.rank}: reusing {part}, finished by an earlier launch of this job", soft_wrap=True)
+        else:
+            encode_corpus(input_path, str(part), setup, runtime, options, shard, overwrite=True, show_progress=show_progress and launch.rank == 0)
+        dist.barrier()  # every part is written
+        meta = None
+        if launch.rank == 0:
+            meta = join_shards([str(parts / f"part-{r:05d}-of-{launch.world:05d}.npy") for r in range(launch.world)], output, overwrite)
+            shutil.rmtree(parts)
+        dist.barrier()
+        return meta
+    finally:
+        dist.destroy_process_group()
+
+
+def _finished_part(part: Path, input_path: str, setup: ModelSetup, options: EncodeOptions, shard: str) -> bool:
+    """A part that an interrupted launch finished already, made from the same corpus, model files and job."""
+    if not all(p.exists() for p in embedding_files(str(part))):
+        return False
+    from ullme_cli.models.loading import model_fingerprint, resolve_model_source
+
+    try:
+        _, _, meta = load_embeddings(str(part))
+    except UllmeError:
+        return False
+    records = read_corpus(input_path, options.input_format)
+    expected = {
+        **setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model))).record(),
+        "kind": options.kind, "dtype": options.out_dtype, "truncate_dim": options.truncate_dim,
+        "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records),
+    }  # fmt: skip
+    index, count = parse_shard(shard)
+    same_shard = meta.get("shard", {}).get("index") == index and meta.get("shard", {}).get("count") == count
+    return same_shard and setup_mismatch(meta, expected, (*SETUP_FIELDS, "kind", "dtype", "truncate_dim", "corpus_fingerprint")) is None

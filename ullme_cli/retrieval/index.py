@@ -166,14 +166,23 @@ def build_index(
     keep_vectors: bool = True,
     seed: int = 0,
     overwrite: bool = False,
+    trained_from: str | None = None,
 ) -> tuple[dict, str]:
-    """Build (or with `add`, extend) an index folder. Returns the manifest and a note on the choice."""
+    """Build (or with `add`, extend) an index folder. Returns the manifest and a note on the choice.
+
+    `trained_from`: start from that index folder's trained structure (IVF centroids, PQ codebooks), emptied.
+    Shard indexes built from one trained index give, merged at search time, exactly the hits of one index
+    over all their vectors with the same centroids: the multi-node layout of docs/guide.md.
+    """
+    if add and trained_from:
+        raise UllmeError("--add and --trained-from do not mix: --add keeps the index's own training")
     check_index_output(output, add, overwrite, embedding_files(embeddings) if embeddings != "-" else [])
     with output_lock(output):
-        return _build_locked(embeddings, output, factory, metric, add, keep_vectors, seed)
+        return _build_locked(embeddings, output, factory, metric, add, keep_vectors, seed, trained_from)
 
 
-def _build_locked(embeddings: str, output: str, factory: str, metric: str | None, add: bool, keep_vectors: bool, seed: int) -> tuple[dict, str]:
+def _build_locked(embeddings: str, output: str, factory: str, metric: str | None, add: bool, keep_vectors: bool, seed: int,
+                  trained_from: str | None = None) -> tuple[dict, str]:  # fmt: skip
     import faiss
 
     matrix, ids, meta = load_embeddings(embeddings)
@@ -205,6 +214,15 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
             raise UllmeError(f"{embeddings}: id '{sorted(clash)[0]}' is already in the index {output}")
         factory, metric = manifest["factory"], manifest["metric"]
         manifest["corpora"] = [*manifest.get("corpora", []), meta["corpus_fingerprint"]]
+    elif trained_from:
+        template = read_manifest(trained_from)
+        if template["dim"] != dim:
+            raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({template['dim']}) in {trained_from}")
+        require_same_setup(meta, template, embeddings, f"the index {trained_from}", keys=ADD_KEYS)
+        index = load_faiss_index(trained_from)
+        index.reset()  # keeps what training learned (centroids, codebooks), drops the vectors
+        factory, metric, note = template["factory"], template["metric"], f"trained structure of {trained_from}, emptied"
+        manifest = {**template, "corpora": [meta["corpus_fingerprint"]], "ullme_version": __version__}
     else:
         metric = metric or ("ip" if meta["normalize"] else "l2")
         if metric not in METRICS:
