@@ -1,3 +1,19 @@
-"""ullme: decoder LLMs as text-embedding models, from fine-tuning to retrieval."""
+"""ullme: decoder LLMs as text-embedding models, from fine-tuning to retrieval.
+
+    import ullme_cli as ullme
+    model = ullme.load("smollm2-135m", query_instruction="Given a question, retrieve passages that answer it")
+    q = model.encode_query(["Who wrote The Iron Lady ?"])
+    p = model.encode_document(["Hugo Young wrote the biography of Margaret Thatcher ."])
+"""
 
 __version__ = "0.1.0"
+
+
+def load(source: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, **setup):
+    """An Embedder from an ullme folder, a model folder, a .gguf file, a bundled name or a hub id.
+
+    `setup` sets ModelSetup fields (pooling, attention, query_instruction, max_length, ...); see model_setup.py.
+    """
+    from ullme_cli.models.embedder import Embedder  # torch and transformers load only when a model does
+
+    return Embedder.load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, **setup)

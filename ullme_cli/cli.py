@@ -32,6 +32,21 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from ullme_cli import __version__
+
+        typer.echo(f"ullme {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Decoder LLMs as text-embedding models: finetune, encode, index, search, evaluate."""
+
+
 @app.command()
 def finetune(
     recipe: str = typer.Argument(..., help="Recipe YAML (see recipes/)."),
@@ -97,6 +112,20 @@ def encode(
         meta = encode_corpus(input, output, setup, runtime, options, shard, overwrite, show_progress=not quiet)
     if output != "-":
         _err(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="An ullme model folder (the output of finetune or Embedder.save)."),
+    output: str = typer.Option(..., "--output", "-o", help="The folder to write."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the weights (a self-contained folder)."),
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Write a model folder for sentence-transformers (adapter merged with --merge)."""
+    from ullme_cli.models.embedder import export_model
+
+    export_model(model, output, merge, overwrite)
+    _err(f"exported {model} to {output}{' (adapter merged)' if merge else ''}")
 
 
 @app.command()

@@ -34,7 +34,7 @@ from ullme_cli.models.loading import (
     resolve_model_source,
 )
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
-from ullme_cli.progress import stderr_console
+from ullme_cli.progress import progress_bar, stderr_console
 
 # Padded tokens per encode batch. On a 2-core CPU, 1536 encoded the demo corpus about 1.4x faster than
 # 8192 and 5% faster than 2048, and was as fast as any on 180-token texts (docs/benchmarks.md). GPUs want
@@ -108,6 +108,18 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     return embedder
+
+
+def export_model(source: str, output: str, merge: bool = False, overwrite: bool = False) -> Path:
+    """Write a model folder that sentence-transformers takes as it is. With `merge`, the LoRA adapter is
+    merged into the weights, for tools that cannot run an adapter (the vectors stay the same up to float
+    rounding)."""
+    from ullme_cli.artifacts import check_output, output_lock
+
+    check_output([output], [source], overwrite, folder=True)
+    with output_lock(output):
+        embedder = load_embedder(resolve_setup(source), Runtime(dtype="float32", device="cpu"))
+        return embedder.save(output, merge_lora=merge)
 
 
 class Embedder:
@@ -191,6 +203,9 @@ class Embedder:
         # The fingerprint describes files, and is computed from them when the folder is loaded.
         record = {k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        from ullme_cli.models.st_export import write_sentence_transformers_files
+
+        write_sentence_transformers_files(staging, self)
 
     # ---------------------------------------------------------------- tokenization
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:
@@ -201,7 +216,10 @@ class Embedder:
         return self.setup.instruction_template.format(instruction=instruction) if instruction else ""
 
     def tokenize(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None) -> list[Tokenized]:
-        prefix = self.instruction_prefix(kind, instruction)
+        return self.tokenize_prefixed(texts, self.instruction_prefix(kind, instruction))
+
+    def tokenize_prefixed(self, texts: Sequence[str], prefix: str) -> list[Tokenized]:
+        """Tokenize `prefix + text`, counting the prefix's tokens so that pooling leaves them out."""
         add_eos = self.setup.pooling == "last-token"
         eos = self.tokenizer.eos_token_id
         max_length = self.setup.max_length - (1 if add_eos else 0)
@@ -276,17 +294,43 @@ class Embedder:
 
     def encode(
         self,
-        texts: Sequence[str],
+        texts: str | Sequence[str],
         kind: str = "passage",
         instruction: str | None = None,
         token_budget: int | None = None,
-    ) -> np.ndarray:
-        """Embed texts in input order; returns float32 (n, dim), unit-normalized unless configured off."""
+        batch_size: int | None = None,
+        show_progress_bar: bool = False,
+        convert_to_tensor: bool = False,
+        normalize: bool | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts in input order: float32 (n, dim), or (dim,) for one string, as sentence-transformers does.
+
+        Batches are planned by `token_budget` (padded tokens; the device's default) and hold at most
+        `batch_size` texts. `normalize` None keeps the setup's choice; True normalizes a model that does not.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
         tokenized = self.tokenize(texts, kind, instruction)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for batch in plan_batches([len(t.ids) for t in tokenized], token_budget or self.default_token_budget):
-            out[batch] = self.encode_batch([tokenized[i] for i in batch])
-        return out
+        batches = plan_batches([len(t.ids) for t in tokenized], token_budget or self.default_token_budget, batch_size or 512)
+        with progress_bar("encode", total=len(texts), enabled=show_progress_bar) as advance:
+            for batch in batches:
+                out[batch] = self.encode_batch([tokenized[i] for i in batch])
+                advance(len(batch))
+        if normalize is True and not self.setup.normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        elif normalize is False and self.setup.normalize:
+            raise UllmeError("normalize=False: this model's setup normalizes inside the model; load it with normalize=False")
+        result = out[0] if single else out
+        return torch.from_numpy(result) if convert_to_tensor else result
+
+    def encode_query(self, texts: str | Sequence[str], **options) -> np.ndarray | torch.Tensor:
+        """`encode` with the query instruction."""
+        return self.encode(texts, kind="query", **options)
+
+    def encode_document(self, texts: str | Sequence[str], **options) -> np.ndarray | torch.Tensor:
+        """`encode` for passages (documents)."""
+        return self.encode(texts, kind="passage", **options)
 
     @property
     def dim(self) -> int:
