@@ -41,3 +41,11 @@ def run_cli(*args: str, input: bytes | None = None, cwd=None, timeout: int = 600
         [sys.executable, "-m", "ullme_cli", *map(str, args)],
         input=input, capture_output=True, cwd=cwd, timeout=timeout,
     )  # fmt: skip
+
+
+# The longest tests, started first, so that the two workers of scripts/test.sh finish together.
+LONGEST_FIRST = ("test_tiny_cpu_recipe", "test_study_script", "test_bfloat16_stays_close", "test_cli_output_matches_python")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: next((n for n, name in enumerate(LONGEST_FIRST) if item.name.startswith(name)), len(LONGEST_FIRST)))

