@@ -112,7 +112,7 @@ def test_other_bad_inputs_get_one_line_errors(tiny_llama, tmp_path):
 
 
 def test_sigkill_midway_then_resume_equals_uninterrupted_run(tiny_llama, tmp_path):
-    texts = demo_texts() * 20  # ~11k texts with a small token budget: many chunks, several seconds of work
+    texts = demo_texts() * 8  # ~4.5k texts with a small token budget: many chunks, several seconds of work
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
     args = ["encode", corpus, "-o", tmp_path / "emb.npy", "--model", tiny_llama, "--dtype", "float32", "-q", "--token-budget", "256"]

@@ -53,7 +53,7 @@ def other_weights(model, seed: int = 1):
 def test_ctrl_c_keeps_chunks_and_a_resume_after_new_weights_starts_over(tiny_llama, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
-    corpus = write_corpus(tmp_path / "big.jsonl", demo_texts() * 10)
+    corpus = write_corpus(tmp_path / "big.jsonl", demo_texts() * 6)
     process, args = start_encode(corpus, tmp_path / "e.npy", model)
     wait_for_chunks(process, tmp_path / "e.npy.partial", 2)
     process.send_signal(signal.SIGINT)
@@ -75,7 +75,7 @@ def test_ctrl_c_keeps_chunks_and_a_resume_after_new_weights_starts_over(tiny_lla
 
 
 def test_a_second_writer_of_the_same_output_fails_at_once(tiny_llama, tmp_path):
-    corpus = write_corpus(tmp_path / "big.jsonl", demo_texts() * 10)
+    corpus = write_corpus(tmp_path / "big.jsonl", demo_texts() * 6)
     process, _ = start_encode(corpus, tmp_path / "e.npy", tiny_llama)
     try:
         wait_for_chunks(process, tmp_path / "e.npy.partial", 1)
