@@ -230,6 +230,9 @@ CASES = [
      lambda d, s: [shutil.copy(s / n, d / n.replace("emb", "e")) for n in ("emb.ids.jsonl", "emb.meta.json")] and (d / "e.npy").write_bytes((s / "emb.npy").read_bytes()[:300]), "not a readable .npy file"),
     ("mine-output-is-training-file", ["mine", "{d}/t.jsonl", "--corpus", "{corpus}", "-o", "{d}/t.jsonl", "-m", "{model}", "--overwrite"], write("t.jsonl", '{"query": "q", "positive": "p"}\n'), "is an input of this command"),
     ("mine-output-exists", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}"], write("m.jsonl", "old"), "exists already"),
+    ("mine-range-malformed", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--range", "ten"], nothing, "--range must look like A:B"),
+    ("mine-range-empty", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--range", "5:5"], nothing, "--range 5:5: need 0 <= A < B"),
+    ("mine-negative-margin", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--margin", "-0.1"], nothing, "--margin must be at least 0"),
     ("mine-negatives-0", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--negatives", "0"], nothing, "--negatives must be at least 1"),
     ("mine-bad-training-row", ["mine", "{d}/t.jsonl", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}"], write("t.jsonl", '{"query": "q"}\n'), "t.jsonl:1: field 'positive' is missing"),
     # ---------------------------------------------------------------- evaluate

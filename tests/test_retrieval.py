@@ -143,7 +143,7 @@ def test_mine_fills_negatives_skipping_positives_and_reuses_the_cache(tiny_llama
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 20, 2)))
-    args = ["mine", train, "--corpus", corpus, "-o", tmp_path / "mined.jsonl", "--model", tiny_llama, "--negatives", "3", "--skip", "2", "-q"]
+    args = ["mine", train, "--corpus", corpus, "-o", tmp_path / "mined.jsonl", "--model", tiny_llama, "--negatives", "3", "--range", "2:", "-q"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr.decode()
     rows = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]

@@ -202,7 +202,11 @@ def mine(
     model: str = ModelOption,
     corpus_embeddings: Optional[str] = typer.Option(None, "--corpus-embeddings", help="Reuse these corpus embeddings (default: cached beside --output)."),
     negatives: int = typer.Option(7, "--negatives", help="Negatives per query."),
-    skip: int = typer.Option(10, "--skip", help="Skip this many top ranks (likely unlabelled positives)."),
+    rank_range: str = typer.Option("10:", "--range", help="A:B: take candidates from ranks A to B-1 (0-based; the top ranks are often unlabelled positives). A: has no upper bound."),
+    sample: bool = typer.Option(False, "--sample", help="A random sample of the candidates in the range (seeded by --seed) instead of the best ones."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="Drop candidates scoring within M of the row's weakest positive (cosine)."),
+    max_score: Optional[float] = typer.Option(None, "--max-score", help="Drop candidates scoring above S (cosine)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
     pooling: Optional[str] = typer.Option(None, "--pooling"),
     dtype: str = DtypeOption,
@@ -211,10 +215,12 @@ def mine(
 ) -> None:
     """Mine hard negatives for training data by searching a corpus."""
     from ullme_cli.model_setup import Runtime, resolve_setup
-    from ullme_cli.retrieval.mine import mine_negatives
+    from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
 
+    start, stop = MiningOptions.parse_range(rank_range)
+    options = MiningOptions(negatives, start, stop, sample, margin, max_score, seed, keep_existing).validate()
     setup = resolve_setup(model, pooling=pooling)
-    stats = mine_negatives(training, corpus, output, setup, Runtime(dtype), corpus_embeddings, negatives, skip, keep_existing, overwrite, not quiet)
+    stats = mine_negatives(training, corpus, output, setup, Runtime(dtype), corpus_embeddings, options, overwrite, not quiet)
     _err(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
 
 

@@ -1,14 +1,19 @@
 """`ullme mine`: fill training rows with hard negatives retrieved from a corpus (FlagEmbedding style).
 
-For each training query, search the corpus exactly, skip the top `skip` ranks (likely unlabelled
-positives) and the known positives, and keep the next `negatives` passages. The corpus embeddings are
-cached next to the output (or taken from `--corpus-embeddings`), so a rerun does not encode them again.
-They are reused only when their setup (model fingerprint included) and corpus fingerprint match.
+For each training query, search the corpus exactly and take candidates from the rank range [A, B) (the
+top ranks are often unlabelled positives), leaving out the known positives, candidates that score within
+`margin` of the row's weakest positive, and candidates above `max_score` (the usual guards against false
+negatives); then keep the best `negatives` of them, or a seeded random sample (`sample`). The options mean
+what sentence-transformers' `mine_hard_negatives` means by range_min/range_max, absolute_margin,
+max_score and sampling_strategy. The corpus embeddings are cached next to the output (or taken from
+`--corpus-embeddings`), so a rerun does not encode them again. They are reused only when their setup
+(model fingerprint included) and corpus fingerprint match.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,40 @@ def _normal(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+@dataclass(frozen=True)
+class MiningOptions:
+    negatives: int = 7
+    start: int = 10  # first rank considered (0-based): ranks above it are skipped
+    stop: int | None = None  # first rank not considered; None: start + max(100, 10 × negatives)
+    sample: bool = False  # a seeded random sample of the candidates instead of the best ones
+    margin: float | None = None  # drop candidates scoring above (weakest positive's score − margin)
+    max_score: float | None = None  # drop candidates scoring above this
+    seed: int = 0
+    keep_existing: bool = False
+
+    @classmethod
+    def parse_range(cls, spec: str) -> tuple[int, int | None]:
+        """`A:B` (ranks A to B-1, 0-based), `A:` (from A on)."""
+        try:
+            first, _, last = spec.partition(":")
+            start, stop = int(first or 0), int(last) if last.strip() else None
+        except ValueError:
+            raise UllmeError(f"--range must look like A:B or A: (ranks, 0-based), got '{spec}'") from None
+        if start < 0 or (stop is not None and stop <= start):
+            raise UllmeError(f"--range {spec}: need 0 <= A < B")
+        return start, stop
+
+    def validate(self) -> "MiningOptions":
+        if self.negatives < 1:
+            raise UllmeError("--negatives must be at least 1")
+        if self.margin is not None and self.margin < 0:
+            raise UllmeError(f"--margin must be at least 0, got {self.margin}")
+        return self
+
+    def pool_end(self, corpus_size: int) -> int:
+        return min(corpus_size, self.stop if self.stop is not None else self.start + max(100, 10 * self.negatives))
+
+
 def mine_negatives(
     training: str,
     corpus: str,
@@ -36,17 +75,14 @@ def mine_negatives(
     setup: ModelSetup,
     runtime: Runtime = Runtime(),
     corpus_embeddings: str | None = None,
-    negatives: int = 7,
-    skip: int = 10,
-    keep_existing: bool = False,
+    options: MiningOptions = MiningOptions(),
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict:
-    if negatives < 1 or skip < 0:
-        raise UllmeError("--negatives must be at least 1 and --skip at least 0")
+    options.validate()
     check_output([output], [training, corpus, *([corpus_embeddings] if corpus_embeddings else [])], overwrite)
     with output_lock(output):
-        return _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, negatives, skip, keep_existing, show_progress)
+        return _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, options, show_progress)
 
 
 def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddings: str | None, show_progress: bool) -> np.ndarray:
@@ -73,7 +109,7 @@ def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddin
     return np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32)
 
 
-def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, negatives, skip, keep_existing, show_progress) -> dict:
+def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, options: MiningOptions, show_progress) -> dict:
     import faiss
 
     from ullme_cli.models.embedder import load_embedder
@@ -86,32 +122,48 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, ne
         raise UllmeError(f"{corpus_embeddings}: vectors of dimension {vectors.shape[1]}, the model's are {embedder.dim} (truncated embeddings cannot be mined)")
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
+    queries = query_vectors(embedder, examples)
+    # The weakest positive's score bounds what a negative may score (--margin).
+    positive_texts = sorted({p for ex in examples for p in ex.positives})
+    positive_vectors = dict(zip(positive_texts, embedder.encode(positive_texts, kind="passage"))) if options.margin is not None else {}
 
+    end = options.pool_end(len(records))
+    scores, found = index.search(queries, end)
+    texts = [r.text for r in records]
+    rng = np.random.default_rng(options.seed)
+    short = 0
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for row, (example, ranked, ranked_scores) in enumerate(zip(examples, found, scores)):
+            blocked = {_normal(p) for p in example.positives} | {_normal(example.query)}
+            kept = list(example.negatives) if options.keep_existing else []
+            seen = {_normal(t) for t in kept}
+            ceiling = options.max_score if options.max_score is not None else np.inf
+            if options.margin is not None:
+                weakest = min(float(queries[row] @ positive_vectors[p]) for p in example.positives)
+                ceiling = min(ceiling, weakest - options.margin)
+            candidates = []
+            for position, score in zip(ranked[options.start :], ranked_scores[options.start :]):
+                text = texts[position] if position >= 0 else ""
+                if position < 0 or score > ceiling or _normal(text) in blocked or _normal(text) in seen:
+                    continue
+                seen.add(_normal(text))
+                candidates.append(text)
+            if options.sample and len(candidates) > options.negatives:
+                picked = sorted(rng.choice(len(candidates), options.negatives, replace=False))
+                candidates = [candidates[i] for i in picked]
+            chosen = candidates[: options.negatives]
+            short += len(chosen) < options.negatives
+            example.negatives = kept + chosen
+            out.write(json.dumps(example.to_json()) + "\n")
+    return {"examples": len(examples), "corpus": len(records), "short": short}
+
+
+def query_vectors(embedder, examples) -> np.ndarray:
+    """Each training query encoded as a query, with its own instruction where the row has one."""
     by_instruction: dict[str | None, list[int]] = {}
     for n, example in enumerate(examples):
         by_instruction.setdefault(example.instruction, []).append(n)
-    queries = np.zeros((len(examples), vectors.shape[1]), dtype=np.float32)
+    queries = np.zeros((len(examples), embedder.dim), dtype=np.float32)
     for instruction, rows in by_instruction.items():
         queries[rows] = embedder.encode([examples[n].query for n in rows], kind="query", instruction=instruction)
-
-    depth = min(len(records), skip + negatives + max(len(e.positives) for e in examples) + 1)
-    _, found = index.search(queries, depth)
-    texts = [r.text for r in records]
-    short = 0
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for example, ranked in zip(examples, found):
-            blocked = {_normal(p) for p in example.positives} | {_normal(example.query)}
-            chosen = list(example.negatives) if keep_existing else []
-            seen = {_normal(t) for t in chosen}
-            for position in ranked[skip:]:
-                text = texts[position]
-                if position < 0 or _normal(text) in blocked or _normal(text) in seen:
-                    continue
-                chosen.append(text)
-                seen.add(_normal(text))
-                if len(chosen) >= negatives + (len(example.negatives) if keep_existing else 0):
-                    break
-            short += len(chosen) < negatives
-            example.negatives = chosen
-            out.write(json.dumps(example.to_json()) + "\n")
-    return {"examples": len(examples), "corpus": len(records), "short": short}
+    return queries
