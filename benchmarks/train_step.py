@@ -6,7 +6,7 @@ Prints seconds per step (median of --steps after one warm-up step), peak RSS, th
 contrastive step, and the step's FLOPs (torch's FlopCounterMode, forward and backward, padding included)
 with their ratio to the contrastive step's: the part of the time ratio that is the work itself.
 Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3] [--mixed-precision bf16]
-       [--lora-dropout 0.05] [--model-dtype bfloat16]
+       [--lora-dropout 0.05] [--model-dtype bfloat16] [--gradient-checkpointing]
 """
 
 import argparse
@@ -41,6 +41,8 @@ def run_one(args: argparse.Namespace, weights: dict, chunk: int) -> dict:
     torch.manual_seed(0)
     embedder = Embedder.load(args.model, dtype=args.model_dtype, max_length=args.max_length, generation_instruction="Answer the question: ")
     embedder.add_lora(r=8, alpha=16, dropout=args.lora_dropout)
+    if args.gradient_checkpointing:
+        embedder.enable_gradient_checkpointing()
     embedder.model.train()
     train = Path(__file__).resolve().parent.parent / "ullme_cli" / "resources" / "trecqa-train" / "train.jsonl"
     examples, _ = read_training_examples(str(train))
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype (LoRA stays fp32)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in the backward pass")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

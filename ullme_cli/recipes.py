@@ -92,7 +92,8 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     grad_cache_chunk: int = 0  # > 0: GradCache with chunks of this many texts, so batch size is free of memory
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU): autocast around the forward passes
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward passes (fp16 with a loss scaler)
+    gradient_checkpointing: bool = False  # recompute decoder activations in the backward pass: less memory, ~1/3 more compute
 
 
 @dataclass

@@ -165,6 +165,15 @@ class Embedder:
             self.model = get_peft_model(self.model, lora)
         return self
 
+    def enable_gradient_checkpointing(self) -> "Embedder":
+        """Keep only each decoder layer's inputs in the forward pass and recompute the rest in the backward:
+        activation memory grows with the number of layers instead of their contents. transformers' own
+        per-layer checkpointing, so it applies in both attention modes (the mask is a layer input); the
+        non-reentrant form replays dropout's RNG, so gradients are unchanged."""
+        model = self.model.get_base_model() if self.has_adapter else self.model
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return self
+
     @property
     def default_token_budget(self) -> int:
         return GPU_TOKEN_BUDGET if self.device.type == "cuda" else CPU_TOKEN_BUDGET

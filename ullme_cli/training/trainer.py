@@ -212,6 +212,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     embedder.weights_changed()
     if recipe.lora.enabled:
         embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    if t.gradient_checkpointing:
+        embedder.enable_gradient_checkpointing()
     embedder.model.train()
     params = trainable_parameters(embedder)
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
