@@ -68,10 +68,13 @@ def test_range_sample_margin_and_max_score(tiny_llama, trecqa):
         dropped += any(scores[t] > weakest - 0.02 for t in ranked[:3] if t not in row["positive"])
     assert dropped > 0  # the margin did remove likely false negatives somewhere
 
-    ceiling = float(np.median([s for _, scores, _ in scored(tiny_llama, trecqa, top) for s in scores.values()]))
+    # A ceiling in the middle of the candidate pool (the top 100 ranks): the best candidates are cut.
+    ceiling = float(np.median([scores[t] for ranked, scores, _ in scored(tiny_llama, trecqa, top) for t in ranked[:100]]))
     capped = mine(tiny_llama, trecqa, "capped", negatives=3, start=0, max_score=ceiling)
-    for row, (_, scores, _) in zip(capped, scored(tiny_llama, trecqa, capped)):
-        assert row["negative"] and all(scores[n] <= ceiling for n in row["negative"])
+    for row, (ranked, scores, _) in zip(capped, scored(tiny_llama, trecqa, capped)):
+        assert all(scores[n] <= ceiling for n in row["negative"])
+    assert sum(bool(row["negative"]) for row in capped) >= len(capped) // 2
+    assert any(row["negative"] != top_row["negative"] for row, top_row in zip(capped, top))
 
 
 def test_the_cli_takes_the_same_options(tiny_llama, trecqa, tmp_path):

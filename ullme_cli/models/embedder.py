@@ -171,7 +171,10 @@ class Embedder:
         per-layer checkpointing, so it applies in both attention modes (the mask is a layer input); the
         non-reentrant form replays dropout's RNG, so gradients are unchanged."""
         model = self.model.get_base_model() if self.has_adapter else self.model
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self
 
     @property
