@@ -183,3 +183,17 @@ def test_out_of_memory_halves_the_batch_and_carries_on(tiny_llama, monkeypatch, 
     monkeypatch.setattr(Embedder, "encode_tokenized", lambda self, items: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(UllmeError, match="out of GPU memory on a single text"):
         embedder.encode(texts[:1])
+
+
+def test_save_never_deletes_a_folder_of_other_files(tiny_llama, tmp_path):
+    from ullme_cli.errors import UllmeError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my own file")
+    embedder = load(tiny_llama)
+    with pytest.raises(UllmeError, match="not an ullme model"):
+        embedder.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my own file"
+    embedder.save(tmp_path / "model")
+    embedder.save(tmp_path / "model")  # an ullme model folder is replaced by a new save of one
+    assert (tmp_path / "model" / "ullme.json").exists()

@@ -75,8 +75,8 @@ def folder_fingerprint(folder: str | Path) -> str:
             cache[key] = entry
             changed = True
         total.update(f"{relative}\0{entry['sha256']}\n".encode())
-    if changed:
-        _save_cache(cache)
+    if changed:  # entries of files that are gone are dropped, so the cache does not grow without end
+        _save_cache({k: v for k, v in cache.items() if Path(k).exists()})
     return total.hexdigest()
 
 

@@ -189,7 +189,11 @@ class Embedder:
         """Write a self-contained folder that `Embedder.load` and `ullme encode --model` read.
 
         The folder is assembled beside the target and renamed into place, so a crash leaves no half folder.
+        An existing ullme model folder is replaced; any other non-empty folder is refused, never deleted.
         """
+        target = Path(folder)
+        if target.is_dir() and any(target.iterdir()) and not (target / SETUP_FILE).exists():
+            raise UllmeError(f"{folder}: folder holds files that are not an ullme model; save elsewhere")
         with atomic_folder(folder) as staging:
             self._write(staging, merge_lora)
         return Path(folder)
