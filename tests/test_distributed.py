@@ -130,3 +130,20 @@ def test_two_process_encode_equals_one_process_and_resumes_per_rank(tiny_llama, 
     assert cosine.min() > 0.99999
     assert a_meta["processes"] == 1 and b_meta["processes"] == 2 and "shard" not in b_meta
     assert b_meta["corpus_fingerprint"] == a_meta["corpus_fingerprint"] and b_meta["fingerprint"] == a_meta["fingerprint"]
+
+
+def test_a_finished_part_is_reused_only_for_the_same_job(tiny_llama, tmp_path):
+    """What a relaunched multi-process encode checks before it takes a part as done: the instruction given
+    on the command line counts, as do the setup, the model files and the corpus."""
+    from conftest import DEMO_CORPUS
+
+    from ullme_cli.encoding import EncodeOptions, _finished_part
+    from ullme_cli.model_setup import resolve_setup
+
+    part = tmp_path / "e.npy.parts" / "part-00000-of-00002.npy"
+    assert run_cli("encode", DEMO_CORPUS, "-o", part, "--model", tiny_llama, "--shard", "0/2", "-q").returncode == 0
+    setup = resolve_setup(str(tiny_llama))
+    assert _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(), "0/2")
+    assert not _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(instruction="Represent this passage"), "0/2")
+    assert not _finished_part(part, str(DEMO_CORPUS), setup.replace(pooling="cls"), EncodeOptions(), "0/2")
+    assert not _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(), "1/2")

@@ -306,9 +306,10 @@ def _finished_part(part: Path, input_path: str, setup: ModelSetup, options: Enco
     records = read_corpus(input_path, options.input_format)
     expected = {
         **setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model))).record(),
-        "kind": options.kind, "dtype": options.out_dtype, "truncate_dim": options.truncate_dim,
+        "kind": options.kind, "instruction": setup.instruction_prefix(options.kind, options.instruction),
+        "dtype": options.out_dtype, "truncate_dim": options.truncate_dim,
         "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records),
     }  # fmt: skip
     index, count = parse_shard(shard)
     same_shard = meta.get("shard", {}).get("index") == index and meta.get("shard", {}).get("count") == count
-    return same_shard and setup_mismatch(meta, expected, (*SETUP_FIELDS, "kind", "dtype", "truncate_dim", "corpus_fingerprint")) is None
+    return same_shard and setup_mismatch(meta, expected, (*SETUP_FIELDS, "kind", "instruction", "dtype", "truncate_dim", "corpus_fingerprint")) is None

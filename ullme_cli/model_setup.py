@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, POOLINGS
+from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, KINDS, POOLINGS
 from ullme_cli.errors import UllmeError
 
 SETUP_FILE = "ullme.json"
@@ -60,6 +60,15 @@ class ModelSetup:
         """The setup fields of `values` (a meta file, a manifest, ullme.json); other keys are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known}).validate()
+
+    def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:
+        """What goes before a text of `kind` (query or passage): the template around the instruction
+        (`instruction` overrides the setup's for that kind), or nothing where there is no instruction."""
+        if kind not in KINDS:
+            raise UllmeError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
+        if instruction is None:
+            instruction = self.query_instruction if kind == "query" else self.passage_instruction
+        return self.instruction_template.format(instruction=instruction) if instruction else ""
 
     def record(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ullme_cli.artifacts import atomic_folder
-from ullme_cli.constants import DEFAULT_MODEL, KINDS
+from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, require_same_setup, resolve_setup
 from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, verify_bidirectional
@@ -225,11 +225,7 @@ class Embedder:
 
     # ---------------------------------------------------------------- tokenization
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:
-        if kind not in KINDS:
-            raise UllmeError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
-        if instruction is None:
-            instruction = self.setup.query_instruction if kind == "query" else self.setup.passage_instruction
-        return self.setup.instruction_template.format(instruction=instruction) if instruction else ""
+        return self.setup.instruction_prefix(kind, instruction)
 
     def tokenize(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None) -> list[Tokenized]:
         return self.tokenize_prefixed(texts, self.instruction_prefix(kind, instruction))

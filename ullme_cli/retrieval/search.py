@@ -103,7 +103,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     if embeddings is not None:
         matrix, qids, meta = load_embeddings(embeddings)
         require_same_setup(meta, manifest, embeddings, "the index", keys=(*VECTOR_FIELDS, "truncate_dim"))
-        expected = ModelSetup.from_dict(manifest).instruction_template.format(instruction=manifest["query_instruction"]) if manifest["query_instruction"] else ""
+        expected = ModelSetup.from_dict(manifest).instruction_prefix("query")
         if meta.get("kind") != "query":
             stderr_console.print(f"warning: {embeddings} holds {meta.get('kind')} embeddings, not queries (encode --kind query)", soft_wrap=True)
         elif meta.get("instruction") != expected:
