@@ -132,3 +132,39 @@ def test_search_run_is_scored_like_pytrec_eval(tiny_llama, tmp_path):
     qrels = read_beir_folder(str(TRECQA)).qrels
     per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
     assert ours["ndcg_at_10"] == pytest.approx(np.mean([s["ndcg_cut_10"] for s in per_query.values()]), abs=1e-4)
+
+
+def test_mteb_evaluate_on_an_ullme_model_gives_the_ullme_evaluate_score(tiny_llama, trecqa_result, tmp_path):
+    """`mteb.evaluate(ullme.load(folder), tasks)`: the Embedder is an mteb encoder as it is, with its own meta."""
+    import mteb
+    from mteb.models import EncoderProtocol
+
+    import ullme_cli as ullme
+    from ullme_cli.evaluation.local_tasks import beir_retrieval_task
+    from ullme_cli.evaluation.mteb_adapter import MtebEncoder
+
+    result, _ = trecqa_result
+    embedder = ullme.load(str(tiny_llama), dtype="float32")
+    assert isinstance(embedder, EncoderProtocol) and isinstance(MtebEncoder(embedder), EncoderProtocol)
+    meta = embedder.mteb_model_meta
+    assert (meta.name, meta.embed_dim, meta.max_tokens) == (f"ullme/{tiny_llama.name}", embedder.dim, embedder.setup.max_length)
+    assert meta.revision and meta.revision != ullme.load(str(tiny_llama), dtype="float32", pooling="last-token").mteb_model_meta.revision
+    results = mteb.evaluate(embedder, [beir_retrieval_task(str(TRECQA))], cache=None, show_progress_bar=False)
+    scores = results.task_results[0].scores["test"][0]
+    assert scores["ndcg_at_10"] == pytest.approx(result.scores["ndcg_at_10"], abs=1e-6)
+
+
+def test_the_one_private_mteb_function_still_scores_a_run_as_tested(tmp_path):
+    """evaluate --run uses mteb._evaluators.retrieval_metrics (no public equivalent): fail loudly if mteb moves it.
+
+    Hand-computed: q1 finds its relevant d1 at rank 2 of 2, so nDCG@10 = 1/log2(3) and MRR@10 = 1/2."""
+    from ullme_cli.evaluation.runner import score_run
+
+    run = tmp_path / "run.trec"
+    run.write_text("q1 Q0 d2 1 0.9 t\nq1 Q0 d1 2 0.5 t\n")
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    scores = score_run(str(run), str(qrels))
+    assert scores["ndcg_at_10"] == pytest.approx(1 / np.log2(3), abs=1e-5)
+    assert scores["mrr_at_10"] == pytest.approx(0.5, abs=1e-5)
+    assert scores["recall_at_1"] == 0 and scores["recall_at_10"] == 1

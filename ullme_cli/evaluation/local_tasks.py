@@ -27,9 +27,8 @@ def task_name_for(path: str) -> str:
 
 def beir_retrieval_task(folder: str, name: str | None = None):
     from datasets import Dataset
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
-    from mteb.abstasks.task_metadata import TaskMetadata
+    from mteb import TaskMetadata
+    from mteb.abstasks import AbsTaskRetrieval
 
     data = read_beir_folder(folder)  # validates before mteb sees it; errors name file and line
     task_name = name or task_name_for(folder)
@@ -45,12 +44,12 @@ def beir_retrieval_task(folder: str, name: str | None = None):
         )  # fmt: skip
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            split = RetrievalSplitData(
-                queries=Dataset.from_list([{"id": q.id, "text": q.text} for q in data.queries]),
-                corpus=Dataset.from_list([{"id": d.id, "text": d.text, "title": ""} for d in data.corpus]),
-                relevant_docs=data.qrels,
-                top_ranked=None,
-            )
+            split = {  # mteb's RetrievalSplitData is a TypedDict: these four keys
+                "queries": Dataset.from_list([{"id": q.id, "text": q.text} for q in data.queries]),
+                "corpus": Dataset.from_list([{"id": d.id, "text": d.text, "title": ""} for d in data.corpus]),
+                "relevant_docs": data.qrels,
+                "top_ranked": None,
+            }
             self.dataset = {"default": {"test": split}}
             self.data_loaded = True
 
@@ -79,8 +78,8 @@ def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
 
 def sts_task(path: str, name: str | None = None):
     from datasets import Dataset
-    from mteb.abstasks.sts import AbsTaskSTS
-    from mteb.abstasks.task_metadata import TaskMetadata
+    from mteb import TaskMetadata
+    from mteb.abstasks import AbsTaskSTS
 
     scores, first, second = read_sts_file(path)
     task_name = name or "STS-" + task_name_for(path)

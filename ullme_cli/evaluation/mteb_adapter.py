@@ -1,45 +1,95 @@
-"""The Embedder in mteb 2.x's encoder protocol. mteb's query/document prompt type maps to our kind."""
+"""ullme models in mteb 2.x: `MtebEncoder` implements mteb's `EncoderProtocol` around an Embedder.
+
+`mteb.evaluate(ullme_cli.load(folder), tasks)` works because the Embedder itself answers the protocol by
+delegating to this class; `ullme evaluate` uses the same class. mteb's query/document prompt type maps to
+ullme's kind, and each task takes its instruction from the instruction table.
+
+Only mteb's public modules are used here (`mteb.models`, `mteb.types`).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
+import torch
 
-from ullme_cli.evaluation.instructions import instruction_for
+from ullme_cli.evaluation.instructions import instruction_for, load_instruction_table
 
 
 def mteb_model_name(name: str) -> str:
     return name if "/" in name else f"ullme/{name}"
 
 
-def model_meta(embedder, name: str, revision: str):
-    from mteb.models.model_meta import ModelMeta, ScoringFunction
+def setup_revision(setup) -> str:
+    """The model revision mteb records: a key of the setup record, which includes the weights' fingerprint."""
+    return hashlib.sha256(json.dumps(setup.record(), sort_keys=True).encode()).hexdigest()[:24]
 
+
+def display_name(setup) -> str:
+    """The model's name for mteb and model cards: a hub id as it is, a local folder by its last part."""
+    from pathlib import Path
+
+    source = setup.model
+    return Path(source).name if Path(source).is_absolute() or Path(source).exists() else source
+
+
+def model_meta(embedder, name: str | None = None, revision: str | None = None, training_datasets: dict | None = None):
+    """mteb's ModelMeta from the Embedder's setup: name, revision (setup + weights key), dimension, max tokens."""
+    from mteb.models import ModelMeta
+    from mteb.models.model_meta import ScoringFunction
+
+    setup = embedder.setup
     return ModelMeta.create_empty(
         overwrites={
-            "name": mteb_model_name(name), "revision": revision, "embed_dim": embedder.dim,
-            "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"], "open_weights": True,
-            "max_tokens": embedder.setup.max_length, "use_instructions": True, "modalities": ["text"],
+            "name": mteb_model_name(name or display_name(setup)), "revision": revision or setup_revision(setup),
+            "embed_dim": embedder.dim, "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"], "open_weights": True,
+            "max_tokens": setup.max_length, "use_instructions": True, "modalities": ["text"],
+            "training_datasets": training_datasets,
         }
     )  # fmt: skip
 
 
-def make_encoder(embedder, instruction_table: dict, name: str, revision: str):
-    from mteb.models.abs_encoder import AbsEncoder
-    from mteb.types import PromptType
+def _unit_rows(x) -> torch.Tensor:
+    rows = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    return torch.nn.functional.normalize(rows.reshape(-1, rows.shape[-1]), dim=-1)
 
-    class UllmeEncoder(AbsEncoder):
-        def __init__(self) -> None:
-            self.embedder = embedder
-            self.mteb_model_meta = model_meta(embedder, name, revision)
 
-        def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs: Any) -> np.ndarray:
-            texts = [text for batch in inputs for text in batch["text"]]
-            if prompt_type == PromptType.document:
-                return self.embedder.encode(texts, kind="passage")
-            # Queries, and symmetric tasks (STS, clustering) whose texts play both roles, take the instruction.
-            instruction = instruction_for(instruction_table, task_metadata.name, task_metadata.type)
-            return self.embedder.encode(texts, kind="query", instruction=instruction)
+def cosine_matrix(a, b) -> torch.Tensor:
+    """[n, m] cosine similarities, as sentence-transformers' `similarity` returns them."""
+    return _unit_rows(a) @ _unit_rows(b).T
 
-    return UllmeEncoder()
+
+def cosine_pairwise(a, b) -> torch.Tensor:
+    return (_unit_rows(a) * _unit_rows(b)).sum(-1)
+
+
+class MtebEncoder:
+    """An Embedder in mteb's encoder protocol (`encode`, `similarity`, `similarity_pairwise`, `mteb_model_meta`).
+
+    `instructions`: the per-task instruction table (a YAML path or a loaded dict; None: the shipped one).
+    `name`/`revision`: what mteb files the results under (default: from the setup record).
+    """
+
+    def __init__(self, embedder, instructions: dict | str | None = None, name: str | None = None, revision: str | None = None):
+        self.embedder = embedder
+        self.instructions = instructions if isinstance(instructions, dict) else load_instruction_table(instructions)
+        self.mteb_model_meta = model_meta(embedder, name, revision)
+
+    def encode(self, inputs, *, task_metadata, hf_split: str = "", hf_subset: str = "", prompt_type=None, **kwargs: Any) -> np.ndarray:
+        from mteb.types import PromptType
+
+        texts = [text for batch in inputs for text in batch["text"]]
+        if prompt_type == PromptType.document:
+            return self.embedder.encode(texts, kind="passage")
+        # Queries, and symmetric tasks (STS, clustering) whose texts play both roles, take the instruction.
+        instruction = instruction_for(self.instructions, task_metadata.name, task_metadata.type)
+        return self.embedder.encode(texts, kind="query", instruction=instruction)
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        return cosine_matrix(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        return cosine_pairwise(embeddings1, embeddings2)

@@ -149,7 +149,7 @@ def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
 
 
 def cached_result_path(output_dir: str, setup, model_name: str, task, instruction_table: dict, weights: str | None = None) -> Path:
-    from mteb.cache import ResultCache
+    from mteb import ResultCache
 
     from ullme_cli.evaluation.mteb_adapter import mteb_model_name
 
@@ -165,14 +165,13 @@ def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instructio
     `weights`: the fingerprint of in-memory weights (training), where no files describe them.
     """
     import mteb
-    from mteb.cache import ResultCache
 
-    from ullme_cli.evaluation.mteb_adapter import make_encoder
+    from ullme_cli.evaluation.mteb_adapter import MtebEncoder
 
-    cache = ResultCache(cache_path=str(Path(output_dir)))
+    cache = mteb.ResultCache(cache_path=str(Path(output_dir)))
     reports = []
     for task in tasks:
-        encoder = make_encoder(embedder, instruction_table, model_name, _revision(embedder.setup, task, instruction_table, weights))
+        encoder = MtebEncoder(embedder, instruction_table, model_name, _revision(embedder.setup, task, instruction_table, weights))
         result = mteb.evaluate(encoder, [task], cache=cache, overwrite_strategy="only-missing", show_progress_bar=show_progress)
         for task_result in result.task_results:
             scores = task_result.scores["test"][0] if "test" in task_result.scores else next(iter(task_result.scores.values()))[0]
@@ -181,8 +180,18 @@ def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instructio
 
 
 def score_run(run_path: str, qrels_path: str, k_values=(1, 3, 5, 10, 100, 1000)) -> dict:
-    """Score a TREC run (`qid Q0 docid rank score tag`) with mteb's retrieval metrics."""
-    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores, make_score_dict
+    """Score a TREC run (`qid Q0 docid rank score tag`) with mteb's retrieval metrics.
+
+    mteb has no public function that scores a run, so this one place imports its private module; the
+    mteb range in pyproject.toml is the tested one and tests/test_evaluate.py fails loudly when it moves.
+    """
+    try:
+        from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores, make_score_dict
+    except ImportError as e:
+        import mteb
+
+        raise UllmeError(f"evaluate --run: mteb {mteb.__version__} moved its retrieval metrics ({e}); install the "
+                         "mteb version that pyproject.toml names") from None  # fmt: skip
 
     from ullme_cli.data import iter_lines, read_qrels
 

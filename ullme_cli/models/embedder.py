@@ -314,12 +314,18 @@ class Embedder:
         show_progress_bar: bool = False,
         convert_to_tensor: bool = False,
         normalize: bool | None = None,
+        **mteb_call,
     ) -> np.ndarray | torch.Tensor:
         """Embed texts in input order: float32 (n, dim), or (dim,) for one string, as sentence-transformers does.
 
         Batches are planned by `token_budget` (padded tokens; the device's default) and hold at most
         `batch_size` texts. `normalize` None keeps the setup's choice; True normalizes a model that does not.
+        mteb calls `encode(dataloader, task_metadata=..., prompt_type=...)`: that goes to its MtebEncoder.
         """
+        if "task_metadata" in mteb_call:
+            return self._mteb_encoder().encode(texts, **mteb_call)
+        if mteb_call:
+            raise TypeError(f"encode() got unexpected keyword arguments {sorted(mteb_call)}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         tokenized = self.tokenize(texts, kind, instruction)
@@ -335,6 +341,34 @@ class Embedder:
             raise UllmeError("normalize=False: this model's setup normalizes inside the model; load it with normalize=False")
         result = out[0] if single else out
         return torch.from_numpy(result) if convert_to_tensor else result
+
+    def _mteb_encoder(self):
+        from ullme_cli.evaluation.mteb_adapter import MtebEncoder
+
+        if getattr(self, "_mteb", None) is None or self._mteb.mteb_model_meta.revision != self._mteb_revision():
+            self._mteb = MtebEncoder(self)
+        return self._mteb
+
+    def _mteb_revision(self) -> str:
+        from ullme_cli.evaluation.mteb_adapter import setup_revision
+
+        return setup_revision(self.setup)
+
+    @property
+    def mteb_model_meta(self):
+        """mteb's ModelMeta for this model (mteb 2.x reads it); the Embedder is an mteb encoder as it is."""
+        return self._mteb_encoder().mteb_model_meta
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity matrix [n, m], as sentence-transformers' `similarity`."""
+        from ullme_cli.evaluation.mteb_adapter import cosine_matrix
+
+        return cosine_matrix(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        from ullme_cli.evaluation.mteb_adapter import cosine_pairwise
+
+        return cosine_pairwise(embeddings1, embeddings2)
 
     def encode_query(self, texts: str | Sequence[str], **options) -> np.ndarray | torch.Tensor:
         """`encode` with the query instruction."""
