@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CORPUS, demo_texts, run_cli
+from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
 from tiny_models import save_tiny
 
 from ullme_cli.artifacts import save_embeddings
@@ -170,7 +170,7 @@ CASES = [
     ("encode-unknown-kind", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--kind", "doc"], nothing, "--kind must be one of"),
     ("encode-unknown-out-dtype", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--out-dtype", "int4"], nothing, "unknown --out-dtype 'int4'"),
     ("encode-unknown-dtype", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--dtype", "float8"], nothing, "unknown dtype 'float8'"),
-    ("encode-unknown-format", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--format", "xml"], nothing, "unknown input format 'xml'"),
+    ("encode-unknown-format", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--input-format", "xml"], nothing, "unknown input format 'xml'"),
     ("encode-shard-out-of-range", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--shard", "3/3"], nothing, "--shard 3/3 is out of range"),
     ("encode-shard-malformed", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--shard", "x"], nothing, "--shard must look like i/N"),
     ("encode-max-length-1", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--max-length", "1"], nothing, "max_length must be at least 2"),
@@ -233,6 +233,8 @@ CASES = [
     ("mine-range-malformed", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--range", "ten"], nothing, "--range must look like A:B"),
     ("mine-range-empty", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--range", "5:5"], nothing, "--range 5:5: need 0 <= A < B"),
     ("mine-negative-margin", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--margin", "-0.1"], nothing, "--margin must be at least 0"),
+    ("mine-device-bogus", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--device", "bogus"], nothing, "--device 'bogus': not a device"),
+    ("mine-attention-bogus", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--attention", "sideways"], nothing, "attention"),
     ("mine-negatives-0", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--negatives", "0"], nothing, "--negatives must be at least 1"),
     ("mine-bad-training-row", ["mine", "{d}/t.jsonl", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}"], write("t.jsonl", '{"query": "q"}\n'), "t.jsonl:1: field 'positive' is missing"),
     # ---------------------------------------------------------------- evaluate
@@ -240,6 +242,7 @@ CASES = [
     ("evaluate-bad-run-line", ["evaluate", "--run", "{d}/r.trec", "--qrels", "{d}/q.tsv"], lambda d, s: (write("r.trec", "q Q0 d\n")(d, s), write("q.tsv", "q\td\t1\n")(d, s)), "r.trec:1: expected a TREC run line"),
     ("evaluate-bad-qrels-score", ["evaluate", "--run", "{d}/r.trec", "--qrels", "{d}/q.tsv"], lambda d, s: (write("r.trec", "q Q0 d 1 1.0 x\n")(d, s), write("q.tsv", "q\td\t1\nq\te\thigh\n")(d, s)), "q.tsv:2: field 'score' must be an integer"),
     ("evaluate-missing-task-dir", ["evaluate", "-m", "{model}", "--task-dir", "{d}/none", "--output-dir", "{d}/res"], nothing, "task folder not found"),
+    ("evaluate-device-cuda-without-gpu", ["evaluate", "-m", "{model}", "--task-dir", "{trecqa}", "--output-dir", "{d}/res", "--device", "cuda"], nothing, "no CUDA GPU is available"),
     ("evaluate-no-task", ["evaluate", "-m", "{model}", "--output-dir", "{d}/res"], nothing, "name --tasks, --task-dir or --sts"),
     # ---------------------------------------------------------------- finetune
     ("finetune-recipe-not-found", ["finetune", "{d}/none.yaml"], nothing, "none.yaml: file not found"),
@@ -281,7 +284,7 @@ def snapshot(*folders: Path) -> dict[str, bytes]:
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(shared, tmp_path, name, args, prepare, expected):
     prepare(tmp_path, shared)
     places = {"model": shared / "model", "corpus": shared / "corpus.jsonl", "emb": shared / "emb.npy", "idx": shared / "idx",
-              "train": shared / "train.jsonl", "shared": shared, "d": tmp_path}  # fmt: skip
+              "train": shared / "train.jsonl", "shared": shared, "d": tmp_path, "trecqa": RESOURCES / "trecqa-test"}  # fmt: skip
     before = snapshot(tmp_path, shared)
     result = run_cli(*[a.format(**places) for a in args])
     stderr = result.stderr.decode()

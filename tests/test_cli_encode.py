@@ -33,6 +33,25 @@ def test_encode_writes_matrix_ids_and_meta_matching_python(tiny_llama, tmp_path)
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*tmp"))
 
 
+def test_table_formats_give_the_vectors_of_jsonl(tiny_llama, tmp_path):
+    """A parquet file and an `hf:` dataset folder are read by `datasets`; same ids, same vectors as the jsonl."""
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in DEMO_CORPUS.read_text().splitlines()][:12]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
+    (tmp_path / "hub").mkdir()
+    Dataset.from_list([{"_id": r["id"], "text": r["text"]} for r in rows]).to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    outputs = {}
+    for name, source in (("jsonl", tmp_path / "c.jsonl"), ("parquet", tmp_path / "c.parquet"), ("hf", f"hf:{tmp_path / 'hub'}")):
+        result = encode(tiny_llama, source, tmp_path / f"{name}.npy")
+        assert result.returncode == 0, result.stderr.decode()
+        outputs[name] = load_embeddings(str(tmp_path / f"{name}.npy"))[:2]
+    for name in ("parquet", "hf"):
+        assert outputs[name][1] == outputs["jsonl"][1]
+        assert np.array_equal(outputs[name][0], outputs["jsonl"][0])
+
+
 def test_stdin_text_and_stdout_npz_stream(tiny_llama, tmp_path):
     result = run_cli("encode", "-", "-o", "-", "--model", tiny_llama, "-q", input=b"first text\nsecond text\n")
     assert result.returncode == 0, result.stderr.decode()

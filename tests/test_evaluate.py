@@ -10,6 +10,7 @@ from ullme_cli.data import read_beir_folder
 from ullme_cli.errors import UllmeError
 from ullme_cli.evaluation.instructions import instruction_for, load_instruction_table
 from ullme_cli.evaluation.runner import evaluate, resolve_tasks
+from ullme_cli.model_setup import Runtime
 
 TRECQA = RESOURCES / "trecqa-test"
 
@@ -17,7 +18,7 @@ TRECQA = RESOURCES / "trecqa-test"
 @pytest.fixture(scope="module")
 def trecqa_result(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    return evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), dtype="float32", show_progress=False)[0], out
+    return evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), runtime=Runtime("float32"), show_progress=False)[0], out
 
 
 def test_retrieval_metrics_match_pytrec_eval_on_an_independent_run(tiny_llama, trecqa_result):
@@ -48,7 +49,7 @@ def test_cached_results_are_reused_on_a_rerun(tiny_llama, trecqa_result):
     saved = json.loads(path.read_text())
     saved["scores"]["test"][0]["ndcg_at_10"] = 0.12345  # a value only the cache can hold
     path.write_text(json.dumps(saved))
-    again = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), dtype="float32", show_progress=False)[0]
+    again = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), runtime=Runtime("float32"), show_progress=False)[0]
     assert again.scores["ndcg_at_10"] == 0.12345
 
 
@@ -56,7 +57,7 @@ def test_another_setup_of_the_same_model_is_evaluated_not_taken_from_the_cache(t
     from ullme_cli.models.embedder import Embedder
 
     result, out = trecqa_result
-    causal = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), dtype="float32", show_progress=False,
+    causal = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(out), runtime=Runtime("float32"), show_progress=False,
                       pooling="last-token", attention="causal")[0]  # fmt: skip
     assert causal.scores["ndcg_at_10"] != result.scores["ndcg_at_10"]
     assert len(list(out.glob("results/*/*/trecqa-test.json"))) == 2
@@ -79,7 +80,7 @@ def test_local_sts_gives_spearman_of_cosines(tiny_llama, tmp_path):
     sts_file = SHARED_DATA / "sts" / "2013" / "FNWN.test.tsv"
     if not sts_file.exists():
         pytest.skip("../shared/data is not beside this checkout")
-    result = evaluate(str(tiny_llama), [], [], [str(sts_file)], str(tmp_path), dtype="float32", show_progress=False)[0]
+    result = evaluate(str(tiny_llama), [], [], [str(sts_file)], str(tmp_path), runtime=Runtime("float32"), show_progress=False)[0]
     assert result.name == "STS-2013-FNWN" and result.main_score == "cosine_spearman"
     gold, first, second = read_sts_file(str(sts_file))
     embedder = Embedder.load(str(tiny_llama), dtype="float32")

@@ -78,9 +78,17 @@ def test_range_sample_margin_and_max_score(tiny_llama, trecqa):
 
 
 def test_the_cli_takes_the_same_options(tiny_llama, trecqa, tmp_path):
+    """Also: training rows in sentence-transformers' layout as parquet, the corpus as csv, the model options."""
+    from datasets import Dataset
+
+    train = [json.loads(line) for line in (trecqa / "train.jsonl").read_text().splitlines()]
+    Dataset.from_list([{"anchor": r["query"], "positive": r["positive"]} for r in train]).to_parquet(str(tmp_path / "t.parquet"))
+    corpus = [json.loads(line) for line in (trecqa / "corpus.jsonl").read_text().splitlines()]
+    Dataset.from_list(corpus).to_csv(str(tmp_path / "c.csv"), index=False)
     out = tmp_path / "m.jsonl"
-    result = run_cli("mine", trecqa / "train.jsonl", "--corpus", trecqa / "corpus.jsonl", "-o", out, "--model", tiny_llama,
-                     "--negatives", "2", "--range", "1:8", "--sample", "--seed", "3", "--margin", "0.01", "--max-score", "0.99", "-q")  # fmt: skip
+    result = run_cli("mine", tmp_path / "t.parquet", "--corpus", tmp_path / "c.csv", "-o", out, "--model", tiny_llama,
+                     "--negatives", "2", "--range", "1:8", "--sample", "--seed", "3", "--margin", "0.01", "--max-score", "0.99",
+                     "--attention", "bidirectional", "--max-length", "64", "--device", "cpu", "-q")  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 20 and all(len(r["negative"]) <= 2 for r in rows)

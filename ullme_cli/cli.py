@@ -23,6 +23,12 @@ app = typer.Typer(
 
 ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder, model folder, .gguf file, bundled name or hub id.")
 DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_DTYPES)} (auto: bf16 where the CPU/GPU runs it fast).")
+# --input-format is always the format of what a command reads, --format always the format of what it writes.
+InputFormatOption = typer.Option("auto", "--input-format", help="jsonl, tsv, text, csv, parquet, dataset (a save_to_disk folder) or auto (by suffix; hf:NAME[:SPLIT] is a dataset).")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps, ...")
+PoolingOption = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean).")
+AttentionOption = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional).")
+MaxLengthOption = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default: the model's, else 512).")
 TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace an existing output (never an input).")
@@ -70,22 +76,22 @@ def finetune(
 
 @app.command()
 def encode(
-    input: str = typer.Argument(..., help="Corpus: .jsonl (id, text, title?), .tsv (id, text), text (one per line), or - for stdin."),
+    input: str = typer.Argument(..., help="Corpus: .jsonl/.csv/.parquet/datasets folder/hf:NAME (id, text, title?), .tsv (id, text), text (one per line), or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="emb.npy (plus emb.ids.jsonl, emb.meta.json), or - for an npz stream on stdout."),
     model: str = ModelOption,
     kind: str = typer.Option("passage", "--kind", help=f"{' or '.join(KINDS)}: which instruction applies."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean)."),
-    attention: Optional[str] = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional)."),
+    pooling: Optional[str] = PoolingOption,
+    attention: Optional[str] = AttentionOption,
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Instruction for these texts (overrides the model's for --kind)."),
     query_instruction: Optional[str] = typer.Option(None, "--query-instruction", help="Instruction that queries against these passages use; recorded for `ullme search`."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default 512)."),
+    max_length: Optional[int] = MaxLengthOption,
     dtype: str = DtypeOption,
     out_dtype: str = typer.Option("float32", "--out-dtype", help=f"Stored dtype: {', '.join(OUT_DTYPES)}."),
     truncate_dim: Optional[int] = typer.Option(None, "--truncate-dim", help="Keep the first D dimensions (Matryoshka) and renormalize."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: encode only shard i of N (join them with `ullme join`)."),
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
-    input_format: str = typer.Option("auto", "--format", help="auto, jsonl, tsv or text."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    input_format: str = InputFormatOption,
+    device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
@@ -168,15 +174,15 @@ def search(
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Query embeddings made already (q.npy or .npz); no QUERIES then."),
     k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
     output: str = typer.Option("-", "--output", "-o", help="Results file, or - for stdout."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl or trec."),
+    fmt: str = typer.Option("jsonl", "--format", help="Output format: jsonl or trec."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists to visit (default: the manifest's)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default: the manifest's)."),
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Query instruction (default: the manifest's)."),
     rerank_exact: bool = typer.Option(False, "--rerank-exact", help="Rescore candidates with exact vectors (PQ/SQ indexes)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index from disk instead of reading it into RAM."),
-    input_format: str = typer.Option("auto", "--input-format", help="Queries format: auto, jsonl, tsv or text."),
+    input_format: str = InputFormatOption,
     dtype: str = DtypeOption,
-    device: str = typer.Option("auto", "--device"),
+    device: str = DeviceOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -208,8 +214,12 @@ def mine(
     max_score: Optional[float] = typer.Option(None, "--max-score", help="Drop candidates scoring above S (cosine)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
-    pooling: Optional[str] = typer.Option(None, "--pooling"),
+    pooling: Optional[str] = PoolingOption,
+    attention: Optional[str] = AttentionOption,
+    max_length: Optional[int] = MaxLengthOption,
     dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    trust_remote_code: bool = TrustOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -219,8 +229,9 @@ def mine(
 
     start, stop = MiningOptions.parse_range(rank_range)
     options = MiningOptions(negatives, start, stop, sample, margin, max_score, seed, keep_existing).validate()
-    setup = resolve_setup(model, pooling=pooling)
-    stats = mine_negatives(training, corpus, output, setup, Runtime(dtype), corpus_embeddings, options, overwrite, not quiet)
+    setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
+    runtime = Runtime(dtype, device, trust_remote_code)
+    stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, not quiet)
     _err(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
 
 
@@ -235,15 +246,18 @@ def evaluate(
     run: Optional[str] = typer.Option(None, "--run", help="Score this TREC run (with --qrels) instead of a model."),
     qrels: Optional[str] = typer.Option(None, "--qrels", help="Judgements for --run: BEIR tsv or TREC qrels."),
     prefetch: bool = typer.Option(False, "--prefetch", help="Only download the --tasks' data into the HF cache (needs a network)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean)."),
-    attention: Optional[str] = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional)."),
+    pooling: Optional[str] = PoolingOption,
+    attention: Optional[str] = AttentionOption,
     dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    trust_remote_code: bool = TrustOption,
     quiet: bool = QuietOption,
 ) -> None:
     """Evaluate a model on MTEB tasks and local sets, or score a search run. JSON summary on stdout."""
     import json
 
     from ullme_cli.evaluation import runner
+    from ullme_cli.model_setup import Runtime
 
     names = [n.strip() for n in _split_task_names(tasks)] if tasks else []  # 'MTEB(eng, v2)' has a comma
     if run or qrels:
@@ -254,7 +268,8 @@ def evaluate(
     if prefetch:
         _err(f"cached: {', '.join(runner.prefetch(names))}")
         return
-    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, dtype, not quiet, pooling=pooling, attention=attention)
+    runtime = Runtime(dtype, device, trust_remote_code)
+    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, not quiet, pooling=pooling, attention=attention)
     typer.echo(json.dumps(runner.report(results, model), indent=2))
 
 

@@ -14,8 +14,20 @@ from typing import Iterator
 from ullme_cli.errors import UllmeError, located
 
 STDIN = "-"
-FORMATS = ("auto", "jsonl", "tsv", "text")
+HUB_PREFIX = "hf:"
+# Line formats are read here, with line numbers; table formats (csv, parquet, a `save_to_disk` folder,
+# `hf:NAME[:SPLIT]`) through `datasets`, with row numbers. Every reader takes rows from `iter_rows`.
+LINE_FORMATS = ("jsonl", "tsv", "text")
+TABLE_FORMATS = ("csv", "parquet", "dataset")
+FORMATS = ("auto", *LINE_FORMATS, *TABLE_FORMATS)
 
+# The field names of the neighbours, each read as ours (first present wins): BEIR, Tevatron, FlagEmbedding,
+# sentence-transformers.
+ID_FIELDS = ("id", "_id", "docid", "query_id", "qid")
+TEXT_FIELDS = ("text", "query", "contents")
+QUERY_FIELDS = ("query", "anchor", "question")
+POSITIVE_FIELDS = ("positive", "pos", "positive_passages", "positives")
+NEGATIVE_FIELDS = ("negative", "neg", "negative_passages", "negatives")
 
 @dataclass(frozen=True)
 class TextRecord:
@@ -63,19 +75,115 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _detect_format(path: str, first_line: str | None) -> str:
+def detect_format(path: str, first_line: str | None = None) -> str:
+    if path.startswith(HUB_PREFIX) or (path != STDIN and Path(path).is_dir()):
+        return "dataset"
     suffix = Path(path).suffix.lower() if path != STDIN else ""
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if suffix == ".tsv":
-        return "tsv"
-    if suffix in (".txt", ".text"):
-        return "text"
+    by_suffix = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".txt": "text", ".text": "text",
+                 ".csv": "csv", ".parquet": "parquet"}  # fmt: skip
+    if suffix in by_suffix:
+        return by_suffix[suffix]
     if first_line is not None and first_line.lstrip().startswith("{"):
         return "jsonl"
     if first_line is not None and "\t" in first_line:
         return "tsv"
     return "text"
+
+
+class Where(str):
+    """Where a row came from, as errors name it: `file:LINE` for line formats, `file: row N` for tables."""
+
+    def __new__(cls, name: str, number: int, unit: str = "line"):
+        where = super().__new__(cls, f"{name}:{number}" if unit == "line" else f"{name}: row {number}")
+        where.position = f"{unit} {number}"
+        return where
+
+    def error(self, message: str) -> UllmeError:
+        return UllmeError(f"{self}: {message}")
+
+
+def iter_rows(path: str, fmt: str = "auto", tsv_columns: tuple[str, ...] | None = None) -> Iterator[tuple[Where, dict]]:
+    """Every input's rows as dicts, by one path: jsonl, tsv, text, csv, parquet, a `save_to_disk` folder, `hf:NAME[:SPLIT]`.
+
+    tsv: a first row that names fields is the header; without one, `tsv_columns` name the columns by position.
+    text: one row a line, `{"id": line number, "text": line}`. `-` is stdin (a line format).
+    """
+    if fmt not in FORMATS:
+        raise UllmeError(f"unknown input format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if fmt == "auto" and detect_format(path) in TABLE_FORMATS:
+        fmt = detect_format(path)
+    if fmt in TABLE_FORMATS:
+        yield from _table_rows(path, fmt)
+        return
+    name = "<stdin>" if path == STDIN else path
+    lines = iter_lines(path)
+    first = next(lines, None)
+    if first is None:
+        return
+    fmt = detect_format(path, first[1]) if fmt == "auto" else fmt
+    header = None
+    if fmt == "tsv":
+        cells = [c.strip() for c in first[1].split("\t")]
+        if set(cells) & {*ID_FIELDS, *TEXT_FIELDS, *QUERY_FIELDS, *POSITIVE_FIELDS, "title"}:
+            header, first = cells, None
+        elif tsv_columns is None:
+            raise located(name, first[0], "a tsv file here needs a header row naming its fields")
+    for number, line in _chain(first, lines):
+        where = Where(name, number)
+        if fmt == "jsonl":
+            yield where, parse_json_line(where, line)
+        elif fmt == "tsv":
+            cells = line.split("\t")
+            columns = header + list(tsv_columns or ())[len(header) :] if header else tsv_columns
+            if len(cells) > len(columns):
+                raise where.error(f"{len(cells)} tab-separated columns; expected {', '.join(columns)} (a tab inside a text needs jsonl)")
+            yield where, dict(zip(columns, cells))
+        else:
+            yield where, {"id": str(number), "text": line}
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
+    """Rows of a csv or parquet file, a `save_to_disk` folder or `hf:NAME[:SPLIT]`, through `datasets`."""
+    if path == STDIN:
+        raise UllmeError(f"stdin holds line formats only (jsonl, tsv, text), not {fmt}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    name = path
+    try:
+        if path.startswith(HUB_PREFIX):
+            hub_name, _, split = path[len(HUB_PREFIX) :].partition(":")
+            table = datasets.load_dataset(hub_name, split=split or "train")
+        elif fmt == "dataset":
+            if not Path(path).is_dir():
+                raise located(path, None, "not a folder (a `datasets` save_to_disk folder is expected)")
+            table = datasets.load_from_disk(path)
+            if isinstance(table, datasets.DatasetDict):
+                split = "train" if "train" in table else (next(iter(table)) if len(table) == 1 else None)
+                if split is None:
+                    raise located(path, None, f"a DatasetDict with splits {', '.join(table)}: save one split, or name it as hf:{path}:SPLIT")
+                table = table[split]
+        else:
+            if not Path(path).is_file():
+                raise located(path, None, "file not found")
+            table = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except UllmeError:
+        raise
+    except Exception as e:  # datasets raises many kinds: offline, not found, bad split, unreadable files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if path.startswith(HUB_PREFIX):
+            raise UllmeError(f"{name}: cannot load this dataset ({reason}); with no network, load it once where there is one "
+                             "(it stays in the Hugging Face cache) or use a local folder") from None  # fmt: skip
+        raise UllmeError(f"{name}: cannot read it as {fmt} ({reason})") from None
+    for number, row in enumerate(table, start=1):
+        yield Where(name, number, "row"), row
 
 
 def read_json_object(path: str | Path) -> dict:
@@ -89,135 +197,110 @@ def read_json_object(path: str | Path) -> dict:
     return value
 
 
-def parse_json_line(name: str, number: int, line: str) -> dict:
+def parse_json_line(where: str, line: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise located(name, number, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise UllmeError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
-        raise located(name, number, "expected a JSON object")
+        raise UllmeError(f"{where}: expected a JSON object")
     return row
 
 
-def _string_field(name: str, number: int, row: dict, key: str, required: bool = True) -> str | None:
-    value = row.get(key)
-    if value is None or (isinstance(value, str) and not value.strip()):
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip())
+
+
+def _first_present(row: dict, names: tuple[str, ...]):
+    for key in names:
+        if not _missing(row.get(key)):
+            return key, row[key]
+    return names[0], None
+
+
+def _also(names: tuple[str, ...]) -> str:
+    return f" (also read from {', '.join(names[1:])})" if len(names) > 1 else ""
+
+
+def string_field(where: Where, row: dict, names: tuple[str, ...] | str, required: bool = True) -> str | None:
+    names = (names,) if isinstance(names, str) else names
+    key, value = _first_present(row, names)
+    if value is None:
         if required:
-            raise located(name, number, f"field '{key}' is missing or empty")
+            raise where.error(f"field '{names[0]}' is missing or empty{_also(names)}")
         return None
-    if not isinstance(value, (str, int)):
-        raise located(name, number, f"field '{key}' must be a string")
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise where.error(f"field '{key}' must be a string")
     return str(value)
 
 
 def read_corpus(path: str, fmt: str = "auto") -> list[TextRecord]:
-    """Read texts with ids.
+    """Read texts with ids, from any input `iter_rows` reads.
 
-    - jsonl: `{"id"|"_id": ..., "text": ..., "title"?: ...}`; a title is prepended as in BEIR.
-    - tsv: `id<TAB>text[<TAB>title]`, with an optional header row `id  text ...`.
-    - text: one text a line; the id is the line number.
-    `-` reads stdin; the format is then sniffed from the first line.
+    Fields: an id (`id`, BEIR `_id`, Tevatron `docid`/`query_id`) and a text (`text`, or `query` for query
+    files); a `title` is prepended as in BEIR. tsv without a header: `id<TAB>text[<TAB>title]`. text: one
+    text a line, whose id is the line number.
     """
-    if fmt not in FORMATS:
-        raise UllmeError(f"unknown input format '{fmt}' (choose from {', '.join(FORMATS)})")
     name = "<stdin>" if path == STDIN else path
-    lines = list(iter_lines(path))
-    if fmt == "auto":
-        fmt = _detect_format(path, lines[0][1] if lines else None)
     records: list[TextRecord] = []
-    first_seen: dict[str, int] = {}
-    for index, (number, line) in enumerate(lines):
-        if fmt == "jsonl":
-            row = parse_json_line(name, number, line)
-            rid = _string_field(name, number, row, "id", required=False) or _string_field(
-                name, number, row, "_id", required=False
-            )
-            if rid is None:
-                raise located(name, number, "field 'id' is missing or empty")
-            text = _string_field(name, number, row, "text")
-            title = _string_field(name, number, row, "title", required=False)
-            if title:
-                text = f"{title} {text}"
-        elif fmt == "tsv":
-            cols = line.split("\t")
-            if index == 0 and cols[0].strip().lower() in ("id", "_id", "docid", "qid"):
-                continue
-            if len(cols) > 3:
-                raise located(name, number, f"{len(cols)} tab-separated columns; expected id, text and an optional title "
-                                            "(a tab inside a text needs jsonl)")  # fmt: skip
-            if len(cols) < 2 or not cols[1].strip():
-                raise located(name, number, "field 'text' (second column) is missing or empty")
-            rid, text = cols[0].strip(), cols[1]
-            if not rid:
-                raise located(name, number, "field 'id' (first column) is empty")
-            if len(cols) > 2 and cols[2].strip():
-                text = f"{cols[2]} {text}"
-        else:
-            rid, text = str(number), line
+    first_seen: dict[str, Where] = {}
+    for where, row in iter_rows(path, fmt, tsv_columns=("id", "text", "title")):
+        rid = string_field(where, row, ID_FIELDS)
+        text = string_field(where, row, TEXT_FIELDS)
+        title = string_field(where, row, "title", required=False)
+        if title:
+            text = f"{title} {text}"
         if rid in first_seen:
-            raise located(name, number, f"duplicate id '{rid}' (first seen on line {first_seen[rid]})")
-        first_seen[rid] = number
+            raise where.error(f"duplicate id '{rid}' (first seen on {first_seen[rid].position})")
+        first_seen[rid] = where
         records.append(TextRecord(rid, text))
     if not records:
         raise located(name, None, "no texts found (empty corpus)")
     return records
 
 
-def _string_list(name: str, number: int, row: dict, key: str, required: bool) -> list[str]:
-    value = row.get(key)
-    if value is None:
-        if required:
-            raise located(name, number, f"field '{key}' is missing")
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
-        raise located(name, number, f"field '{key}' must be a non-empty string or a list of non-empty strings")
-    if required and not items:
-        raise located(name, number, f"field '{key}' is empty")
-    return list(items)
+def _passage_text(where: Where, value, key: str) -> str:
+    """A passage given as a string, or as a Tevatron `{docid, title, text}` object."""
+    if isinstance(value, dict):
+        text = string_field(where, value, "text")
+        title = string_field(where, value, "title", required=False)
+        return f"{title} {text}" if title else text
+    if isinstance(value, str) and value.strip():
+        return value
+    raise where.error(f"field '{key}' must hold non-empty strings or {{title, text}} objects")
 
 
-HUB_PREFIX = "hf:"
-
-
-def iter_dataset_rows(spec: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a `datasets` dataset named `hf:NAME[:SPLIT]` (split `train` unless named).
-
-    NAME is a hub id (needs a network, or the Hugging Face cache) or a local folder of parquet, json or
-    csv files. Columns `anchor` (sentence-transformers' name) is read as `query`.
-    """
-    name, _, split = spec[len(HUB_PREFIX) :].partition(":")
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # datasets raises many kinds: offline, not found, bad split, bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UllmeError(f"{spec}: cannot load this dataset ({reason}); with no network, load it once on a machine "
-                         "with one (it stays in the Hugging Face cache) or point at a local folder") from None  # fmt: skip
-    for number, row in enumerate(dataset, start=1):
-        if "query" not in row and "anchor" in row:
-            row = {**row, "query": row["anchor"]}
-        yield number, row
+def passage_list(where: Where, row: dict, names: tuple[str, ...], required: bool) -> list[str]:
+    """Passages from the first of `names` present (a string or a list), plus sentence-transformers' numbered
+    columns (`negative_1`, `negative_2`, ...)."""
+    key, value = _first_present(row, names)
+    numbered = sorted((k for k in row if k.startswith(f"{names[0]}_") and k[len(names[0]) + 1 :].isdigit()), key=lambda k: int(k.rpartition("_")[2]))
+    values = [] if value is None else [value] if isinstance(value, (str, dict)) else value
+    if not isinstance(values, list):
+        raise where.error(f"field '{key}' must be a string or a list")
+    passages = [_passage_text(where, v, key) for v in values] + [_passage_text(where, row[k], k) for k in numbered if not _missing(row[k])]
+    if required and not passages:
+        raise where.error(f"field '{names[0]}' is missing or empty{_also(names)}")
+    return passages
 
 
 def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list[TrainingExample], int]:
-    """Read training rows (DESIGN.md §5) from jsonl, stdin, or a `datasets` dataset (`hf:NAME[:SPLIT]`).
+    """Read training rows (DESIGN.md §5) from any input `iter_rows` reads (tsv needs a header row).
 
+    Fields, with the neighbours' names: `query` (`anchor`, `question`); `positive` (`pos`,
+    `positive_passages`); `negative` (`neg`, `negative_passages`, `negative_1`, ...); `instruction`.
     Returns the examples and the number of rows skipped. A bad row is an error naming file and line (row,
-    for a dataset), unless `skip_bad_rows`, when it is counted and dropped.
+    for a table), unless `skip_bad_rows`, when it is counted and dropped.
     """
     name = "<stdin>" if path == STDIN else path
     examples: list[TrainingExample] = []
     skipped = 0
-    rows = iter_dataset_rows(path) if path.startswith(HUB_PREFIX) else iter_lines(path)
-    for number, line in rows:
+    for where, row in iter_rows(path):
         try:
-            row = line if isinstance(line, dict) else parse_json_line(name, number, line)
-            query = _string_field(name, number, row, "query")
-            positives = _string_list(name, number, row, "positive", required=True)
-            negatives = _string_list(name, number, row, "negative", required=False)
-            instruction = _string_field(name, number, row, "instruction", required=False)
+            query = string_field(where, row, QUERY_FIELDS)
+            positives = passage_list(where, row, POSITIVE_FIELDS, required=True)
+            negatives = passage_list(where, row, NEGATIVE_FIELDS, required=False)
+            instruction = string_field(where, row, "instruction", required=False)
         except UllmeError:
             if not skip_bad_rows:
                 raise

@@ -223,7 +223,7 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     if needs_pairs & {"dpo", "kl"} and recipe.data.negatives_per_query < 1:
         bad("data.negatives_per_query", "must be at least 1 for dpo and kl")
     if not recipe.data.train:
-        bad("data.train", "must name a training jsonl file")
+        bad("data.train", "must name training data: jsonl, tsv, csv, parquet, a datasets folder or hf:NAME[:SPLIT]")
     if "dpo" in recipe.loss.resolved_weights() and not recipe.lora.enabled and not recipe.loss.reference_free:
         bad("loss.reference_free", "must be true for DPO without LoRA (the reference is the model with adapters off)")
     return recipe

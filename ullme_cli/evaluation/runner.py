@@ -87,7 +87,7 @@ def evaluate(
     sts_files: list[str],
     output_dir: str,
     instructions: str | None = None,
-    dtype: str = "auto",
+    runtime=None,
     show_progress: bool = True,
     pooling: str | None = None,
     attention: str | None = None,
@@ -113,7 +113,7 @@ def evaluate(
     name = Path(model).name if Path(model).exists() else model
     # Hub data is checked before the model loads, and only for tasks that have no result yet.
     check_offline_data([t for t in hub_tasks if not cached_result_path(output_dir, setup, name, t, table).exists()])
-    embedder = load_embedder(setup, Runtime(dtype))
+    embedder = load_embedder(setup, runtime or Runtime())
     return run_evaluation(embedder, name, tasks, output_dir, table, show_progress)
 
 
