@@ -143,7 +143,7 @@ CORPUS_LINE = '{"id": "a", "text": "x"}\n'
 CASES = [
     # ---------------------------------------------------------------- encode: the corpus
     ("encode-missing-input", ["encode", "{d}/nope.jsonl", "-o", "{d}/e.npy", "-m", "{model}"], nothing, "nope.jsonl: file not found"),
-    ("encode-input-is-folder", ["encode", "{d}", "-o", "{d}/e.npy", "-m", "{model}"], nothing, "is a folder, expected a file"),
+    ("encode-input-is-folder", ["encode", "{d}", "-o", "{d}/e.npy", "-m", "{model}"], nothing, "is a folder, but not a `datasets` save_to_disk folder"),
     ("encode-empty-corpus", ["encode", "{d}/c.jsonl", "-o", "{d}/e.npy", "-m", "{model}"], write("c.jsonl", ""), "no texts found"),
     ("encode-malformed-json", ["encode", "{d}/c.jsonl", "-o", "{d}/e.npy", "-m", "{model}"], write("c.jsonl", CORPUS_LINE + '{"id": "b", "text": \n'), "c.jsonl:2: malformed JSON"),
     ("encode-no-text-field", ["encode", "{d}/c.jsonl", "-o", "{d}/e.npy", "-m", "{model}"], write("c.jsonl", '{"id": "a", "title": "t"}\n'), "c.jsonl:1: field 'text' is missing"),

@@ -124,7 +124,7 @@ def iter_rows(path: str, fmt: str = "auto", tsv_columns: tuple[str, ...] | None 
     header = None
     if fmt == "tsv":
         cells = [c.strip() for c in first[1].split("\t")]
-        if set(cells) & {*ID_FIELDS, *TEXT_FIELDS, *QUERY_FIELDS, *POSITIVE_FIELDS, "title"}:
+        if cells[0].lower() in {*ID_FIELDS, *TEXT_FIELDS, *QUERY_FIELDS}:
             header, first = cells, None
         elif tsv_columns is None:
             raise located(name, first[0], "a tsv file here needs a header row naming its fields")
@@ -164,6 +164,8 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
         elif fmt == "dataset":
             if not Path(path).is_dir():
                 raise located(path, None, "not a folder (a `datasets` save_to_disk folder is expected)")
+            if not any((Path(path) / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+                raise located(path, None, "is a folder, but not a `datasets` save_to_disk folder (no dataset_info.json)")
             table = datasets.load_from_disk(path)
             if isinstance(table, datasets.DatasetDict):
                 split = "train" if "train" in table else (next(iter(table)) if len(table) == 1 else None)
