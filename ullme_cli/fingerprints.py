@@ -20,7 +20,7 @@ import numpy as np
 
 # Files in an Embedder folder that do not change any vector: the setup (compared field by field) and
 # the model card.
-NOT_FINGERPRINTED = {"ullme.json", "README.md"}
+NOT_FINGERPRINTED = {"ullme.json", "README.md", "training.json"}  # descriptions, not weights
 HASH_BLOCK = 1 << 24
 
 

@@ -34,6 +34,7 @@ from ullme_cli.models.loading import (
     resolve_model_source,
 )
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
+from ullme_cli.models.model_card import describe_base, read_training, write_model_card
 from ullme_cli.progress import progress_bar, stderr_console
 
 # Padded tokens per encode batch. On a 2-core CPU, 1536 encoded the demo corpus about 1.4x faster than
@@ -105,6 +106,8 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if setup.pooling.startswith("latent-attention") and (folder / LATENT_WEIGHTS).exists():
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
+    embedder.origin = describe_base(setup.model, source)
+    embedder.training = read_training(folder) if folder.is_dir() else None
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     return embedder
@@ -131,6 +134,8 @@ class Embedder:
         hidden_size = decoder_of(model).config.hidden_size
         self.pooler = Pooler(setup.pooling, hidden_size, latent).to(device)
         self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
+        self.origin: dict | None = None  # base model and licence, for the model card (model_card.py)
+        self.training: dict | None = None  # what finetune records: recipe, data, steps, last eval metrics
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -195,10 +200,10 @@ class Embedder:
         if target.is_dir() and any(target.iterdir()) and not (target / SETUP_FILE).exists():
             raise UllmeError(f"{folder}: folder holds files that are not an ullme model; save elsewhere")
         with atomic_folder(folder) as staging:
-            self._write(staging, merge_lora)
+            self._write(staging, merge_lora, target.name)
         return Path(folder)
 
-    def _write(self, staging: Path, merge_lora: bool) -> None:
+    def _write(self, staging: Path, merge_lora: bool, name: str) -> None:
         model = self.model
         if self.has_adapter and merge_lora:
             model = model.merge_and_unload()
@@ -222,6 +227,7 @@ class Embedder:
         from ullme_cli.models.st_export import write_sentence_transformers_files
 
         write_sentence_transformers_files(staging, self)
+        write_model_card(staging, self, name)
 
     # ---------------------------------------------------------------- tokenization
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:

