@@ -168,3 +168,14 @@ def test_help_imports_no_heavy_library(command):
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert "Usage" in result.stdout and result.stderr.strip().endswith("[]"), result.stderr
+
+
+def test_quiet_and_verbose_on_every_command(tiny_llama, tmp_path):
+    """-q: nothing on stderr for a run that goes well; -v: debug lines; both options on every command."""
+    quiet = encode(tiny_llama, DEMO_CORPUS, tmp_path / "q.npy")  # encode() passes -q
+    assert quiet.returncode == 0 and quiet.stderr == b""
+    verbose = run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "v.npy", "--model", tiny_llama, "--dtype", "float32", "-v")
+    assert verbose.returncode == 0 and b"loading " in verbose.stderr and b"float32 embeddings to" in verbose.stderr
+    for command in ("finetune", "encode", "export", "join", "index", "search", "mine", "evaluate"):
+        help_text = run_cli(command, "--help").stdout
+        assert b"--quiet" in help_text and b"--verbose" in help_text, command

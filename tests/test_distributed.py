@@ -120,7 +120,7 @@ def test_two_process_encode_equals_one_process_and_resumes_per_rank(tiny_llama, 
     parts = tmp_path / "two.npy.parts"
     made = run_cli("encode", DEMO_CORPUS, "-o", parts / "part-00000-of-00002.npy", "--model", tiny_llama, "--shard", "0/2", "-q")
     assert made.returncode == 0
-    two = torchrun("encode", DEMO_CORPUS, "-o", tmp_path / "two.npy", "--model", tiny_llama, "-q")
+    two = torchrun("encode", DEMO_CORPUS, "-o", tmp_path / "two.npy", "--model", tiny_llama)
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     assert b"rank 0: reusing" in two.stderr and b"rank 1: reusing" not in two.stderr
     a, a_ids, a_meta = load_embeddings(str(tmp_path / "one.npy"))

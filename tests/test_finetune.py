@@ -153,7 +153,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path):
     assert process.poll() is None, "training finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    resumed = run_cli("finetune", killed, "--resume", "-q")
+    resumed = run_cli("finetune", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert b"resuming from" in resumed.stderr and b"lr_scheduler.step()" not in resumed.stderr  # no spurious warning
     fresh_dir = tmp_path / "fresh"

@@ -215,7 +215,7 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_tolerates_a_torn_metrics
     (run / "checkpoints" / ".step-0000005.staging-x1").mkdir()  # what a kill mid-checkpoint leaves
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # a torn last line
-    resumed = run_cli("finetune", tmp_path / "r.yaml", "--resume", "-q")
+    resumed = run_cli("finetune", tmp_path / "r.yaml", "--resume")
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert b"skipping a broken checkpoint" in resumed.stderr and b"step-0000003 (step 3)" in resumed.stderr
     assert not list((run / "checkpoints").glob(".*staging*"))

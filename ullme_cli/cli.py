@@ -5,6 +5,7 @@ Heavy libraries (torch, transformers, faiss, mteb) are imported inside the comma
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional
 
@@ -30,12 +31,24 @@ PoolingOption = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (de
 AttentionOption = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional).")
 MaxLengthOption = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default: the model's, else 512).")
 TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
-QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="Warnings and errors only: no progress bar, no summary.")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug messages too.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace an existing output (never an input).")
+
+
+log = logging.getLogger("ullme_cli.cli")
 
 
 def _err(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _output(quiet: bool, verbose: bool) -> bool:
+    """Set the log level for this command; True when progress bars should show."""
+    from ullme_cli.progress import configure_logging
+
+    configure_logging(quiet, verbose)
+    return not quiet
 
 
 def _version(value: bool) -> None:
@@ -60,8 +73,10 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
     quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Fine-tune an embedder (LoRA or full) with contrastive, SimCSE, MNTP, SFT, DPO or GRL losses."""
+    show_progress = _output(quiet, verbose)
     from ullme_cli.recipes import dump_recipe, load_recipe
 
     resolved = load_recipe(recipe, set_values)
@@ -70,8 +85,8 @@ def finetune(
         return
     from ullme_cli.training.trainer import finetune as run_finetune
 
-    summary = run_finetune(resolved, resume=resume, show_progress=not quiet)
-    _err(f"trained {summary['steps']} steps; model in {summary['output']}")
+    summary = run_finetune(resolved, resume=resume, show_progress=show_progress)
+    log.info(f"trained {summary['steps']} steps; model in {summary['output']}")
 
 
 @app.command()
@@ -95,11 +110,13 @@ def encode(
     trust_remote_code: bool = TrustOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Embed a corpus. Resumes after an interruption; writes nothing until it is complete.
 
     Under `torchrun --nproc_per_node N -m ullme_cli encode ...` (or `accelerate launch`) the N processes
     share the corpus and rank 0 writes the joined files."""
+    show_progress = _output(quiet, verbose)
     from ullme_cli.encoding import EncodeOptions, Launch, encode_corpus, encode_launched
     from ullme_cli.model_setup import Runtime, resolve_setup
 
@@ -111,13 +128,13 @@ def encode(
     if launch.world > 1:
         if shard:
             raise UllmeError("--shard and a multi-process launch do not mix: the launch shards by rank")
-        meta = encode_launched(input, output, setup, runtime, options, overwrite, show_progress=not quiet)
+        meta = encode_launched(input, output, setup, runtime, options, overwrite, show_progress=show_progress)
         if launch.rank != 0:
             return
     else:
-        meta = encode_corpus(input, output, setup, runtime, options, shard, overwrite, show_progress=not quiet)
+        meta = encode_corpus(input, output, setup, runtime, options, shard, overwrite, show_progress=show_progress)
     if output != "-":
-        _err(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
+        log.info(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
 
 
 @app.command()
@@ -126,12 +143,15 @@ def export(
     output: str = typer.Option(..., "--output", "-o", help="The folder to write."),
     merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the weights (a self-contained folder)."),
     overwrite: bool = OverwriteOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Write a model folder for sentence-transformers (adapter merged with --merge)."""
+    _output(quiet, verbose)
     from ullme_cli.models.embedder import export_model
 
     export_model(model, output, merge, overwrite)
-    _err(f"exported {model} to {output}{' (adapter merged)' if merge else ''}")
+    log.info(f"exported {model} to {output}{' (adapter merged)' if merge else ''}")
 
 
 @app.command()
@@ -139,13 +159,16 @@ def join(
     shards: list[str] = typer.Argument(..., help="The emb files written by `ullme encode --shard i/N`, in any order."),
     output: str = typer.Option(..., "--output", "-o", help="Joined emb.npy, or - for stdout."),
     overwrite: bool = OverwriteOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Join the shards of one corpus into one embeddings file, in corpus order."""
+    _output(quiet, verbose)
     from ullme_cli.encoding import join_shards
 
     meta = join_shards(shards, output, overwrite)
     if output != "-":
-        _err(f"joined {len(shards)} shards: {meta['count']} embeddings in {output}")
+        log.info(f"joined {len(shards)} shards: {meta['count']} embeddings in {output}")
 
 
 @app.command()
@@ -158,14 +181,17 @@ def index(
     keep_vectors: bool = typer.Option(True, "--keep-vectors/--no-keep-vectors", help="Keep float16 copies beside lossy indexes for --rerank-exact."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder (one that holds only ullme's index files)."),
     trained_from: Optional[str] = typer.Option(None, "--trained-from", help="Start from this index folder's trained centroids/codebooks (shard indexes that merge exactly)."),
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Build a FAISS index (or --add to one) from embeddings."""
+    _output(quiet, verbose)
     from ullme_cli.retrieval.index import build_index
 
     manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors, overwrite=overwrite, trained_from=trained_from)
     if note:
-        _err(f"factory {'auto -> ' if factory == 'auto' and not trained_from else ''}{manifest['factory']} ({note})")
-    _err(f"index {output}: {manifest['count']} vectors, {manifest['factory']}, metric {manifest['metric']}")
+        log.info(f"factory {'auto -> ' if factory == 'auto' and not trained_from else ''}{manifest['factory']} ({note})")
+    log.info(f"index {output}: {manifest['count']} vectors, {manifest['factory']}, metric {manifest['metric']}")
 
 
 @app.command()
@@ -185,8 +211,10 @@ def search(
     device: str = DeviceOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Search index folders; several folders (shards) are merged into one top-k."""
+    show_progress = _output(quiet, verbose)
     from ullme_cli.retrieval.search import search as run_search
     from ullme_cli.retrieval.search import write_results
 
@@ -194,10 +222,10 @@ def search(
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
     inputs = [*folders, *(q for q in (queries, embeddings) if q)]
-    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, not quiet, instruction)
+    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction)
     count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":
-        _err(f"wrote {count} queries' hits to {output}")
+        log.info(f"wrote {count} queries' hits to {output}")
 
 
 @app.command()
@@ -222,8 +250,10 @@ def mine(
     trust_remote_code: bool = TrustOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Mine hard negatives for training data by searching a corpus."""
+    show_progress = _output(quiet, verbose)
     from ullme_cli.model_setup import Runtime, resolve_setup
     from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
 
@@ -231,8 +261,8 @@ def mine(
     options = MiningOptions(negatives, start, stop, sample, margin, max_score, seed, keep_existing).validate()
     setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
     runtime = Runtime(dtype, device, trust_remote_code)
-    stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, not quiet)
-    _err(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
+    stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, show_progress)
+    log.info(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
 
 
 @app.command()
@@ -252,8 +282,10 @@ def evaluate(
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Evaluate a model on MTEB tasks and local sets, or score a search run. JSON summary on stdout."""
+    show_progress = _output(quiet, verbose)
     import json
 
     from ullme_cli.evaluation import runner
@@ -266,11 +298,16 @@ def evaluate(
         typer.echo(json.dumps({"run": run, "scores": runner.score_run(run, qrels)}, indent=2))
         return
     if prefetch:
-        _err(f"cached: {', '.join(runner.prefetch(names))}")
+        log.info(f"cached: {', '.join(runner.prefetch(names))}")
         return
     runtime = Runtime(dtype, device, trust_remote_code)
-    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, not quiet, pooling=pooling, attention=attention)
-    typer.echo(json.dumps(runner.report(results, model), indent=2))
+    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, show_progress, pooling=pooling, attention=attention)
+    summary, table = runner.report(results, model)
+    if show_progress:
+        from ullme_cli.progress import stderr_console
+
+        stderr_console.print(table)
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def _split_task_names(text: str) -> list[str]:

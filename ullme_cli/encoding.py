@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from ullme_cli.data import FORMATS, read_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.model_setup import SETUP_FIELDS, ModelSetup, Runtime, require_same_setup, setup_mismatch
-from ullme_cli.progress import progress_bar, stderr_console
+from ullme_cli.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 CHUNK_TEXTS = 256  # texts per checkpointed chunk: small enough to lose little, large enough to be cheap
 
@@ -149,7 +152,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
             except (OSError, ValueError):
                 same_job = False
             if not same_job:
-                stderr_console.print(f"{partial}: left by a job with other inputs (model files, setup, options or corpus); starting over", soft_wrap=True)
+                log.warning(f"{partial}: left by a job with other inputs (model files, setup, options or corpus); starting over")
                 shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "chunks": len(chunks)}))
@@ -158,7 +161,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     if partial is not None:
         done = sum((partial / f"chunk-{n:06d}.npy").exists() for n in range(len(chunks)))
         if done:
-            stderr_console.print(f"resuming {output}: {done} of {len(chunks)} chunks already encoded", soft_wrap=True)
+            log.info(f"resuming {output}: {done} of {len(chunks)} chunks already encoded")
     with progress_bar("encode", total=len(records), enabled=show_progress) as advance:
         for number, chunk in enumerate(chunks):
             rows = [i for batch in chunk for i in batch]
@@ -279,7 +282,7 @@ def encode_launched(
         part = parts / f"part-{launch.rank:05d}-of-{launch.world:05d}.npy"
         shard = f"{launch.rank}/{launch.world}"
         if _finished_part(part, input_path, setup, options, shard):
-            stderr_console.print(f"rank {launch.rank}: reusing {part}, finished by an earlier launch of this job", soft_wrap=True)
+            log.info(f"rank {launch.rank}: reusing {part}, finished by an earlier launch of this job")
         else:
             encode_corpus(input_path, str(part), setup, runtime, options, shard, overwrite=True, show_progress=show_progress and launch.rank == 0)
         dist.barrier()  # every part is written

@@ -1,7 +1,12 @@
-"""Progress bars on stderr (rich), so that stdout stays free for data."""
+"""What people read, on stderr (rich): progress bars and log lines, so that stdout stays free for data.
+
+The core logs through `logging` (loggers under `ullme_cli`) and draws progress bars; the CLI sets the
+level with -q (warnings only, no bars) and -v (debug).
+"""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -29,3 +34,25 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
             progress.update(task, advance=n, **({"info": info} if fields else {}))
 
         yield advance
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Each record as one line on the stderr console (above a live progress bar; never wrapped, for grep)."""
+
+    STYLES = {logging.WARNING: "yellow", logging.ERROR: "red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prefix = "warning: " if record.levelno == logging.WARNING else ""
+            stderr_console.print(prefix + self.format(record), soft_wrap=True, markup=False, highlight=False,
+                                 style=self.STYLES.get(record.levelno))  # fmt: skip
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """ullme's log level for a command: -q warnings and errors only, -v everything, else informational."""
+    logger = logging.getLogger("ullme_cli")
+    logger.handlers = [ConsoleLogHandler()]
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False

@@ -11,11 +11,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ullme_cli.errors import UllmeError, located
-from ullme_cli.progress import stderr_console
+
+log = logging.getLogger(__name__)
 
 MAIN_METRICS = ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")
 
@@ -117,11 +119,9 @@ def evaluate(
     return run_evaluation(embedder, name, tasks, output_dir, table, show_progress)
 
 
-def report(results: list[TaskResult], model: str) -> dict:
-    """Print a rich table on stderr; return the JSON summary for stdout."""
+def report(results: list[TaskResult], model: str):
+    """The JSON summary (for stdout) and a rich table of it (for people, on stderr)."""
     from rich.table import Table
-
-    from ullme_cli.progress import stderr_console
 
     table = Table(title=f"ullme evaluate: {model}")
     for column in ("task", "type", "main score", "value", "nDCG@10", "MRR@10", "R@10"):
@@ -132,8 +132,7 @@ def report(results: list[TaskResult], model: str) -> dict:
         extra = [r.scores.get(m) for m in ("ndcg_at_10", "mrr_at_10", "recall_at_10")]
         table.add_row(r.name, r.task_type, r.main_score, *(f"{v:.4f}" if isinstance(v, float) else "" for v in [value, *extra]))
         summary["tasks"][r.name] = {"main_score": r.main_score, "value": value, **{m: r.scores[m] for m in (*MAIN_METRICS, "cosine_spearman") if m in r.scores}}
-    stderr_console.print(table)
-    return summary
+    return summary, table
 
 
 def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
@@ -210,8 +209,8 @@ def score_run(run_path: str, qrels_path: str, k_values=(1, 3, 5, 10, 100, 1000))
         raise UllmeError(f"{run_path}: no query of the run has judgements in {qrels_path}")
     unjudged = sorted(set(run) - set(qrels))
     if unjudged:  # trec_eval scores the judged queries only; say how many were left out
-        stderr_console.print(f"{run_path}: {len(unjudged)} of {len(run)} queries have no judgements in {qrels_path} and are not scored "
-                             f"(first: '{unjudged[0]}')", soft_wrap=True)  # fmt: skip
+        log.warning(f"{run_path}: {len(unjudged)} of {len(run)} queries have no judgements in {qrels_path} and are not scored "
+                    f"(first: '{unjudged[0]}')")  # fmt: skip
         run = {q: hits for q, hits in run.items() if q in qrels}
     s = calculate_retrieval_scores(run, qrels, list(k_values))
     return make_score_dict(

@@ -8,6 +8,7 @@ the tokenizer, the latent-attention head when used, and `adapter/` when a LoRA a
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +34,11 @@ from ullme_cli.models.loading import (
     resolve_dtype,
     resolve_model_source,
 )
-from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
 from ullme_cli.models.model_card import describe_base, read_training, write_model_card
-from ullme_cli.progress import progress_bar, stderr_console
+from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
+from ullme_cli.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 # Padded tokens per encode batch. On a 2-core CPU, 1536 encoded the demo corpus about 1.4x faster than
 # 8192 and 5% faster than 2048, and was as fast as any on 180-token texts (docs/benchmarks.md). GPUs want
@@ -95,6 +98,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if setup.fingerprint:
         require_same_setup({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
     setup = setup.replace(fingerprint=fingerprint)
+    log.debug(f"loading {setup.model} from {source} ({dtype}, {device}); fingerprint {fingerprint[:16]}")
     model = load_causal_lm(source, dtype, runtime.trust_remote_code)
     folder = Path(source)
     if (folder / ADAPTER_DIR).is_dir():
@@ -305,7 +309,7 @@ class Embedder:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 self.row_cap = len(piece) // 2
-                stderr_console.print(f"out of GPU memory on a batch of {len(piece)} texts; continuing with at most {self.row_cap}", soft_wrap=True)
+                log.warning(f"out of GPU memory on a batch of {len(piece)} texts; continuing with at most {self.row_cap}")
                 continue
             start += len(piece)
         return np.concatenate(pieces)
@@ -337,6 +341,7 @@ class Embedder:
         tokenized = self.tokenize(texts, kind, instruction)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         batches = plan_batches([len(t.ids) for t in tokenized], token_budget or self.default_token_budget, batch_size or 512)
+        log.debug(f"encode: {len(texts)} texts in {len(batches)} batches, token budget {token_budget or self.default_token_budget}")
         with progress_bar("encode", total=len(texts), enabled=show_progress_bar) as advance:
             for batch in batches:
                 out[batch] = self.encode_batch([tokenized[i] for i in batch])

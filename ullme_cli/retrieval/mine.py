@@ -13,6 +13,7 @@ max_score and sampling_strategy. The corpus embeddings are cached next to the ou
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.model_setup import VECTOR_FIELDS, ModelSetup, Runtime, require_same_setup, setup_mismatch
-from ullme_cli.progress import stderr_console
+
+log = logging.getLogger(__name__)
 
 # What corpus embeddings must share with the model that mines: the vectors' setup and the passage side.
 CORPUS_KEYS = (*VECTOR_FIELDS, "passage_instruction")
@@ -98,7 +100,10 @@ def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddin
             except UllmeError as e:
                 problem = str(e)
             reusable = problem is None
-            stderr_console.print(f"reusing corpus embeddings from {cache}" if reusable else f"{cache}: stale ({problem}); encoding the corpus again", soft_wrap=True)
+            if reusable:
+                log.info(f"reusing corpus embeddings from {cache}")
+            else:
+                log.warning(f"{cache}: stale ({problem}); encoding the corpus again")
         if not reusable:
             encode_corpus(corpus, str(cache), embedder.setup, overwrite=True, show_progress=show_progress, embedder=embedder)
         corpus_embeddings = str(cache)

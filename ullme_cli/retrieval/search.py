@@ -8,6 +8,7 @@ which gives the same hits as one index over all vectors (exact indexes) and lets
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -19,13 +20,15 @@ import numpy as np
 from ullme_cli.artifacts import STDIO, atomic_path, check_output, dequantize, load_embeddings, output_lock
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.model_setup import VECTOR_FIELDS, ModelSetup, Runtime, require_same_setup
-from ullme_cli.progress import progress_bar, stderr_console
+from ullme_cli.progress import progress_bar
 from ullme_cli.retrieval.index import (
     VECTORS_FILE,
     load_faiss_index,
     read_ids,
     read_manifest,
 )
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "trec")
 QUERY_BATCH = 1024
@@ -105,9 +108,9 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
         require_same_setup(meta, manifest, embeddings, "the index", keys=(*VECTOR_FIELDS, "truncate_dim"))
         expected = ModelSetup.from_dict(manifest).instruction_prefix("query")
         if meta.get("kind") != "query":
-            stderr_console.print(f"warning: {embeddings} holds {meta.get('kind')} embeddings, not queries (encode --kind query)", soft_wrap=True)
+            log.warning(f"{embeddings} holds {meta.get('kind')} embeddings, not queries (encode --kind query)")
         elif meta.get("instruction") != expected:
-            stderr_console.print(f"warning: {embeddings} was encoded with the instruction {meta.get('instruction')!r}, the index's queries use {expected!r}", soft_wrap=True)
+            log.warning(f"{embeddings} was encoded with the instruction {meta.get('instruction')!r}, the index's queries use {expected!r}")
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
         raise UllmeError("search: give QUERIES (a file or -) or --embeddings")

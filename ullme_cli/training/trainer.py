@@ -13,6 +13,7 @@ old checkpoint or the new one. `--resume` continues from the newest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,10 +29,12 @@ from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_write_text, 
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import tensors_fingerprint
-from ullme_cli.models.model_card import last_eval_metrics
 from ullme_cli.model_setup import Runtime
-from ullme_cli.progress import progress_bar, stderr_console
+from ullme_cli.models.model_card import last_eval_metrics
+from ullme_cli.progress import progress_bar
 from ullme_cli.recipes import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -117,7 +120,7 @@ def newest_complete_checkpoint(folder: Path) -> tuple[Path, dict, dict] | None:
         try:
             return (checkpoint, *read_checkpoint(checkpoint))
         except UllmeError as e:
-            stderr_console.print(f"skipping a broken checkpoint: {e}", soft_wrap=True)
+            log.warning(f"skipping a broken checkpoint: {e}")
     return None
 
 
@@ -193,7 +196,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     t = recipe.train
     examples, skipped = read_training_examples(recipe.data.train, recipe.data.skip_bad_rows)
     if skipped:
-        stderr_console.print(f"skipped {skipped} malformed rows of {recipe.data.train}", soft_wrap=True)
+        log.warning(f"skipped {skipped} malformed rows of {recipe.data.train}")
 
     eval_task = None
     if recipe.eval.task_dir:
@@ -228,7 +231,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if found is not None:
         checkpoint, tensors, scalars = found
         step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler)
-        stderr_console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
+        log.info(f"resuming from {checkpoint} (step {step})")
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
