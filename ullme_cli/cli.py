@@ -266,6 +266,23 @@ def mine(
 
 
 @app.command()
+def plot(
+    runs: list[str] = typer.Argument(..., help="finetune output_dirs (or their metrics.jsonl files)."),
+    output: str = typer.Option(..., "--output", "-o", help="The PNG to write, or - for stdout."),
+    overwrite: bool = OverwriteOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """Draw loss components and eval metrics over steps for one or several runs, one line per run."""
+    _output(quiet, verbose)
+    from ullme_cli.training.curves import write_plot
+
+    panels = write_plot(runs, output, overwrite)
+    if output != "-":
+        log.info(f"drew {', '.join(panels)} for {len(runs)} run(s) into {output}")
+
+
+@app.command()
 def evaluate(
     model: str = ModelOption,
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated MTEB task or benchmark names, e.g. 'SciFact,MTEB(eng, v2)'."),

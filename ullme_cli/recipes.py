@@ -94,6 +94,10 @@ class TrainSection:
     grad_cache_chunk: int = 0  # > 0: GradCache with chunks of this many texts, so batch size is free of memory
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward passes (fp16 with a loss scaler)
     gradient_checkpointing: bool = False  # recompute decoder activations in the backward pass: less memory, ~1/3 more compute
+    report_to: str = "none"  # none | tensorboard: metrics also to <output_dir>/tensorboard through accelerate's trackers
+
+
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -209,6 +213,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("train.grad_cache_chunk", "must be 0 (off) or a chunk size")
     if recipe.train.grad_cache_chunk and set(recipe.loss.resolved_weights()) & {"simcse", "mntp"}:
         bad("train.grad_cache_chunk", "GradCache covers contrastive, kl, dpo and sft, not simcse or mntp")
+    if recipe.train.report_to not in REPORT_TO:
+        bad("train.report_to", f"must be one of {', '.join(REPORT_TO)}")
     if recipe.train.mixed_precision not in ("no", "bf16", "fp16"):
         bad("train.mixed_precision", "must be no, bf16 or fp16")
     if recipe.eval.every < 0:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_write_text, check_output, output_lock
+from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, check_output, output_lock
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import tensors_fingerprint
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 FINAL = "model"
+CURVES = "curves.png"
 
 
 def batch_indices(step: int, batch_size: int, count: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -173,6 +174,23 @@ def evaluate_retrieval(embedder, task, out: Path, step: int, weights: str) -> di
     return {f"eval_{metric}": float(result.scores[metric]) for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10")}
 
 
+def flat_config(recipe: Recipe) -> dict:
+    """The recipe as `section.key: value` scalars, the hyperparameters that TensorBoard shows."""
+    return {f"{section}.{k}": v for section, values in recipe.to_dict().items() if isinstance(values, dict)
+            for k, v in values.items() if isinstance(v, (int, float, str, bool))}  # fmt: skip
+
+
+def draw_curves(out: Path) -> None:
+    """<output_dir>/curves.png from metrics.jsonl; without matplotlib, say how to get it and go on."""
+    from ullme_cli.training.curves import plot_runs
+
+    try:
+        with atomic_path(out / CURVES) as tmp:
+            plot_runs([out], tmp)
+    except UllmeError as e:
+        log.info(f"no {CURVES}: {e}")
+
+
 def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> dict:
     t = recipe.train
     out = Path(recipe.output_dir)
@@ -204,7 +222,16 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
 
         eval_task = beir_retrieval_task(recipe.eval.task_dir)  # validates the folder before training starts
     # Autocast is ours (below), so accelerate runs without a precision of its own.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tracking = {}
+    if t.report_to == "tensorboard":  # accelerate's tracker, written locally under output_dir
+        from accelerate.utils import ProjectConfiguration
+
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UllmeError("train.report_to: tensorboard needs the tensorboard package: pip install 'ullme[tensorboard]'") from None
+        tracking = {"log_with": "tensorboard", "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking)
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         # Our step calls the decoder body directly (two attention modes on one set of weights), which a
         # wrapped, sharded model does not support yet. Data parallelism is done by hand below.
@@ -239,6 +266,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             scheduler.step()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    if tracking:
+        accelerator.init_trackers("finetune", config=flat_config(recipe))
     metrics_path = out / METRICS
     _truncate_metrics(metrics_path, step)
     loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
@@ -286,6 +315,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps or evaluate_now):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                if tracking:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             advance(1, loss=record["loss"], **parts)
             if accelerator.is_main_process and (step % t.checkpoint_every == 0 or step == t.steps):
                 save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler)
@@ -296,6 +327,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": recipe.eval.task_dir or None,
         }  # fmt: skip
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
+        draw_curves(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group before exit; gloo aborts at teardown otherwise
     return {"steps": step, "output": str(out / FINAL), "examples": len(examples)}

@@ -1,0 +1,42 @@
+"""curves.png and `ullme plot`: loss components and eval metrics over steps, for one or several runs."""
+
+import json
+
+from conftest import run_cli
+
+from ullme_cli.training.curves import panel_order, read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(folder, shift: float, torn: bool = False):
+    """A metrics.jsonl as finetune writes it (the numbers are made up; the plot reads any)."""
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 2 - s * shift, "contrastive": 1.5 - s * shift, "kl": 0.5, "lr": 1e-4,
+                         "grad_norm": 1.0, "steps_per_s": 3.0, **({"eval_ndcg_at_10": 0.1 * s} if s % 2 == 0 else {})})
+             for s in range(1, 7)]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + ("\n{\"step\": 7, \"lo" if torn else "\n"))
+    return folder
+
+
+def test_panels_are_loss_then_components_then_eval_then_optimizer():
+    assert panel_order({"lr", "eval_ndcg_at_10", "kl", "loss", "contrastive", "grad_norm"}) == [
+        "loss", "contrastive", "kl", "eval_ndcg_at_10", "lr", "grad_norm"]  # fmt: skip
+
+
+def test_a_torn_last_line_of_a_killed_run_is_skipped(tmp_path):
+    assert [r["step"] for r in read_metrics(fake_run(tmp_path / "a", 0.1, torn=True))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_plot_draws_several_runs_and_refuses_to_replace_a_file(tmp_path):
+    a, b = fake_run(tmp_path / "a", 0.1), fake_run(tmp_path / "b", 0.2)
+    result = run_cli("plot", a, b, "-o", tmp_path / "c.png")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+    assert b"drew loss, contrastive, kl, eval_ndcg_at_10, lr, grad_norm for 2 run(s)" in result.stderr
+    again = run_cli("plot", a, "-o", tmp_path / "c.png")
+    assert again.returncode == 2 and b"exists already" in again.stderr
+    to_stdout = run_cli("plot", a / "metrics.jsonl", "-o", "-")
+    assert to_stdout.returncode == 0 and to_stdout.stdout[:8] == PNG
+    missing = run_cli("plot", tmp_path / "nowhere", "-o", tmp_path / "d.png")
+    assert missing.returncode == 2 and b"nowhere: not found" in missing.stderr and not (tmp_path / "d.png").exists()

@@ -1,0 +1,90 @@
+"""curves.png: a run's loss components and evaluation metrics over steps, from its metrics.jsonl.
+
+finetune draws one for its own run at the end; `ullme plot RUN...` draws one for several runs, one line
+per run in each panel. Needs matplotlib (`pip install 'ullme[plot]'`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ullme_cli.errors import UllmeError, located
+
+METRICS_FILE = "metrics.jsonl"
+NOT_PLOTTED = ("step", "steps_per_s")
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl (or of that file itself); a torn last line is skipped."""
+    path = Path(run) / METRICS_FILE if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise located(str(path), None, "not found (a finetune output_dir holds metrics.jsonl)")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):  # only the last line of a killed run may be torn
+                raise located(str(path), number, "not valid JSON") from None
+    if not records:
+        raise located(str(path), None, "holds no steps yet")
+    return records
+
+
+def panel_order(keys: set[str]) -> list[str]:
+    """The total loss first, then its components, the evaluation metrics, then lr and grad_norm."""
+    tail = [k for k in ("lr", "grad_norm") if k in keys]
+    evals = sorted(k for k in keys if k.startswith("eval_"))
+    parts = sorted(keys - {"loss", *tail, *evals})
+    return [k for k in ("loss",) if k in keys] + parts + evals + tail
+
+
+def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None) -> list[str]:
+    """Draw every run's metrics into one PNG at `output` (a path or a binary file); return the panel names."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UllmeError("plotting needs matplotlib: pip install 'ullme[plot]'") from None
+    if labels is None:
+        labels = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
+        labels = labels if len(set(labels)) == len(labels) else [str(r) for r in runs]  # same names: full paths
+    series = {label: read_metrics(run) for run, label in zip(runs, labels)}
+    keys = {k for records in series.values() for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in NOT_PLOTTED}
+    panels = panel_order(keys)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        for label, records in series.items():
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3, label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if len(series) > 1:
+        axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output, format="png", dpi=110)
+    plt.close(figure)
+    return panels
+
+
+def write_plot(runs: list[str], output: str, overwrite: bool = False) -> list[str]:
+    """`ullme plot`: the PNG to a file (checked, written whole or not at all) or to stdout (`-`)."""
+    import sys
+
+    from ullme_cli.artifacts import atomic_path, check_output, output_lock
+
+    if output == "-":
+        return plot_runs(runs, sys.stdout.buffer)
+    check_output([output], [str(Path(r) / METRICS_FILE) if Path(r).is_dir() else r for r in runs], overwrite)
+    with output_lock(output), atomic_path(output) as tmp:
+        return plot_runs(runs, tmp)
