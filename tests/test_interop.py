@@ -84,3 +84,10 @@ def test_public_api_in_the_shape_sentence_transformers_users_know(tiny_llama):
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.decode().strip() == f"ullme {ullme.__version__}"
+
+
+def test_mteb_get_model_refuses_a_local_folder_rather_than_loading_other_vectors(fine_tuned):
+    import mteb
+
+    with pytest.raises(NotImplementedError):
+        mteb.get_model(str(fine_tuned))
