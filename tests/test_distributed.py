@@ -147,3 +147,86 @@ def test_a_finished_part_is_reused_only_for_the_same_job(tiny_llama, tmp_path):
     assert not _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(instruction="Represent this passage"), "0/2")
     assert not _finished_part(part, str(DEMO_CORPUS), setup.replace(pooling="cls"), EncodeOptions(), "0/2")
     assert not _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(), "1/2")
+
+
+def forced_rows(tmp_path) -> Path:
+    """One positive and one negative per row: every draw is forced, so runs of any process count score the same."""
+    examples, _ = read_training_examples(str(TRAIN))
+    rows = [{"query": ex.query, "positive": ex.positives[:1], "negative": ex.negatives[:1]} for ex in examples[:16]]
+    train = tmp_path / "forced.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return train
+
+
+def fsdp_recipe(tmp_path, tiny, name: str, batch_size: int, distributed: str, lora: bool = True, **train) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / name),
+        "model": {"name": str(tiny), "max_length": 48},
+        "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(forced_rows(tmp_path)), "negatives_per_query": 1},
+        "loss": {"strategy": "grl", **({} if lora else {"reference_free": True})},
+        "train": {"steps": 3, "batch_size": batch_size, "warmup_steps": 1, "learning_rate": 1e-3, "distributed": distributed, **train},
+    }))  # fmt: skip
+    return path
+
+
+def final_weights(run: Path, lora: bool) -> dict:
+    return load_file(run / "model" / "adapter" / "adapter_model.safetensors") if lora else load_file(run / "model" / "model.safetensors")
+
+
+def assert_same_training(a: Path, b: Path, lora: bool = True) -> None:
+    """Losses step by step and the final weights of two runs, to float tolerance."""
+    ra = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for key in ("loss", "contrastive", "dpo", "kl", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in rb], [r[key] for r in ra], rtol=1e-4, atol=1e-5, err_msg=key)
+    wa, wb = final_weights(a, lora), final_weights(b, lora)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp_two_processes_equal_one_process_with_the_global_batch(tiny_llama, tmp_path, lora):
+    """fully_shard on 2 CPU processes (gloo) against one unsharded process with twice the batch."""
+    one = run_cli("finetune", fsdp_recipe(tmp_path, tiny_llama, "one", 4, "ddp", lora), "-q")
+    assert one.returncode == 0, one.stderr.decode()
+    two = torchrun("finetune", fsdp_recipe(tmp_path, tiny_llama, "two", 2, "fsdp", lora), "-q", port_offset=21 + lora)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    assert (tmp_path / "two" / "checkpoints" / "step-0000003" / "dcp" / ".metadata").is_file()
+    assert_same_training(tmp_path / "one", tmp_path / "two", lora)
+
+
+@pytest.mark.slow
+def test_fsdp_kill_then_resume_is_exact_on_two_processes_and_on_one(tiny_llama, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    steps = {"steps": 60, "checkpoint_every": 5, "learning_rate": 1e-4}
+    killed = fsdp_recipe(tmp_path, tiny_llama, "killed", 2, "fsdp", **steps)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 31),
+               "-m", "ullme_cli", "finetune", str(killed), "-q"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-0000010").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, "training finished (or failed) before it could be killed: " + process.stderr.read().decode()[-2000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    # The same killed run, resumed on 1 process with the same global batch (DCP reshards the checkpoint).
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed-one")
+    on_one = fsdp_recipe(tmp_path, tiny_llama, "killed-one", 4, "fsdp", **steps)
+    resumed_two = torchrun("finetune", killed, "--resume", port_offset=32)
+    assert resumed_two.returncode == 0, resumed_two.stderr.decode()[-3000:]
+    assert b"resuming from" in resumed_two.stderr
+    resumed_one = run_cli("finetune", on_one, "--resume", "-q")
+    assert resumed_one.returncode == 0, resumed_one.stderr.decode()
+    reference = run_cli("finetune", fsdp_recipe(tmp_path, tiny_llama, "reference", 4, "ddp", **steps), "-q")
+    assert reference.returncode == 0, reference.stderr.decode()
+    assert_same_training(tmp_path / "reference", tmp_path / "killed")
+    assert_same_training(tmp_path / "reference", tmp_path / "killed-one")

@@ -156,7 +156,7 @@ def test_remote_code_stays_off_unless_asked(tiny_llama, monkeypatch):
     assert seen == [False]
 
 
-def test_out_of_memory_halves_the_batch_and_carries_on(tiny_llama, monkeypatch, capsys):
+def test_out_of_memory_halves_the_batch_and_carries_on(tiny_llama, monkeypatch, caplog):
     """The GPU fallback's logic, on CPU: an out-of-memory error above 3 rows is what a small GPU would raise."""
     embedder = load(tiny_llama)
     texts = demo_texts(20)
@@ -174,7 +174,7 @@ def test_out_of_memory_halves_the_batch_and_carries_on(tiny_llama, monkeypatch, 
     got = embedder.encode(texts, token_budget=1 << 16)  # one batch of all 20
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert embedder.row_cap is not None and embedder.row_cap <= 3 and max(a for a in attempts if a <= 3) <= 3
-    assert "out of GPU memory on a batch of 20 texts" in capsys.readouterr().err
+    assert "out of GPU memory on a batch of 20 texts" in caplog.text
     # Once the cap is learnt, later batches go straight to the size that fits.
     attempts.clear()
     embedder.encode(texts, token_budget=1 << 16)

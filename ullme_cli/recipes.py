@@ -95,6 +95,10 @@ class TrainSection:
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward passes (fp16 with a loss scaler)
     gradient_checkpointing: bool = False  # recompute decoder activations in the backward pass: less memory, ~1/3 more compute
     report_to: str = "none"  # none | tensorboard: metrics also to <output_dir>/tensorboard through accelerate's trackers
+    distributed: str = "ddp"  # ddp: every process holds the whole model | fsdp: fully_shard per decoder layer (FSDP2)
+    fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (less communication)
+    fsdp_cpu_offload: bool = False  # keep sharded weights, gradients and optimizer state in CPU memory
+    fsdp_param_dtype: str = "float32"  # float32 | bfloat16: the dtype weights are gathered and computed in
 
 
 REPORT_TO = ("none", "tensorboard")
@@ -213,6 +217,15 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("train.grad_cache_chunk", "must be 0 (off) or a chunk size")
     if recipe.train.grad_cache_chunk and set(recipe.loss.resolved_weights()) & {"simcse", "mntp"}:
         bad("train.grad_cache_chunk", "GradCache covers contrastive, kl, dpo and sft, not simcse or mntp")
+    if recipe.train.distributed not in ("ddp", "fsdp"):
+        bad("train.distributed", "must be ddp or fsdp (DeepSpeed is not supported: use fsdp)")
+    if recipe.train.fsdp_param_dtype not in ("float32", "bfloat16"):
+        bad("train.fsdp_param_dtype", "must be float32 or bfloat16")
+    if recipe.train.distributed == "fsdp":
+        if recipe.eval.task_dir:
+            bad("eval.task_dir", "is not run under train.distributed: fsdp yet; evaluate the final model with `ullme evaluate`")
+        if recipe.train.mixed_precision == "fp16":
+            bad("train.mixed_precision", "fp16 (loss scaling) is not supported with train.distributed: fsdp; use bf16")
     if recipe.train.report_to not in REPORT_TO:
         bad("train.report_to", f"must be one of {', '.join(REPORT_TO)}")
     if recipe.train.mixed_precision not in ("no", "bf16", "fp16"):

@@ -103,6 +103,27 @@ def non_causal_modules(model: nn.Module) -> Iterator[None]:
             m.is_causal = value
 
 
+def mask_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype attention computes in: the weights', or the gathered dtype of an FSDP-sharded model."""
+    return getattr(model, "ullme_compute_dtype", None) or decoder_of(model).get_input_embeddings().weight.dtype
+
+
+def _run_body(model: nn.Module, body: nn.Module, **inputs) -> torch.Tensor:
+    """The body's last hidden states. An FSDP-sharded model gathers its root's weights (embeddings, norm)
+    only in the root's forward, so it runs whole, with one kept logit, and a hook reads the body's output."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return body(**inputs).last_hidden_state
+    captured = []
+    handle = body.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def hidden_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode
 ) -> torch.Tensor:
@@ -110,12 +131,12 @@ def hidden_states(
     body = decoder_of(model)
     positions = position_ids_for(attention_mask)
     if mode == "causal":
-        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        return _run_body(model, body, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     if mode != "bidirectional":
         raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
-    mask = bidirectional_mask(attention_mask, body.get_input_embeddings().weight.dtype)
+    mask = bidirectional_mask(attention_mask, mask_dtype(model))
     with non_causal_modules(body):
-        return body(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        return _run_body(model, body, input_ids=input_ids, attention_mask=mask, position_ids=positions)
 
 
 def lm_logits(
@@ -133,7 +154,7 @@ def lm_logits(
     if mode != "bidirectional":
         raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
     body = decoder_of(model)
-    mask = bidirectional_mask(attention_mask, body.get_input_embeddings().weight.dtype)
+    mask = bidirectional_mask(attention_mask, mask_dtype(model))
     with non_causal_modules(body):
         return model(attention_mask=mask, **kwargs).logits
 

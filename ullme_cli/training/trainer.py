@@ -68,10 +68,22 @@ def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int, scaler=None) -> Path:
+def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int, scaler=None, sharded_model=None) -> Path:
+    """Trainable weights and optimizer state at `step`, written whole or not at all; the newest `keep` stay.
+
+    With `sharded_model` (FSDP) every process calls this and writes its shards (DCP, see sharding.py)."""
     root = folder / CHECKPOINTS
     target = root / f"step-{step:07d}"
     names = list(params)
+    if sharded_model is not None:
+        from ullme_cli.training.sharding import save_sharded_checkpoint
+
+        scalars = {"step": step, "names": names, "param_groups": []}
+        save_sharded_checkpoint(target, root / f".{target.name}{STAGING_MARK}dcp", sharded_model, optimizer, scalars)
+        if torch.distributed.get_rank() == 0:
+            for old in sorted(root.glob("step-*"))[:-keep]:
+                shutil.rmtree(old)
+        return target
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in params.items()}
     state = optimizer.state_dict()
     scalars = {"step": step, "param_groups": state["param_groups"], "names": names}
@@ -100,12 +112,17 @@ def remove_staging_leftovers(folder: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def read_checkpoint(checkpoint: Path) -> tuple[dict, dict]:
-    """The tensors and scalars of a checkpoint; UllmeError naming the file when either is unreadable."""
-    try:
-        tensors = load_file(checkpoint / "state.safetensors")
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
-        raise UllmeError(f"{checkpoint / 'state.safetensors'}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+def read_checkpoint(checkpoint: Path) -> tuple[dict | None, dict]:
+    """The tensors and scalars of a checkpoint; UllmeError naming the file when either is unreadable.
+
+    A sharded (DCP) checkpoint has no tensors here: they load into the sharded model (sharding.py)."""
+    if (checkpoint / "dcp").exists():
+        from ullme_cli.training.sharding import check_sharded_checkpoint
+
+        check_sharded_checkpoint(checkpoint)
+        tensors = None
+    else:
+        tensors = _read_tensors(checkpoint)
     try:
         scalars = json.loads((checkpoint / "trainer_state.json").read_text())
         if not isinstance(scalars, dict) or not {"step", "names", "param_groups"} <= set(scalars):
@@ -113,6 +130,13 @@ def read_checkpoint(checkpoint: Path) -> tuple[dict, dict]:
     except (OSError, ValueError) as e:
         raise UllmeError(f"{checkpoint / 'trainer_state.json'}: unreadable ({e})") from None
     return tensors, scalars
+
+
+def _read_tensors(checkpoint: Path) -> dict:
+    try:
+        return load_file(checkpoint / "state.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+        raise UllmeError(f"{checkpoint / 'state.safetensors'}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def newest_complete_checkpoint(folder: Path) -> tuple[Path, dict, dict] | None:
@@ -125,9 +149,17 @@ def newest_complete_checkpoint(folder: Path) -> tuple[Path, dict, dict] | None:
     return None
 
 
-def load_checkpoint(checkpoint: Path, tensors: dict, scalars: dict, params: dict, optimizer, scaler=None) -> int:
+def load_checkpoint(checkpoint: Path, tensors: dict | None, scalars: dict, params: dict, optimizer, scaler=None, sharded_model=None) -> int:
     if scalars["names"] != list(params):
         raise UllmeError(f"{checkpoint}: its parameters do not match this recipe's model; start a new output_dir")
+    if (tensors is None) != (sharded_model is not None):
+        written, wanted = ("fsdp", "ddp") if tensors is None else ("ddp", "fsdp")
+        raise UllmeError(f"{checkpoint}: written with train.distributed: {written}; resume it with the same setting, not {wanted}")
+    if sharded_model is not None:
+        from ullme_cli.training.sharding import load_sharded_checkpoint
+
+        load_sharded_checkpoint(checkpoint, sharded_model, optimizer)
+        return scalars["step"]
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
@@ -232,11 +264,16 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             raise UllmeError("train.report_to: tensorboard needs the tensorboard package: pip install 'ullme[tensorboard]'") from None
         tracking = {"log_with": "tensorboard", "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))}
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking)
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        # Our step calls the decoder body directly (two attention modes on one set of weights), which a
-        # wrapped, sharded model does not support yet. Data parallelism is done by hand below.
-        raise UllmeError(f"finetune: accelerate's {accelerator.distributed_type.value} is not supported yet; "
-                         "use a multi-GPU or multi-CPU (DDP) accelerate config, with LoRA and train.grad_cache_chunk for memory")  # fmt: skip
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        raise UllmeError("finetune: DeepSpeed is not supported (it cannot be tested here); use FSDP: train.distributed: fsdp, "
+                         "or accelerate launch --config_file recipes/accelerate/fsdp.yaml")  # fmt: skip
+    if accelerator.distributed_type.value == "FSDP":  # accelerate's FSDP config: its options, our wrapping (sharding.py)
+        from ullme_cli.training.sharding import options_from_accelerate
+
+        t = options_from_accelerate(accelerator.state.fsdp_plugin, t)
+        if recipe.eval.task_dir:
+            raise UllmeError("eval.task_dir is not run under FSDP yet; evaluate the final model with `ullme evaluate`")
+    sharded = t.distributed == "fsdp"
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
     base_fingerprint = embedder.setup.fingerprint
@@ -246,6 +283,10 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if t.gradient_checkpointing:
         embedder.enable_gradient_checkpointing()
     embedder.model.train()
+    if sharded:
+        from ullme_cli.training.sharding import shard_model
+
+        shard_model(embedder, t, accelerator.device)
     params = trainable_parameters(embedder)
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and needs none.
@@ -257,7 +298,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     found = newest_complete_checkpoint(out) if resume else None
     if found is not None:
         checkpoint, tensors, scalars = found
-        step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler)
+        step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler, embedder.model if sharded else None)
         log.info(f"resuming from {checkpoint} (step {step})")
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
@@ -287,8 +328,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             generator = torch.Generator().manual_seed(seed)
             with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, parts = loss_fn.backward(batch, generator)
-            if accelerator.num_processes > 1:  # DDP by hand: our forward calls the decoder body directly
-                for p in params.values():
+            if accelerator.num_processes > 1:  # DDP by hand (FSDP reduces its own gradients)
+                for p in params.values() if not sharded else ():
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
                 reduced = accelerator.reduce(torch.tensor([loss, *parts.values()], device=accelerator.device), reduction="mean")
@@ -296,6 +337,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             if scaler is not None:
                 scaler.step(optimizer)  # skips the step when a gradient overflowed, and shrinks the scale
                 scaler.update()
@@ -318,9 +361,17 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
                 if tracking:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             advance(1, loss=record["loss"], **parts)
-            if accelerator.is_main_process and (step % t.checkpoint_every == 0 or step == t.steps):
-                save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler)
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                if sharded:  # every process writes its shards
+                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler, sharded_model=embedder.model)
+                elif accelerator.is_main_process:
+                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler)
     embedder.model.eval()
+    if sharded:  # gathered on rank 0 (a collective), which saves a plain copy
+        from ullme_cli.training.sharding import gather_full_weights, unsharded_copy
+
+        weights = gather_full_weights(embedder.model, trainable_only=recipe.lora.enabled)
+        embedder = unsharded_copy(recipe, weights) if accelerator.is_main_process else embedder
     if accelerator.is_main_process:
         embedder.training = {
             "recipe": dump_recipe(recipe), "data": {"train": recipe.data.train, "rows": len(examples), "skipped": skipped},
