@@ -245,6 +245,8 @@ CASES = [
     ("evaluate-device-cuda-without-gpu", ["evaluate", "-m", "{model}", "--task-dir", "{trecqa}", "--output-dir", "{d}/res", "--device", "cuda"], nothing, "no CUDA GPU is available"),
     ("evaluate-no-task", ["evaluate", "-m", "{model}", "--output-dir", "{d}/res"], nothing, "name --tasks, --task-dir or --sts"),
     # ---------------------------------------------------------------- finetune
+    ("finetune-deepspeed", ["finetune", "{d}/recipe.yaml", "--set", "train.distributed=deepspeed"], recipe(), "DeepSpeed is not supported: use fsdp"),
+    ("finetune-fsdp-with-eval", ["finetune", "{d}/recipe.yaml", "--set", "train.distributed=fsdp", "--set", "eval.task_dir={trecqa}"], recipe(), "not run under train.distributed: fsdp"),
     ("finetune-recipe-not-found", ["finetune", "{d}/none.yaml"], nothing, "none.yaml: file not found"),
     ("finetune-invalid-yaml", ["finetune", "{d}/recipe.yaml"], write("recipe.yaml", "model: [unclosed\n"), "not valid YAML"),
     ("finetune-top-level-list", ["finetune", "{d}/recipe.yaml"], write("recipe.yaml", "- a\n- b\n"), "a recipe is a mapping of sections"),

@@ -299,6 +299,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if found is not None:
         checkpoint, tensors, scalars = found
         step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler, embedder.model if sharded else None)
+        for group in optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
+            group["lr"] = group["initial_lr"] = t.learning_rate
         log.info(f"resuming from {checkpoint} (step {step})")
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
