@@ -190,11 +190,14 @@ def assert_same_training(a: Path, b: Path, lora: bool = True) -> None:
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_with_the_global_batch(tiny_llama, tmp_path, lora=True):
-    """fully_shard on 2 CPU processes (gloo) against one unsharded process with twice the batch, with LoRA.
+    """fully_shard on 2 CPU processes (gloo) against one unsharded process with twice the batch, with LoRA,
+    gradient checkpointing and GradCache.
     Full fine-tuning is compared the same way in the kill-and-resume test below."""
     one = run_cli("finetune", fsdp_recipe(tmp_path, tiny_llama, "one", 4, "ddp", lora), "-q")
     assert one.returncode == 0, one.stderr.decode()
-    two = torchrun("finetune", fsdp_recipe(tmp_path, tiny_llama, "two", 2, "fsdp", lora), "-q", port_offset=21 + lora)
+    # The sharded side also recomputes activations and runs GradCache: both are exact, so nothing changes.
+    sharded = fsdp_recipe(tmp_path, tiny_llama, "two", 2, "fsdp", lora, gradient_checkpointing=True, grad_cache_chunk=2)
+    two = torchrun("finetune", sharded, "-q", port_offset=21)
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     assert (tmp_path / "two" / "checkpoints" / "step-0000003" / "dcp" / ".metadata").is_file()
     assert_same_training(tmp_path / "one", tmp_path / "two", lora)
