@@ -6,6 +6,8 @@
    vector under dropout; replaying the CPU state alone, as before, does not.
 4. fp16 training with the gradient scaler: overflowing steps are skipped, the scale is checkpointed, and a
    resume from a checkpoint ends with bit-identical adapter weights.
+5. FSDP (one process, NCCL): equal to the unsharded run; bf16 gathered weights with CPU offload and
+   gradient checkpointing train, and resume exactly from their DCP checkpoint.
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -129,6 +131,47 @@ def check_fp16_resume(folder: Path, work: Path) -> str:
     return f"scales per step {scales}; resumed weights within {difference:.1e}"
 
 
+def check_fsdp(folder: Path, work: Path) -> str:
+    """FSDP on CUDA (one process, NCCL): equal to the unsharded run in fp32; with bf16 gathered weights, CPU
+    offload and gradient checkpointing it trains, and a resume from its DCP checkpoint is exact."""
+    from safetensors.torch import load_file
+
+    from ullme_cli.recipes import load_recipe
+    from ullme_cli.training.trainer import finetune
+
+    def run(name: str, steps: int = 4, **train) -> Path:
+        recipe = {
+            "output_dir": str(work / name), "model": {"name": str(folder), "max_length": 32},
+            "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"train": str(REPO / "ullme_cli/resources/trecqa-train/train.jsonl")},
+            "loss": {"strategy": "grl"},
+            "train": {"steps": steps, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 2, "keep_checkpoints": 5, "learning_rate": 1e-3, **train},
+        }  # fmt: skip
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        finetune(load_recipe(str(work / f"{name}.yaml")), show_progress=False)
+        return work / name
+
+    def losses(folder: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    def adapter(folder: Path) -> dict:
+        return load_file(folder / "model" / "adapter" / "adapter_model.safetensors")
+
+    plain, sharded = run("plain"), run("sharded", distributed="fsdp")
+    loss_gap = max(abs(a - b) for a, b in zip(losses(plain), losses(sharded)))
+    weight_gap = max((adapter(plain)[n] - t).abs().max().item() for n, t in adapter(sharded).items())
+    assert loss_gap < 1e-4 and weight_gap < 1e-4, (loss_gap, weight_gap)
+    options = {"distributed": "fsdp", "fsdp_param_dtype": "bfloat16", "fsdp_cpu_offload": True, "gradient_checkpointing": True}
+    offload = run("offload", steps=6, **options)
+    finished = adapter(offload)
+    shutil.rmtree(offload / "model")
+    shutil.rmtree(offload / "checkpoints" / "step-0000006")
+    finetune(load_recipe(str(work / "offload.yaml")), resume=True, show_progress=False)
+    resumed_gap = max((adapter(offload)[n].float() - t.float()).abs().max().item() for n, t in finished.items())
+    assert all(abs(x) < 1e3 for x in losses(offload)) and resumed_gap < 1e-4, (losses(offload), resumed_gap)
+    return (f"fp32 FSDP vs unsharded: losses within {loss_gap:.1e}, weights within {weight_gap:.1e}; bf16 + CPU offload + "
+            f"checkpointing: losses {[round(x, 3) for x in losses(offload)]}, resume from step 4 within {resumed_gap:.1e}")  # fmt: skip
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU here: these checks need one")
@@ -140,7 +183,8 @@ def main() -> int:
     folder = save_tiny(work / "tiny", "llama", TEXTS)
     checks = [("attention switch on CUDA", check_switch), ("generation logits on CUDA", check_generation_logits),
               ("GradCache RNG replay on CUDA", lambda: check_grad_cache_replay(folder)),
-              ("fp16 scaler and exact resume on CUDA", lambda: check_fp16_resume(folder, work))]  # fmt: skip
+              ("fp16 scaler and exact resume on CUDA", lambda: check_fp16_resume(folder, work)),
+              ("FSDP on CUDA", lambda: check_fsdp(folder, work))]  # fmt: skip
     failures = 0
     for name, check in checks:
         try:

@@ -62,9 +62,10 @@ def tiny_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def save_tiny(folder, model_type: str = "llama", texts: list[str] | None = None, seed: int = 0):
-    """Save a tiny model and tokenizer as a plain model folder, loadable by Embedder.load(folder)."""
-    model = tiny_model(model_type, seed)
+def save_tiny(folder, model_type: str = "llama", texts: list[str] | None = None, seed: int = 0, **overrides):
+    """Save a tiny model and tokenizer as a plain model folder, loadable by Embedder.load(folder).
+    `overrides` change the config (a larger random model for memory benchmarks)."""
+    model = tiny_model(model_type, seed, **overrides)
     model.save_pretrained(folder, safe_serialization=True)
     tiny_tokenizer(texts or ["hello world"]).save_pretrained(folder)
     return folder

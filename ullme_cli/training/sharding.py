@@ -33,9 +33,10 @@ PARAM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 def ensure_process_group(device: torch.device) -> None:
     """FSDP needs a process group; a single process (no torchrun) gets a one-member group of its own."""
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # gloo for CPU tensors too (DCP's metadata, CPU-offloaded shards)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        device_id = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" else None
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
 
 
 def shard_model(embedder, train, device: torch.device) -> None:
@@ -45,6 +46,8 @@ def shard_model(embedder, train, device: torch.device) -> None:
 
     if any(p.requires_grad for p in embedder.pooler.parameters()):
         raise UllmeError("train.distributed: fsdp does not shard a trainable pooling head (latent-attention) yet; use ddp")
+    if train.fsdp_cpu_offload and device.type != "cuda":
+        raise UllmeError("train.fsdp_cpu_offload keeps shards in CPU memory between uses on a GPU; this run is on the CPU already")
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     param_dtype = PARAM_DTYPES[train.fsdp_param_dtype]
