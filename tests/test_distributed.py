@@ -110,24 +110,39 @@ def torchrun(*args, port_offset: int = 11):
 
 
 @pytest.mark.slow
-def test_two_process_encode_equals_one_process_and_resumes_per_rank(tiny_llama, tmp_path):
-    from conftest import DEMO_CORPUS
+def test_two_process_encode_killed_then_relaunched_equals_one_process(tiny_llama, tmp_path):
+    """A real SIGKILL of torchrun and both workers mid-encode; the same command again resumes each rank from
+    its own finished chunks, and rank 0 joins files equal to one process's (same ids and order)."""
+    import time
+
+    from conftest import demo_texts
 
     from ullme_cli.artifacts import load_embeddings
 
-    assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "one.npy", "--model", tiny_llama, "-q").returncode == 0
-    # A part that an interrupted launch finished: rank 0 must take it as it is and encode nothing.
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(demo_texts() * 6)))
+    args = ["encode", corpus, "-o", tmp_path / "two.npy", "--model", tiny_llama, "--token-budget", "256"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 41),
+               "-m", "ullme_cli", *map(str, args), "-q"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, start_new_session=True)
     parts = tmp_path / "two.npy.parts"
-    made = run_cli("encode", DEMO_CORPUS, "-o", parts / "part-00000-of-00002.npy", "--model", tiny_llama, "--shard", "0/2", "-q")
-    assert made.returncode == 0
-    two = torchrun("encode", DEMO_CORPUS, "-o", tmp_path / "two.npy", "--model", tiny_llama)
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
-    assert b"rank 0: reusing" in two.stderr and b"rank 1: reusing" not in two.stderr
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        chunks = [len(list(parts.glob(f"part-0000{r}-of-00002.npy.partial/chunk-*.npy"))) for r in (0, 1)]
+        if min(chunks) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the encode finished before it could be killed: " + process.stderr.read().decode()[-2000:]
+    kill_process_tree(process)
+    assert not (tmp_path / "two.npy").exists()
+    again = torchrun(*args)
+    assert again.returncode == 0, again.stderr.decode()[-3000:]
+    assert again.stderr.count(b"chunks already encoded") == 2, again.stderr.decode()[-3000:]  # both ranks resumed
+    assert run_cli("encode", corpus, "-o", tmp_path / "one.npy", "--model", tiny_llama, "--token-budget", "256", "-q").returncode == 0
     a, a_ids, a_meta = load_embeddings(str(tmp_path / "one.npy"))
     b, b_ids, b_meta = load_embeddings(str(tmp_path / "two.npy"))
     assert a_ids == b_ids and not parts.exists()
-    cosine = (a * b).sum(1)
-    assert cosine.min() > 0.99999
+    assert (a * b).sum(1).min() > 0.99999
     assert a_meta["processes"] == 1 and b_meta["processes"] == 2 and "shard" not in b_meta
     assert b_meta["corpus_fingerprint"] == a_meta["corpus_fingerprint"] and b_meta["fingerprint"] == a_meta["fingerprint"]
 
