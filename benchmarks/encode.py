@@ -7,8 +7,12 @@ attention as sentence-transformers, to show the vectors agree), sentence-transfo
 side environment (`--build-llm2vec-venv` makes one in benchmarks/.llm2vec-venv from the package registry);
 without one the row is skipped with the reason.
 
+Each ullme row also shows its vectors' cosine to fp32 vectors of the same setup (mean and 1st percentile).
+The last line is `speedup vs sentence-transformers fp32: X.XXx` for ullme's default. The matmul peak is
+the median of single timed matmuls.
+
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128]
-       [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH]
+       [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic]
 """
 
 import argparse
@@ -24,13 +28,28 @@ import numpy as np
 import torch
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 15) -> float:
+    """FLOP/s of one size² matmul: the median of `repeats` timed ones after three warm-ups. One timed loop
+    moved between 73 and 111 GFLOP/s from run to run on the 2-core EPYC; the median of single ones is stable."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
+    for _ in range(3):
         a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times))
+
+
+def int8_dynamic(embedder, skip=("down_proj", "lm_head")):
+    """torch's dynamic int8 quantization of the Linear layers (weights int8, activations quantized per
+    tensor at run time), without the layers that carry activation outliers. A lever measured, not used."""
+    from torch.ao.quantization import quantize_dynamic
+
+    names = {n for n, m in embedder.model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in n for s in skip)}
+    embedder.model = quantize_dynamic(embedder.model, names, dtype=torch.qint8)
+    return embedder
 
 
 def timed(fn, repeats: int):
@@ -88,6 +107,14 @@ def llm2vec_row(python: Path, source: Path, texts: list[str], max_length: int, d
         return f"LLM2Vec {info['llm2vec']} (tf {info['transformers']}) {job['dtype']}", info["seconds"], np.load(job["out"])
 
 
+def causal_fp32(args, texts: list[str]) -> np.ndarray:
+    from ullme_cli.models.embedder import Embedder
+
+    if not hasattr(causal_fp32, "vectors"):
+        causal_fp32.vectors = Embedder.load(args.model, dtype="float32", max_length=args.max_length, attention="causal").encode(texts)
+    return causal_fp32.vectors
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
@@ -97,6 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="time each encoder this many times; report the fastest")
     parser.add_argument("--llm2vec-python", default=str(LLM2VEC_VENV / "bin" / "python"))
     parser.add_argument("--build-llm2vec-venv", action="store_true", help="create benchmarks/.llm2vec-venv first")
+    parser.add_argument("--int8-dynamic", action="store_true", help="also time torch's dynamic int8 quantization (a lever, not the default)")
     args = parser.parse_args()
     if args.build_llm2vec_venv and not LLM2VEC_VENV.exists():
         build_llm2vec_venv()
@@ -119,9 +147,15 @@ def main() -> None:
     causal.encode(texts[:8])
     causal_vectors, seconds = timed(lambda: causal.encode(texts), args.repeats)
     rows.append(("ullme (causal)", compute, seconds, causal_vectors))
+    fp32 = vectors if compute == torch.float32 else Embedder.load(args.model, dtype="float32", max_length=args.max_length).encode(texts)
+    if args.int8_dynamic:
+        quantized = int8_dynamic(Embedder.load(args.model, dtype="float32", max_length=args.max_length))
+        quantized.encode(texts[:8])
+        int8_vectors, seconds = timed(lambda: quantized.encode(texts), args.repeats)
+        rows.append(("ullme int8 dynamic (not the default)", torch.float32, seconds, int8_vectors))
 
     source = resolve_model_source(args.model)
-    for dtype in (torch.float32, compute):
+    for dtype in dict.fromkeys((torch.float32, compute)):  # one row when the compute dtype is fp32
         # A text-only modality config: otherwise sentence-transformers 6 wraps each text in the model's chat
         # template ("message" modality) and embeds other, longer token sequences than ours.
         transformer = models.Transformer(
@@ -145,14 +179,20 @@ def main() -> None:
     print(f"{len(texts)} texts, {tokens} tokens, max_length {args.max_length}, {params / 1e6:.1f}M non-embedding params, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("matmul peak: " + ", ".join(f"{str(d).replace('torch.', '')} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
-    print(f"{'encoder':<40}{'texts/s':>9}{'tokens/s':>10}{'vs ullme':>10}{'% of peak':>11}{'cos ullme':>11}{'cos causal':>12}")
+    print(f"{'encoder':<40}{'texts/s':>9}{'tokens/s':>10}{'vs ullme':>10}{'% of peak':>11}{'cos ullme':>11}{'cos causal':>12}"
+          f"{'fp32 mean':>11}{'fp32 p1':>9}")  # fmt: skip
     base = rows[0][2]
     for name, dtype, seconds, vecs in rows:
         flops = 2 * params * tokens / seconds
         cos = float(np.mean((vecs * vectors).sum(1)))
         cos_causal = float(np.mean((vecs * causal_vectors).sum(1)))
+        # Against fp32 vectors of the same setup (ullme rows only: the others embed differently).
+        to_fp32 = (vecs * (causal_fp32(args, texts) if "causal" in name else fp32)).sum(1) if name.startswith("ullme") else None
+        accuracy = f"{to_fp32.mean():>11.4f}{np.percentile(to_fp32, 1):>9.4f}" if to_fp32 is not None else ""
         print(f"{name:<40}{len(texts) / seconds:>9.1f}{tokens / seconds:>10.0f}{base / seconds:>9.2f}x"
-              f"{100 * flops / peaks[dtype]:>10.1f}%{cos:>11.4f}{cos_causal:>12.4f}")  # fmt: skip
+              f"{100 * flops / peaks[dtype]:>10.1f}%{cos:>11.4f}{cos_causal:>12.4f}{accuracy}")  # fmt: skip
+    st_fp32 = next(seconds for name, _, seconds, _ in rows if name == "sentence-transformers float32")
+    print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
     if llm2vec_note:
         print(f"LLM2Vec: {llm2vec_note}")
 
