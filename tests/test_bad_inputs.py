@@ -243,7 +243,7 @@ CASES = [
     ("evaluate-bad-qrels-score", ["evaluate", "--run", "{d}/r.trec", "--qrels", "{d}/q.tsv"], lambda d, s: (write("r.trec", "q Q0 d 1 1.0 x\n")(d, s), write("q.tsv", "q\td\t1\nq\te\thigh\n")(d, s)), "q.tsv:2: field 'score' must be an integer"),
     ("evaluate-missing-task-dir", ["evaluate", "-m", "{model}", "--task-dir", "{d}/none", "--output-dir", "{d}/res"], nothing, "task folder not found"),
     ("evaluate-device-cuda-without-gpu", ["evaluate", "-m", "{model}", "--task-dir", "{trecqa}", "--output-dir", "{d}/res", "--device", "cuda"], nothing, "no CUDA GPU is available"),
-    ("evaluate-no-task", ["evaluate", "-m", "{model}", "--output-dir", "{d}/res"], nothing, "name --tasks, --task-dir or --sts"),
+    ("evaluate-no-task", ["evaluate", "-m", "{model}", "--output-dir", "{d}/res"], nothing, "name --tasks, --task-dir, --sts or --pairs"),
     # ---------------------------------------------------------------- finetune
     ("finetune-deepspeed", ["finetune", "{d}/recipe.yaml", "--set", "train.distributed=deepspeed"], recipe(), "DeepSpeed is not supported: use fsdp"),
     ("finetune-fsdp-with-eval", ["finetune", "{d}/recipe.yaml", "--set", "train.distributed=fsdp", "--set", "eval.task_dir={trecqa}"], recipe(), "not run under train.distributed: fsdp"),

@@ -90,6 +90,48 @@ def test_local_sts_gives_spearman_of_cosines(tiny_llama, tmp_path):
     assert result.scores["cosine_spearman"] == pytest.approx(spearmanr((a * b).sum(1), gold).statistic, abs=1e-3)
 
 
+def test_local_pairs_give_average_precision_of_cosines(tiny_llama, tmp_path):
+    """`ullme evaluate --pairs`: MSRP-style labelled pairs scored as mteb's PairClassification (cosine AP)."""
+    from sklearn.metrics import average_precision_score
+
+    from ullme_cli.evaluation.local_tasks import read_pair_file
+    from ullme_cli.models.embedder import Embedder
+
+    source = SHARED_DATA / "msrp" / "msr-para-test.tsv"
+    if not source.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    rows = [line.split("\t") for line in source.read_text(encoding="utf-8-sig").splitlines()[1:81]]
+    pairs = tmp_path / "msrp.tsv"
+    pairs.write_text("".join(f"{r[0]}\t{r[3]}\t{r[4]}\n" for r in rows))
+    result = evaluate(str(tiny_llama), [], [], [], str(tmp_path / "res"), runtime=Runtime("float32"), show_progress=False, pair_files=[str(pairs)])[0]
+    assert result.name.startswith("Pairs-") and result.name.endswith("-msrp") and result.main_score == "cosine_ap"
+    labels, first, second = read_pair_file(str(pairs), "label")
+    embedder = Embedder.load(str(tiny_llama), dtype="float32")
+    instruction = instruction_for(load_instruction_table(), result.name, "PairClassification")
+    a = embedder.encode(first, kind="query", instruction=instruction)
+    b = embedder.encode(second, kind="query", instruction=instruction)
+    assert result.scores["cosine_ap"] == pytest.approx(average_precision_score(labels, (a * b).sum(1)), abs=1e-3)
+
+
+def test_study_data_builder_counts_and_keeps_held_out_pairs_out(tmp_path):
+    import importlib.util
+
+    if not (SHARED_DATA / "sick").exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    spec = importlib.util.spec_from_file_location("build_study_data", RESOURCES.parent.parent / "scripts" / "build_study_data.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    counts = builder.build(SHARED_DATA, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == counts["train_rows"] == sum(t["rows"] for t in counts["train"].values())
+    assert {r["instruction"] for r in rows} == set(builder.INSTRUCTIONS.values())
+    assert counts["sick_test_pairs"] == 4927 and counts["msrp_test_pairs"] == 1725
+    trained = {(r["query"], p) for r in rows for p in r["positive"] + r["negative"]}
+    for path in ("sick-test.sts.tsv", "msrp-test.pairs.tsv"):
+        held_out = {tuple(line.split("\t")[1:3]) for line in (tmp_path / path).read_text().splitlines()}
+        assert not held_out & trained and not {(b, a) for a, b in held_out} & trained, path
+
+
 def test_instruction_lookup_prefers_task_then_type_and_can_be_overridden(tmp_path):
     table = load_instruction_table()
     assert instruction_for(table, "SciFact", "Retrieval").startswith("Given a scientific claim")

@@ -288,6 +288,7 @@ def evaluate(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated MTEB task or benchmark names, e.g. 'SciFact,MTEB(eng, v2)'."),
     task_dir: list[str] = typer.Option([], "--task-dir", help="Local retrieval set in BEIR layout (corpus.jsonl, queries.jsonl, qrels/test.tsv). Repeatable."),
     sts: list[str] = typer.Option([], "--sts", help="Local STS tsv (score, sentence1, sentence2). Repeatable."),
+    pairs: list[str] = typer.Option([], "--pairs", help="Local pair-classification tsv (label 0/1, sentence1, sentence2); scored by cosine AP. Repeatable."),
     output_dir: str = typer.Option("results", "--output-dir", help="mteb's JSON per task; finished tasks are reused on a rerun."),
     instructions: Optional[str] = typer.Option(None, "--instructions", help="YAML overriding the shipped per-task instructions."),
     run: Optional[str] = typer.Option(None, "--run", help="Score this TREC run (with --qrels) instead of a model."),
@@ -318,7 +319,8 @@ def evaluate(
         log.info(f"cached: {', '.join(runner.prefetch(names))}")
         return
     runtime = Runtime(dtype, device, trust_remote_code)
-    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, show_progress, pooling=pooling, attention=attention)
+    results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, show_progress, pooling=pooling,
+                              attention=attention, pair_files=pairs)  # fmt: skip
     summary, table = runner.report(results, model)
     if show_progress:
         from ullme_cli.progress import stderr_console

@@ -58,22 +58,30 @@ def beir_retrieval_task(folder: str, name: str | None = None):
     return task
 
 
-def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
-    """SemEval STS layout: `score<TAB>sentence1<TAB>sentence2`, gold 0-5."""
-    scores, first, second = [], [], []
+def read_pair_file(path: str, field: str = "score") -> tuple[list[float], list[str], list[str]]:
+    """`VALUE<TAB>sentence1<TAB>sentence2` lines: a gold score (STS, SemEval layout) or a 0/1 label (pairs)."""
+    values, first, second = [], [], []
     for number, line in iter_lines(path):
         cols = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
         if len(cols) < 3:
-            raise located(path, number, "expected 'score<TAB>sentence1<TAB>sentence2'")
+            raise located(path, number, f"expected '{field}<TAB>sentence1<TAB>sentence2'")
         try:
-            scores.append(float(cols[0]))
+            value = float(cols[0])
         except ValueError:
-            raise located(path, number, f"field 'score' must be a number, got '{cols[0]}'") from None
+            raise located(path, number, f"field '{field}' must be a number, got '{cols[0]}'") from None
+        if field == "label" and value not in (0, 1):
+            raise located(path, number, f"field 'label' must be 0 or 1, got '{cols[0]}'")
+        values.append(value)
         first.append(cols[1])
         second.append(cols[2])
-    if not scores:
+    if not values:
         raise located(path, None, "no sentence pairs found")
-    return scores, first, second
+    return values, first, second
+
+
+def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
+    """SemEval STS layout: `score<TAB>sentence1<TAB>sentence2`, gold 0-5."""
+    return read_pair_file(path, "score")
 
 
 def sts_task(path: str, name: str | None = None):
@@ -99,4 +107,30 @@ def sts_task(path: str, name: str | None = None):
 
     task = LocalSTS()
     task.content_fingerprint = corpus_fingerprint((f"{s}", f"{a}\0{b}") for s, a, b in zip(scores, first, second))
+    return task
+
+
+def pair_classification_task(path: str, name: str | None = None):
+    """`label<TAB>sentence1<TAB>sentence2` (1: the pair matches, e.g. paraphrases) as an mteb
+    PairClassification task; main score: average precision of the cosine (`cosine_ap`)."""
+    from datasets import Dataset
+    from mteb import TaskMetadata
+    from mteb.abstasks import AbsTaskPairClassification
+
+    labels, first, second = read_pair_file(path, "label")
+    task_name = name or "Pairs-" + task_name_for(path)
+
+    class LocalPairs(AbsTaskPairClassification):
+        metadata = TaskMetadata(
+            name=task_name, type="PairClassification", main_score="cosine_ap",
+            description=f"Local labelled sentence pairs from {path}", **_COMMON,
+        )  # fmt: skip
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            rows = {"sentence1": first, "sentence2": second, "labels": [int(v) for v in labels]}
+            self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
+            self.data_loaded = True
+
+    task = LocalPairs()
+    task.content_fingerprint = corpus_fingerprint((f"{v}", f"{a}\0{b}") for v, a, b in zip(labels, first, second))
     return task

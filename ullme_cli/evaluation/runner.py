@@ -93,6 +93,7 @@ def evaluate(
     show_progress: bool = True,
     pooling: str | None = None,
     attention: str | None = None,
+    pair_files: list[str] = (),
 ) -> list[TaskResult]:
     """Resolve every task first (cheap, and fails before the model loads), then run them all.
 
@@ -100,16 +101,16 @@ def evaluate(
     the setup that a fine-tune will use.
     """
     from ullme_cli.evaluation.instructions import load_instruction_table
-    from ullme_cli.evaluation.local_tasks import beir_retrieval_task, sts_task
+    from ullme_cli.evaluation.local_tasks import beir_retrieval_task, pair_classification_task, sts_task
     from ullme_cli.model_setup import Runtime, resolve_setup
     from ullme_cli.models.embedder import load_embedder
     from ullme_cli.models.loading import model_fingerprint, resolve_model_source
 
     table = load_instruction_table(instructions)
     hub_tasks = resolve_tasks(task_names) if task_names else []
-    tasks = hub_tasks + [beir_retrieval_task(d) for d in task_dirs] + [sts_task(f) for f in sts_files]
+    tasks = hub_tasks + [beir_retrieval_task(d) for d in task_dirs] + [sts_task(f) for f in sts_files] + [pair_classification_task(f) for f in pair_files]
     if not tasks:
-        raise UllmeError("evaluate: name --tasks, --task-dir or --sts (or --run with --qrels)")
+        raise UllmeError("evaluate: name --tasks, --task-dir, --sts or --pairs (or --run with --qrels)")
     setup = resolve_setup(model, pooling=pooling, attention=attention)
     setup = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
     name = Path(model).name if Path(model).exists() else model
@@ -131,7 +132,7 @@ def report(results: list[TaskResult], model: str):
         value = r.scores.get(r.main_score)
         extra = [r.scores.get(m) for m in ("ndcg_at_10", "mrr_at_10", "recall_at_10")]
         table.add_row(r.name, r.task_type, r.main_score, *(f"{v:.4f}" if isinstance(v, float) else "" for v in [value, *extra]))
-        summary["tasks"][r.name] = {"main_score": r.main_score, "value": value, **{m: r.scores[m] for m in (*MAIN_METRICS, "cosine_spearman") if m in r.scores}}
+        summary["tasks"][r.name] = {"main_score": r.main_score, "value": value, **{m: r.scores[m] for m in (*MAIN_METRICS, "cosine_spearman", "cosine_ap") if m in r.scores}}
     return summary, table
 
 
