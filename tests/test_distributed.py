@@ -239,7 +239,7 @@ def test_fsdp_kill_then_resume_is_exact_on_two_processes_and_on_one(tiny_llama, 
     import shutil
     import time
 
-    steps = {"steps": 60, "checkpoint_every": 5, "learning_rate": 1e-4}
+    steps = {"steps": 40, "checkpoint_every": 5, "learning_rate": 1e-4}
     killed = fsdp_recipe(tmp_path, tiny_llama, "killed", 2, "fsdp", lora=False, **steps)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 31),
                "-m", "ullme_cli", "finetune", str(killed), "-q"]  # fmt: skip

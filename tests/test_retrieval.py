@@ -96,7 +96,7 @@ def test_add_appends_and_pq_rerank_recovers_exact_order(tmp_path):
     write_vectors(tmp_path / "a.npy", corpus[:3000])
     save_embeddings(str(tmp_path / "b.npy"), corpus[3000:], [f"e{i}" for i in range(3000)], {**META, "dim": 64, "corpus_fingerprint": "b"})
     write_vectors(tmp_path / "q.npy", queries, prefix="q", kind="query")
-    build_index(str(tmp_path / "a.npy"), str(tmp_path / "pq"), "IVF64,PQ16")
+    build_index(str(tmp_path / "a.npy"), str(tmp_path / "pq"), "IVF64,PQ32x4")
     manifest, _ = build_index(str(tmp_path / "b.npy"), str(tmp_path / "pq"), add=True)
     assert manifest["count"] == 6000 and (tmp_path / "pq" / "vectors.npy").exists()
     exact = (queries @ corpus.T).argmax(1)

@@ -158,22 +158,21 @@ def beir(folder, qrels):
     (folder / "qrels" / "test.tsv").write_text("".join(f"q{q}\td{d}\t1\n" for q, d in qrels))
 
 
-def ndcg(result) -> float:
-    assert result.returncode == 0, result.stderr.decode()
-    return next(iter(json.loads(result.stdout)["tasks"].values()))["value"]
-
-
 def test_evaluate_cache_is_keyed_by_task_content_and_model_weights(tiny_llama, tmp_path):
     beir(tmp_path / "a" / "t1", [(q, q) for q in range(5)])  # each query's own text: easy
     beir(tmp_path / "b" / "t1", [(q, 29 - q) for q in range(5)])  # other qrels, same folder name
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
-    evaluate = lambda task: run_cli("evaluate", "-m", model, "--task-dir", task, "--output-dir", tmp_path / "res", "-q")  # noqa: E731
-    a, b = ndcg(evaluate(tmp_path / "a" / "t1")), ndcg(evaluate(tmp_path / "b" / "t1"))
+    from ullme_cli.evaluation.runner import evaluate as run_evaluate  # in process: mteb loads once
+
+    def evaluate(task) -> float:
+        return run_evaluate(str(model), [], [str(task)], [], str(tmp_path / "res"), show_progress=False)[0].scores["ndcg_at_10"]
+
+    a, b = evaluate(tmp_path / "a" / "t1"), evaluate(tmp_path / "b" / "t1")
     assert a != b
-    assert ndcg(evaluate(tmp_path / "a" / "t1")) == a  # the same content and weights: reused
+    assert evaluate(tmp_path / "a" / "t1") == a  # the same content and weights: reused
     other_weights(model)
-    assert ndcg(evaluate(tmp_path / "a" / "t1")) != a  # new weights at the same path: evaluated again
+    assert evaluate(tmp_path / "a" / "t1") != a  # new weights at the same path: evaluated again
 
 
 def test_evaluate_scores_judged_queries_of_a_run_and_says_how_many_were_skipped(tmp_path):
