@@ -261,3 +261,21 @@ def test_fsdp_kill_then_resume_is_exact_on_two_processes_and_on_one(tiny_llama, 
     assert reference.returncode == 0, reference.stderr.decode()
     assert_same_training(tmp_path / "reference", tmp_path / "killed", lora=False)
     assert_same_training(tmp_path / "reference", tmp_path / "killed-one", lora=False)
+
+
+def test_accelerate_fsdp_config_maps_onto_the_recipe_options():
+    """`accelerate launch --config_file recipes/accelerate/fsdp.yaml`: the config loads, and its FSDP plugin's
+    options become the recipe's (the launch itself needs GPUs: not run here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from ullme_cli.recipes import TrainSection
+    from ullme_cli.training.sharding import options_from_accelerate
+
+    config = load_config_from_file(str(REPO / "recipes" / "accelerate" / "fsdp.yaml"))
+    assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=False, cpu_offload=True, activation_checkpointing=True)
+    train = options_from_accelerate(plugin, TrainSection())
+    assert (train.distributed, train.fsdp_reshard_after_forward, train.fsdp_cpu_offload, train.gradient_checkpointing) == ("fsdp", False, True, True)
+    default = options_from_accelerate(FullyShardedDataParallelPlugin(fsdp_version=2), TrainSection())
+    assert (default.fsdp_reshard_after_forward, default.fsdp_cpu_offload, default.gradient_checkpointing) == (True, False, False)

@@ -151,7 +151,8 @@ def options_from_accelerate(plugin, train):
     reshard = plugin.reshard_after_forward
     if not isinstance(reshard, bool):  # an FSDP1 sharding strategy: FULL_SHARD reshards, SHARD_GRAD_OP does not
         reshard = "FULL_SHARD" in str(reshard).upper()
-    offload = plugin.cpu_offload if isinstance(plugin.cpu_offload, bool) else plugin.cpu_offload is not None
+    offload = plugin.cpu_offload  # a bool, FSDP2's OffloadPolicy (CPUOffloadPolicy offloads) or FSDP1's CPUOffload
+    offload = offload if isinstance(offload, bool) else type(offload).__name__ == "CPUOffloadPolicy" or getattr(offload, "offload_params", False) is True
     policy = plugin.mixed_precision_policy
     param_dtype = "bfloat16" if getattr(policy, "param_dtype", None) == torch.bfloat16 else train.fsdp_param_dtype
     return dataclasses.replace(train, distributed="fsdp", fsdp_reshard_after_forward=reshard, fsdp_cpu_offload=offload,
