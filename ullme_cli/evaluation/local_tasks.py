@@ -84,53 +84,35 @@ def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
     return read_pair_file(path, "score")
 
 
-def sts_task(path: str, name: str | None = None):
+def _local_pair_task(path: str, name: str | None, field: str, base, task_type: str, main_score: str, column: str, **attributes):
+    """Sentence pairs with a value each, as an mteb task of `base`'s kind (STS, PairClassification)."""
     from datasets import Dataset
     from mteb import TaskMetadata
+
+    values, first, second = read_pair_file(path, field)
+    metadata = TaskMetadata(name=name or f"{'STS' if task_type == 'STS' else 'Pairs'}-{task_name_for(path)}", type=task_type,
+                            main_score=main_score, description=f"Local {task_type} pairs from {path}", **_COMMON)  # fmt: skip
+    rows = {"sentence1": first, "sentence2": second, column: values if field == "score" else [int(v) for v in values]}
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
+        self.data_loaded = True
+
+    task = type(f"Local{task_type}", (base,), {"metadata": metadata, "load_data": load_data, **attributes})()
+    task.content_fingerprint = corpus_fingerprint((f"{v}", f"{a}\0{b}") for v, a, b in zip(values, first, second))
+    return task
+
+
+def sts_task(path: str, name: str | None = None):
+    """`score<TAB>sentence1<TAB>sentence2` (gold 0-5) as an mteb STS task: Spearman of the cosine."""
     from mteb.abstasks import AbsTaskSTS
 
-    scores, first, second = read_sts_file(path)
-    task_name = name or "STS-" + task_name_for(path)
-
-    class LocalSTS(AbsTaskSTS):
-        metadata = TaskMetadata(
-            name=task_name, type="STS", main_score="cosine_spearman",
-            description=f"Local STS pairs from {path}", **_COMMON,
-        )  # fmt: skip
-        min_score = 0
-        max_score = 5
-
-        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            rows = {"sentence1": first, "sentence2": second, "score": scores}
-            self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
-            self.data_loaded = True
-
-    task = LocalSTS()
-    task.content_fingerprint = corpus_fingerprint((f"{s}", f"{a}\0{b}") for s, a, b in zip(scores, first, second))
-    return task
+    return _local_pair_task(path, name, "score", AbsTaskSTS, "STS", "cosine_spearman", "score", min_score=0, max_score=5)
 
 
 def pair_classification_task(path: str, name: str | None = None):
     """`label<TAB>sentence1<TAB>sentence2` (1: the pair matches, e.g. paraphrases) as an mteb
     PairClassification task; main score: average precision of the cosine (`cosine_ap`)."""
-    from datasets import Dataset
-    from mteb import TaskMetadata
     from mteb.abstasks import AbsTaskPairClassification
 
-    labels, first, second = read_pair_file(path, "label")
-    task_name = name or "Pairs-" + task_name_for(path)
-
-    class LocalPairs(AbsTaskPairClassification):
-        metadata = TaskMetadata(
-            name=task_name, type="PairClassification", main_score="cosine_ap",
-            description=f"Local labelled sentence pairs from {path}", **_COMMON,
-        )  # fmt: skip
-
-        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            rows = {"sentence1": first, "sentence2": second, "labels": [int(v) for v in labels]}
-            self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
-            self.data_loaded = True
-
-    task = LocalPairs()
-    task.content_fingerprint = corpus_fingerprint((f"{v}", f"{a}\0{b}") for v, a, b in zip(labels, first, second))
-    return task
+    return _local_pair_task(path, name, "label", AbsTaskPairClassification, "PairClassification", "cosine_ap", "labels")
