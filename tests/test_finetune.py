@@ -142,7 +142,7 @@ def test_existing_run_needs_resume(tiny_llama, tmp_path):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path):
-    steps = 90
+    steps = 70
     killed = write_recipe(tmp_path, tiny_llama, "killed.yaml", train={"steps": steps, "checkpoint_every": 10, "learning_rate": 1e-4})
     args = [sys.executable, "-m", "ullme_cli", "finetune", str(killed), "-q"]
     process = subprocess.Popen(args, stderr=subprocess.PIPE)
