@@ -279,3 +279,22 @@ def test_accelerate_fsdp_config_maps_onto_the_recipe_options():
     assert (train.distributed, train.fsdp_reshard_after_forward, train.fsdp_cpu_offload, train.gradient_checkpointing) == ("fsdp", False, True, True)
     default = options_from_accelerate(FullyShardedDataParallelPlugin(fsdp_version=2), TrainSection())
     assert (default.fsdp_reshard_after_forward, default.fsdp_cpu_offload, default.gradient_checkpointing) == (True, False, False)
+
+
+def test_fsdp_resume_past_a_broken_checkpoint_writes_that_step_again(tiny_llama, tmp_path):
+    """One FSDP process: a torn DCP checkpoint is skipped, and the resumed run's save of that same step
+    replaces it (the sharded save renames into place as atomic_folder does) and ends where the first run did."""
+    import shutil
+
+    recipe = fsdp_recipe(tmp_path, tiny_llama, "run", 4, "fsdp", steps=4, checkpoint_every=2, keep_checkpoints=5)
+    assert run_cli("finetune", recipe, "-q").returncode == 0
+    finished = final_weights(tmp_path / "run", lora=True)
+    (tmp_path / "run" / "checkpoints" / "step-0000004" / "dcp" / ".metadata").write_bytes(b"torn")
+    shutil.rmtree(tmp_path / "run" / "model")
+    resumed = run_cli("finetune", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert b"skipping a broken checkpoint" in resumed.stderr and b"(step 2)" in resumed.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-0000004" / "dcp" / ".metadata").read_bytes() != b"torn"
+    again = final_weights(tmp_path / "run", lora=True)
+    for name, tensor in finished.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=1e-6)

@@ -80,6 +80,11 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    replace_folder(staging, target)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put a finished staging folder in `target`'s place (two renames when `target` exists)."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)

@@ -17,13 +17,13 @@ parameter dtype are GPU-minded options; their CPU runs are tested to train, not 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ullme_cli.artifacts import replace_folder
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import decoder_of
 
@@ -89,7 +89,7 @@ def save_sharded_checkpoint(target: Path, staging: Path, model, optimizer, scala
     dcp.save(_state(model, optimizer), checkpoint_id=str(staging / DCP_FOLDER))
     if rank == 0:
         (staging / "trainer_state.json").write_text(json.dumps({**scalars, "format": "dcp", "processes": dist.get_world_size()}))
-        os.replace(staging, target)
+        replace_folder(staging, target)  # a broken checkpoint of this step, skipped by the resume, is replaced
     dist.barrier()
 
 

@@ -81,8 +81,7 @@ def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int,
         scalars = {"step": step, "names": names, "param_groups": []}
         save_sharded_checkpoint(target, root / f".{target.name}{STAGING_MARK}dcp", sharded_model, optimizer, scalars)
         if torch.distributed.get_rank() == 0:
-            for old in sorted(root.glob("step-*"))[:-keep]:
-                shutil.rmtree(old)
+            _keep_newest(root, keep)
         return target
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in params.items()}
     state = optimizer.state_dict()
@@ -95,9 +94,13 @@ def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int,
     with atomic_folder(target) as staging:
         save_file(tensors, staging / "state.safetensors")
         (staging / "trainer_state.json").write_text(json.dumps(scalars))
+    _keep_newest(root, keep)
+    return target
+
+
+def _keep_newest(root: Path, keep: int) -> None:
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
-    return target
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
