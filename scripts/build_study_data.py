@@ -14,14 +14,18 @@ Held out, never trained on:
 A training row whose pair is also a held-out or dev pair (SICK repeats some pairs across splits, also
 reversed) is dropped and counted. The counts go to `counts.json`, for the report.
 
-Usage: python scripts/build_study_data.py [--shared ../shared/data] [-o study-data]
+Usage: python scripts/build_study_data.py [--shared ../shared/data] [-o study-data] [--overwrite]
 """
 
 import argparse
 import csv
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+from ullme_cli.artifacts import atomic_folder, check_output
+from ullme_cli.errors import UllmeError
 
 INSTRUCTIONS = {
     "trecqa": "Given a question, retrieve sentences that answer the question",
@@ -96,8 +100,14 @@ def without_held_out(rows: list[dict], held_out: set[tuple[str, str]]) -> tuple[
     return kept, dropped
 
 
-def build(shared: Path, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+def build(shared: Path, output: Path, overwrite: bool = False) -> dict:
+    """Write the folder whole or not at all; an existing one is replaced only with `overwrite`."""
+    check_output([output], [shared], overwrite, folder=True)
+    with atomic_folder(output) as out:
+        return _build(shared, out)
+
+
+def _build(shared: Path, out: Path) -> dict:
     held_out = held_out_pairs(shared)
     built = {"trecqa": trecqa_rows(shared / "trecqa" / "train.csv"), "sick": sick_rows(shared / "sick" / "SICK_train.txt"),
              "msrp": msrp_rows(shared / "msrp" / "msr-para-train.tsv")}  # fmt: skip
@@ -125,8 +135,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(root.parent / "shared" / "data"))
     parser.add_argument("-o", "--output", default=str(root / "study-data"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args()
-    print(json.dumps(build(Path(args.shared), Path(args.output)), indent=2))
+    try:
+        print(json.dumps(build(Path(args.shared), Path(args.output), args.overwrite), indent=2))
+    except UllmeError as e:
+        sys.exit(f"build_study_data: error: {e}")
 
 
 if __name__ == "__main__":

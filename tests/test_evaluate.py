@@ -121,7 +121,10 @@ def test_study_data_builder_counts_and_keeps_held_out_pairs_out(tmp_path):
     spec = importlib.util.spec_from_file_location("build_study_data", RESOURCES.parent.parent / "scripts" / "build_study_data.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    counts = builder.build(SHARED_DATA, tmp_path)
+    counts = builder.build(SHARED_DATA, tmp_path / "study")
+    with pytest.raises(UllmeError, match="exists already"):  # an existing output is replaced only on request
+        builder.build(SHARED_DATA, tmp_path / "study")
+    tmp_path = tmp_path / "study"
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(rows) == counts["train_rows"] == sum(t["rows"] for t in counts["train"].values())
     assert {r["instruction"] for r in rows} == set(builder.INSTRUCTIONS.values())
