@@ -5,6 +5,7 @@ Every reader reports a bad row as `file:line: reason`, through `UllmeError`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -110,8 +111,8 @@ def iter_rows(path: str, fmt: str = "auto", tsv_columns: tuple[str, ...] | None 
     """
     if fmt not in FORMATS:
         raise UllmeError(f"unknown input format '{fmt}' (choose from {', '.join(FORMATS)})")
-    if fmt == "auto" and detect_format(path) in TABLE_FORMATS:
-        fmt = detect_format(path)
+    if fmt == "auto" and (by_name := detect_format(path)) in TABLE_FORMATS:
+        fmt = by_name
     if fmt in TABLE_FORMATS:
         yield from _table_rows(path, fmt)
         return
@@ -121,31 +122,24 @@ def iter_rows(path: str, fmt: str = "auto", tsv_columns: tuple[str, ...] | None 
     if first is None:
         return
     fmt = detect_format(path, first[1]) if fmt == "auto" else fmt
-    header = None
+    columns = tsv_columns
     if fmt == "tsv":
         cells = [c.strip() for c in first[1].split("\t")]
-        if cells[0].lower() in {*ID_FIELDS, *TEXT_FIELDS, *QUERY_FIELDS}:
-            header, first = cells, None
+        if cells[0].lower() in {*ID_FIELDS, *TEXT_FIELDS, *QUERY_FIELDS}:  # a header; positions past it keep their names
+            columns, first = (*cells, *(tsv_columns or ())[len(cells) :]), None
         elif tsv_columns is None:
             raise located(name, first[0], "a tsv file here needs a header row naming its fields")
-    for number, line in _chain(first, lines):
+    for number, line in itertools.chain([first] if first else [], lines):
         where = Where(name, number)
         if fmt == "jsonl":
             yield where, parse_json_line(where, line)
         elif fmt == "tsv":
             cells = line.split("\t")
-            columns = header + list(tsv_columns or ())[len(header) :] if header else tsv_columns
             if len(cells) > len(columns):
                 raise where.error(f"{len(cells)} tab-separated columns; expected {', '.join(columns)} (a tab inside a text needs jsonl)")
             yield where, dict(zip(columns, cells))
         else:
             yield where, {"id": str(number), "text": line}
-
-
-def _chain(first, rest):
-    if first is not None:
-        yield first
-    yield from rest
 
 
 def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
@@ -156,7 +150,6 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    name = path
     try:
         if path.startswith(HUB_PREFIX):
             hub_name, _, split = path[len(HUB_PREFIX) :].partition(":")
@@ -181,11 +174,11 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
     except Exception as e:  # datasets raises many kinds: offline, not found, bad split, unreadable files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if path.startswith(HUB_PREFIX):
-            raise UllmeError(f"{name}: cannot load this dataset ({reason}); with no network, load it once where there is one "
+            raise UllmeError(f"{path}: cannot load this dataset ({reason}); with no network, load it once where there is one "
                              "(it stays in the Hugging Face cache) or use a local folder") from None  # fmt: skip
-        raise UllmeError(f"{name}: cannot read it as {fmt} ({reason})") from None
+        raise UllmeError(f"{path}: cannot read it as {fmt} ({reason})") from None
     for number, row in enumerate(table, start=1):
-        yield Where(name, number, "row"), row
+        yield Where(path, number, "row"), row
 
 
 def read_json_object(path: str | Path) -> dict:

@@ -59,7 +59,8 @@ def beir_retrieval_task(folder: str, name: str | None = None):
 
 
 def read_pair_file(path: str, field: str = "score") -> tuple[list[float], list[str], list[str]]:
-    """`VALUE<TAB>sentence1<TAB>sentence2` lines: a gold score (STS, SemEval layout) or a 0/1 label (pairs)."""
+    """`VALUE<TAB>sentence1<TAB>sentence2` lines: a gold score (STS, SemEval layout; floats) or a 0/1 label
+    (pairs; ints)."""
     values, first, second = [], [], []
     for number, line in iter_lines(path):
         cols = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -69,8 +70,10 @@ def read_pair_file(path: str, field: str = "score") -> tuple[list[float], list[s
             value = float(cols[0])
         except ValueError:
             raise located(path, number, f"field '{field}' must be a number, got '{cols[0]}'") from None
-        if field == "label" and value not in (0, 1):
-            raise located(path, number, f"field 'label' must be 0 or 1, got '{cols[0]}'")
+        if field == "label":
+            if value not in (0, 1):
+                raise located(path, number, f"field 'label' must be 0 or 1, got '{cols[0]}'")
+            value = int(value)
         values.append(value)
         first.append(cols[1])
         second.append(cols[2])
@@ -84,15 +87,14 @@ def read_sts_file(path: str) -> tuple[list[float], list[str], list[str]]:
     return read_pair_file(path, "score")
 
 
-def _local_pair_task(path: str, name: str | None, field: str, base, task_type: str, main_score: str, column: str, **attributes):
+def _local_pair_task(path: str, name: str, field: str, base, task_type: str, main_score: str, column: str, **attributes):
     """Sentence pairs with a value each, as an mteb task of `base`'s kind (STS, PairClassification)."""
     from datasets import Dataset
     from mteb import TaskMetadata
 
     values, first, second = read_pair_file(path, field)
-    metadata = TaskMetadata(name=name or f"{'STS' if task_type == 'STS' else 'Pairs'}-{task_name_for(path)}", type=task_type,
-                            main_score=main_score, description=f"Local {task_type} pairs from {path}", **_COMMON)  # fmt: skip
-    rows = {"sentence1": first, "sentence2": second, column: values if field == "score" else [int(v) for v in values]}
+    metadata = TaskMetadata(name=name, type=task_type, main_score=main_score, description=f"Local {task_type} pairs from {path}", **_COMMON)
+    rows = {"sentence1": first, "sentence2": second, column: values}
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         self.dataset = {"default": {"test": Dataset.from_dict(rows)}}
@@ -107,7 +109,8 @@ def sts_task(path: str, name: str | None = None):
     """`score<TAB>sentence1<TAB>sentence2` (gold 0-5) as an mteb STS task: Spearman of the cosine."""
     from mteb.abstasks import AbsTaskSTS
 
-    return _local_pair_task(path, name, "score", AbsTaskSTS, "STS", "cosine_spearman", "score", min_score=0, max_score=5)
+    return _local_pair_task(path, name or f"STS-{task_name_for(path)}", "score", AbsTaskSTS, "STS", "cosine_spearman", "score",
+                            min_score=0, max_score=5)  # fmt: skip
 
 
 def pair_classification_task(path: str, name: str | None = None):
@@ -115,4 +118,5 @@ def pair_classification_task(path: str, name: str | None = None):
     PairClassification task; main score: average precision of the cosine (`cosine_ap`)."""
     from mteb.abstasks import AbsTaskPairClassification
 
-    return _local_pair_task(path, name, "label", AbsTaskPairClassification, "PairClassification", "cosine_ap", "labels")
+    return _local_pair_task(path, name or f"Pairs-{task_name_for(path)}", "label", AbsTaskPairClassification, "PairClassification",
+                            "cosine_ap", "labels")  # fmt: skip

@@ -36,7 +36,7 @@ def display_name(setup) -> str:
     return Path(source).name if Path(source).is_absolute() or Path(source).exists() else source
 
 
-def model_meta(embedder, name: str | None = None, revision: str | None = None, training_datasets: dict | None = None):
+def model_meta(embedder, name: str | None = None, revision: str | None = None):
     """mteb's ModelMeta from the Embedder's setup: name, revision (setup + weights key), dimension, max tokens."""
     from mteb.models import ModelMeta
     from mteb.models.model_meta import ScoringFunction
@@ -47,7 +47,6 @@ def model_meta(embedder, name: str | None = None, revision: str | None = None, t
             "name": mteb_model_name(name or display_name(setup)), "revision": revision or setup_revision(setup),
             "embed_dim": embedder.dim, "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"], "open_weights": True,
             "max_tokens": setup.max_length, "use_instructions": True, "modalities": ["text"],
-            "training_datasets": training_datasets,
         }
     )  # fmt: skip
 

@@ -34,7 +34,7 @@ from ullme_cli.models.loading import (
     resolve_dtype,
     resolve_model_source,
 )
-from ullme_cli.models.model_card import describe_base, read_training, write_model_card
+from ullme_cli.models.model_card import write_model_card
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
 from ullme_cli.progress import progress_bar
 
@@ -110,8 +110,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if setup.pooling.startswith("latent-attention") and (folder / LATENT_WEIGHTS).exists():
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
-    embedder.origin = describe_base(setup.model, source)
-    embedder.training = read_training(folder) if folder.is_dir() else None
+    embedder.source = source
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     return embedder
@@ -138,8 +137,8 @@ class Embedder:
         hidden_size = decoder_of(model).config.hidden_size
         self.pooler = Pooler(setup.pooling, hidden_size, latent).to(device)
         self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
-        self.origin: dict | None = None  # base model and licence, for the model card (model_card.py)
-        self.training: dict | None = None  # what finetune records: recipe, data, steps, last eval metrics
+        self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
+        self.training: dict | None = None  # what finetune records (recipe, data, steps, eval); None: the source's
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod

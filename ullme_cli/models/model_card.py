@@ -39,8 +39,8 @@ def describe_base(name: str, source: str) -> dict:
     if name in BUNDLED:
         return {"base_model": BUNDLED[name].hub_id, "license": BUNDLED[name].license.lower()}
     folder = Path(source)
-    if (folder / TRAINING_FILE).is_file():
-        record = json.loads((folder / TRAINING_FILE).read_text())
+    record = read_training(folder)
+    if record is not None:
         return {"base_model": record.get("base_model"), "license": record.get("license")}
     if folder.is_dir():
         return {"base_model": None, "license": read_front_matter_license(folder / CARD_FILE)}
@@ -141,9 +141,12 @@ def render_card(embedder, origin: dict, training: dict | None, folder_name: str)
 
 
 def write_model_card(folder: Path, embedder, name: str) -> None:
-    """README.md (and training.json when the model was fine-tuned) into a model folder being written."""
-    origin = embedder.origin or {}
-    training = embedder.training
+    """README.md (and training.json when the model was fine-tuned) into a model folder being written.
+
+    Read here, not when the model loads, so that loading (every encode) pays nothing for the card."""
+    source = embedder.source
+    origin = describe_base(embedder.setup.model, source) if source else {}
+    training = embedder.training if embedder.training is not None else (read_training(Path(source)) if source else None)
     if training:
         (folder / TRAINING_FILE).write_text(json.dumps({**origin, **training}, indent=2) + "\n")
     (folder / CARD_FILE).write_text(render_card(embedder, origin, training, name))
