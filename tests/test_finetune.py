@@ -165,6 +165,27 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-5)
 
 
+def test_resume_refuses_checkpoints_trained_from_other_data_or_settings(tiny_llama, tmp_path):
+    """A resume checks by content what the checkpoint was trained from: the same path with other rows in it,
+    or another learning rate, is refused with the difference named; the same inputs resume."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(TRAIN.read_text())
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": str(data)}, train={"steps": 4, "checkpoint_every": 2})
+    first = run_cli("finetune", recipe, "-q")
+    assert first.returncode == 0, first.stderr.decode()
+    (tmp_path / "run" / "model").rename(tmp_path / "finished")  # as if killed after the step-4 checkpoint
+    rows = TRAIN.read_text().splitlines()
+    data.write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")  # same rows, other order: other batches
+    other_data = run_cli("finetune", recipe, "--resume")
+    assert other_data.returncode == 2 and b"trained from other inputs than this run (data differ)" in other_data.stderr
+    data.write_text(TRAIN.read_text())
+    other_lr = write_recipe(tmp_path, tiny_llama, "lr.yaml", data={"train": str(data)}, train={"steps": 4, "checkpoint_every": 2, "learning_rate": 5e-4})
+    refused = run_cli("finetune", other_lr, "--resume")
+    assert refused.returncode == 2 and b"(train.learning_rate differ)" in refused.stderr, refused.stderr.decode()
+    same = run_cli("finetune", recipe, "--resume")
+    assert same.returncode == 0 and b"resuming from" in same.stderr, same.stderr.decode()
+
+
 def write_beir(folder, passages: dict[str, str], queries: dict[str, str], qrels: dict[str, str]):
     (folder / "qrels").mkdir(parents=True)
     (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in passages.items()))

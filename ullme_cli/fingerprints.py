@@ -88,6 +88,15 @@ def corpus_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+def json_fingerprint(values: Iterable) -> str:
+    """SHA-256 over JSON values in order (sorted keys): the fingerprint of parsed rows, whatever file format
+    or dataset they were read from."""
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def array_checksum(matrix: np.ndarray, ids: list[str]) -> str:
     """SHA-256 over the matrix's dtype, shape and bytes, and the ids."""
     digest = hashlib.sha256()

@@ -12,6 +12,7 @@ old checkpoint or the new one. `--resume` continues from the newest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, check_output, output_lock
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
-from ullme_cli.fingerprints import tensors_fingerprint
+from ullme_cli.fingerprints import json_fingerprint, tensors_fingerprint
 from ullme_cli.model_setup import Runtime
 from ullme_cli.models.model_card import last_eval_metrics
 from ullme_cli.progress import progress_bar
@@ -68,7 +69,40 @@ def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int, scaler=None, sharded_model=None) -> Path:
+# Train settings that do not change what a step computes: a resume may differ in them.
+RESUME_FREE_SETTINGS = {"log_every", "checkpoint_every", "keep_checkpoints", "report_to", "gradient_checkpointing",
+                        "grad_cache_chunk", "distributed", "fsdp_reshard_after_forward", "fsdp_cpu_offload"}  # fmt: skip
+
+
+def run_inputs(recipe: Recipe, base_fingerprint: str, examples: list[TrainingExample]) -> dict:
+    """What a checkpoint was trained from, by content: the base model (its setup and weights fingerprint),
+    the parsed training rows, and every setting that changes a step. A resume compares them (`check_inputs`)."""
+    settings = dataclasses.asdict(recipe)
+    return json.loads(json.dumps({
+        "base_model": base_fingerprint, "model_dtype": recipe.model.dtype,
+        "data": json_fingerprint(e.to_json() for e in examples), "negatives_per_query": recipe.data.negatives_per_query,
+        "lora": {k: v for k, v in settings["lora"].items() if k != "merge"}, "loss": settings["loss"],
+        "train": {k: v for k, v in settings["train"].items() if k not in RESUME_FREE_SETTINGS},
+    }))  # fmt: skip
+
+
+def check_inputs(checkpoint: Path, recorded: dict | None, current: dict) -> None:
+    """UllmeError naming what differs when `checkpoint` was trained from other inputs than this run's."""
+    if recorded is None:  # written before checkpoints recorded their inputs (ullme 0.x): nothing to compare
+        log.warning(f"{checkpoint}: records no training inputs; cannot check that it was trained from this recipe's model and data")
+        return
+    differ = [key for key in current if recorded.get(key) != current[key]]
+    for key in ("lora", "loss", "train"):  # name the setting, not the section
+        if key in differ:
+            differ.remove(key)
+            section = current[key], recorded.get(key) or {}
+            differ += [f"{key}.{k}" for k in section[0] if section[1].get(k) != section[0][k]]
+    if differ:
+        raise UllmeError(f"{checkpoint}: trained from other inputs than this run ({', '.join(differ)} differ); "
+                         "resume with the recipe, model and data it was trained from, or start a new output_dir")  # fmt: skip
+
+
+def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int, scaler=None, sharded_model=None, inputs: dict | None = None) -> Path:
     """Trainable weights and optimizer state at `step`, written whole or not at all; the newest `keep` stay.
 
     With `sharded_model` (FSDP) every process calls this and writes its shards (DCP, see sharding.py)."""
@@ -78,14 +112,14 @@ def save_checkpoint(folder: Path, step: int, params: dict, optimizer, keep: int,
     if sharded_model is not None:
         from ullme_cli.training.sharding import save_sharded_checkpoint
 
-        scalars = {"step": step, "names": names, "param_groups": []}
+        scalars = {"step": step, "names": names, "param_groups": [], "inputs": inputs}
         save_sharded_checkpoint(target, root / f".{target.name}{STAGING_MARK}dcp", sharded_model, optimizer, scalars)
         if torch.distributed.get_rank() == 0:
             _keep_newest(root, keep)
         return target
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in params.items()}
     state = optimizer.state_dict()
-    scalars = {"step": step, "param_groups": state["param_groups"], "names": names}
+    scalars = {"step": step, "param_groups": state["param_groups"], "names": names, "inputs": inputs}
     if scaler is not None:  # fp16: the loss scale and its growth counter, so that a resume scales the same
         scalars["grad_scaler"] = scaler.state_dict()
     for index, slots in state["state"].items():
@@ -280,6 +314,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
     base_fingerprint = embedder.setup.fingerprint
+    inputs = run_inputs(recipe, base_fingerprint, examples)
     embedder.weights_changed()
     if recipe.lora.enabled:
         embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
@@ -301,6 +336,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     found = newest_complete_checkpoint(out) if resume else None
     if found is not None:
         checkpoint, tensors, scalars = found
+        check_inputs(checkpoint, scalars.get("inputs"), inputs)
         step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler, embedder.model if sharded else None)
         for group in optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
             group["lr"] = group["initial_lr"] = t.learning_rate
@@ -368,9 +404,9 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             advance(1, loss=record["loss"], **parts)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 if sharded:  # every process writes its shards
-                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler, sharded_model=embedder.model)
+                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler, sharded_model=embedder.model, inputs=inputs)
                 elif accelerator.is_main_process:
-                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler)
+                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler, inputs=inputs)
     embedder.model.eval()
     if sharded:  # gathered on rank 0 (a collective), which saves a plain copy
         from ullme_cli.training.sharding import gather_full_weights, unsharded_copy
