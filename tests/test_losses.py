@@ -109,3 +109,21 @@ def test_ipo_scores_token_means_and_sigmoid_sums_unless_told():
         loss = LossSection(strategy="dpo", dpo_variant=variant, dpo_logprob=logprob, reference_free=True)
         part = StepLoss(None, loss, negatives_per_query=1).generation_terms(None, None, [["n"]], generation)["dpo"]
         assert part.item() == pytest.approx(DPOLoss(0.1, variant, True)(expected[:, 0], expected[:, 1]).item())
+
+
+def test_a_rows_generation_instruction_prompts_its_generation_terms(tmp_path):
+    """A multi-task set prompts each task its own way: a row's generation_instruction wins over the model's."""
+    from types import SimpleNamespace
+
+    from ullme_cli.data import read_training_examples
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"query": "a man plays", "positive": "a man performs", "generation_instruction": "Paraphrase: "}\n'
+                    '{"query": "who won?", "positive": "Bob won."}\n')  # fmt: skip
+    examples, _ = read_training_examples(str(rows))
+    assert examples[0].to_json()["generation_instruction"] == "Paraphrase: " and "generation_instruction" not in examples[1].to_json()
+    embedder = SimpleNamespace(setup=SimpleNamespace(generation_instruction="Answer: "))
+    step = StepLoss(embedder, LossSection(strategy="grl", reference_free=True), negatives_per_query=1)
+    assert step.prompts(examples) == ["Paraphrase: a man plays", "Answer: who won?"]

@@ -44,11 +44,14 @@ class TrainingExample:
     positives: list[str]
     negatives: list[str] = field(default_factory=list)
     instruction: str | None = None
+    generation_instruction: str | None = None  # this row's GRL/DPO/SFT prompt prefix; None: the recipe's
 
     def to_json(self) -> dict:
         row = {"query": self.query, "positive": self.positives, "negative": self.negatives}
         if self.instruction is not None:
             row["instruction"] = self.instruction
+        if self.generation_instruction is not None:
+            row["generation_instruction"] = self.generation_instruction
         return row
 
 
@@ -283,7 +286,8 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
     """Read training rows (DESIGN.md §5) from any input `iter_rows` reads (tsv needs a header row).
 
     Fields, with the neighbours' names: `query` (`anchor`, `question`); `positive` (`pos`,
-    `positive_passages`); `negative` (`neg`, `negative_passages`, `negative_1`, ...); `instruction`.
+    `positive_passages`); `negative` (`neg`, `negative_passages`, `negative_1`, ...); `instruction` (the
+    query's); `generation_instruction` (the prompt prefix of the generation losses, for this row).
     Returns the examples and the number of rows skipped. A bad row is an error naming file and line (row,
     for a table), unless `skip_bad_rows`, when it is counted and dropped.
     """
@@ -296,12 +300,13 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
             positives = passage_list(where, row, POSITIVE_FIELDS, required=True)
             negatives = passage_list(where, row, NEGATIVE_FIELDS, required=False)
             instruction = string_field(where, row, "instruction", required=False)
+            generation_instruction = string_field(where, row, "generation_instruction", required=False)
         except UllmeError:
             if not skip_bad_rows:
                 raise
             skipped += 1
             continue
-        examples.append(TrainingExample(query, positives, negatives, instruction))
+        examples.append(TrainingExample(query, positives, negatives, instruction, generation_instruction))
     if not examples:
         raise located(name, None, "no training examples found")
     return examples, skipped

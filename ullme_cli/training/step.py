@@ -88,8 +88,10 @@ class StepLoss:
         return positives, negatives
 
     def prompts(self, batch: list[TrainingExample]) -> list[str]:
-        """The generation prompt of each example: generation_instruction + query (DESIGN.md §4)."""
-        return [self.embedder.setup.generation_instruction + ex.query for ex in batch]
+        """The generation prompt of each example: generation_instruction + query (DESIGN.md §4); a row's own
+        generation_instruction wins over the model's, so one multi-task set can prompt each task its way."""
+        default = self.embedder.setup.generation_instruction
+        return [(default if ex.generation_instruction is None else ex.generation_instruction) + ex.query for ex in batch]
 
     def generation_scores(self, batch, positives, negatives, grad: bool) -> dict[str, torch.Tensor]:
         e = self.embedder
