@@ -12,14 +12,18 @@ Held out, never trained on:
 - `msrp-test.pairs.tsv` (label 0/1, sentence 1, sentence 2) for `ullme evaluate --pairs`;
 - TREC QA test is the bundled `ullme_cli/resources/trecqa-test`.
 A training row whose pair is also a held-out or dev pair (SICK repeats some pairs across splits, also
-reversed) is dropped and counted. The counts go to `counts.json`, for the report.
+reversed) is dropped and counted. MSRP alone would be 78% of the rows, so each task is capped at
+`--max-rows-per-task` rows (a seeded sample; 1300 keeps SICK whole and balances MSRP against it). Each row
+carries its task's embedding instruction and its generation instruction (the prompt of GRL's generation
+terms). The counts go to `counts.json`, for the report.
 
-Usage: python scripts/build_study_data.py [--shared ../shared/data] [-o study-data] [--overwrite]
+Usage: python scripts/build_study_data.py [--shared ../shared/data] [-o study-data] [--max-rows-per-task 1300] [--overwrite]
 """
 
 import argparse
 import csv
 import json
+import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +35,11 @@ INSTRUCTIONS = {
     "trecqa": "Given a question, retrieve sentences that answer the question",
     "sick": "Given a premise, retrieve a sentence that it entails",
     "msrp": "Given a sentence, retrieve a sentence that paraphrases it",
+}
+GENERATION_INSTRUCTIONS = {
+    "trecqa": "Write a sentence that answers the question: ",
+    "sick": "Write a sentence that follows from this one: ",
+    "msrp": "Write a sentence that says the same as this one: ",
 }
 
 
@@ -100,26 +109,37 @@ def without_held_out(rows: list[dict], held_out: set[tuple[str, str]]) -> tuple[
     return kept, dropped
 
 
-def build(shared: Path, output: Path, overwrite: bool = False) -> dict:
+def capped(rows: list[dict], cap: int, seed: int = 0) -> list[dict]:
+    """At most `cap` rows: a seeded sample, in the rows' own order."""
+    if cap <= 0 or len(rows) <= cap:
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), cap))
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
+def build(shared: Path, output: Path, overwrite: bool = False, max_rows_per_task: int = 0) -> dict:
     """Write the folder whole or not at all; an existing one is replaced only with `overwrite`."""
     check_output([output], [shared], overwrite, folder=True)
     with atomic_folder(output) as out:
-        return _build(shared, out)
+        return _build(shared, out, max_rows_per_task)
 
 
-def _build(shared: Path, out: Path) -> dict:
+def _build(shared: Path, out: Path, max_rows_per_task: int = 0) -> dict:
     held_out = held_out_pairs(shared)
     built = {"trecqa": trecqa_rows(shared / "trecqa" / "train.csv"), "sick": sick_rows(shared / "sick" / "SICK_train.txt"),
              "msrp": msrp_rows(shared / "msrp" / "msr-para-train.tsv")}  # fmt: skip
-    tasks, dropped = {}, {}
+    tasks, dropped, available = {}, {}, {}
     for name, task_rows in built.items():
-        tasks[name], dropped[name] = without_held_out(task_rows, held_out)
+        kept, dropped[name] = without_held_out(task_rows, held_out)
+        available[name] = len(kept)
+        tasks[name] = [{**row, "generation_instruction": GENERATION_INSTRUCTIONS[name]} for row in capped(kept, max_rows_per_task)]
     rows = [row for task in tasks.values() for row in task]
     write_lines(out / "train.jsonl", (json.dumps(r, ensure_ascii=False) for r in rows))
     sts = lambda rows: (f"{r['relatedness_score']}\t{r['sentence_A']}\t{r['sentence_B']}" for r in rows)  # noqa: E731
     counts = {
-        "train": {name: {"rows": len(task), "with_hard_negative": sum(bool(r["negative"]) for r in task), "dropped_as_held_out": dropped[name]}
-                  for name, task in tasks.items()},  # fmt: skip
+        "train": {name: {"rows": len(task), "available": available[name], "with_hard_negative": sum(bool(r["negative"]) for r in task),
+                         "dropped_as_held_out": dropped[name]} for name, task in tasks.items()},  # fmt: skip
+        "max_rows_per_task": max_rows_per_task,
         "train_rows": len(rows),
         "sick_test_pairs": write_lines(out / "sick-test.sts.tsv", sts(read_tsv(shared / "sick" / "SICK_test_annotated.txt"))),
         "sick_trial_pairs": write_lines(out / "sick-trial.sts.tsv", sts(read_tsv(shared / "sick" / "SICK_trial.txt"))),
@@ -135,10 +155,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(root.parent / "shared" / "data"))
     parser.add_argument("-o", "--output", default=str(root / "study-data"))
+    parser.add_argument("--max-rows-per-task", type=int, default=1300, help="cap each task at this many rows (a seeded sample); 0: no cap")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args()
     try:
-        print(json.dumps(build(Path(args.shared), Path(args.output), args.overwrite), indent=2))
+        print(json.dumps(build(Path(args.shared), Path(args.output), args.overwrite, args.max_rows_per_task), indent=2))
     except UllmeError as e:
         sys.exit(f"build_study_data: error: {e}")
 

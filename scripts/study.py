@@ -52,23 +52,44 @@ def ullme(*args: str, capture: bool = False) -> str:
 
 
 def finetune(recipe: str, run_dir: Path, seed: int, steps: int | None, model: str | None) -> float:
+    return finetune_recipe(REPO / "recipes" / "study" / f"{recipe}.yaml", run_dir, seed, steps, model)
+
+
+def finetune_recipe(recipe: Path, run_dir: Path, seed: int, steps: int | None = None, model: str | None = None, extra: list[str] = ()) -> float:
     """Train one run unless its model is already there; return its wall-clock seconds, or 0 where the run
-    was resumed (its time covers only the last part) or its time was not recorded."""
+    was resumed (its time covers only the last part) or its time was not recorded. `extra`: more --set
+    overrides."""
     timing = run_dir / "study_seconds.json"
     if (run_dir / "model" / "ullme.json").exists():
         recorded = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "resumed": True}
         return 0.0 if recorded["resumed"] else recorded["seconds"]
-    overrides = ["--set", f"output_dir={run_dir}", "--set", f"train.seed={seed}"]
+    overrides = ["--set", f"output_dir={run_dir}", "--set", f"train.seed={seed}", *extra]
     if steps:
         overrides += ["--set", f"train.steps={steps}", "--set", f"train.warmup_steps={max(1, steps // 10)}"]
     if model:
         overrides += ["--set", f"model.name={model}"]
     resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
     started = time.perf_counter()
-    ullme("finetune", REPO / "recipes" / "study" / f"{recipe}.yaml", *overrides, *resume)
+    ullme("finetune", recipe, *overrides, *resume)
     seconds = time.perf_counter() - started
     timing.write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
     return 0.0 if resume else seconds
+
+
+def write_section(report: Path, name: str, text: str) -> None:
+    """Put `text` in `report` between the markers of section `name`, replacing only that section; other
+    sections (each study writes its own) stay as they are. Written by rename, never half."""
+    start, end = f"<!-- section: {name} -->", f"<!-- end of section: {name} -->"
+    old = report.read_text(encoding="utf-8") if report.exists() else "# Results\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(report)
 
 
 def evaluate(model: str, out: Path, sts_files: list[Path], setup: tuple[str, str] | None = None) -> dict:
@@ -147,8 +168,6 @@ def write_report(args, bases: dict[str, dict], results: dict[str, dict[int, dict
     base = bases["bidirectional + mean"]
     base_time = "an untimed while" if base["seconds"] != base["seconds"] else f"{base['seconds']:.0f} s"
     lines = [
-        "# Results",
-        "",
         "Made by `bash scripts/reproduce.sh` (which runs `python scripts/study.py`); every number below is",
         "read from the files that run wrote. Machine: 2 CPU cores (AMX), no GPU.",
         "",
@@ -290,7 +309,7 @@ def main() -> None:
     report = Path(args.report)
     plot = report.parent / "study_curves.png"
     plot_curves(runs, plot)
-    report.write_text(write_report(args, bases, results, runs, seconds, sts_files, plot), encoding="utf-8")
+    write_section(report, "first-study", write_report(args, bases, results, runs, seconds, sts_files, plot))
     print(f"study: wrote {report} and {plot}", file=sys.stderr)
 
 

@@ -121,13 +121,16 @@ def test_study_data_builder_counts_and_keeps_held_out_pairs_out(tmp_path):
     spec = importlib.util.spec_from_file_location("build_study_data", RESOURCES.parent.parent / "scripts" / "build_study_data.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    counts = builder.build(SHARED_DATA, tmp_path / "study")
+    counts = builder.build(SHARED_DATA, tmp_path / "study", max_rows_per_task=1300)
     with pytest.raises(UllmeError, match="exists already"):  # an existing output is replaced only on request
         builder.build(SHARED_DATA, tmp_path / "study")
+    msrp = counts["train"]["msrp"]
+    assert (msrp["rows"], msrp["available"]) == (1300, 4814) and counts["train"]["sick"]["rows"] == counts["train"]["sick"]["available"]
     tmp_path = tmp_path / "study"
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(rows) == counts["train_rows"] == sum(t["rows"] for t in counts["train"].values())
     assert {r["instruction"] for r in rows} == set(builder.INSTRUCTIONS.values())
+    assert {(r["instruction"], r["generation_instruction"]) for r in rows} == set(zip(builder.INSTRUCTIONS.values(), builder.GENERATION_INSTRUCTIONS.values()))
     assert counts["sick_test_pairs"] == 4927 and counts["msrp_test_pairs"] == 1725
     trained = {(r["query"], p) for r in rows for p in r["positive"] + r["negative"]}
     for path in ("sick-test.sts.tsv", "msrp-test.pairs.tsv"):

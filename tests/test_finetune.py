@@ -199,7 +199,10 @@ def test_evaluation_every_n_steps_is_logged_and_leaves_training_unchanged(tiny_l
     texts = demo_texts(30)
     eval_dir = tmp_path / "evalset"
     write_beir(eval_dir, {f"d{i}": t for i, t in enumerate(texts)}, {f"q{i}": texts[i][:40] for i in range(5)}, {f"q{i}": f"d{i}" for i in range(5)})
-    with_eval = write_recipe(tmp_path, tiny_llama, "a.yaml", output_dir=str(tmp_path / "a"), train={"steps": 4}, eval={"task_dir": str(eval_dir), "every": 2})
+    sts = tmp_path / "dev.sts.tsv"
+    sts.write_text("".join(f"{i % 6}\t{texts[i][:50]}\t{texts[i + 1][:50]}\n" for i in range(12)))
+    eval_section = {"task_dir": str(eval_dir), "sts": str(sts), "every": 2}
+    with_eval = write_recipe(tmp_path, tiny_llama, "a.yaml", output_dir=str(tmp_path / "a"), train={"steps": 4}, eval=eval_section)
     plain = write_recipe(tmp_path, tiny_llama, "b.yaml", output_dir=str(tmp_path / "b"), train={"steps": 4})
     for path in (with_eval, plain):
         result = run_cli("finetune", path, "-q")
@@ -209,13 +212,15 @@ def test_evaluation_every_n_steps_is_logged_and_leaves_training_unchanged(tiny_l
     evaluated = [r["step"] for r in a if "eval_ndcg_at_10" in r]
     assert evaluated == [2, 4]
     assert all(0.0 <= r["eval_ndcg_at_10"] <= 1.0 and 0.0 <= r["eval_recall_at_10"] <= 1.0 for r in a if "eval_ndcg_at_10" in r)
+    assert [r["step"] for r in a if -1.0 <= r.get("eval_sts_spearman", 2.0) <= 1.0] == [2, 4]  # the STS dev signal too
     assert list((tmp_path / "a" / "eval").rglob("evalset.json"))  # mteb's own result files, per step
     # Evaluating in between changes nothing about the training itself.
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-6)
 
 
-def test_a_missing_eval_set_fails_before_training(tiny_llama, tmp_path):
-    path = write_recipe(tmp_path, tiny_llama, eval={"task_dir": str(tmp_path / "nowhere")})
+@pytest.mark.parametrize("key", ["task_dir", "sts"])
+def test_a_missing_eval_set_fails_before_training(tiny_llama, tmp_path, key):
+    path = write_recipe(tmp_path, tiny_llama, eval={key: str(tmp_path / "nowhere")})
     result = run_cli("finetune", path, "-q")
     assert result.returncode == 2 and b"nowhere" in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 

@@ -107,6 +107,7 @@ REPORT_TO = ("none", "tensorboard")
 @dataclass
 class EvalSection:
     task_dir: str = ""  # a retrieval set in BEIR layout, evaluated during training
+    sts: str = ""  # an STS file (score<TAB>sentence1<TAB>sentence2), its cosine Spearman evaluated during training
     every: int = 0  # steps between evaluations; 0: only after the last step (when task_dir is set)
 
 
@@ -222,8 +223,9 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     if recipe.train.fsdp_param_dtype not in ("float32", "bfloat16"):
         bad("train.fsdp_param_dtype", "must be float32 or bfloat16")
     if recipe.train.distributed == "fsdp":
-        if recipe.eval.task_dir:
-            bad("eval.task_dir", "is not run under train.distributed: fsdp yet; evaluate the final model with `ullme evaluate`")
+        for key in ("task_dir", "sts"):
+            if getattr(recipe.eval, key):
+                bad(f"eval.{key}", "is not run under train.distributed: fsdp yet; evaluate the final model with `ullme evaluate`")
         if recipe.train.mixed_precision == "fp16":
             bad("train.mixed_precision", "fp16 (loss scaling) is not supported with train.distributed: fsdp; use bf16")
     if recipe.train.report_to not in REPORT_TO:
@@ -288,6 +290,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     recipe = _validate(_build(Recipe, values, path), path)
     recipe.data.train = _relative_to_recipe(recipe.data.train, p)
     recipe.eval.task_dir = _relative_to_recipe(recipe.eval.task_dir, p)
+    recipe.eval.sts = _relative_to_recipe(recipe.eval.sts, p)
     return recipe
 
 

@@ -225,8 +225,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def evaluate_retrieval(embedder, task, out: Path, step: int, weights: str) -> dict[str, float]:
-    """nDCG@10, recall@10 and MRR@10 of the model as it is at `step`, on the recipe's eval set.
+def evaluate_during_training(embedder, tasks: dict, out: Path, step: int, weights: str) -> dict[str, float]:
+    """The recipe's eval sets scored on the model as it is at `step`: nDCG@10, recall@10 and MRR@10 of the
+    retrieval set (`eval_ndcg_at_10`, ...), the cosine Spearman of the STS file (`eval_sts_spearman`).
 
     mteb's own result files land in `<output_dir>/eval/`, keyed by the fingerprint of the weights at this
     step, so a resumed run reuses the evaluations it already made, and other weights never do.
@@ -236,11 +237,17 @@ def evaluate_retrieval(embedder, task, out: Path, step: int, weights: str) -> di
 
     embedder.model.eval()
     try:
-        result = run_evaluation(embedder, f"{out.name}-step{step}", [task], str(out / "eval"), load_instruction_table(),
-                                show_progress=False, weights=weights)[0]  # fmt: skip
+        results = run_evaluation(embedder, f"{out.name}-step{step}", list(tasks.values()), str(out / "eval"), load_instruction_table(),
+                                 show_progress=False, weights=weights)  # fmt: skip
     finally:
         embedder.model.train()
-    return {f"eval_{metric}": float(result.scores[metric]) for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10")}
+    record = {}
+    for kind, result in zip(tasks, results):
+        if kind == "retrieval":
+            record.update({f"eval_{metric}": float(result.scores[metric]) for metric in ("ndcg_at_10", "recall_at_10", "mrr_at_10")})
+        else:
+            record["eval_sts_spearman"] = float(result.scores["cosine_spearman"])
+    return record
 
 
 def flat_config(recipe: Recipe) -> dict:
@@ -285,11 +292,15 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if skipped:
         log.warning(f"skipped {skipped} malformed rows of {recipe.data.train}")
 
-    eval_task = None
+    eval_tasks = {}  # built now, so that a bad eval set fails before training starts
     if recipe.eval.task_dir:
         from ullme_cli.evaluation.local_tasks import beir_retrieval_task
 
-        eval_task = beir_retrieval_task(recipe.eval.task_dir)  # validates the folder before training starts
+        eval_tasks["retrieval"] = beir_retrieval_task(recipe.eval.task_dir)
+    if recipe.eval.sts:
+        from ullme_cli.evaluation.local_tasks import sts_task
+
+        eval_tasks["sts"] = sts_task(recipe.eval.sts)
     # Autocast is ours (below), so accelerate runs without a precision of its own.
     tracking = {}
     if t.report_to == "tensorboard":  # accelerate's tracker, written locally under output_dir
@@ -308,8 +319,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         from ullme_cli.training.sharding import options_from_accelerate
 
         t = options_from_accelerate(accelerator.state.fsdp_plugin, t)
-        if recipe.eval.task_dir:
-            raise UllmeError("eval.task_dir is not run under FSDP yet; evaluate the final model with `ullme evaluate`")
+        if eval_tasks:
+            raise UllmeError("eval.task_dir and eval.sts are not run under FSDP yet; evaluate the final model with `ullme evaluate`")
     sharded = t.distributed == "fsdp"
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
@@ -392,10 +403,10 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             training_seconds += time.perf_counter() - started
             record = {"step": step, "loss": loss, **parts, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "steps_per_s": (step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
-            evaluate_now = eval_task is not None and (step == t.steps or (recipe.eval.every and step % recipe.eval.every == 0))
+            evaluate_now = bool(eval_tasks) and (step == t.steps or (recipe.eval.every and step % recipe.eval.every == 0))
             if evaluate_now and accelerator.is_main_process:
                 weights = tensors_fingerprint(params.items(), salt=base_fingerprint)
-                record.update(evaluate_retrieval(embedder, eval_task, out, step, weights))
+                record.update(evaluate_during_training(embedder, eval_tasks, out, step, weights))
             if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps or evaluate_now):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -416,7 +427,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if accelerator.is_main_process:
         embedder.training = {
             "recipe": dump_recipe(recipe), "data": {"train": recipe.data.train, "rows": len(examples), "skipped": skipped},
-            "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": recipe.eval.task_dir or None,
+            "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
         }  # fmt: skip
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
         draw_curves(out)

