@@ -3,7 +3,8 @@ and against the FLOP ceiling (2 · non-embedding params · tokens at the measure
 
 Rows: ullme (bf16 where the CPU is fast at it, bidirectional: the product default), ullme causal (same
 attention as sentence-transformers, to show the vectors agree), sentence-transformers at its defaults
-(fp32), sentence-transformers in bf16, and LLM2Vec in bf16. LLM2Vec pins transformers 4.44, so it runs in a
+(fp32), sentence-transformers in bf16, sentence-transformers' ONNX Runtime backend in fp32 and with its own
+dynamic int8 quantization (a side environment, `--build-onnx-venv`: benchmarks/.onnx-venv), and LLM2Vec in bf16. LLM2Vec pins transformers 4.44, so it runs in a
 side environment (`--build-llm2vec-venv` makes one in benchmarks/.llm2vec-venv from the package registry);
 without one the row is skipped with the reason.
 
@@ -12,7 +13,7 @@ The last line is `speedup vs sentence-transformers fp32: X.XXx` for ullme's defa
 the median of single timed matmuls.
 
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128]
-       [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic]
+       [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic] [--build-onnx-venv]
 """
 
 import argparse
@@ -107,6 +108,34 @@ def llm2vec_row(python: Path, source: Path, texts: list[str], max_length: int, d
         return f"LLM2Vec {info['llm2vec']} (tf {info['transformers']}) {job['dtype']}", info["seconds"], np.load(job["out"])
 
 
+ONNX_VENV = Path(__file__).resolve().parent / ".onnx-venv"
+
+
+def build_onnx_venv() -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(ONNX_VENV)], check=True)
+    pip = [str(ONNX_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the CPU wheel, before optimum asks for torch
+    subprocess.run(pip + ["sentence-transformers[onnx]"], check=True)
+
+
+def onnx_rows(python: Path, st_model, texts: list[str], max_length: int, repeats: int, quantization: str):
+    """[(name, seconds, vectors)] from sentence-transformers' ONNX backend (fp32, and its dynamic int8) in
+    the side environment, or a reason they are missing."""
+    if not python.exists():
+        return [], f"skipped: no side environment at {python} (pass --build-onnx-venv to make one)"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "st"
+        st_model.save(str(folder))
+        job = {"folder": str(folder), "texts": texts, "max_length": max_length, "repeats": repeats, "quantization": quantization, "out": f"{tmp}/v"}
+        run = subprocess.run([str(python), str(Path(__file__).resolve().parent / "st_onnx_encode.py")], input=json.dumps(job), capture_output=True, text=True)
+        rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        found = [(r["name"], r["seconds"], np.load(r["vectors"])) for r in rows]
+        reason = None
+        if run.returncode != 0:
+            reason = f"ONNX rows stopped: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
+        return found, reason
+
+
 def causal_fp32(args, texts: list[str]) -> np.ndarray:
     from ullme_cli.models.embedder import Embedder
 
@@ -125,9 +154,14 @@ def main() -> None:
     parser.add_argument("--llm2vec-python", default=str(LLM2VEC_VENV / "bin" / "python"))
     parser.add_argument("--build-llm2vec-venv", action="store_true", help="create benchmarks/.llm2vec-venv first")
     parser.add_argument("--int8-dynamic", action="store_true", help="also time torch's dynamic int8 quantization (a lever, not the default)")
+    parser.add_argument("--onnx-python", default=str(ONNX_VENV / "bin" / "python"))
+    parser.add_argument("--build-onnx-venv", action="store_true", help="create benchmarks/.onnx-venv (sentence-transformers[onnx]) first")
+    parser.add_argument("--onnx-quantization", default="avx2", help="export_dynamic_quantized_onnx_model's config: avx2, avx512, avx512_vnni, arm64")
     args = parser.parse_args()
     if args.build_llm2vec_venv and not LLM2VEC_VENV.exists():
         build_llm2vec_venv()
+    if args.build_onnx_venv and not ONNX_VENV.exists():
+        build_onnx_venv()
     from sentence_transformers import SentenceTransformer, models
 
     from ullme_cli.models.embedder import Embedder
@@ -169,6 +203,10 @@ def main() -> None:
         st.encode(texts[:8])
         st_vectors, seconds = timed(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True), args.repeats)
         rows.append((f"sentence-transformers {str(dtype).replace('torch.', '')}", dtype, seconds, st_vectors))
+        if dtype == torch.float32:
+            st_fp32_model = st
+    found, onnx_note = onnx_rows(Path(args.onnx_python), st_fp32_model, texts, args.max_length, args.repeats, args.onnx_quantization)
+    rows += [(name, torch.float32, seconds, vecs) for name, seconds, vecs in found]
 
     name, seconds, l2v_vectors = llm2vec_row(Path(args.llm2vec_python), Path(source), texts, args.max_length, compute, args.repeats)
     llm2vec_note = name if l2v_vectors is None else None
@@ -182,16 +220,23 @@ def main() -> None:
     print(f"{'encoder':<40}{'texts/s':>9}{'tokens/s':>10}{'vs ullme':>10}{'% of peak':>11}{'cos ullme':>11}{'cos causal':>12}"
           f"{'fp32 mean':>11}{'fp32 p1':>9}")  # fmt: skip
     base = rows[0][2]
+    st_reference = next(vecs for name, _, _, vecs in rows if name == "sentence-transformers float32")
     for name, dtype, seconds, vecs in rows:
         flops = 2 * params * tokens / seconds
         cos = float(np.mean((vecs * vectors).sum(1)))
         cos_causal = float(np.mean((vecs * causal_vectors).sum(1)))
-        # Against fp32 vectors of the same setup (ullme rows only: the others embed differently).
-        to_fp32 = (vecs * (causal_fp32(args, texts) if "causal" in name else fp32)).sum(1) if name.startswith("ullme") else None
+        # Against fp32 vectors of the same setup: ullme rows against ullme fp32, the sentence-transformers
+        # ONNX rows against sentence-transformers fp32 (causal attention, as they embed); LLM2Vec has none.
+        reference = causal_fp32(args, texts) if "causal" in name else fp32 if name.startswith("ullme") else st_reference if "onnx" in name else None
+        to_fp32 = (vecs * reference).sum(1) if reference is not None else None
         accuracy = f"{to_fp32.mean():>11.4f}{np.percentile(to_fp32, 1):>9.4f}" if to_fp32 is not None else ""
         print(f"{name:<40}{len(texts) / seconds:>9.1f}{tokens / seconds:>10.0f}{base / seconds:>9.2f}x"
               f"{100 * flops / peaks[dtype]:>10.1f}%{cos:>11.4f}{cos_causal:>12.4f}{accuracy}")  # fmt: skip
     st_fp32 = next(seconds for name, _, seconds, _ in rows if name == "sentence-transformers float32")
+    fastest_st = min((seconds, name) for name, _, seconds, _ in rows if name.startswith("sentence-transformers"))
+    print(f"vs the fastest sentence-transformers route ({fastest_st[1]}): {fastest_st[0] / base:.2f}x")
+    if onnx_note:
+        print(f"ONNX: {onnx_note}")
     print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
     if llm2vec_note:
         print(f"LLM2Vec: {llm2vec_note}")

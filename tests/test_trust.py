@@ -100,6 +100,8 @@ def test_same_size_replacement_changes_the_model_fingerprint(tmp_path):
     assert folder_fingerprint(folder) != first
     (folder / "README.md").write_text("a model card changes no vector")
     assert folder_fingerprint(folder) == folder_fingerprint(folder)
+    with pytest.raises(FileNotFoundError):  # a missing folder is not an empty one
+        folder_fingerprint(folder.parent / "no-such-model")
 
 
 def test_search_refuses_a_model_changed_since_indexing_and_works_from_another_folder(tiny_llama, tmp_path):

@@ -59,6 +59,8 @@ def folder_fingerprint(folder: str | Path) -> str:
     """SHA-256 over the relative path and content digest of every file below `folder` (model card and
     setup file excepted). A file that cannot be read is an OSError for the caller to report."""
     root = Path(folder)
+    if not root.is_dir():  # else a missing folder would fingerprint as an empty one, the same for every name
+        raise FileNotFoundError(2, "no such folder", str(folder))
     cache = _load_cache()
     changed = False
     total = hashlib.sha256()
