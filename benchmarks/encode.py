@@ -118,18 +118,19 @@ def build_onnx_venv() -> None:
     subprocess.run(pip + ["sentence-transformers[onnx]"], check=True)
 
 
-def onnx_rows(python: Path, st_model, texts: list[str], max_length: int, repeats: int, quantization: str):
-    """[(name, seconds, vectors)] from sentence-transformers' ONNX backend (fp32, and its dynamic int8) in
-    the side environment, or a reason they are missing."""
+def onnx_rows(python: Path, source: Path, texts: list[str], max_length: int, repeats: int, quantization: str):
+    """[(name, seconds, vectors, reference)] from sentence-transformers' ONNX backend (fp32, and its dynamic
+    int8) in the side environment, with the same route's torch fp32 vectors there (their accuracy
+    reference), and the reason when rows are missing."""
     if not python.exists():
         return [], f"skipped: no side environment at {python} (pass --build-onnx-venv to make one)"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "st"
-        st_model.save(str(folder))
-        job = {"folder": str(folder), "texts": texts, "max_length": max_length, "repeats": repeats, "quantization": quantization, "out": f"{tmp}/v"}
+        model = legacy_model_folder(source, Path(tmp) / "model")  # the side environment has transformers 4.x
+        job = {"model": str(model), "texts": texts, "max_length": max_length, "repeats": repeats, "quantization": quantization, "out": f"{tmp}/v"}
         run = subprocess.run([str(python), str(Path(__file__).resolve().parent / "st_onnx_encode.py")], input=json.dumps(job), capture_output=True, text=True)
         rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-        found = [(r["name"], r["seconds"], np.load(r["vectors"])) for r in rows]
+        reference = next((np.load(r["reference"]) for r in rows if "reference" in r), None)
+        found = [(r["name"], r["seconds"], np.load(r["vectors"]), reference) for r in rows if "name" in r]
         reason = None
         if run.returncode != 0:
             reason = f"ONNX rows stopped: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
@@ -203,10 +204,9 @@ def main() -> None:
         st.encode(texts[:8])
         st_vectors, seconds = timed(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True), args.repeats)
         rows.append((f"sentence-transformers {str(dtype).replace('torch.', '')}", dtype, seconds, st_vectors))
-        if dtype == torch.float32:
-            st_fp32_model = st
-    found, onnx_note = onnx_rows(Path(args.onnx_python), st_fp32_model, texts, args.max_length, args.repeats, args.onnx_quantization)
-    rows += [(name, torch.float32, seconds, vecs) for name, seconds, vecs in found]
+    found, onnx_note = onnx_rows(Path(args.onnx_python), Path(source), texts, args.max_length, args.repeats, args.onnx_quantization)
+    rows += [(name, torch.float32, seconds, vecs) for name, seconds, vecs, _ in found]
+    onnx_reference = found[0][3] if found else None
 
     name, seconds, l2v_vectors = llm2vec_row(Path(args.llm2vec_python), Path(source), texts, args.max_length, compute, args.repeats)
     llm2vec_note = name if l2v_vectors is None else None
@@ -220,14 +220,13 @@ def main() -> None:
     print(f"{'encoder':<40}{'texts/s':>9}{'tokens/s':>10}{'vs ullme':>10}{'% of peak':>11}{'cos ullme':>11}{'cos causal':>12}"
           f"{'fp32 mean':>11}{'fp32 p1':>9}")  # fmt: skip
     base = rows[0][2]
-    st_reference = next(vecs for name, _, _, vecs in rows if name == "sentence-transformers float32")
     for name, dtype, seconds, vecs in rows:
         flops = 2 * params * tokens / seconds
         cos = float(np.mean((vecs * vectors).sum(1)))
         cos_causal = float(np.mean((vecs * causal_vectors).sum(1)))
-        # Against fp32 vectors of the same setup: ullme rows against ullme fp32, the sentence-transformers
-        # ONNX rows against sentence-transformers fp32 (causal attention, as they embed); LLM2Vec has none.
-        reference = causal_fp32(args, texts) if "causal" in name else fp32 if name.startswith("ullme") else st_reference if "onnx" in name else None
+        # Against fp32 vectors of the same setup: ullme rows against ullme fp32, the ONNX rows against
+        # sentence-transformers on torch fp32 in their own environment; LLM2Vec has none.
+        reference = causal_fp32(args, texts) if "causal" in name else fp32 if name.startswith("ullme") else onnx_reference if "onnx" in name else None
         to_fp32 = (vecs * reference).sum(1) if reference is not None else None
         accuracy = f"{to_fp32.mean():>11.4f}{np.percentile(to_fp32, 1):>9.4f}" if to_fp32 is not None else ""
         print(f"{name:<40}{len(texts) / seconds:>9.1f}{tokens / seconds:>10.0f}{base / seconds:>9.2f}x"

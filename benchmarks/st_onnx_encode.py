@@ -2,21 +2,25 @@
 Runs inside a side environment (`sentence-transformers[onnx]`, whose optimum and onnxruntime pins may
 clash with ullme's), never in ullme's own. Reads a JSON job on stdin and prints one JSON line per row.
 
-Rows, on the same sentence-transformers folder (same weights, mean pooling, max length):
+Rows, on the same weights (a model folder in the form this environment's transformers reads), mean
+pooling and max length:
 - `backend="onnx"`: sentence-transformers exports the model to ONNX and runs it in fp32;
 - `backend="onnx"` with `export_dynamic_quantized_onnx_model(model, <config>, folder)`: sentence-transformers'
   own dynamic int8 quantization (int8 weights, activations quantized at run time), loaded through
   `model_kwargs={"file_name": ...}` as its documentation shows.
 
-Job: {"folder": sentence-transformers folder (written into: onnx/ is added), "texts": [...],
-     "max_length": int, "repeats": int, "quantization": "avx2" | "avx512" | "avx512_vnni" | "arm64",
+Job: {"model": model folder (an onnx/ folder is written into it), "texts": [...], "max_length": int,
+     "repeats": int, "quantization": "avx2" | "avx512" | "avx512_vnni" | "arm64",
      "out": path prefix for the vectors (.npy per row)}
+Output lines: {"reference": npy} (sentence-transformers on torch, fp32, in this environment: the accuracy
+reference of the ONNX rows), then {"name", "seconds", "vectors"} per row.
 """
 
 import json
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 
@@ -31,25 +35,58 @@ def timed_encode(model, texts, repeats):
     return np.asarray(vectors, dtype=np.float32), seconds
 
 
+def supply_position_ids() -> None:
+    """Out of the box, the route fails on this model: optimum exports Llama-family models with a
+    `position_ids` input that sentence-transformers never passes ("Input position_ids is required by model
+    but not provided", optimum-onnx 0.1 with sentence-transformers 5.7). Supply it the way optimum itself
+    supplies missing `token_type_ids`: positions counted over the attention mask (right padding)."""
+    import torch
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    forward = ORTModelForFeatureExtraction.forward
+
+    def with_positions(self, input_ids=None, attention_mask=None, *args, position_ids=None, **kwargs):
+        if position_ids is None and "position_ids" in self.input_names and attention_mask is not None:
+            position_ids = (torch.as_tensor(attention_mask).cumsum(-1) - 1).clamp(min=0)
+        return forward(self, input_ids, attention_mask, *args, position_ids=position_ids, **kwargs)
+
+    ORTModelForFeatureExtraction.forward = with_positions
+
+
+def build(folder: str, max_length: int, backend: str, file_name: str | None = None):
+    from sentence_transformers import SentenceTransformer, models
+
+    kwargs = {"backend": backend, "model_kwargs": {"file_name": file_name}} if file_name else {"backend": backend}
+    transformer = models.Transformer(folder, max_seq_length=max_length, **kwargs)
+    if transformer.tokenizer.pad_token is None:
+        transformer.tokenizer.pad_token = transformer.tokenizer.eos_token
+    return SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean")], device="cpu")
+
+
 def main() -> None:
-    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+    supply_position_ids()
+    from sentence_transformers import export_dynamic_quantized_onnx_model
 
     job = json.load(sys.stdin)
-    folder, texts = job["folder"], job["texts"]
+    folder, texts, out = job["model"], job["texts"], job["out"]
     versions = f"st {version('sentence-transformers')}, onnxruntime {version('onnxruntime')}"
-    model = SentenceTransformer(folder, backend="onnx", device="cpu")
-    model.max_seq_length = job["max_length"]
+    # The accuracy reference: the same route on torch in fp32, in this environment (same tokenizer code).
+    reference = build(folder, job["max_length"], "torch").encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    np.save(f"{out}-reference.npy", np.asarray(reference, dtype=np.float32))
+    print(json.dumps({"reference": f"{out}-reference.npy"}), flush=True)
+
+    model = build(folder, job["max_length"], "onnx")  # exports the model to ONNX first
     vectors, seconds = timed_encode(model, texts, job["repeats"])
-    np.save(f"{job['out']}-onnx.npy", vectors)
-    print(json.dumps({"name": f"sentence-transformers onnx fp32 ({versions})", "seconds": seconds, "vectors": f"{job['out']}-onnx.npy"}), flush=True)
+    np.save(f"{out}-onnx.npy", vectors)
+    print(json.dumps({"name": f"sentence-transformers onnx fp32 ({versions})", "seconds": seconds, "vectors": f"{out}-onnx.npy"}), flush=True)
 
     config = job.get("quantization", "avx2")
-    export_dynamic_quantized_onnx_model(model, config, folder)
-    quantized = SentenceTransformer(folder, backend="onnx", device="cpu", model_kwargs={"file_name": f"onnx/model_qint8_{config}.onnx"})
-    quantized.max_seq_length = job["max_length"]
+    export_dynamic_quantized_onnx_model(model, config, folder)  # writes <folder>/onnx/model_q(u)int8_<config>.onnx
+    written = next(Path(folder, "onnx").glob(f"model_*int8_{config}.onnx"))  # avx2 stores weights as quint8
+    quantized = build(folder, job["max_length"], "onnx", f"onnx/{written.name}")
     vectors, seconds = timed_encode(quantized, texts, job["repeats"])
-    np.save(f"{job['out']}-int8.npy", vectors)
-    print(json.dumps({"name": f"sentence-transformers onnx int8 dynamic ({config})", "seconds": seconds, "vectors": f"{job['out']}-int8.npy"}), flush=True)
+    np.save(f"{out}-int8.npy", vectors)
+    print(json.dumps({"name": f"sentence-transformers onnx int8 dynamic ({config})", "seconds": seconds, "vectors": f"{out}-int8.npy"}), flush=True)
 
 
 if __name__ == "__main__":
