@@ -221,6 +221,22 @@ def evaluate(label: str, folder: str, sets: list[HeldOut], cache_dir: Path, refe
     return result
 
 
+def finished(arm: str, seed: int, sets: list[HeldOut], root: Path) -> tuple[float, dict] | None:
+    """A finished run's training seconds and evaluation, or None when either is missing or stale."""
+    from ullme_cli.fingerprints import folder_fingerprint
+
+    run_dir, evaluation = root / f"{arm}-seed{seed}", root / "eval" / f"{arm}-seed{seed}.json"
+    if not (run_dir / "model" / "ullme.json").exists() or not evaluation.exists():
+        return None
+    cached = json.loads(evaluation.read_text())
+    if cached["key"] != {"model": folder_fingerprint(run_dir / "model"), "sets": sets_fingerprint(sets)}:
+        return None
+    seconds = [json.loads(p.read_text()) for p in (run_dir / "study_seconds.json", root / f"llm2vec-mntp-seed{seed}" / "study_seconds.json")
+               if p.exists() and (arm == "llm2vec" or p.parent == run_dir)]  # fmt: skip
+    took = 0.0 if not seconds or any(t["resumed"] for t in seconds) else sum(t["seconds"] for t in seconds)
+    return took, cached
+
+
 def train_arm(arm: str, seed: int, args, root: Path) -> tuple[Path, float]:
     """The arm's model folder after training (reused when there), and its training seconds (0: resumed)."""
     run_dir = root / f"{arm}-seed{seed}"
@@ -347,10 +363,18 @@ def write_report(args, sets, counts: dict, base: dict | None, reference: dict | 
             verdicts[(a, b, s.name)] = (point, low, high)
             cells.append(f"{point:+.4f} [{low:+.4f}, {high:+.4f}]")
         lines.append(f"| {a} − {b} ({len(common)} seed{'s' if len(common) > 1 else ''}) | " + " | ".join(cells) + " |")
-    lines += ["", "### What it says", ""] + answers(verdicts, sets, results, reference) + [""]
+    seeds_run = min((len(runs) for runs in results.values() if runs), default=0)
+    caveat = [] if seeds_run >= 3 else [
+        f"With {seeds_run} seed{'s' if seeds_run != 1 else ''} per arm so far, the intervals cover the sampling of test items only, not",
+        "run-to-run variation (in the first study the seeds of one recipe differed by up to 0.10 Spearman), so",
+        "these readings are provisional until all seeds have run.", ""]  # fmt: skip
+    lines += ["", "### What it says", ""] + caveat + answers(verdicts, sets, results, reference) + [""]
     if plot:
         lines += [f"![SICK trial (dev) Spearman against training steps, seed 0 of each arm]({plot.name})", ""]
     lines += limits(args)
+    lines += ["### Reproduce this study", "", "```bash", "pip install -e '.[study]'",
+              "bash scripts/reproduce.sh multitask            # builds study-data/, trains and evaluates what is missing",
+              "python scripts/multitask_study.py --report-only  # this section, from the runs that have finished", "```", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -405,8 +429,11 @@ def limits(args) -> list[str]:
         "",
         f"- A 135M model, LoRA, {args.steps} steps of batch {args.batch} on a CPU: each run sees a fifth of the training rows",
         "  once. The paper trains 1.5B–8B models on far more data; nothing here says how GRL behaves at that scale.",
-        "- The CPU budget set the size: a GRL step costs about 2.4x a contrastive one (docs/benchmarks.md), and",
-        "  the five arms times the seeds had to fit in about four hours of 2 CPU cores, evaluation included.",
+        "- The CPU budget set the size: a GRL step costs about 2.4x a contrastive one (docs/benchmarks.md). On the",
+        "  2-core AMD EPYC (fp32) one seed of all five arms took about 100 minutes, a third of it evaluation, so the",
+        "  whole study is about 5 hours there; a CPU with fast bf16 would take less.",
+        "- Train times are the wall clock of single runs on a shared 2-core machine; during seed 0 a low-priority",
+        "  (nice 19) side job ran beside some of them, so treat them as ±10%.",
         "- The held-out pair sets are seeded samples (the same items for every model), sized for the same budget.",
         "- No hyper-parameter search: the paper's GRL defaults, one learning rate, one LoRA setting for every arm.",
         "",
@@ -420,11 +447,12 @@ def main() -> None:
     parser.add_argument("--mntp-steps", type=int, default=15)
     parser.add_argument("--batch", type=int, default=8, help="must match the recipes' train.batch_size (the report states it)")
     parser.add_argument("--dev-every", type=int, default=15, help="seed 0 scores SICK trial every N steps (0: never)")
-    parser.add_argument("--max-pairs", type=int, default=1000, help="seeded sample of SICK test and MSRP test pairs (0: all)")
-    parser.add_argument("--max-sts-pairs", type=int, default=150, help="seeded sample per SemEval STS set (0: all)")
+    parser.add_argument("--max-pairs", type=int, default=500, help="seeded sample of SICK test and MSRP test pairs (0: all)")
+    parser.add_argument("--max-sts-pairs", type=int, default=50, help="seeded sample per SemEval STS set (0: all)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--model", help="override model.name of every recipe (for a quick check)")
     parser.add_argument("--no-reference", action="store_true", help="skip the MiniLM reference row")
+    parser.add_argument("--report-only", action="store_true", help="train and evaluate nothing: write the report from the finished, evaluated runs")
     parser.add_argument("--data", default=str(REPO / "study-data"), help="scripts/build_study_data.py's output")
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "multitask"), help="where fine-tunes and evaluations go")
@@ -447,9 +475,15 @@ def main() -> None:
     seconds: dict[str, dict[int, float]] = {}
     for seed in args.seeds:  # seed-major: a partial study has every arm at the same number of seeds
         for label, arm in ARMS.items():
-            folder, took = train_arm(arm, seed, args, root)
-            seconds.setdefault(label, {})[seed] = took
-            results.setdefault(label, {})[seed] = evaluate(f"{arm}-seed{seed}", str(folder), sets, cache)
+            if args.report_only:
+                found = finished(arm, seed, sets, root)
+                if found is None:
+                    continue
+                seconds.setdefault(label, {})[seed], results.setdefault(label, {})[seed] = found
+            else:
+                folder, took = train_arm(arm, seed, args, root)
+                seconds.setdefault(label, {})[seed] = took
+                results.setdefault(label, {})[seed] = evaluate(f"{arm}-seed{seed}", str(folder), sets, cache)
             drawn = plot_dev_curves(root, plot)
             write_section(report, SECTION, write_report(args, sets, counts, base, reference, results, seconds, plot if drawn else None))
     print(f"multitask_study: wrote {report}", file=sys.stderr)

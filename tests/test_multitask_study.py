@@ -55,6 +55,12 @@ def test_multitask_study_runs_every_arm_reports_intervals_and_resumes(tiny_llama
     # A second run trains and evaluates nothing again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ ullme" not in again.stderr and "evaluating" not in again.stderr
+    assert report.read_text() == text
+    # --report-only writes the same report from what is there, and leaves out a run whose evaluation is gone.
+    (runs / "eval" / "grl-no-kl-seed0.json").unlink()
+    partial = subprocess.run(command + ["--report-only"], capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 0 and "$ ullme" not in partial.stderr and "evaluating" not in partial.stderr
+    assert "partial — missing: GRL without KL seed 0" in report.read_text()
 
     # The study's per-item values average to `ullme evaluate`'s scores for the same model and sets.
     values = json.loads((runs / "eval" / "contrastive-seed0.json").read_text())["values"]
