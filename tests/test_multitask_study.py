@@ -68,11 +68,14 @@ def test_multitask_study_runs_every_arm_reports_intervals_and_resumes(tiny_llama
                   "--pairs", data / "msrp-test.pairs.tsv", "--output-dir", tmp_path / "eval", "-q")  # fmt: skip
     assert out.returncode == 0, out.stderr.decode()
     tasks = json.loads(out.stdout)["tasks"]
+    from ullme_cli.evaluation.local_tasks import task_name_for
+
+    sts_name, pairs_name = (task_name_for(str(data / f)) for f in ("sick-test.sts.tsv", "msrp-test.pairs.tsv"))
     from scipy.stats import spearmanr
     from sklearn.metrics import average_precision_score
 
     gold_sts = [float(p[0]) for p in SICK]
     labels = [int(p[0]) for p in MSRP]
     assert np.mean(values["TREC QA test"][0]) == pytest.approx(tasks["trecqa-test"]["ndcg_at_10"], abs=1e-4)
-    assert spearmanr(values["SICK test"][0], gold_sts).statistic == pytest.approx(tasks["STS-sick-test"]["value"], abs=1e-4)
-    assert average_precision_score(labels, values["MSRP test"][0]) == pytest.approx(tasks["Pairs-msrp-test"]["value"], abs=1e-4)
+    assert spearmanr(values["SICK test"][0], gold_sts).statistic == pytest.approx(tasks[f"STS-{sts_name}"]["value"], abs=1e-4)
+    assert average_precision_score(labels, values["MSRP test"][0]) == pytest.approx(tasks[f"Pairs-{pairs_name}"]["value"], abs=1e-4)

@@ -74,7 +74,7 @@ RESUME_FREE_SETTINGS = {"log_every", "checkpoint_every", "keep_checkpoints", "re
                         "grad_cache_chunk", "distributed", "fsdp_reshard_after_forward", "fsdp_cpu_offload"}  # fmt: skip
 
 
-def run_inputs(recipe: Recipe, base_fingerprint: str, examples: list[TrainingExample]) -> dict:
+def run_inputs(recipe: Recipe, base_fingerprint: str, examples: list[TrainingExample], processes: int = 1) -> dict:
     """What a checkpoint was trained from, by content: the base model (its setup and weights fingerprint),
     the parsed training rows, and every setting that changes a step. A resume compares them (`check_inputs`)."""
     settings = dataclasses.asdict(recipe)
@@ -82,7 +82,8 @@ def run_inputs(recipe: Recipe, base_fingerprint: str, examples: list[TrainingExa
         "base_model": base_fingerprint, "model_dtype": recipe.model.dtype,
         "data": json_fingerprint(e.to_json() for e in examples), "negatives_per_query": recipe.data.negatives_per_query,
         "lora": {k: v for k, v in settings["lora"].items() if k != "merge"}, "loss": settings["loss"],
-        "train": {k: v for k, v in settings["train"].items() if k not in RESUME_FREE_SETTINGS},
+        "train": {k: v for k, v in settings["train"].items() if k not in RESUME_FREE_SETTINGS | {"batch_size"}},
+        "global_batch_size": recipe.train.batch_size * processes,  # a resume on other process counts keeps it
     }))  # fmt: skip
 
 
@@ -325,7 +326,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
     base_fingerprint = embedder.setup.fingerprint
-    inputs = run_inputs(recipe, base_fingerprint, examples)
+    inputs = run_inputs(recipe, base_fingerprint, examples, accelerator.num_processes)
     embedder.weights_changed()
     if recipe.lora.enabled:
         embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
