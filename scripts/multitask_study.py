@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ullme_cli.artifacts import atomic_write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import REPO, finetune_recipe, write_section  # noqa: E402
 
@@ -196,13 +198,19 @@ def minilm_encoder(folder: str):
     return lambda texts, task_name, task_type, kind: model.encode(list(texts), normalize_embeddings=True, batch_size=64)
 
 
+def cache_key(model_folder: str, sets: list[HeldOut]) -> dict:
+    """What an evaluation's values depend on, by content: the model folder's files and the held-out items."""
+    from ullme_cli.fingerprints import folder_fingerprint
+
+    return {"model": folder_fingerprint(model_folder), "sets": sets_fingerprint(sets)}
+
+
 def evaluate(label: str, folder: str, sets: list[HeldOut], cache_dir: Path, reference: bool = False) -> dict:
     """Per-item values of one model (an ullme source, or with `reference` a sentence-transformers folder),
     cached under the model's content fingerprint and the sets' fingerprint."""
-    from ullme_cli.fingerprints import folder_fingerprint
     from ullme_cli.models.loading import resolve_model_source
 
-    key = {"model": folder_fingerprint(folder if reference else resolve_model_source(folder)), "sets": sets_fingerprint(sets)}
+    key = cache_key(folder if reference else resolve_model_source(folder), sets)
     path = cache_dir / f"{label}.json"
     if path.exists():
         cached = json.loads(path.read_text())
@@ -215,21 +223,17 @@ def evaluate(label: str, folder: str, sets: list[HeldOut], cache_dir: Path, refe
     values = item_values(encode, sets)
     result = {"key": key, "values": values, "seconds": time.perf_counter() - started}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result))
     return result
 
 
 def finished(arm: str, seed: int, sets: list[HeldOut], root: Path) -> tuple[float, dict] | None:
     """A finished run's training seconds and evaluation, or None when either is missing or stale."""
-    from ullme_cli.fingerprints import folder_fingerprint
-
     run_dir, evaluation = root / f"{arm}-seed{seed}", root / "eval" / f"{arm}-seed{seed}.json"
     if not (run_dir / "model" / "ullme.json").exists() or not evaluation.exists():
         return None
     cached = json.loads(evaluation.read_text())
-    if cached["key"] != {"model": folder_fingerprint(run_dir / "model"), "sets": sets_fingerprint(sets)}:
+    if cached["key"] != cache_key(str(run_dir / "model"), sets):
         return None
     seconds = [json.loads(p.read_text()) for p in (run_dir / "study_seconds.json", root / f"llm2vec-mntp-seed{seed}" / "study_seconds.json")
                if p.exists() and (arm == "llm2vec" or p.parent == run_dir)]  # fmt: skip

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from ullme_cli.artifacts import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {
     "bidirectional + contrastive": "bidirectional-contrastive",
@@ -87,9 +89,7 @@ def write_section(report: Path, name: str, text: str) -> None:
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(report)
+    atomic_write_text(report, new)
 
 
 def evaluate(model: str, out: Path, sts_files: list[Path], setup: tuple[str, str] | None = None) -> dict:
