@@ -4,7 +4,9 @@ GradCache, on the same model, batch and LoRA settings.
 Each configuration runs in its own process so that its peak resident memory (ru_maxrss) is its own.
 Prints seconds per step (median of --steps after one warm-up step), peak RSS, the ratio to the
 contrastive step, and the step's FLOPs (torch's FlopCounterMode, forward and backward, padding included)
-with their ratio to the contrastive step's: the part of the time ratio that is the work itself.
+with their ratio to the contrastive step's: the part of the time ratio that is the work itself, and the
+step's FLOP rate as a share of the matmul peak in its compute dtype (benchmarks/encode.py's median of
+single 2048² matmuls, taken in the same run before the steps).
 Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3] [--mixed-precision bf16]
        [--lora-dropout 0.05] [--model-dtype bfloat16] [--gradient-checkpointing] [--device cuda]
 
@@ -145,13 +147,29 @@ def main() -> None:
         return
     print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8 (dropout {args.lora_dropout}), "
           f"{args.model_dtype} weights, {'no autocast' if args.mixed_precision == 'no' else 'bf16 autocast'}, {args.device}")  # fmt: skip
-    print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}{'GFLOP':>9}{'FLOPs vs contrastive':>22}")
+    peak = compute_peak(args)
+    print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}{'GFLOP':>9}{'FLOPs vs contrastive':>22}{'% of peak':>11}")
     base = base_flops = None
     for name, weights, chunk in CONFIGS:
         result = child(args, name, weights, chunk)
         base, base_flops = base or result["seconds"], base_flops or result["gflops"]
+        share = f"{100 * result['gflops'] * 1e9 / result['seconds'] / peak:>10.1f}%" if peak else f"{'-':>11}"
         print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x"
-              f"{result['gflops']:>9.0f}{result['gflops'] / base_flops:>21.2f}x")  # fmt: skip
+              f"{result['gflops']:>9.0f}{result['gflops'] / base_flops:>21.2f}x{share}")  # fmt: skip
+
+
+def compute_peak(args: argparse.Namespace) -> float | None:
+    """The matmul peak (FLOP/s) in the dtype the step's matmuls run in: bf16 under autocast or with bf16
+    weights, else fp32. On CPU only: a CUDA peak would need the GPU's own timing."""
+    if args.device != "cpu":
+        return None
+    import torch
+    from encode import matmul_peak  # benchmarks/ is on sys.path when this script runs
+
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or args.model_dtype == "bfloat16" else torch.float32
+    peak = matmul_peak(dtype)
+    print(f"matmul peak: {str(dtype).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s (median of single 2048² matmuls)")
+    return peak
 
 
 if __name__ == "__main__":
