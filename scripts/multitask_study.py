@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.artifacts import atomic_write_text
+from ullme_cli.models.loading import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import REPO, finetune_recipe, write_section  # noqa: E402
@@ -461,7 +462,7 @@ def main() -> None:
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "multitask"), help="where fine-tunes and evaluations go")
     parser.add_argument("--report", default=str(REPO / "docs" / "results.md"))
-    parser.add_argument("--cpu", default=cpu_name(), help="the machine, for the report")
+    parser.add_argument("--cpu", default=f"CPU: {cpu_name()}", help="the machine, for the report")
     args = parser.parse_args()
     data, root = Path(args.data), Path(args.runs)
     if not (data / "train.jsonl").exists():
@@ -491,16 +492,6 @@ def main() -> None:
             drawn = plot_dev_curves(root, plot)
             write_section(report, SECTION, write_report(args, sets, counts, base, reference, results, seconds, plot if drawn else None))
     print(f"multitask_study: wrote {report}", file=sys.stderr)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return "CPU: unknown"
 
 
 if __name__ == "__main__":

@@ -43,9 +43,15 @@ def run_cli(*args: str, input: bytes | None = None, cwd=None, timeout: int = 600
     )  # fmt: skip
 
 
-# The longest tests, started first, so that the two workers of scripts/test.sh finish together.
-LONGEST_FIRST = ("test_tiny_cpu_recipe", "test_study_script", "test_bfloat16_stays_close", "test_cli_output_matches_python")
+# The longest tests, started first, then the other slow ones, so that the two workers of scripts/test.sh
+# finish together rather than one waiting on a long test picked up last.
+LONGEST_FIRST = ("test_multitask_study", "test_study_script", "test_tiny_cpu_recipe", "test_fsdp_kill_then_resume", "test_two_process_encode_killed",
+                 "test_bfloat16_stays_close", "test_cli_output_matches_python")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: next((n for n, name in enumerate(LONGEST_FIRST) if item.name.startswith(name)), len(LONGEST_FIRST)))
+    def start_order(item) -> int:
+        named = next((n for n, name in enumerate(LONGEST_FIRST) if item.name.startswith(name)), None)
+        return named if named is not None else len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=start_order)
