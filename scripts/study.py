@@ -74,7 +74,7 @@ def finetune_recipe(recipe: Path, run_dir: Path, seed: int, steps: int | None = 
     started = time.perf_counter()
     ullme("finetune", recipe, *overrides, *resume)
     seconds = time.perf_counter() - started
-    timing.write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
+    atomic_write_text(timing, json.dumps({"seconds": seconds, "resumed": bool(resume)}))
     return 0.0 if resume else seconds
 
 
@@ -101,7 +101,7 @@ def evaluate(model: str, out: Path, sts_files: list[Path], setup: tuple[str, str
     started = time.perf_counter()
     summary = json.loads(ullme("evaluate", "--model", model, *override, "--task-dir", TEST_SET, *sts, "--output-dir", out, capture=True))
     summary["study_seconds"] = time.perf_counter() - started  # the whole command: model load and every task
-    summary_path.write_text(json.dumps(summary, indent=1))
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
