@@ -97,10 +97,19 @@ def timed(fn, repeats: int):
 LLM2VEC_VENV = Path(__file__).resolve().parent / ".llm2vec-venv"
 
 
+def side_venv(folder: Path) -> list[str]:
+    """A new virtual environment at `folder` with a current pip (ensurepip's pip 23 fails to resolve
+    against today's registry metadata) and the CPU torch wheel, installed before any package asks for a
+    torch that would pull the CUDA build; returns its pip install command."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    pip = [str(folder / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    return pip
+
+
 def build_llm2vec_venv() -> None:
-    subprocess.run([sys.executable, "-m", "venv", str(LLM2VEC_VENV)], check=True)
-    pip = [str(LLM2VEC_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the CPU wheel on our machines, before llm2vec asks for torch
+    pip = side_venv(LLM2VEC_VENV)
     subprocess.run(pip + ["llm2vec==0.2.3", "transformers==4.44.2"], check=True)
 
 
@@ -143,9 +152,7 @@ ONNX_VENV = Path(__file__).resolve().parent / ".onnx-venv"
 
 
 def build_onnx_venv() -> None:
-    subprocess.run([sys.executable, "-m", "venv", str(ONNX_VENV)], check=True)
-    pip = [str(ONNX_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the CPU wheel, before optimum asks for torch
+    pip = side_venv(ONNX_VENV)
     subprocess.run(pip + ["sentence-transformers[onnx]"], check=True)
 
 
