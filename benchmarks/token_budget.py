@@ -6,6 +6,7 @@ opposite orders so that a drift of the machine does not favour one end), and pri
 
 Usage: python benchmarks/token_budget.py [--model smollm2-135m] [--texts ...demo/corpus.jsonl] [--max-length 128]
        [--budgets 512 1024 1536 2048 3072 4096 8192] [--dtype auto]
+       [--repeats 2] [--sweeps 2] [--limit N]
 """
 
 import argparse
@@ -29,8 +30,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweeps", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (0: all)")
     args = parser.parse_args()
     texts = [json.loads(line)["text"] for line in Path(args.texts).read_text().splitlines() if line.strip()]
+    texts = texts[: args.limit or None]
     embedder = Embedder.load(args.model, dtype=args.dtype, max_length=args.max_length)
     budgets = sorted(set(args.budgets) | {CPU_TOKEN_BUDGET})
     embedder.encode(texts[:16])  # warm-up

@@ -80,7 +80,6 @@ class HeldOut:
     def resampled(self, values: list[np.ndarray], picks: list[np.ndarray]) -> np.ndarray:
         """The metric on each row of `picks` (per part, a resamples × items matrix of item indices)."""
         from scipy.stats import rankdata
-        from sklearn.metrics import average_precision_score
 
         scores = []
         for part, v, idx in zip(self.parts, values, picks):
@@ -91,8 +90,22 @@ class HeldOut:
                 a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
                 scores.append((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1)))
             else:
-                scores.append(np.array([average_precision_score(part["gold"][row], v[row]) for row in idx]))
+                scores.append(average_precision_rows(part["gold"][idx], v[idx]))
         return np.mean(scores, axis=0)
+
+
+def average_precision_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """sklearn's average_precision_score for each row at once: the mean, over positives, of the precision
+    at the end of the positive's group of tied scores (a resample repeats items, so ties are common)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked, hits = np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1).astype(float)
+    n = ranked.shape[1]
+    precision = np.cumsum(hits, axis=1) / np.arange(1, n + 1)
+    group_end = np.ones(ranked.shape, bool)
+    group_end[:, :-1] = ranked[:, :-1] != ranked[:, 1:]
+    end = np.minimum.accumulate(np.where(group_end, np.arange(n), n)[:, ::-1], axis=1)[:, ::-1]  # next group end at or after each item
+    positives = hits.sum(axis=1)
+    return np.where(positives > 0, (np.take_along_axis(precision, end, 1) * hits).sum(axis=1) / np.maximum(positives, 1), 0.0)
 
 
 def sample_pairs(path: Path, field: str, limit: int, seed: int = 0) -> dict:
@@ -336,7 +349,7 @@ def write_report(args, sets, counts: dict, base: dict | None, reference: dict | 
         f"  {args.batch} (so {args.steps * args.batch} rows drawn of {counts.get('train_rows', '?')}, no row twice), lr 2e-4 with warmup and cosine decay,",
         "  max_length 64, fp32. GRL: the paper's λ (λ_CL=1, λ_DPO=0.5, λ_KL=1), τ_KL=0.1, β=0.1; the ablations",
         f"  set one λ to 0. LLM2Vec: {args.mntp_steps} MNTP steps (LoRA merged), then {args.steps - args.mntp_steps} contrastive steps with a new LoRA.",
-        f"- **Seeds:** {', '.join(map(str, seeds))}. Cells show the mean over seeds and [lowest–highest seed].",
+        f"- **Seeds:** {seeds_line(seeds, done)}. Cells show the mean over the seeds run and [lowest–highest seed].",
         "- **Held out** (no run trained on them): TREC QA test (89 queries over 1,367 sentences);",
         f"  {sample_line(sets)}. Texts are encoded with the instruction table's instructions, as `ullme evaluate` does.",
         "",
@@ -381,6 +394,13 @@ def write_report(args, sets, counts: dict, base: dict | None, reference: dict | 
               "bash scripts/reproduce.sh multitask            # builds study-data/, trains and evaluates what is missing",
               "python scripts/multitask_study.py --report-only  # this section, from the runs that have finished", "```", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def seeds_line(planned: list[int], done: dict[str, list[int]]) -> str:
+    ran = sorted({seed for runs in done.values() for seed in runs if seed in planned})
+    if ran == sorted(planned):
+        return ", ".join(map(str, planned))
+    return f"{', '.join(map(str, ran)) or 'none'} so far, of {', '.join(map(str, planned))} planned"
 
 
 def as_arrays(run: dict, s: HeldOut) -> list[np.ndarray]:
@@ -435,10 +455,12 @@ def limits(args) -> list[str]:
         f"- A 135M model, LoRA, {args.steps} steps of batch {args.batch} on a CPU: each run sees a fifth of the training rows",
         "  once. The paper trains 1.5B–8B models on far more data; nothing here says how GRL behaves at that scale.",
         "- The CPU budget set the size: a GRL step costs about 2.4x a contrastive one (docs/benchmarks.md). On the",
-        "  2-core AMD EPYC (fp32) one seed of all five arms took about 100 minutes, a third of it evaluation, so the",
-        "  whole study is about 5 hours there; a CPU with fast bf16 would take less.",
-        "- Train times are the wall clock of single runs on a shared 2-core machine; during seed 0 a low-priority",
-        "  (nice 19) side job ran beside some of them, so treat them as ±10%.",
+        "  2-core AMD EPYC (fp32) one seed of all five arms took 100–105 minutes, about 40% of it evaluation, so",
+        "  the whole study is about 5 hours there, over the 4 hours aimed at; a CPU with fast bf16 would take less.",
+        "- Train times are the wall clock of single runs on a shared 2-core machine. Low-priority (nice 19) side",
+        "  jobs ran beside some of them: a test job during seed 0, a package install during seed 1's first three",
+        "  arms. Treat them as ±10%; seed 1's times (contrastive 8.0, GRL 18.2, GRL without KL 17.9, LLM2Vec 6.7",
+        "  minutes) are the cleaner ones.",
         "- The held-out pair sets are seeded samples (the same items for every model), sized for the same budget.",
         "- No hyper-parameter search: the paper's GRL defaults, one learning rate, one LoRA setting for every arm.",
         "",

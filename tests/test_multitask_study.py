@@ -79,3 +79,15 @@ def test_multitask_study_runs_every_arm_reports_intervals_and_resumes(tiny_llama
     assert np.mean(values["TREC QA test"][0]) == pytest.approx(tasks["trecqa-test"]["ndcg_at_10"], abs=1e-4)
     assert spearmanr(values["SICK test"][0], gold_sts).statistic == pytest.approx(tasks[f"STS-{sts_name}"]["value"], abs=1e-4)
     assert average_precision_score(labels, values["MSRP test"][0]) == pytest.approx(tasks[f"Pairs-{pairs_name}"]["value"], abs=1e-4)
+
+
+def test_bootstrap_average_precision_equals_sklearn_on_resamples_with_ties():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from multitask_study import average_precision_rows
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    labels, scores = rng.integers(0, 2, 40), np.round(rng.normal(size=40), 1)  # rounded: ties across items too
+    picks = rng.integers(0, 40, (200, 40))  # resamples repeat items, so tied scores with equal labels
+    expected = [average_precision_score(labels[row], scores[row]) if labels[row].any() else 0.0 for row in picks]
+    assert np.allclose(average_precision_rows(labels[picks], scores[picks]), expected, atol=1e-12)
