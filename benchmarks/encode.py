@@ -4,7 +4,8 @@ and against the FLOP ceiling (2 · non-embedding params · tokens at the measure
 Rows: ullme (bf16 where the CPU is fast at it, bidirectional: the product default), ullme causal (same
 attention as sentence-transformers, to show the vectors agree), sentence-transformers at its defaults
 (fp32), sentence-transformers in bf16, sentence-transformers' ONNX Runtime backend in fp32 and with its own
-dynamic int8 quantization (a side environment, `--build-onnx-venv`: benchmarks/.onnx-venv), and LLM2Vec in bf16. LLM2Vec pins transformers 4.44, so it runs in a
+dynamic int8 quantization (a side environment, `--build-onnx-venv`: benchmarks/.onnx-venv), its OpenVINO
+backend in fp32 (`--build-openvino-venv`: benchmarks/.openvino-venv), and LLM2Vec in bf16. LLM2Vec pins transformers 4.44, so it runs in a
 side environment (`--build-llm2vec-venv` makes one in benchmarks/.llm2vec-venv from the package registry);
 without one the row is skipped with the reason.
 
@@ -14,6 +15,7 @@ the median of single timed matmuls.
 
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128]
        [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic] [--build-onnx-venv]
+       [--build-openvino-venv]
 """
 
 import argparse
@@ -149,29 +151,31 @@ def llm2vec_row(python: Path, source: Path, texts: list[str], max_length: int, d
 
 
 ONNX_VENV = Path(__file__).resolve().parent / ".onnx-venv"
+OPENVINO_VENV = Path(__file__).resolve().parent / ".openvino-venv"
 
 
-def build_onnx_venv() -> None:
-    pip = side_venv(ONNX_VENV)
-    subprocess.run(pip + ["sentence-transformers[onnx]"], check=True)
+def build_side_backend_venv(backend: str) -> None:
+    pip = side_venv(ONNX_VENV if backend == "onnx" else OPENVINO_VENV)
+    subprocess.run(pip + [f"sentence-transformers[{backend}]"], check=True)
 
 
-def onnx_rows(python: Path, source: Path, texts: list[str], max_length: int, repeats: int, quantization: str):
-    """[(name, seconds, vectors, reference)] from sentence-transformers' ONNX backend (fp32, and its dynamic
-    int8) in the side environment, with the same route's torch fp32 vectors there (their accuracy
-    reference), and the reason when rows are missing."""
+def side_backend_rows(backend: str, python: Path, source: Path, texts: list[str], max_length: int, repeats: int, quantization: str):
+    """[(name, seconds, vectors, reference)] from sentence-transformers' ONNX Runtime backend (fp32, and its
+    dynamic int8) or OpenVINO backend (fp32) in its side environment, with the same route's torch fp32
+    vectors there (their accuracy reference), and the reason when rows are missing."""
     if not python.exists():
-        return [], f"skipped: no side environment at {python} (pass --build-onnx-venv to make one)"
+        return [], f"skipped: no side environment at {python} (pass --build-{backend}-venv to make one)"
     with tempfile.TemporaryDirectory() as tmp:
         model = legacy_model_folder(source, Path(tmp) / "model")  # the side environment has transformers 4.x
-        job = {"model": str(model), "texts": texts, "max_length": max_length, "repeats": repeats, "quantization": quantization, "out": f"{tmp}/v"}
-        run = subprocess.run([str(python), str(Path(__file__).resolve().parent / "st_onnx_encode.py")], input=json.dumps(job), capture_output=True, text=True)
+        job = {"backend": backend, "model": str(model), "texts": texts, "max_length": max_length, "repeats": repeats,
+               "quantization": quantization, "out": f"{tmp}/v"}  # fmt: skip
+        run = subprocess.run([str(python), str(Path(__file__).resolve().parent / "st_backend_encode.py")], input=json.dumps(job), capture_output=True, text=True)
         rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
         reference = next((np.load(r["reference"]) for r in rows if "reference" in r), None)
         found = [(r["name"], r["seconds"], np.load(r["vectors"]), reference) for r in rows if "name" in r]
         reason = None
         if run.returncode != 0:
-            reason = f"ONNX rows stopped: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
+            reason = f"{backend} rows stopped: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
         return found, reason
 
 
@@ -196,17 +200,22 @@ def main() -> None:
     parser.add_argument("--onnx-python", default=str(ONNX_VENV / "bin" / "python"))
     parser.add_argument("--build-onnx-venv", action="store_true", help="create benchmarks/.onnx-venv (sentence-transformers[onnx]) first")
     parser.add_argument("--onnx-quantization", default="avx2", help="export_dynamic_quantized_onnx_model's config: avx2, avx512, avx512_vnni, arm64")
+    parser.add_argument("--openvino-python", default=str(OPENVINO_VENV / "bin" / "python"))
+    parser.add_argument("--build-openvino-venv", action="store_true", help="create benchmarks/.openvino-venv (sentence-transformers[openvino]) first")
     args = parser.parse_args()
     if args.build_llm2vec_venv and not LLM2VEC_VENV.exists():
         build_llm2vec_venv()
     if args.build_onnx_venv and not ONNX_VENV.exists():
-        build_onnx_venv()
+        build_side_backend_venv("onnx")
+    if args.build_openvino_venv and not OPENVINO_VENV.exists():
+        build_side_backend_venv("openvino")
     from sentence_transformers import SentenceTransformer, models
 
+    from ullme_cli.data import read_corpus, read_training_examples
     from ullme_cli.models.embedder import Embedder
     from ullme_cli.models.loading import resolve_model_source
 
-    texts = [json.loads(line)["text"] for line in Path(args.texts).read_text().splitlines() if line.strip()]
+    texts = [record.text for record in read_corpus(args.texts)]
     ours = Embedder.load(args.model, dtype="auto", max_length=args.max_length)
     compute = next(ours.model.parameters()).dtype
     tokens = sum(len(t.ids) for t in ours.tokenize(texts))
@@ -228,7 +237,8 @@ def main() -> None:
         rows.append(("ullme int8 dynamic (not the default)", torch.float32, seconds, int8_vectors))
         # Calibrated on TREC QA train texts, none of which is in the timed corpus.
         train = root / "ullme_cli" / "resources" / "trecqa-train" / "train.jsonl"
-        calibration = [t for line in train.read_text().splitlines()[:64] for t in (json.loads(line)["query"], json.loads(line)["positive"][0])]
+        examples, _ = read_training_examples(str(train))
+        calibration = [text for example in examples[:64] for text in (example.query, example.positives[0])]
         smoothed = Embedder.load(args.model, dtype="float32", max_length=args.max_length)
         smoothed = int8_dynamic(smooth_for_int8(smoothed, calibration))
         smoothed.encode(texts[:8])
@@ -250,9 +260,11 @@ def main() -> None:
         st.encode(texts[:8])
         st_vectors, seconds = timed(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True), args.repeats)
         rows.append((f"sentence-transformers {str(dtype).replace('torch.', '')}", dtype, seconds, st_vectors))
-    found, onnx_note = onnx_rows(Path(args.onnx_python), Path(source), texts, args.max_length, args.repeats, args.onnx_quantization)
-    rows += [(name, torch.float32, seconds, vecs) for name, seconds, vecs, _ in found]
-    onnx_reference = found[0][3] if found else None
+    side_notes, side_references = {}, {}
+    for backend, python in (("onnx", args.onnx_python), ("openvino", args.openvino_python)):
+        found, side_notes[backend] = side_backend_rows(backend, Path(python), Path(source), texts, args.max_length, args.repeats, args.onnx_quantization)
+        rows += [(name, torch.float32, seconds, vecs) for name, seconds, vecs, _ in found]
+        side_references.update({name: reference for name, _, _, reference in found})
 
     name, seconds, l2v_vectors = llm2vec_row(Path(args.llm2vec_python), Path(source), texts, args.max_length, compute, args.repeats)
     llm2vec_note = name if l2v_vectors is None else None
@@ -270,9 +282,9 @@ def main() -> None:
         flops = 2 * params * tokens / seconds
         cos = float(np.mean((vecs * vectors).sum(1)))
         cos_causal = float(np.mean((vecs * causal_vectors).sum(1)))
-        # Against fp32 vectors of the same setup: ullme rows against ullme fp32, the ONNX rows against
-        # sentence-transformers on torch fp32 in their own environment; LLM2Vec has none.
-        reference = causal_fp32(args, texts) if "causal" in name else fp32 if name.startswith("ullme") else onnx_reference if "onnx" in name else None
+        # Against fp32 vectors of the same setup: ullme rows against ullme fp32, the ONNX and OpenVINO rows
+        # against sentence-transformers on torch fp32 in their own environment; LLM2Vec has none.
+        reference = causal_fp32(args, texts) if "causal" in name else fp32 if name.startswith("ullme") else side_references.get(name)
         to_fp32 = (vecs * reference).sum(1) if reference is not None else None
         accuracy = f"{to_fp32.mean():>11.4f}{np.percentile(to_fp32, 1):>9.4f}" if to_fp32 is not None else ""
         print(f"{name:<40}{len(texts) / seconds:>9.1f}{tokens / seconds:>10.0f}{base / seconds:>9.2f}x"
@@ -280,8 +292,9 @@ def main() -> None:
     st_fp32 = next(seconds for name, _, seconds, _ in rows if name == "sentence-transformers float32")
     fastest_st = min((seconds, name) for name, _, seconds, _ in rows if name.startswith("sentence-transformers"))
     print(f"vs the fastest sentence-transformers route ({fastest_st[1]}): {fastest_st[0] / base:.2f}x")
-    if onnx_note:
-        print(f"ONNX: {onnx_note}")
+    for backend, note in side_notes.items():
+        if note:
+            print(f"{backend}: {note}")
     print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
     if llm2vec_note:
         print(f"LLM2Vec: {llm2vec_note}")

@@ -10,7 +10,6 @@ Usage: python benchmarks/token_budget.py [--model smollm2-135m] [--texts ...demo
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 
 def main() -> None:
+    from ullme_cli.data import read_corpus
     from ullme_cli.models.embedder import CPU_TOKEN_BUDGET, Embedder
     from ullme_cli.models.loading import cpu_name
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--sweeps", type=int, default=2)
     parser.add_argument("--limit", type=int, default=0, help="only the first N texts (0: all)")
     args = parser.parse_args()
-    texts = [json.loads(line)["text"] for line in Path(args.texts).read_text().splitlines() if line.strip()]
+    texts = [record.text for record in read_corpus(args.texts)]
     texts = texts[: args.limit or None]
     embedder = Embedder.load(args.model, dtype=args.dtype, max_length=args.max_length)
     budgets = sorted(set(args.budgets) | {CPU_TOKEN_BUDGET})
