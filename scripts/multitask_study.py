@@ -382,7 +382,7 @@ def write_report(args, sets, counts: dict, base: dict | None, reference: dict | 
               f"Over {args.bootstrap} resamples of the test items (queries, pairs), the same items for both arms, pooled over",
               "the seeds both arms have. An interval that contains 0 means the difference is within noise here.", "",
               "| comparison | " + " | ".join(s.name for s in sets) + " |", "|" + " --- |" * (len(sets) + 1)]  # fmt: skip
-    verdicts = {}
+    verdicts, per_seed = {}, {}
     for a, b in COMPARISONS:
         common = sorted(set(results.get(a, {})) & set(results.get(b, {})))
         if not common:
@@ -391,14 +391,20 @@ def write_report(args, sets, counts: dict, base: dict | None, reference: dict | 
         for s in sets:
             point, low, high = paired_bootstrap(s, [results[a][i] for i in common], [results[b][i] for i in common], args.bootstrap)
             verdicts[(a, b, s.name)] = (point, low, high)
+            per_seed[(a, b, s.name)] = [s.score(as_arrays(results[a][i], s)) - s.score(as_arrays(results[b][i], s)) for i in common]
             cells.append(f"{point:+.4f} [{low:+.4f}, {high:+.4f}]")
         lines.append(f"| {a} − {b} ({len(common)} seed{'s' if len(common) > 1 else ''}) | " + " | ".join(cells) + " |")
+    lines += ["", "The same differences seed by seed (each seed's two runs share their seed, so each is a paired difference);",
+              "the bootstrap above holds the runs fixed, so only this table shows run-to-run variation:", "",
+              "| comparison, per seed | " + " | ".join(s.name for s in sets) + " |", "|" + " --- |" * (len(sets) + 1)]  # fmt: skip
+    for a, b in COMPARISONS:
+        if (a, b, sets[0].name) in per_seed:
+            lines.append(f"| {a} − {b} | " + " | ".join(" / ".join(f"{d:+.4f}" for d in per_seed[(a, b, s.name)]) for s in sets) + " |")
     seeds_run = min((len(runs) for runs in results.values() if runs), default=0)
-    caveat = [] if seeds_run >= 3 else [
-        f"With {seeds_run} seed{'s' if seeds_run != 1 else ''} per arm so far, the intervals cover the sampling of test items only, not",
-        "run-to-run variation (in the first study the seeds of one recipe differed by up to 0.10 Spearman), so",
-        "these readings are provisional until all seeds have run.", ""]  # fmt: skip
-    lines += ["", "### What it says", ""] + caveat + answers(verdicts, sets, results, reference) + [""]
+    caveat = [
+        f"With {seeds_run} seed{'s' if seeds_run != 1 else ''} per arm, a verdict reads the interval (item sampling) and then counts the seeds in",
+        "which the difference has the same sign (run-to-run variation): a difference that one seed carries is not a finding.", ""]  # fmt: skip
+    lines += ["", "### What it says", ""] + caveat + answers(verdicts, per_seed, sets, results, reference) + [""]
     if plot:
         lines += [f"![SICK trial (dev) Spearman against training steps, seed 0 of each arm]({plot.name})", ""]
     lines += limits(args)
@@ -432,8 +438,9 @@ def sample_line(sets: list[HeldOut]) -> str:
             f"{max(len(p['gold']) for p in semeval.parts)} per set)")  # fmt: skip
 
 
-def answers(verdicts: dict, sets: list[HeldOut], results: dict, reference: dict | None) -> list[str]:
-    """Plain-word answers, read off the intervals: a difference counts only when its interval excludes 0."""
+def answers(verdicts: dict, per_seed: dict, sets: list[HeldOut], results: dict, reference: dict | None) -> list[str]:
+    """Plain-word answers, read off the intervals (a difference counts only when its interval excludes 0),
+    with the number of seeds in which the difference has the interval's sign."""
 
     def read(a, b):
         said = []
@@ -441,6 +448,10 @@ def answers(verdicts: dict, sets: list[HeldOut], results: dict, reference: dict 
             if (a, b, s.name) in verdicts:
                 point, low, high = verdicts[(a, b, s.name)]
                 word = "within noise" if low <= 0 <= high else ("ahead" if point > 0 else "behind")
+                seeds = per_seed[(a, b, s.name)]
+                if word != "within noise":
+                    agreeing = sum((d > 0) == (point > 0) and d != 0 for d in seeds)
+                    word += f", in {agreeing} of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
                 said.append(f"{s.name} {point:+.4f} ({word})")
         return "; ".join(said) if said else "not run yet"
 
