@@ -478,7 +478,7 @@ def limits(args) -> list[str]:
         f"- A 135M model, LoRA, {args.steps} steps of batch {args.batch} on a CPU: each run sees a fifth of the training rows",
         "  once. The paper trains 1.5B–8B models on far more data; nothing here says how GRL behaves at that scale.",
         "- The CPU budget set the size: a GRL step costs about 2.4x a contrastive one (docs/benchmarks.md). On the",
-        "  2-core AMD EPYC (fp32) one seed of all five arms took 100–105 minutes, about 40% of it evaluation, so",
+        "  2-core AMD EPYC (fp32) one seed of all five arms took 100–106 minutes, about 40% of it evaluation, so",
         "  the whole study is about 5 hours there, over the 4 hours aimed at; a CPU with fast bf16 would take less.",
         "- Train times are the wall clock of single runs on a shared 2-core machine. Low-priority (nice 19) side",
         "  jobs ran beside some of them: a test job during seed 0, a package install during seed 1's first three",
