@@ -482,7 +482,7 @@ def limits(args) -> list[str]:
         "  the whole study is about 5 hours there, over the 4 hours aimed at; a CPU with fast bf16 would take less.",
         "- Train times are the wall clock of single runs on a shared 2-core machine. Low-priority (nice 19) side",
         "  jobs ran beside some of them: a test job during seed 0, a package install during seed 1's first three",
-        "  arms; nothing ran beside seed 2. Treat single times as ±10%.",
+        "  arms; beside seed 2, only a few seconds of import timing in its first arm. Treat single times as ±10%.",
         "- The held-out pair sets are seeded samples (the same items for every model), sized for the same budget.",
         "- No hyper-parameter search: the paper's GRL defaults, one learning rate, one LoRA setting for every arm.",
         "",
