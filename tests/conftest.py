@@ -36,11 +36,61 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 def run_cli(*args: str, input: bytes | None = None, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `ullme` entry point in a subprocess, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "ullme_cli", *map(str, args)],
-        input=input, capture_output=True, cwd=cwd, timeout=timeout,
-    )  # fmt: skip
+    """Run the real `ullme` entry point in its own process, as a user would.
+
+    The process is forked from tests/cli_zygote.py, which has imported torch, transformers, peft and mteb once
+    per test worker; ULLME_TEST_ZYGOTE=0 starts a new interpreter per call instead."""
+    argv = [*map(str, args)]
+    if os.environ.get("ULLME_TEST_ZYGOTE", "1") == "0":
+        return subprocess.run([sys.executable, "-m", "ullme_cli", *argv], input=input, capture_output=True, cwd=cwd, timeout=timeout)
+    return Zygote.shared().run(argv, input=input, cwd=cwd, timeout=timeout)
+
+
+class Zygote:
+    """The test worker's end of tests/cli_zygote.py: one request at a time, a timeout kills the child's group."""
+
+    _shared: "Zygote | None" = None
+
+    @classmethod
+    def shared(cls) -> "Zygote":
+        if cls._shared is None or cls._shared.process.poll() is not None:
+            cls._shared = cls()
+        return cls._shared
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "cli_zygote.py")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
+
+    def answer(self, timeout: float | None) -> dict:
+        import select
+
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            raise TimeoutError
+        return json.loads(line)
+
+    def run(self, argv: list[str], input: bytes | None, cwd, timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        import tempfile
+        import time
+
+        with tempfile.TemporaryDirectory(prefix="ullme-call-") as folder:
+            streams = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            streams["stdin"].write_bytes(input or b"")
+            streams["stdout"].touch()
+            streams["stderr"].touch()
+            request = {"argv": argv, "env": dict(os.environ), "cwd": str(cwd or os.getcwd()), **{k: str(v) for k, v in streams.items()}}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            started = time.monotonic()
+            pid = self.answer(60)["pid"]
+            try:
+                status = self.answer(timeout - (time.monotonic() - started))["status"]
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)
+                self.answer(60)
+                raise subprocess.TimeoutExpired(["ullme", *argv], timeout) from None
+            return subprocess.CompletedProcess(["ullme", *argv], status, streams["stdout"].read_bytes(), streams["stderr"].read_bytes())
 
 
 # The longest tests, started first, then the other slow ones, so that the two workers of scripts/test.sh
