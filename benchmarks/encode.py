@@ -9,13 +9,14 @@ backend in fp32 (`--build-openvino-venv`: benchmarks/.openvino-venv), and LLM2Ve
 side environment (`--build-llm2vec-venv` makes one in benchmarks/.llm2vec-venv from the package registry);
 without one the row is skipped with the reason.
 
+`--compile` adds ullme with `torch.compile` (its compile, the first pass over the corpus, is printed apart).
 Each ullme row also shows its vectors' cosine to fp32 vectors of the same setup (mean and 1st percentile).
 The last line is `speedup vs sentence-transformers fp32: X.XXx` for ullme's default. The matmul peak is
 the median of single timed matmuls.
 
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128]
        [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic] [--build-onnx-venv]
-       [--build-openvino-venv]
+       [--build-openvino-venv] [--compile]
 """
 
 import argparse
@@ -197,6 +198,7 @@ def main() -> None:
     parser.add_argument("--llm2vec-python", default=str(LLM2VEC_VENV / "bin" / "python"))
     parser.add_argument("--build-llm2vec-venv", action="store_true", help="create benchmarks/.llm2vec-venv first")
     parser.add_argument("--int8-dynamic", action="store_true", help="also time torch's dynamic int8 quantization, plain and after SmoothQuant (levers, not the default)")
+    parser.add_argument("--compile", action="store_true", help="also time ullme with --compile (torch.compile, dynamic shapes)")
     parser.add_argument("--onnx-python", default=str(ONNX_VENV / "bin" / "python"))
     parser.add_argument("--build-onnx-venv", action="store_true", help="create benchmarks/.onnx-venv (sentence-transformers[onnx]) first")
     parser.add_argument("--onnx-quantization", default="avx2", help="export_dynamic_quantized_onnx_model's config: avx2, avx512, avx512_vnni, arm64")
@@ -229,6 +231,14 @@ def main() -> None:
     causal.encode(texts[:8])
     causal_vectors, seconds = timed(lambda: causal.encode(texts), args.repeats)
     rows.append(("ullme (causal)", compute, seconds, causal_vectors))
+    compile_note = None
+    if args.compile:
+        compiled = Embedder.load(args.model, dtype="auto", max_length=args.max_length, compile=True)
+        start = time.perf_counter()
+        compiled.encode(texts)  # meets every batch shape once: the compile, timed apart
+        compile_note = f"ullme --compile: its first pass over the corpus took {time.perf_counter() - start:.0f} s (compiling), not counted in its row"
+        compiled_vectors, seconds = timed(lambda: compiled.encode(texts), args.repeats)
+        rows.append(("ullme --compile", compute, seconds, compiled_vectors))
     fp32 = vectors if compute == torch.float32 else Embedder.load(args.model, dtype="float32", max_length=args.max_length).encode(texts)
     if args.int8_dynamic:
         quantized = int8_dynamic(Embedder.load(args.model, dtype="float32", max_length=args.max_length))
@@ -296,6 +306,11 @@ def main() -> None:
         if note:
             print(f"{backend}: {note}")
     print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
+    if compile_note:
+        compiled_seconds = next(seconds for name, _, seconds, _ in rows if name == "ullme --compile")
+        print(compile_note)
+        print(f"speedup vs sentence-transformers fp32 with --compile: {st_fp32 / compiled_seconds:.2f}x; "
+              f"vs the fastest sentence-transformers route: {fastest_st[0] / compiled_seconds:.2f}x")  # fmt: skip
     if llm2vec_note:
         print(f"LLM2Vec: {llm2vec_note}")
 

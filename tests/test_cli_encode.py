@@ -182,3 +182,24 @@ def test_verbose_shows_debug_lines_and_every_command_takes_quiet_and_verbose(tin
     for name, command in commands.items():
         options = {o for p in command.params for o in p.opts}
         assert {"-q", "--quiet", "-v", "--verbose"} <= options, name
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_vectors_and_falls_back_without_a_compiler(tiny_llama, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(DEMO_CORPUS.read_text().splitlines(keepends=True)[:40]))
+    assert encode(tiny_llama, corpus, tmp_path / "eager.npy", "--token-budget", "256").returncode == 0
+    eager = load_embeddings(str(tmp_path / "eager.npy"))
+    compiled = encode(tiny_llama, corpus, tmp_path / "compiled.npy", "--token-budget", "256", "--compile")
+    assert compiled.returncode == 0, compiled.stderr.decode()[-2000:]
+    matrix, ids, meta = load_embeddings(str(tmp_path / "compiled.npy"))
+    assert ids == eager[1] and meta["fingerprint"] == eager[2]["fingerprint"]  # the same setup record
+    np.testing.assert_allclose(matrix, eager[0], atol=1e-5)
+    # Without a working C++ compiler inductor cannot build its kernels: a warning, then the eager vectors.
+    # A new interpreter and an empty inductor cache, so that the compiler is looked up and nothing is reused.
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    broken = subprocess.run([sys.executable, "-m", "ullme_cli", "encode", corpus, "-o", tmp_path / "fallback.npy", "--model", tiny_llama,
+                             "--dtype", "float32", "--token-budget", "256", "--compile"], capture_output=True, env=env, timeout=600)  # fmt: skip
+    assert broken.returncode == 0, broken.stderr.decode()[-2000:]
+    assert b"torch.compile failed" in broken.stderr and b"encoding without it" in broken.stderr
+    np.testing.assert_allclose(load_embeddings(str(tmp_path / "fallback.npy"))[0], eager[0], atol=1e-5)

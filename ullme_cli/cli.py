@@ -31,6 +31,7 @@ PoolingOption = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (de
 AttentionOption = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional).")
 MaxLengthOption = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default: the model's, else 512).")
 TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
+CompileOption = typer.Option(False, "--compile", help="Encode through torch.compile: 1.2-1.3x faster on CPU after a first batch that compiles for minutes; for large corpora.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Warnings and errors only: no progress bar, no summary.")
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug messages too.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace an existing output (never an input).")
@@ -108,6 +109,7 @@ def encode(
     input_format: str = InputFormatOption,
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
+    compile: bool = CompileOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -123,7 +125,7 @@ def encode(
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
                             token_budget=token_budget, input_format=input_format).validate()  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
-    runtime = Runtime(dtype, device, trust_remote_code)
+    runtime = Runtime(dtype, device, trust_remote_code, compile)
     launch = Launch.from_env()
     if launch.world > 1:
         if shard:
@@ -299,6 +301,7 @@ def evaluate(
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
+    compile: bool = CompileOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
@@ -318,7 +321,7 @@ def evaluate(
     if prefetch:
         log.info(f"cached: {', '.join(runner.prefetch(names))}")
         return
-    runtime = Runtime(dtype, device, trust_remote_code)
+    runtime = Runtime(dtype, device, trust_remote_code, compile)
     results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, show_progress, pooling=pooling,
                               attention=attention, pair_files=pairs)  # fmt: skip
     summary, table = runner.report(results, model)

@@ -83,6 +83,7 @@ class Runtime:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    compile: bool = False  # encode through torch.compile (Embedder.compile): same vectors, faster after a long first batch
 
 
 SETUP_FIELDS = tuple(f.name for f in fields(ModelSetup))

@@ -113,7 +113,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     embedder.source = source
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
-    return embedder
+    return embedder.compile() if runtime.compile else embedder
 
 
 def export_model(source: str, output: str, merge: bool = False, overwrite: bool = False) -> Path:
@@ -139,6 +139,7 @@ class Embedder:
         self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
         self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
         self.training: dict | None = None  # what finetune records (recipe, data, steps, eval); None: the source's
+        self.compiled_embed = None  # set by compile(): what encode runs instead of embed
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -150,13 +151,29 @@ class Embedder:
         device: str = "auto",
         trust_remote_code: bool = False,
         verify: bool = True,
+        compile: bool = False,
         **overrides,
     ) -> "Embedder":
         """Load an Embedder folder, a plain model folder, a .gguf file, a bundled name or a hub id.
 
         `overrides` set ModelSetup fields (pooling, attention, instructions, ...); None means keep.
+        `compile` encodes through `torch.compile` (see `compile()`).
         """
-        return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code), verify)
+        return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code, compile), verify)
+
+    def compile(self) -> "Embedder":
+        """Encode through `torch.compile` with dynamic shapes, so that one compile serves every batch size and
+        length (static shapes recompile per batch; padding to a few bucketed shapes costs more than fusion gains
+        on short texts: docs/benchmarks.md).
+
+        It fuses the elementwise work that transformers runs unfused (RMSNorm, rotary, SiLU gating, residual
+        adds): 1.2–1.3x faster encodes on a 2-core AMD EPYC in fp32, vectors within 1e-5 of eager. The first
+        batches pay the compile, 1.5–3 minutes on 2 cores (less when inductor's on-disk cache holds it), so it
+        pays off on corpora of several thousand texts. Training never runs the compiled function.
+        """
+        log.info("encoding through torch.compile: the first batches compile (minutes on a CPU)")
+        self.compiled_embed = torch.compile(self.embed, dynamic=True)
+        return self
 
     def weights_changed(self) -> None:
         """Training changes the weights in memory: the loaded files' fingerprint no longer describes them."""
@@ -289,7 +306,15 @@ class Embedder:
 
     @torch.inference_mode()
     def encode_tokenized(self, items: Sequence[Tokenized]) -> np.ndarray:
-        return self.embed(self.collate(items)).float().cpu().numpy()
+        batch = self.collate(items)
+        if self.compiled_embed is not None:
+            try:
+                return self.compiled_embed(batch).float().cpu().numpy()
+            except torch._dynamo.exc.TorchDynamoException as error:  # no C++ compiler, an op inductor cannot lower, ...
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                log.warning(f"torch.compile failed ({reason}); encoding without it")
+                self.compiled_embed = None
+        return self.embed(batch).float().cpu().numpy()
 
     def encode_batch(self, items: Sequence[Tokenized]) -> np.ndarray:
         """`encode_tokenized` in pieces of at most `row_cap` rows. A GPU out-of-memory error halves the cap
