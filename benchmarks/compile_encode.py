@@ -7,7 +7,7 @@ same number of rows (token budget // length). Rows: ullme's eager default (no pa
 the bucketed batches (what the padding alone costs), compiled on the bucketed batches (static shapes, one
 compile per bucket), and compiled with dynamic shapes (one compile, symbolic batch and length) on ullme's
 own batches. Each row reports its compile time (the first pass over the corpus, which meets every shape),
-the fastest of `--repeats` later passes, and its vectors' cosine to the eager default.
+the fastest of `--repeats` rounds that time every row once in turn, and its vectors' cosine to the eager default.
 
 Usage: OMP_NUM_THREADS=2 python benchmarks/compile_encode.py [--model smollm2-135m] [--limit N]
        [--max-length 128] [--bucket 32] [--repeats 2] [--rows static dynamic]
@@ -87,27 +87,25 @@ def main() -> None:
             (f"eager, bucketed by {args.bucket}", embedder.embed, bucket_plans, True)]  # fmt: skip
     if "static" in args.rows:
         rows.append((f"compiled static, bucketed by {args.bucket}", torch.compile(embedder.embed, dynamic=False), bucket_plans, True))
-    if "dynamic" in args.rows:
+    if "dynamic" in args.rows:  # what `ullme encode --compile` runs
         rows.append(("compiled dynamic, ullme's batches", torch.compile(embedder.embed, dynamic=True), own_plans, False))
-    reference = None
+    # First passes in order (each compiled row compiles here), then `--repeats` rounds that time every row once
+    # in turn, so that a drift of the machine touches all rows alike; each row keeps its fastest round.
     print(f"{'encoder':<40}{'first pass s':>13}{'texts/s':>9}{'vs default':>11}{'cos mean':>10}{'cos min':>9}")
-    base_rate = None
+    firsts, vectors, best = [], [], [float("inf")] * len(rows)
     for name, embed, plans, padded in rows:
-        torch._dynamo.reset() if "compiled" in name else None
         start = time.perf_counter()
-        vectors = encode_with(embedder, embed, tokenized, plans, padded)
-        first = time.perf_counter() - start
-        best = float("inf")
-        for _ in range(args.repeats):
+        vectors.append(encode_with(embedder, embed, tokenized, plans, padded))
+        firsts.append(time.perf_counter() - start)
+    for _ in range(args.repeats):
+        for n, (name, embed, plans, padded) in enumerate(rows):
             start = time.perf_counter()
             encode_with(embedder, embed, tokenized, plans, padded)
-            best = min(best, time.perf_counter() - start)
-        rate = len(texts) / best
-        reference = vectors if reference is None else reference
-        base_rate = base_rate or rate
-        cosine = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
-        print(f"{name:<40}{first:>13.1f}{rate:>9.1f}{rate / base_rate:>10.2f}x{cosine.mean():>10.5f}{cosine.min():>9.5f}", flush=True)
-
+            best[n] = min(best[n], time.perf_counter() - start)
+    reference = vectors[0]
+    for (name, *_), first, seconds, found in zip(rows, firsts, best, vectors):
+        cosine = (found * reference).sum(1) / (np.linalg.norm(found, axis=1) * np.linalg.norm(reference, axis=1))
+        print(f"{name:<40}{first:>13.1f}{len(texts) / seconds:>9.1f}{best[0] / seconds:>10.2f}x{cosine.mean():>10.5f}{cosine.min():>9.5f}")
 
 if __name__ == "__main__":
     main()

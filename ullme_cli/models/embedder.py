@@ -167,9 +167,10 @@ class Embedder:
         on short texts: docs/benchmarks.md).
 
         It fuses the elementwise work that transformers runs unfused (RMSNorm, rotary, SiLU gating, residual
-        adds): 1.2–1.3x faster encodes on a 2-core AMD EPYC in fp32, vectors within 1e-5 of eager. The first
-        batches pay the compile, 1.5–3 minutes on 2 cores (less when inductor's on-disk cache holds it), so it
-        pays off on corpora of several thousand texts. Training never runs the compiled function.
+        adds). On a 2-core AMD EPYC in fp32, where the matmuls take most of the time, that gave only 1.04–1.08x
+        on the demo corpus, vectors within 1e-5 of eager; where bf16 matmuls are fast the elementwise share is
+        larger (about 40% on an AMX Xeon), but that was not measured. The first batches pay the compile, 2–4
+        minutes on 2 cores, so it is opt-in, for long jobs. Training never runs the compiled function.
         """
         log.info("encoding through torch.compile: the first batches compile (minutes on a CPU)")
         self.compiled_embed = torch.compile(self.embed, dynamic=True)
