@@ -42,3 +42,25 @@ def test_generation_logprobs_equal_the_models_own_logits(tokenizer, model_type, 
         assert scores["tokens"][row].item() == count
         assert scores["sum"][row].item() == pytest.approx(total, abs=1e-5 * count)
         assert scores["mean"][row].item() == pytest.approx(total / count, abs=1e-5)
+
+
+def test_the_lm_head_runs_on_the_longest_continuation_only(tokenizer, monkeypatch):
+    """Prompts of different lengths: the positions that go through the LM head are those of the longest
+    continuation (plus none of the prompts' band), so a large vocabulary costs what the targets need."""
+    import ullme_cli.models.embedder as embedder_module
+
+    seen = []
+    original = embedder_module.lm_logits
+
+    def recording(model, ids, mask, mode, keep=None):
+        seen.append(len(keep))
+        return original(model, ids, mask, mode, keep)
+
+    monkeypatch.setattr(embedder_module, "lm_logits", recording)
+    model = tiny_model("llama")
+    prompts = ["Who wrote The Iron Lady , the biography of the prime minister , and when ?", "Why"]
+    embedder = Embedder(model, tokenizer, ModelSetup(model="tiny", padding_side="right", max_length=256), torch.device("cpu"))
+    scores = embedder.generation_logprobs(prompts, CONTINUATIONS)
+    assert seen == [max(scores["tokens"]).item()]
+    for row, (prompt, continuation) in enumerate(zip(prompts, CONTINUATIONS)):
+        assert scores["sum"][row].item() == pytest.approx(reference(model, tokenizer, prompt, continuation)[0], abs=1e-4)
