@@ -51,7 +51,7 @@ def worker(rank: int, folder: str, port: int) -> None:
 
 
 def test_gathered_loss_and_gradients_equal_the_full_batch(tmp_path):
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(worker, args=(str(tmp_path), port), nprocs=WORLD, join=True)
     q, p, n = (x.clone().requires_grad_() for x in batch())
     full = InfoNCELoss(0.05, gather=False)(q, p, n)
@@ -88,7 +88,7 @@ def test_two_process_finetune_equals_one_process_with_the_global_batch(tiny_llam
 
     one = run_cli("finetune", recipe("one", 4), "-q")
     assert one.returncode == 0, one.stderr.decode()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ullme_cli", "finetune", str(recipe("two", 2)), "-q"]  # fmt: skip
     two = subprocess.run(command, cwd=REPO, capture_output=True, timeout=600)
     assert two.returncode == 0, two.stderr.decode()[-3000:]
@@ -103,8 +103,18 @@ def test_two_process_finetune_equals_one_process_with_the_global_batch(tiny_llam
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
 
 
-def torchrun(*args, port_offset: int = 11):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + port_offset),
+def free_port() -> int:
+    """A port nothing listens on now. Ports derived from the test worker's pid collided across the two workers
+    (adjacent pids, offsets one apart), and a torchrun then joined another test's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(*args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ullme_cli", *map(str, args)]  # fmt: skip
     return subprocess.run(command, cwd=REPO, capture_output=True, timeout=600)
 
@@ -122,7 +132,7 @@ def test_two_process_encode_killed_then_relaunched_equals_one_process(tiny_llama
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(demo_texts() * 6)))
     args = ["encode", corpus, "-o", tmp_path / "two.npy", "--model", tiny_llama, "--token-budget", "256"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 41),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ullme_cli", *map(str, args), "-q"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, start_new_session=True)
     parts = tmp_path / "two.npy.parts"
@@ -132,7 +142,8 @@ def test_two_process_encode_killed_then_relaunched_equals_one_process(tiny_llama
         if min(chunks) >= 2:
             break
         time.sleep(0.05)
-    assert process.poll() is None, "the encode finished before it could be killed: " + process.stderr.read().decode()[-2000:]
+    assert process.poll() is None, (f"the encode ended (status {process.returncode}) before it could be killed; seen {chunks}, "
+                                    f"{sorted(p.name for p in tmp_path.rglob('*'))[:20]}: " + process.stderr.read().decode()[-2000:])  # fmt: skip
     kill_process_tree(process)
     assert not (tmp_path / "two.npy").exists()
     again = torchrun(*args)
@@ -212,7 +223,7 @@ def test_fsdp_two_processes_equal_one_process_with_the_global_batch(tiny_llama, 
     assert one.returncode == 0, one.stderr.decode()
     # The sharded side also recomputes activations and runs GradCache: both are exact, so nothing changes.
     sharded = fsdp_recipe(tmp_path, tiny_llama, "two", 2, "fsdp", lora, gradient_checkpointing=True, grad_cache_chunk=2)
-    two = torchrun("finetune", sharded, "-q", port_offset=21)
+    two = torchrun("finetune", sharded, "-q")
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     assert (tmp_path / "two" / "checkpoints" / "step-0000003" / "dcp" / ".metadata").is_file()
     assert_same_training(tmp_path / "one", tmp_path / "two", lora)
@@ -241,7 +252,7 @@ def test_fsdp_kill_then_resume_is_exact_on_two_processes_and_on_one(tiny_llama, 
 
     steps = {"steps": 40, "checkpoint_every": 5, "learning_rate": 1e-4}
     killed = fsdp_recipe(tmp_path, tiny_llama, "killed", 2, "fsdp", lora=False, **steps)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 31),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ullme_cli", "finetune", str(killed), "-q"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
@@ -252,7 +263,7 @@ def test_fsdp_kill_then_resume_is_exact_on_two_processes_and_on_one(tiny_llama, 
     # The same killed run, resumed on 1 process with the same global batch (DCP reshards the checkpoint).
     shutil.copytree(tmp_path / "killed", tmp_path / "killed-one")
     on_one = fsdp_recipe(tmp_path, tiny_llama, "killed-one", 4, "fsdp", lora=False, **steps)
-    resumed_two = torchrun("finetune", killed, "--resume", port_offset=32)
+    resumed_two = torchrun("finetune", killed, "--resume")
     assert resumed_two.returncode == 0, resumed_two.stderr.decode()[-3000:]
     assert b"resuming from" in resumed_two.stderr
     resumed_one = run_cli("finetune", on_one, "--resume", "-q")
