@@ -33,23 +33,28 @@ import numpy as np
 import torch
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 15) -> float:
-    """FLOP/s of one size² matmul: the median of `repeats` timed ones after three warm-ups. One timed loop
-    moved between 73 and 111 GFLOP/s from run to run on the 2-core EPYC; the median of single ones is stable."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def median_seconds(fn, repeats: int = 15) -> float:
+    """The median time of `repeats` single calls of `fn` after three warm-ups. One timed loop of matmuls
+    moved between 73 and 111 GFLOP/s from run to run on the 2-core EPYC; the median of single ones is steadier."""
     for _ in range(3):
-        a @ b
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        fn()
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / float(np.median(times))
+    return float(np.median(times))
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 15) -> float:
+    """FLOP/s of one size² matmul (`median_seconds`)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats)
 
 
 def model_shape_peak(model, dtype: torch.dtype, tokens: int = 1536, repeats: int = 15) -> float:
     """FLOP/s of the matmuls one decoder layer runs on a batch of `tokens` tokens (the CPU token budget), each
-    timed alone (median of `repeats`): the rate the hardware gives this model's own shapes, with none of the
+    timed alone (`median_seconds`): the rate the hardware gives this model's own shapes, with none of the
     elementwise work. A 2048² matmul is not a ceiling for them on the EPYC: its 16 MB operands miss the cache
     that the model's smaller weights fit, and the model's encode ran above that "peak" in several runs."""
     layer = next(module for module in model.modules() if module.__class__.__name__.endswith("DecoderLayer"))
@@ -57,15 +62,8 @@ def model_shape_peak(model, dtype: torch.dtype, tokens: int = 1536, repeats: int
     flops = seconds = 0.0
     for fan_in, fan_out in shapes:
         x, w = torch.randn(tokens, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
-        for _ in range(3):
-            torch.nn.functional.linear(x, w)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - start)
         flops += 2 * tokens * fan_in * fan_out
-        seconds += float(np.median(times))
+        seconds += median_seconds(lambda: torch.nn.functional.linear(x, w), repeats)
     return flops / seconds
 
 
