@@ -14,15 +14,13 @@ Usage: OMP_NUM_THREADS=2 python benchmarks/compile_encode.py [--model smollm2-13
 """
 
 import argparse
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def bucketed_batches(embedder, tokenized, budget: int, bucket: int, max_length: int):
+def bucketed_batches(tokenized, budget: int, bucket: int, max_length: int):
     """(indices, rows, length) per batch: each length rounded up to the bucket, rows = budget // length."""
     from ullme_cli.models.embedder import plan_batches
 
@@ -55,26 +53,23 @@ def encode_with(embedder, embed, tokenized, plans, padded: bool) -> np.ndarray:
 
 
 def main() -> None:
-    from ullme_cli.data import read_corpus
+    from encode import add_corpus_arguments, interleaved, read_texts  # benchmarks/ is on sys.path when this script runs
+
     from ullme_cli.models.embedder import Embedder, plan_batches
     from ullme_cli.models.loading import cpu_name
 
-    root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--texts", default=str(root / "ullme_cli" / "resources" / "demo" / "corpus.jsonl"))
-    parser.add_argument("--max-length", type=int, default=128)
+    add_corpus_arguments(parser)
     parser.add_argument("--bucket", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (0: all)")
     parser.add_argument("--rows", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"], help="compiled rows to run")
     args = parser.parse_args()
-    texts = [record.text for record in read_corpus(args.texts)][: args.limit or None]
+    texts = read_texts(args)
     embedder = Embedder.load(args.model, dtype="float32", max_length=args.max_length)
     budget = embedder.default_token_budget
     tokenized = embedder.tokenize(texts)
     own_plans = [(batch, len(batch), None) for batch in plan_batches([len(t.ids) for t in tokenized], budget)]
-    bucket_plans = bucketed_batches(embedder, tokenized, budget, args.bucket, args.max_length)
+    bucket_plans = bucketed_batches(tokenized, budget, args.bucket, args.max_length)
     real = sum(len(t.ids) for t in tokenized)
     padded_tokens = sum(rows * length for _, rows, length in bucket_plans)
     own_tokens = sum(len(b) * max(len(tokenized[i].ids) for i in b) for b, _, _ in own_plans)
@@ -83,29 +78,22 @@ def main() -> None:
     print(f"padded tokens: ullme's batches {own_tokens} ({own_tokens / real:.2f}x the text), bucketed by {args.bucket}: "
           f"{padded_tokens} ({padded_tokens / real:.2f}x) in {len(shapes)} shapes")  # fmt: skip
 
-    rows = [("eager, ullme's batches (default)", embedder.embed, own_plans, False),
-            (f"eager, bucketed by {args.bucket}", embedder.embed, bucket_plans, True)]  # fmt: skip
+    def row(name: str, embed, plans, padded: bool):
+        return name, torch.float32, lambda: encode_with(embedder, embed, tokenized, plans, padded)
+
+    encoders = [row("eager, ullme's batches (default)", embedder.embed, own_plans, False),
+                row(f"eager, bucketed by {args.bucket}", embedder.embed, bucket_plans, True)]  # fmt: skip
     if "static" in args.rows:
-        rows.append((f"compiled static, bucketed by {args.bucket}", torch.compile(embedder.embed, dynamic=False), bucket_plans, True))
+        encoders.append(row(f"compiled static, bucketed by {args.bucket}", torch.compile(embedder.embed, dynamic=False), bucket_plans, True))
     if "dynamic" in args.rows:  # what `ullme encode --compile` runs
-        rows.append(("compiled dynamic, ullme's batches", torch.compile(embedder.embed, dynamic=True), own_plans, False))
-    # First passes in order (each compiled row compiles here), then `--repeats` rounds that time every row once
-    # in turn, so that a drift of the machine touches all rows alike; each row keeps its fastest round.
+        encoders.append(row("compiled dynamic, ullme's batches", torch.compile(embedder.embed, dynamic=True), own_plans, False))
+    timed, firsts = interleaved(encoders, args.repeats)  # each compiled row compiles in its first pass
     print(f"{'encoder':<40}{'first pass s':>13}{'texts/s':>9}{'vs default':>11}{'cos mean':>10}{'cos min':>9}")
-    firsts, vectors, best = [], [], [float("inf")] * len(rows)
-    for name, embed, plans, padded in rows:
-        start = time.perf_counter()
-        vectors.append(encode_with(embedder, embed, tokenized, plans, padded))
-        firsts.append(time.perf_counter() - start)
-    for _ in range(args.repeats):
-        for n, (name, embed, plans, padded) in enumerate(rows):
-            start = time.perf_counter()
-            encode_with(embedder, embed, tokenized, plans, padded)
-            best[n] = min(best[n], time.perf_counter() - start)
-    reference = vectors[0]
-    for (name, *_), first, seconds, found in zip(rows, firsts, best, vectors):
+    reference, default_seconds = timed[0][3], timed[0][2]
+    for (name, _, seconds, found), first in zip(timed, firsts):
         cosine = (found * reference).sum(1) / (np.linalg.norm(found, axis=1) * np.linalg.norm(reference, axis=1))
-        print(f"{name:<40}{first:>13.1f}{len(texts) / seconds:>9.1f}{best[0] / seconds:>10.2f}x{cosine.mean():>10.5f}{cosine.min():>9.5f}")
+        print(f"{name:<40}{first:>13.1f}{len(texts) / seconds:>9.1f}{default_seconds / seconds:>10.2f}x{cosine.mean():>10.5f}{cosine.min():>9.5f}")
+
 
 if __name__ == "__main__":
     main()

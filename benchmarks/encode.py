@@ -15,7 +15,7 @@ The last line is `speedup vs sentence-transformers fp32: X.XXx` for ullme's defa
 the median of single timed 2048² matmuls; "% shapes" is against the rate of the model's own linear layers
 at 1536 tokens, timed alone (`model_shape_peak`), which the 2048² figure sometimes falls below.
 
-Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128]
+Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128] [--limit N]
        [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic] [--build-onnx-venv]
        [--build-openvino-venv] [--compile]
 """
@@ -31,6 +31,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "ullme_cli" / "resources" / "demo" / "corpus.jsonl"
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, texts, max length and text limit that the encode benchmarks share."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--texts", default=str(DEMO_CORPUS))
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (0: all)")
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+    from ullme_cli.data import read_corpus
+
+    return [record.text for record in read_corpus(args.texts)][: args.limit or None]
 
 
 def median_seconds(fn, repeats: int = 15) -> float:
@@ -108,19 +125,24 @@ def smooth_for_int8(embedder, calibration: list[str], alpha: float = 0.5):
     return embedder
 
 
-def interleaved(encoders, repeats: int) -> list:
-    """[(name, dtype, seconds, vectors)]: each encoder's first run is its warm-up and gives its vectors; then
-    `repeats` rounds run every encoder once in turn, and each keeps its fastest round. This 2-core machine's
-    speed drifts by 20–30% over minutes; timing the encoders one after another put that drift into their
-    ratios (ullme against sentence-transformers fp32 moved between 1.03x and 1.31x from run to run)."""
-    outputs = [fn() for _, _, fn in encoders]
+def interleaved(encoders, repeats: int) -> tuple[list, list[float]]:
+    """[(name, dtype, seconds, vectors)] and each encoder's first-run seconds. The first run is the warm-up (a
+    compiled encoder compiles there) and gives the vectors; then `repeats` rounds run every encoder once in
+    turn, and each keeps its fastest round. This 2-core machine's speed drifts by 20–30% over minutes; timing
+    the encoders one after another put that drift into their ratios (ullme against sentence-transformers fp32
+    moved between 1.03x and 1.31x from run to run)."""
+    outputs, firsts = [], []
+    for _, _, fn in encoders:
+        start = time.perf_counter()
+        outputs.append(fn())
+        firsts.append(time.perf_counter() - start)
     best = [float("inf")] * len(encoders)
     for _ in range(repeats):
         for n, (_, _, fn) in enumerate(encoders):
             start = time.perf_counter()
             fn()
             best[n] = min(best[n], time.perf_counter() - start)
-    return [(name, dtype, seconds, np.asarray(out)) for (name, dtype, _), seconds, out in zip(encoders, best, outputs)]
+    return [(name, dtype, seconds, np.asarray(out)) for (name, dtype, _), seconds, out in zip(encoders, best, outputs)], firsts
 
 
 LLM2VEC_VENV = Path(__file__).resolve().parent / ".llm2vec-venv"
@@ -217,9 +239,7 @@ def causal_fp32(args, texts: list[str]) -> np.ndarray:
 def main() -> None:
     root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
-    parser.add_argument("--texts", default=str(root / "ullme_cli" / "resources" / "demo" / "corpus.jsonl"))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--max-length", type=int, default=128)
+    add_corpus_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="time each encoder this many times; report the fastest")
     parser.add_argument("--llm2vec-python", default=str(LLM2VEC_VENV / "bin" / "python"))
     parser.add_argument("--build-llm2vec-venv", action="store_true", help="create benchmarks/.llm2vec-venv first")
@@ -239,11 +259,11 @@ def main() -> None:
         build_side_backend_venv("openvino")
     from sentence_transformers import SentenceTransformer, models
 
-    from ullme_cli.data import read_corpus, read_training_examples
+    from ullme_cli.data import read_training_examples
     from ullme_cli.models.embedder import Embedder
     from ullme_cli.models.loading import resolve_model_source
 
-    texts = [record.text for record in read_corpus(args.texts)]
+    texts = read_texts(args)
     ours = Embedder.load(args.model, dtype="auto", max_length=args.max_length)
     compute = next(ours.model.parameters()).dtype
     tokens = sum(len(t.ids) for t in ours.tokenize(texts))
@@ -254,12 +274,8 @@ def main() -> None:
     encoders = [("ullme (bidirectional)", compute, lambda: ours.encode(texts))]
     causal = Embedder.load(args.model, dtype="auto", max_length=args.max_length, attention="causal")
     encoders.append(("ullme (causal)", compute, lambda: causal.encode(texts)))
-    compile_note = None
     if args.compile:
         compiled = Embedder.load(args.model, dtype="auto", max_length=args.max_length, compile=True)
-        start = time.perf_counter()
-        compiled.encode(texts)  # meets every batch shape once: the compile, timed apart
-        compile_note = f"ullme --compile: its first pass over the corpus took {time.perf_counter() - start:.0f} s (compiling), not counted in its row"
         encoders.append(("ullme --compile", compute, lambda: compiled.encode(texts)))
     if args.int8_dynamic:
         quantized = int8_dynamic(Embedder.load(args.model, dtype="float32", max_length=args.max_length))
@@ -286,7 +302,7 @@ def main() -> None:
         st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean")], device="cpu")
         encoders.append((f"sentence-transformers {str(dtype).replace('torch.', '')}", dtype,
                          lambda st=st: st.encode(texts, batch_size=32, normalize_embeddings=True)))  # fmt: skip
-    rows = interleaved(encoders, args.repeats)
+    rows, first_pass = interleaved(encoders, args.repeats)
     vectors, causal_vectors = rows[0][3], rows[1][3]
     fp32 = vectors if compute == torch.float32 else Embedder.load(args.model, dtype="float32", max_length=args.max_length).encode(texts)
     side_notes, side_references = {}, {}
@@ -327,9 +343,10 @@ def main() -> None:
         if note:
             print(f"{backend}: {note}")
     print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
-    if compile_note:
-        compiled_seconds = next(seconds for name, _, seconds, _ in rows if name == "ullme --compile")
-        print(compile_note)
+    if args.compile:
+        compiled_row = next(n for n, (name, *_) in enumerate(rows) if name == "ullme --compile")
+        compiled_seconds = rows[compiled_row][2]
+        print(f"ullme --compile: its first pass over the corpus took {first_pass[compiled_row]:.0f} s (compiling), not counted in its row")
         print(f"speedup vs sentence-transformers fp32 with --compile: {st_fp32 / compiled_seconds:.2f}x; "
               f"vs the fastest sentence-transformers route: {fastest_st[0] / compiled_seconds:.2f}x")  # fmt: skip
     if llm2vec_note:

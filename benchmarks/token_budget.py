@@ -11,29 +11,24 @@ Usage: python benchmarks/token_budget.py [--model smollm2-135m] [--texts ...demo
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 
 def main() -> None:
-    from ullme_cli.data import read_corpus
+    from encode import add_corpus_arguments, read_texts  # benchmarks/ is on sys.path when this script runs
+
     from ullme_cli.models.embedder import CPU_TOKEN_BUDGET, Embedder
     from ullme_cli.models.loading import cpu_name
 
-    root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--texts", default=str(root / "ullme_cli" / "resources" / "demo" / "corpus.jsonl"))
-    parser.add_argument("--max-length", type=int, default=128)
+    add_corpus_arguments(parser)
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 1536, 2048, 3072, 4096, 8192])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweeps", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=0, help="only the first N texts (0: all)")
     args = parser.parse_args()
-    texts = [record.text for record in read_corpus(args.texts)]
-    texts = texts[: args.limit or None]
+    texts = read_texts(args)
     embedder = Embedder.load(args.model, dtype=args.dtype, max_length=args.max_length)
     budgets = sorted(set(args.budgets) | {CPU_TOKEN_BUDGET})
     embedder.encode(texts[:16])  # warm-up
