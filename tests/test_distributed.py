@@ -130,7 +130,9 @@ def test_two_process_encode_killed_then_relaunched_equals_one_process(tiny_llama
     from ullme_cli.artifacts import load_embeddings
 
     corpus = tmp_path / "big.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(demo_texts() * 6)))
+    # Long enough that both ranks are mid-encode at once: with 6 copies (about 4 s per rank at one thread) a rank
+    # that started a few seconds late on the loaded CI machine found the other one finished (seen [0, 0], status 0).
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(demo_texts() * 24)))
     args = ["encode", corpus, "-o", tmp_path / "two.npy", "--model", tiny_llama, "--token-budget", "256"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "ullme_cli", *map(str, args), "-q"]  # fmt: skip
