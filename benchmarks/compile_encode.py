@@ -6,11 +6,16 @@ to a few shapes: lengths rounded up to a multiple of `--bucket` tokens, and ever
 same number of rows (token budget // length). Rows: ullme's eager default (no padding to buckets), eager on
 the bucketed batches (what the padding alone costs), compiled on the bucketed batches (static shapes, one
 compile per bucket), and compiled with dynamic shapes (one compile, symbolic batch and length) on ullme's
-own batches. Each row reports its compile time (the first pass over the corpus, which meets every shape),
-the fastest of `--repeats` rounds that time every row once in turn, and its vectors' cosine to the eager default.
+own batches. Two levers that did not win are kept as rows (docs/benchmarks.md): `frozen`, the dynamic compile
+with inductor's freezing (weights folded in as constants, linear weights prepacked), and `onednn`, eager with
+every linear layer on oneDNN with its weight packed once (torch's own fp32 path calls MKL, which repacks per
+call). `repeat` times the eager default a second time as a row of its own: the spread between two identical
+rows is this machine's noise floor in the same run. Each row reports its compile time (the first pass over
+the corpus, which meets every shape), the fastest of `--repeats` rounds that time every row once in turn, and
+its vectors' cosine to the eager default.
 
 Usage: OMP_NUM_THREADS=2 python benchmarks/compile_encode.py [--model smollm2-135m] [--limit N]
-       [--max-length 128] [--bucket 32] [--repeats 2] [--rows static dynamic]
+       [--max-length 128] [--bucket 32] [--repeats 2] [--rows static dynamic frozen onednn repeat]
 """
 
 import argparse
@@ -52,6 +57,40 @@ def encode_with(embedder, embed, tokenized, plans, padded: bool) -> np.ndarray:
     return out
 
 
+def frozen(embed):
+    """The dynamic compile with inductor's freezing. The flag is read when inductor compiles, which happens in
+    the call: `torch.compile(..., options={"freezing": True})` does not reach it (the weights stay graph inputs)."""
+    import torch._inductor.config
+
+    compiled = torch.compile(embed, dynamic=True)
+
+    def run(batch):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(batch)
+
+    return run
+
+
+class OneDNNLinear(torch.nn.Module):
+    """nn.Linear's inference forward on oneDNN, with the weight packed once into its blocked layout."""
+
+    def __init__(self, linear: torch.nn.Linear, rows_hint: int):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def with_onednn_linears(embedder, rows_hint: int):
+    for module in list(embedder.model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child is not embedder.model.get_output_embeddings():
+                setattr(module, name, OneDNNLinear(child, rows_hint))
+    return embedder
+
+
 def main() -> None:
     from encode import add_corpus_arguments, interleaved, read_texts  # benchmarks/ is on sys.path when this script runs
 
@@ -62,7 +101,7 @@ def main() -> None:
     add_corpus_arguments(parser)
     parser.add_argument("--bucket", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--rows", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"], help="compiled rows to run")
+    parser.add_argument("--rows", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic", "frozen", "onednn", "repeat"], help="rows to run beside the eager default")
     args = parser.parse_args()
     texts = read_texts(args)
     embedder = Embedder.load(args.model, dtype="float32", max_length=args.max_length)
@@ -81,12 +120,20 @@ def main() -> None:
     def row(name: str, embed, plans, padded: bool):
         return name, torch.float32, lambda: encode_with(embedder, embed, tokenized, plans, padded)
 
-    encoders = [row("eager, ullme's batches (default)", embedder.embed, own_plans, False),
-                row(f"eager, bucketed by {args.bucket}", embedder.embed, bucket_plans, True)]  # fmt: skip
+    encoders = [row("eager, ullme's batches (default)", embedder.embed, own_plans, False)]
+    if "repeat" in args.rows:
+        encoders.append(row("eager, ullme's batches (again)", embedder.embed, own_plans, False))
     if "static" in args.rows:
+        encoders.append(row(f"eager, bucketed by {args.bucket}", embedder.embed, bucket_plans, True))
         encoders.append(row(f"compiled static, bucketed by {args.bucket}", torch.compile(embedder.embed, dynamic=False), bucket_plans, True))
     if "dynamic" in args.rows:  # what `ullme encode --compile` runs
         encoders.append(row("compiled dynamic, ullme's batches", torch.compile(embedder.embed, dynamic=True), own_plans, False))
+    if "frozen" in args.rows:
+        other = Embedder.load(args.model, dtype="float32", max_length=args.max_length)
+        encoders.append(row("compiled dynamic + freezing", frozen(other.embed), own_plans, False))
+    if "onednn" in args.rows:
+        other = with_onednn_linears(Embedder.load(args.model, dtype="float32", max_length=args.max_length), budget)
+        encoders.append(row("eager, oneDNN packed linears", other.embed, own_plans, False))
     timed, firsts = interleaved(encoders, args.repeats)  # each compiled row compiles in its first pass
     print(f"{'encoder':<40}{'first pass s':>13}{'texts/s':>9}{'vs default':>11}{'cos mean':>10}{'cos min':>9}")
     reference, default_seconds = timed[0][3], timed[0][2]
