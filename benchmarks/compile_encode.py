@@ -62,7 +62,9 @@ def frozen(embed):
     the call: `torch.compile(..., options={"freezing": True})` does not reach it (the weights stay graph inputs)."""
     import torch._inductor.config
 
-    compiled = torch.compile(embed, dynamic=True)
+    # A function of its own: dynamo caches compiled graphs per code object, so compiling `embed` itself would
+    # reuse the graph that the unfrozen row compiled first for Embedder.embed.
+    compiled = torch.compile(lambda batch: embed(batch), dynamic=True)
 
     def run(batch):
         with torch._inductor.config.patch(freezing=True):
