@@ -57,18 +57,24 @@ def encode_with(embedder, embed, tokenized, plans, padded: bool) -> np.ndarray:
     return out
 
 
-def frozen(embed):
-    """The dynamic compile with inductor's freezing. The flag is read when inductor compiles, which happens in
-    the call: `torch.compile(..., options={"freezing": True})` does not reach it (the weights stay graph inputs)."""
+def compiled(embed, dynamic: bool, freezing: bool = False):
+    """`embed` through `torch.compile`, in a function with a code object of its own: dynamo caches compiled
+    graphs per code object, so two rows that compiled `Embedder.embed` itself (or one closure made twice) would
+    run each other's graphs wherever the guards allow (a frozen row reused an unfrozen one's whole graph and
+    never compiled). With `freezing`, inductor folds the weights in as constants; the flag is read when
+    inductor compiles, which happens in the call, so `torch.compile(..., options={"freezing": True})` does not
+    reach it (the weights stay graph inputs)."""
     import torch._inductor.config
 
-    # A function of its own: dynamo caches compiled graphs per code object, so compiling `embed` itself would
-    # reuse the graph that the unfrozen row compiled first for Embedder.embed.
-    compiled = torch.compile(lambda batch: embed(batch), dynamic=True)
+    def call(batch):
+        return embed(batch)
+
+    call.__code__ = call.__code__.replace()  # a new code object, so a new dynamo cache
+    compiled_embed = torch.compile(call, dynamic=dynamic)
 
     def run(batch):
-        with torch._inductor.config.patch(freezing=True):
-            return compiled(batch)
+        with torch._inductor.config.patch(freezing=freezing):
+            return compiled_embed(batch)
 
     return run
 
@@ -127,12 +133,12 @@ def main() -> None:
         encoders.append(row("eager, ullme's batches (again)", embedder.embed, own_plans, False))
     if "static" in args.rows:
         encoders.append(row(f"eager, bucketed by {args.bucket}", embedder.embed, bucket_plans, True))
-        encoders.append(row(f"compiled static, bucketed by {args.bucket}", torch.compile(embedder.embed, dynamic=False), bucket_plans, True))
+        encoders.append(row(f"compiled static, bucketed by {args.bucket}", compiled(embedder.embed, dynamic=False), bucket_plans, True))
     if "dynamic" in args.rows:  # what `ullme encode --compile` runs
-        encoders.append(row("compiled dynamic, ullme's batches", torch.compile(embedder.embed, dynamic=True), own_plans, False))
+        encoders.append(row("compiled dynamic, ullme's batches", compiled(embedder.embed, dynamic=True), own_plans, False))
     if "frozen" in args.rows:
         other = Embedder.load(args.model, dtype="float32", max_length=args.max_length)
-        encoders.append(row("compiled dynamic + freezing", frozen(other.embed), own_plans, False))
+        encoders.append(row("compiled dynamic + freezing", compiled(other.embed, dynamic=True, freezing=True), own_plans, False))
     if "onednn" in args.rows:
         other = with_onednn_linears(Embedder.load(args.model, dtype="float32", max_length=args.max_length), budget)
         encoders.append(row("eager, oneDNN packed linears", other.embed, own_plans, False))

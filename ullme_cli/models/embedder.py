@@ -169,8 +169,9 @@ class Embedder:
         It fuses the elementwise work that transformers runs unfused (RMSNorm, rotary, SiLU gating, residual
         adds). On a 2-core AMD EPYC in fp32, where the matmuls take most of the time, that gave only 1.04–1.15x
         on the demo corpus (within that machine's run-to-run noise), vectors within 1e-5 of eager; where bf16
-        matmuls are fast the elementwise share is larger (about 40% on an AMX Xeon), but that was not measured. The first batches pay the compile, 2–4
-        minutes on 2 cores, so it is opt-in, for long jobs. Training never runs the compiled function.
+        matmuls are fast the elementwise share is larger (about 40% on an AMX Xeon), but that was not measured.
+        The first batches pay the compile, 2–4 minutes on 2 cores, so it is opt-in, for long jobs. Training
+        never runs the compiled function.
         """
         log.info("encoding through torch.compile: the first batches compile (minutes on a CPU)")
         self.compiled_embed = torch.compile(self.embed, dynamic=True)
