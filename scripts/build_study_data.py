@@ -28,7 +28,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ullme_cli.artifacts import atomic_folder, check_output
+from ullme_cli.io.outputs import atomic_folder, guard_output
 from ullme_cli.errors import UllmeError
 
 INSTRUCTIONS = {
@@ -119,7 +119,7 @@ def capped(rows: list[dict], cap: int, seed: int = 0) -> list[dict]:
 
 def build(shared: Path, output: Path, overwrite: bool = False, max_rows_per_task: int = 0) -> dict:
     """Write the folder whole or not at all; an existing one is replaced only with `overwrite`."""
-    check_output([output], [shared], overwrite, folder=True)
+    guard_output([output], [shared], overwrite, folder=True)
     with atomic_folder(output) as out:
         return _build(shared, out, max_rows_per_task)
 

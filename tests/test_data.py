@@ -145,14 +145,17 @@ def test_tevatron_query_rows_read_as_queries(tmp_path):
     assert [(r.id, r.text) for r in read_corpus(path)] == [("q1", "who wrote hamlet ?")]
 
 
-def test_a_bad_table_row_is_named_by_row_and_field(tmp_path):
+def test_a_bad_table_row_is_named_by_line_or_row_and_field(tmp_path):
     from datasets import Dataset
 
-    path = tmp_path / "c.csv"
-    Dataset.from_list([{"id": "a", "text": "x"}, {"id": "b", "text": ""}]).to_csv(str(path), index=False)
-    with pytest.raises(UllmeError, match=r"c\.csv: row 2: field 'text' is missing or empty"):
-        read_corpus(str(path))
-    with pytest.raises(UllmeError, match=r"stdin holds line formats only"):
+    rows = Dataset.from_list([{"id": "a", "text": "x"}, {"id": "b", "text": ""}])
+    rows.to_csv(str(tmp_path / "c.csv"), index=False)  # csv is read line by line: the header is line 1
+    with pytest.raises(UllmeError, match=r"c\.csv:3: field 'text' is missing or empty"):
+        read_corpus(str(tmp_path / "c.csv"))
+    rows.to_parquet(str(tmp_path / "c.parquet"))  # a typed table has rows, not lines
+    with pytest.raises(UllmeError, match=r"c\.parquet: row 2: field 'text' is missing or empty"):
+        read_corpus(str(tmp_path / "c.parquet"))
+    with pytest.raises(UllmeError, match=r"stdin holds jsonl, tsv, text or csv, not parquet"):
         list(read_corpus("-", "parquet"))
 
 

@@ -13,7 +13,7 @@ from ullme_cli.retrieval.index import build_index
 from ullme_cli.retrieval.search import search
 
 META = {**ModelSetup(model="m", fingerprint="f" * 64, instruction_template="{instruction}").record(),
-        "truncate_dim": None, "dtype": "float32", "kind": "passage", "corpus_fingerprint": "c0"}  # fmt: skip
+        "truncate_dim": None, "dtype": "float32", "kind": "passage", "instruction": "", "compute_dtype": "float32", "corpus_fingerprint": "c0"}  # fmt: skip
 
 
 def clustered_vectors(n: int, dim: int = 64, clusters: int = 200, seed: int = 0) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_index_refusals(tmp_path):
     with pytest.raises(UllmeError, match="dimension 32 does not match the index \\(64\\)"):
         build_index(str(tmp_path / "wide.npy"), str(tmp_path / "idx"), add=True)
     write_vectors(tmp_path / "other.npy", clustered_vectors(10), prefix="o", fingerprint="e" * 64)
-    with pytest.raises(UllmeError, match="another model setup than the index .*: the model files differ"):
+    with pytest.raises(UllmeError, match="does not agree with the index .*: the model files differ"):
         build_index(str(tmp_path / "other.npy"), str(tmp_path / "idx"), add=True)
     write_vectors(tmp_path / "pooled.npy", clustered_vectors(10), prefix="o", pooling="cls")
     with pytest.raises(UllmeError, match="'pooling' is 'cls' here but 'mean' there"):

@@ -75,7 +75,8 @@ def test_ctrl_c_keeps_chunks_and_a_resume_after_new_weights_starts_over(tiny_lla
 
 
 def test_a_second_writer_of_the_same_output_fails_at_once(tiny_llama, tmp_path):
-    corpus = write_corpus(tmp_path / "big.jsonl", demo_texts() * 6)
+    corpus = write_corpus(tmp_path / "big.jsonl", demo_texts() * 24)
+    assert run_cli("--version").returncode == 0  # a cold test process would spend seconds importing, while the first writer finishes
     process, _ = start_encode(corpus, tmp_path / "e.npy", tiny_llama)
     try:
         wait_for_chunks(process, tmp_path / "e.npy.partial", 1)
@@ -122,16 +123,19 @@ def test_search_refuses_a_model_changed_since_indexing_and_works_from_another_fo
     assert changed.returncode == 2 and b"the model files differ" in changed.stderr
 
 
-def test_search_warns_about_passage_vectors_or_another_instruction_as_queries(tiny_llama, tmp_path):
+def test_search_refuses_passage_vectors_or_another_instruction_as_queries(tiny_llama, tmp_path):
     args = ["--model", tiny_llama, "-q", "--query-instruction", "Find the answer"]
     assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "p.npy", *args).returncode == 0
     assert run_cli("index", tmp_path / "p.npy", "-o", tmp_path / "idx").returncode == 0
     queries = RESOURCES / "demo" / "queries.jsonl"
     as_passages = run_cli("search", tmp_path / "idx", "--embeddings", tmp_path / "p.npy")
-    assert as_passages.returncode == 0 and b"holds passage embeddings, not queries" in as_passages.stderr
+    assert as_passages.returncode == 2 and b"'kind' is 'passage' here but 'query' there" in as_passages.stderr
     assert run_cli("encode", queries, "-o", tmp_path / "q.npy", *args, "--kind", "query", "--instruction", "Something else").returncode == 0
     other = run_cli("search", tmp_path / "idx", "--embeddings", tmp_path / "q.npy")
-    assert other.returncode == 0 and b"was encoded with the instruction" in other.stderr
+    assert other.returncode == 2 and b"'instruction' is" in other.stderr and b"Something else" in other.stderr
+    # the same queries are right for a search that names their instruction
+    named = run_cli("search", tmp_path / "idx", "--embeddings", tmp_path / "q.npy", "--instruction", "Something else")
+    assert named.returncode == 0, named.stderr.decode()
     assert run_cli("encode", queries, "-o", tmp_path / "q2.npy", *args, "--kind", "query").returncode == 0
     right = run_cli("search", tmp_path / "idx", "--embeddings", tmp_path / "q2.npy")
     assert right.returncode == 0 and b"warning" not in right.stderr

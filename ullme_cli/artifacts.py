@@ -1,4 +1,4 @@
-"""Embedding files (DESIGN.md §6) and atomic writes.
+"""Embedding files (docs/design.md §6) and atomic writes.
 
 On disk: `emb.npy` + `emb.ids.jsonl` (one id per row, same order) + `emb.meta.json`.
 Through a pipe (`-`): one `.npz` stream with arrays `embeddings`, `ids` and `meta` (JSON text), so that
@@ -6,97 +6,36 @@ Through a pipe (`-`): one `.npz` stream with arrays `embeddings`, `ids` and `met
 
 The three files are one unit: the meta records the count, the dimension and a checksum of the matrix
 and ids, and every reader checks them, so a crash between two renames cannot pass old ids or meta off
-as the new vectors' own. Writers take an exclusive lock on their output (`output_lock`), never replace
-an existing output unless asked (`check_output`), and never write over one of their inputs.
+as the new vectors' own. Writers go through the one output guard of `ullme_cli/io/outputs.py`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
-import os
-import shutil
 import sys
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from ullme_cli.constants import OUT_DTYPES
-from ullme_cli.data import read_json_object
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.fingerprints import array_checksum
+from ullme_cli.io.outputs import (  # noqa: F401 - writers take these from here too
+    STAGING_MARK,
+    STDIO,
+    atomic_folder,
+    atomic_path,
+    atomic_write_text,
+    guard_output,
+    guarded,
+    output_lock,
+    replace_folder,
+)
+from ullme_cli.io.rows import read_json_object
 
-STDIO = "-"
 INT8_SCALE = 127.0  # unit vectors have |x_i| <= 1, so x * 127 never clips and shards share one scale
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def make_parent(target: Path) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UllmeError(f"{target}: cannot write here: a parent of it is a file, not a folder") from None
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
-    target = Path(path)
-    make_parent(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-STAGING_MARK = ".staging-"  # atomic_folder's staging folders: `.NAME.staging-XXXX` beside the target
-
-
-@contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `path`; if the block succeeds it replaces `path` (two renames),
-    otherwise it is removed. A crash leaves the old folder or the new one, never half of one."""
-    target = Path(path)
-    make_parent(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp creates 0700; give the folder the usual permissions
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_folder(staging, target)
-
-
-def replace_folder(staging: Path, target: Path) -> None:
-    """Put a finished staging folder in `target`'s place (two renames when `target` exists)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
@@ -112,72 +51,8 @@ def sidecars(path: str | Path) -> tuple[Path, Path]:
 
 
 def embedding_files(path: str) -> list[Path]:
-    """Every file that writing embeddings to `path` creates."""
-    return [Path(path), *sidecars(path)]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def check_output(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = (), overwrite: bool = False, folder: bool = False) -> None:
-    """Refuse, before any work, an output that is one of the inputs (always), a folder where a file goes
-    (or a file where a folder goes), or that exists already (unless `overwrite`)."""
-    outputs = [Path(o) for o in outputs]
-    for out in outputs:
-        for source in inputs:
-            if source != STDIO and _same_file(out, Path(source)):
-                raise UllmeError(f"{out}: is an input of this command; choose another output")
-        parent = next((p for p in out.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise UllmeError(f"{out}: cannot write here: {parent} is a file, not a folder")
-        if out.exists() and out.is_dir() != folder:
-            raise UllmeError(f"{out}: is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'} path")
-    existing = [o for o in outputs if o.exists()]
-    if existing and not overwrite:
-        raise UllmeError(f"{existing[0]}: exists already; pass --overwrite to replace it")
-
-
-@contextmanager
-def output_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` while writing it: a second writer fails at once, with a clear error.
-
-    The lock is `flock` on `.NAME.lock` beside the output; the kernel drops it when the process dies, so
-    a SIGKILL leaves no stale lock, only an empty file that the next writer reuses.
-    """
-    if str(path) == STDIO:
-        yield
-        return
-    target = Path(path)
-    created = [p for p in target.parents if not p.exists()]
-    make_parent(target)
-    lock_path = target.with_name(f".{target.name}.lock")
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UllmeError(f"{target}: another ullme process is writing this output; wait for it or choose another") from None
-        try:  # the file may have been removed by the previous holder between our open and our lock
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
-        for folder in created:  # folders made only for this output, left empty by a failure
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+    """Every file that writing embeddings to `path` creates (none for stdout)."""
+    return [] if path == STDIO else [Path(path), *sidecars(path)]
 
 
 def quantize(matrix: np.ndarray, out_dtype: str) -> np.ndarray:

@@ -6,3 +6,11 @@ ATTENTION_MODES = ("bidirectional", "causal")
 KINDS = ("query", "passage")
 OUT_DTYPES = ("float32", "float16", "int8", "binary")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def cache_root():
+    """Where ullme keeps what it can make again (converted GGUF models, file digests): $ULLME_CACHE."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))

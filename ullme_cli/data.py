@@ -1,34 +1,36 @@
-"""Readers for the text files that ullme takes: corpora, queries, training examples, BEIR folders.
+"""Typed readers over the one reader (`ullme_cli/io/rows.py`): corpora, queries, training rows, BEIR folders.
 
-Every reader reports a bad row as `file:line: reason`, through `UllmeError`.
+Every reader reports a bad row as `file:line: reason` (`file: row N` for a table), through `UllmeError`.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ullme_cli.errors import UllmeError, located
+from ullme_cli.io.rows import (  # noqa: F401 - the readers' names, used across ullme
+    FORMATS,
+    ID_FIELDS,
+    NEGATIVE_FIELDS,
+    POSITIVE_FIELDS,
+    QUERY_FIELDS,
+    STDIN,
+    TEXT_FIELDS,
+    Where,
+    also_read_from,
+    display_name,
+    field_value,
+    iter_lines,
+    iter_rows,
+    missing,
+    read_json_object,
+    string_field,
+)
 
-STDIN = "-"
-HUB_PREFIX = "hf:"
-# Line formats are read here, with line numbers; table formats (csv, parquet, a `save_to_disk` folder,
-# `hf:NAME[:SPLIT]`) through `datasets`, with row numbers. Every reader takes rows from `iter_rows`.
-LINE_FORMATS = ("jsonl", "tsv", "text")
-TABLE_FORMATS = ("csv", "parquet", "dataset")
-FORMATS = ("auto", *LINE_FORMATS, *TABLE_FORMATS)
+# The fields of a training row that ullme reads itself; any other field is carried through (`extra`).
+TRAINING_FIELDS = frozenset({*QUERY_FIELDS, *POSITIVE_FIELDS, *NEGATIVE_FIELDS, "instruction", "generation_instruction"})
 
-# The field names of the neighbours, each read as ours (first present wins): BEIR, Tevatron, FlagEmbedding,
-# sentence-transformers.
-ID_FIELDS = ("id", "_id", "docid", "query_id", "qid")
-TEXT_FIELDS = ("text", "query", "contents")
-QUERY_FIELDS = ("query", "anchor", "question")
-POSITIVE_FIELDS = ("positive", "pos", "positive_passages", "positives")
-NEGATIVE_FIELDS = ("negative", "neg", "negative_passages", "negatives")
 
 @dataclass(frozen=True)
 class TextRecord:
@@ -38,198 +40,22 @@ class TextRecord:
 
 @dataclass
 class TrainingExample:
-    """One training row (DESIGN.md §5): a query, its positives and hard negatives."""
+    """One training row (docs/design.md §5): a query, its positives and hard negatives."""
 
     query: str
     positives: list[str]
     negatives: list[str] = field(default_factory=list)
     instruction: str | None = None
     generation_instruction: str | None = None  # this row's GRL/DPO/SFT prompt prefix; None: the recipe's
+    extra: dict = field(default_factory=dict)  # fields ullme does not read (FlagEmbedding's prompt, scores, ...), kept
 
     def to_json(self) -> dict:
-        row = {"query": self.query, "positive": self.positives, "negative": self.negatives}
+        row = {**self.extra, "query": self.query, "positive": self.positives, "negative": self.negatives}
         if self.instruction is not None:
             row["instruction"] = self.instruction
         if self.generation_instruction is not None:
             row["generation_instruction"] = self.generation_instruction
         return row
-
-
-def _read_bytes(path: str) -> bytes:
-    if path == STDIN:
-        return sys.stdin.buffer.read()
-    p = Path(path)
-    if not p.exists():
-        raise located(path, None, "file not found")
-    if p.is_dir():
-        raise located(path, None, "is a folder, expected a file")
-    return p.read_bytes()
-
-
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line) for every non-blank line; reject non-UTF-8 lines."""
-    name = "<stdin>" if path == STDIN else path
-    for number, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise located(name, number, f"not valid UTF-8 (byte {e.start})") from None
-        line = line.rstrip("\r")
-        if line.strip():
-            yield number, line
-
-
-def detect_format(path: str, first_line: str | None = None) -> str:
-    if path.startswith(HUB_PREFIX) or (path != STDIN and Path(path).is_dir()):
-        return "dataset"
-    suffix = Path(path).suffix.lower() if path != STDIN else ""
-    by_suffix = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".txt": "text", ".text": "text",
-                 ".csv": "csv", ".parquet": "parquet"}  # fmt: skip
-    if suffix in by_suffix:
-        return by_suffix[suffix]
-    if first_line is not None and first_line.lstrip().startswith("{"):
-        return "jsonl"
-    if first_line is not None and "\t" in first_line:
-        return "tsv"
-    return "text"
-
-
-class Where(str):
-    """Where a row came from, as errors name it: `file:LINE` for line formats, `file: row N` for tables."""
-
-    def __new__(cls, name: str, number: int, unit: str = "line"):
-        where = super().__new__(cls, f"{name}:{number}" if unit == "line" else f"{name}: row {number}")
-        where.position = f"{unit} {number}"
-        return where
-
-    def error(self, message: str) -> UllmeError:
-        return UllmeError(f"{self}: {message}")
-
-
-def iter_rows(path: str, fmt: str = "auto", tsv_columns: tuple[str, ...] | None = None) -> Iterator[tuple[Where, dict]]:
-    """Every input's rows as dicts, by one path: jsonl, tsv, text, csv, parquet, a `save_to_disk` folder, `hf:NAME[:SPLIT]`.
-
-    tsv: a first row that names fields is the header; without one, `tsv_columns` name the columns by position.
-    text: one row a line, `{"id": line number, "text": line}`. `-` is stdin (a line format).
-    """
-    if fmt not in FORMATS:
-        raise UllmeError(f"unknown input format '{fmt}' (choose from {', '.join(FORMATS)})")
-    if fmt == "auto" and (by_name := detect_format(path)) in TABLE_FORMATS:
-        fmt = by_name
-    if fmt in TABLE_FORMATS:
-        yield from _table_rows(path, fmt)
-        return
-    name = "<stdin>" if path == STDIN else path
-    lines = iter_lines(path)
-    first = next(lines, None)
-    if first is None:
-        return
-    fmt = detect_format(path, first[1]) if fmt == "auto" else fmt
-    columns = tsv_columns
-    if fmt == "tsv":
-        cells = [c.strip() for c in first[1].split("\t")]
-        if cells[0].lower() in {*ID_FIELDS, *TEXT_FIELDS, *QUERY_FIELDS}:  # a header; positions past it keep their names
-            columns, first = (*cells, *(tsv_columns or ())[len(cells) :]), None
-        elif tsv_columns is None:
-            raise located(name, first[0], "a tsv file here needs a header row naming its fields")
-    for number, line in itertools.chain([first] if first else [], lines):
-        where = Where(name, number)
-        if fmt == "jsonl":
-            yield where, parse_json_line(where, line)
-        elif fmt == "tsv":
-            cells = line.split("\t")
-            if len(cells) > len(columns):
-                raise where.error(f"{len(cells)} tab-separated columns; expected {', '.join(columns)} (a tab inside a text needs jsonl)")
-            yield where, dict(zip(columns, cells))
-        else:
-            yield where, {"id": str(number), "text": line}
-
-
-def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
-    """Rows of a csv or parquet file, a `save_to_disk` folder or `hf:NAME[:SPLIT]`, through `datasets`."""
-    if path == STDIN:
-        raise UllmeError(f"stdin holds line formats only (jsonl, tsv, text), not {fmt}")
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        if path.startswith(HUB_PREFIX):
-            hub_name, _, split = path[len(HUB_PREFIX) :].partition(":")
-            table = datasets.load_dataset(hub_name, split=split or "train")
-        elif fmt == "dataset":
-            if not Path(path).is_dir():
-                raise located(path, None, "not a folder (a `datasets` save_to_disk folder is expected)")
-            if not any((Path(path) / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
-                raise located(path, None, "is a folder, but not a `datasets` save_to_disk folder (no dataset_info.json)")
-            table = datasets.load_from_disk(path)
-            if isinstance(table, datasets.DatasetDict):
-                split = "train" if "train" in table else (next(iter(table)) if len(table) == 1 else None)
-                if split is None:
-                    raise located(path, None, f"a DatasetDict with splits {', '.join(table)}: save one split, or name it as hf:{path}:SPLIT")
-                table = table[split]
-        else:
-            if not Path(path).is_file():
-                raise located(path, None, "file not found")
-            table = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except UllmeError:
-        raise
-    except Exception as e:  # datasets raises many kinds: offline, not found, bad split, unreadable files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if path.startswith(HUB_PREFIX):
-            raise UllmeError(f"{path}: cannot load this dataset ({reason}); with no network, load it once where there is one "
-                             "(it stays in the Hugging Face cache) or use a local folder") from None  # fmt: skip
-        raise UllmeError(f"{path}: cannot read it as {fmt} ({reason})") from None
-    for number, row in enumerate(table, start=1):
-        yield Where(path, number, "row"), row
-
-
-def read_json_object(path: str | Path) -> dict:
-    """A JSON file that must hold one object (a meta file, a manifest, ullme.json); errors name the file."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise located(str(path), None, f"not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise located(str(path), None, "expected a JSON object")
-    return value
-
-
-def parse_json_line(where: str, line: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UllmeError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise UllmeError(f"{where}: expected a JSON object")
-    return row
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip())
-
-
-def _first_present(row: dict, names: tuple[str, ...]):
-    for key in names:
-        if not _missing(row.get(key)):
-            return key, row[key]
-    return names[0], None
-
-
-def _also(names: tuple[str, ...]) -> str:
-    return f" (also read from {', '.join(names[1:])})" if len(names) > 1 else ""
-
-
-def string_field(where: Where, row: dict, names: tuple[str, ...] | str, required: bool = True) -> str | None:
-    names = (names,) if isinstance(names, str) else names
-    key, value = _first_present(row, names)
-    if value is None:
-        if required:
-            raise where.error(f"field '{names[0]}' is missing or empty{_also(names)}")
-        return None
-    if not isinstance(value, (str, int)) or isinstance(value, bool):
-        raise where.error(f"field '{key}' must be a string")
-    return str(value)
 
 
 def read_corpus(path: str, fmt: str = "auto") -> list[TextRecord]:
@@ -239,7 +65,7 @@ def read_corpus(path: str, fmt: str = "auto") -> list[TextRecord]:
     files); a `title` is prepended as in BEIR. tsv without a header: `id<TAB>text[<TAB>title]`. text: one
     text a line, whose id is the line number.
     """
-    name = "<stdin>" if path == STDIN else path
+    name = display_name(path)
     records: list[TextRecord] = []
     first_seen: dict[str, Where] = {}
     for where, row in iter_rows(path, fmt, tsv_columns=("id", "text", "title")):
@@ -271,19 +97,25 @@ def _passage_text(where: Where, value, key: str) -> str:
 def passage_list(where: Where, row: dict, names: tuple[str, ...], required: bool) -> list[str]:
     """Passages from the first of `names` present (a string or a list), plus sentence-transformers' numbered
     columns (`negative_1`, `negative_2`, ...)."""
-    key, value = _first_present(row, names)
+    key, value = field_value(where, row, names)
     numbered = sorted((k for k in row if k.startswith(f"{names[0]}_") and k[len(names[0]) + 1 :].isdigit()), key=lambda k: int(k.rpartition("_")[2]))
     values = [] if value is None else [value] if isinstance(value, (str, dict)) else value
     if not isinstance(values, list):
         raise where.error(f"field '{key}' must be a string or a list")
-    passages = [_passage_text(where, v, key) for v in values] + [_passage_text(where, row[k], k) for k in numbered if not _missing(row[k])]
+    passages = [_passage_text(where, v, key) for v in values] + [_passage_text(where, row[k], k) for k in numbered if not missing(row[k])]
     if required and not passages:
-        raise where.error(f"field '{names[0]}' is missing or empty{_also(names)}")
+        raise where.error(f"field '{names[0]}' is missing or empty{also_read_from(names)}")
     return passages
 
 
+def _numbered(key: str) -> bool:
+    """sentence-transformers' numbered columns (`negative_1`, `positive_2`): read into the lists."""
+    stem, _, number = key.rpartition("_")
+    return number.isdigit() and stem in (POSITIVE_FIELDS[0], NEGATIVE_FIELDS[0])
+
+
 def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list[TrainingExample], int]:
-    """Read training rows (DESIGN.md §5) from any input `iter_rows` reads (tsv needs a header row).
+    """Read training rows (docs/design.md §5) from any input `iter_rows` reads (tsv needs a header row).
 
     Fields, with the neighbours' names: `query` (`anchor`, `question`); `positive` (`pos`,
     `positive_passages`); `negative` (`neg`, `negative_passages`, `negative_1`, ...); `instruction` (the
@@ -291,7 +123,7 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
     Returns the examples and the number of rows skipped. A bad row is an error naming file and line (row,
     for a table), unless `skip_bad_rows`, when it is counted and dropped.
     """
-    name = "<stdin>" if path == STDIN else path
+    name = display_name(path)
     examples: list[TrainingExample] = []
     skipped = 0
     for where, row in iter_rows(path):
@@ -301,12 +133,13 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
             negatives = passage_list(where, row, NEGATIVE_FIELDS, required=False)
             instruction = string_field(where, row, "instruction", required=False)
             generation_instruction = string_field(where, row, "generation_instruction", required=False)
+            extra = {k: v for k, v in row.items() if k not in TRAINING_FIELDS and not _numbered(k)}
         except UllmeError:
             if not skip_bad_rows:
                 raise
             skipped += 1
             continue
-        examples.append(TrainingExample(query, positives, negatives, instruction, generation_instruction))
+        examples.append(TrainingExample(query, positives, negatives, instruction, generation_instruction, extra))
     if not examples:
         raise located(name, None, "no training examples found")
     return examples, skipped
@@ -353,8 +186,17 @@ def read_beir_folder(folder: str, split: str = "test") -> RetrievalSet:
     corpus = read_corpus(str(root / "corpus.jsonl"), "jsonl")
     queries = read_corpus(str(root / "queries.jsonl"), "jsonl")
     qrels = read_qrels(str(qrels_path))
-    known = {q.id for q in queries}
-    unknown = sorted(set(qrels) - known)
-    if unknown:
-        raise located(str(qrels_path), None, f"query id '{unknown[0]}' is not in queries.jsonl")
+    check_qrels_ids(str(qrels_path), qrels, {q.id for q in queries}, {d.id for d in corpus})
     return RetrievalSet(corpus, queries, qrels)
+
+
+def check_qrels_ids(path: str, qrels: dict[str, dict[str, int]], query_ids: set[str], corpus_ids: set[str]) -> None:
+    """Judgements name queries and documents that exist: an id absent from the set (`001` against `1`, a
+    qrels file of another corpus) would score as a miss, so it is an error that gives the counts."""
+    unknown_queries = sorted(set(qrels) - query_ids)
+    if unknown_queries:
+        raise located(path, None, f"{len(unknown_queries)} of {len(qrels)} judged query ids are not in queries.jsonl (first: '{unknown_queries[0]}')")
+    judged = {d for docs in qrels.values() for d in docs}
+    unknown_docs = sorted(judged - corpus_ids)
+    if unknown_docs:
+        raise located(path, None, f"{len(unknown_docs)} of {len(judged)} judged document ids are not in corpus.jsonl (first: '{unknown_docs[0]}')")

@@ -2,7 +2,7 @@
 
 Resume: finished chunks of batches are saved atomically in `<output>.partial/`, keyed by a fingerprint of
 the setup (model files included), the options and the corpus. A rerun after a crash or SIGKILL loads them
-and encodes only what is missing. The final files appear only when everything is done (DESIGN.md §6), and
+and encodes only what is missing. The final files appear only when everything is done (docs/design.md §6), and
 the partial folder is removed. One writer at a time holds the output's lock.
 """
 
@@ -24,8 +24,8 @@ from ullme_cli.artifacts import (
     OUT_DTYPES,
     STDIO,
     atomic_write_text,
-    check_output,
     embedding_files,
+    guard_output,
     load_embeddings,
     output_lock,
     quantize,
@@ -37,7 +37,8 @@ from ullme_cli.constants import KINDS
 from ullme_cli.data import FORMATS, read_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
-from ullme_cli.model_setup import SETUP_FIELDS, ModelSetup, Runtime, require_same_setup, setup_mismatch
+from ullme_cli.io.agreement import SAME_JOB, disagreement, require_agreement
+from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,18 @@ def shard_slice(total: int, index: int, count: int) -> tuple[int, int]:
     return index * total // count, (index + 1) * total // count
 
 
-def _job_fingerprint(setup: ModelSetup, options: EncodeOptions, shard, corpus: str) -> str:
-    """What the chunks of `.partial/` depend on: the setup (with the model's fingerprint), the options, the
-    shard and the corpus. A rerun resumes only when all of them are the same."""
-    payload = {"setup": setup.record(), "options": vars(options), "shard": shard, "corpus": corpus}
+def _job_fingerprint(record: dict, options: EncodeOptions, shard, corpus: str) -> str:
+    """What the chunks of `.partial/` depend on: the vectors' whole record (setup, weights fingerprint, kind,
+    instruction, compute dtype, truncation), the options, the shard and the corpus. A rerun resumes only
+    when all of them are the same."""
+    payload = {"record": record, "options": vars(options), "shard": shard, "corpus": corpus}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def encode_inputs(input_path: str, setup: ModelSetup) -> list[str]:
+    """What an encode reads, for the output guard: the corpus (a file, a save_to_disk folder, a local
+    `hf:` folder) and the model folder, whose fingerprint an output inside it would change."""
+    return [input_path, setup.model]
 
 
 def encode_corpus(
@@ -111,8 +119,7 @@ def encode_corpus(
     """
     options.validate()
     shard = parse_shard(shard_spec)
-    if output != STDIO:
-        check_output(embedding_files(output), [input_path], overwrite)
+    guard_output(embedding_files(output), encode_inputs(input_path, setup), overwrite)
     with output_lock(output):
         return _encode_locked(input_path, output, setup, runtime, options, shard, show_progress, embedder)
 
@@ -142,7 +149,8 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
             chunks.append([])
         chunks[-1].append(batch)
 
-    fingerprint = _job_fingerprint(embedder.setup, options, shard, corpus)
+    record = embedder.vector_record(options.kind, options.instruction, options.truncate_dim)
+    fingerprint = _job_fingerprint(record, options, shard, corpus)
     partial = None if output == STDIO else Path(output + ".partial")
     if partial is not None:
         state = partial / "state.json"
@@ -176,17 +184,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
             if saved is not None:
                 save_npy(saved, matrix[rows])
 
-    meta = {
-        **embedder.setup.record(),
-        "kind": options.kind,
-        "instruction": embedder.instruction_prefix(options.kind, options.instruction),
-        "dim": options.truncate_dim or embedder.dim,
-        "dtype": options.out_dtype,
-        "compute_dtype": str(next(embedder.model.parameters()).dtype).replace("torch.", ""),
-        "truncate_dim": options.truncate_dim,
-        "corpus_fingerprint": corpus,
-        "ullme_version": __version__,
-    }
+    meta = {**record, "dim": options.truncate_dim or embedder.dim, "dtype": options.out_dtype, "corpus_fingerprint": corpus, "ullme_version": __version__}
     meta["processes"] = 1
     if shard is not None:
         meta["shard"] = {"index": shard[0], "count": shard[1], "start": shard_slice(total, *shard)[0], "total": total}
@@ -197,16 +195,11 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     return meta
 
 
-# What must agree between shards of one corpus, besides the setup: one job, cut in pieces.
-SHARD_JOB_KEYS = ("kind", "instruction", "dim", "dtype", "truncate_dim", "corpus_fingerprint")
-
-
 def join_shards(paths: list[str], output: str, overwrite: bool = False) -> dict:
     """Join the outputs of `--shard i/N` runs (any order) into one file, in corpus order."""
     if not paths:
         raise UllmeError("join: no shard files given")
-    if output != STDIO:
-        check_output(embedding_files(output), [f for p in paths if p != STDIO for f in embedding_files(p)], overwrite)
+    guard_output(embedding_files(output), [f for p in paths for f in embedding_files(p)], overwrite)
     with output_lock(output):
         return _join_locked(paths, output)
 
@@ -222,11 +215,11 @@ def _join_locked(paths: list[str], output: str) -> dict:
     first = parts[0][3]
     count = first["shard"]["count"]
     for path, _, _, meta in parts:
-        require_same_setup(meta, first, path, parts[0][0], keys=SETUP_FIELDS)
-        problem = setup_mismatch(meta, first, SHARD_JOB_KEYS)
+        problem = disagreement(meta, first, SAME_JOB)
         if problem:
-            what = "another corpus" if "corpus_fingerprint" in problem else "another job"
+            what = "another corpus" if "other corpora" in problem else "another job"
             raise UllmeError(f"{path}: a shard of {what} than {parts[0][0]}: {problem}")
+        require_agreement(meta, first, path, parts[0][0], SAME_JOB)
         if meta["shard"]["count"] != count or meta["shard"]["total"] != first["shard"]["total"]:
             raise UllmeError(f"{path}: belongs to a different sharding ({meta['shard']})")
     indices = [p[3]["shard"]["index"] for p in parts]
@@ -271,7 +264,7 @@ def encode_launched(
     launch = Launch.from_env()
     if output == STDIO:
         raise UllmeError("encode with several processes writes files: give -o a path, not -")
-    check_output(embedding_files(output), [input_path], overwrite)  # every rank reaches the same answer
+    guard_output(embedding_files(output), encode_inputs(input_path, setup), overwrite)  # every rank reaches the same answer
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world))
     if runtime.device == "auto" and torch.cuda.is_available():
@@ -281,7 +274,7 @@ def encode_launched(
         parts = Path(output + ".parts")
         part = parts / f"part-{launch.rank:05d}-of-{launch.world:05d}.npy"
         shard = f"{launch.rank}/{launch.world}"
-        if _finished_part(part, input_path, setup, options, shard):
+        if _finished_part(part, input_path, setup, runtime, options, shard):
             log.info(f"rank {launch.rank}: reusing {part}, finished by an earlier launch of this job")
         else:
             encode_corpus(input_path, str(part), setup, runtime, options, shard, overwrite=True, show_progress=show_progress and launch.rank == 0)
@@ -296,11 +289,12 @@ def encode_launched(
         dist.destroy_process_group()
 
 
-def _finished_part(part: Path, input_path: str, setup: ModelSetup, options: EncodeOptions, shard: str) -> bool:
-    """A part that an interrupted launch finished already, made from the same corpus, model files and job."""
+def _finished_part(part: Path, input_path: str, setup: ModelSetup, runtime: Runtime, options: EncodeOptions, shard: str) -> bool:
+    """A part that an interrupted launch finished already, made from the same corpus, model files and job,
+    in the same compute dtype."""
     if not all(p.exists() for p in embedding_files(str(part))):
         return False
-    from ullme_cli.models.loading import model_fingerprint, resolve_model_source
+    from ullme_cli.models.loading import model_fingerprint, resolve_device, resolve_dtype, resolve_model_source
 
     try:
         _, _, meta = load_embeddings(str(part))
@@ -311,8 +305,9 @@ def _finished_part(part: Path, input_path: str, setup: ModelSetup, options: Enco
         **setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model))).record(),
         "kind": options.kind, "instruction": setup.instruction_prefix(options.kind, options.instruction),
         "dtype": options.out_dtype, "truncate_dim": options.truncate_dim,
+        "compute_dtype": str(resolve_dtype(runtime.dtype, resolve_device(runtime.device))).replace("torch.", ""),
         "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records),
     }  # fmt: skip
     index, count = parse_shard(shard)
     same_shard = meta.get("shard", {}).get("index") == index and meta.get("shard", {}).get("count") == count
-    return same_shard and setup_mismatch(meta, expected, (*SETUP_FIELDS, "kind", "instruction", "dtype", "truncate_dim", "corpus_fingerprint")) is None
+    return same_shard and disagreement(meta, expected, SAME_JOB) is None

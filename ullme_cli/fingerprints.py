@@ -25,7 +25,7 @@ HASH_BLOCK = 1 << 24
 
 
 def _cache_file() -> Path:
-    from ullme_cli.models.loading import cache_root
+    from ullme_cli.constants import cache_root
 
     return cache_root() / "fingerprints.json"
 
@@ -39,7 +39,7 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
-    from ullme_cli.artifacts import atomic_write_text
+    from ullme_cli.io.outputs import atomic_write_text
 
     try:
         atomic_write_text(_cache_file(), json.dumps(cache))

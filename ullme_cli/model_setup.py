@@ -4,8 +4,8 @@
 attention, pooling, instructions, template, max_length and normalization. `Runtime` holds what decides
 only where and how fast it is computed (dtype, device, trust_remote_code). Recipes, `encode`, the
 Embedder (`ullme.json`), embedding meta files and index manifests all carry the same record, and every
-place where two outputs meet (resume, join, index --add, search, mine, evaluate's cache) compares it
-with `require_same_setup`.
+place where two outputs meet (resume, join, index --add, search, mine) compares it through the one
+agreement check of `ullme_cli/io/agreement.py`.
 
 This module imports nothing heavy, so the CLI and readers of meta files can use it freely.
 """
@@ -20,6 +20,10 @@ from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, KINDS, POOLINGS
 from ullme_cli.errors import UllmeError
 
 SETUP_FILE = "ullme.json"
+# The version of an Embedder folder's layout, recorded in ullme.json. 1: the first versioned layout. A newer
+# folder is refused; keys this version does not know are named in a warning.
+SETUP_FORMAT = 1
+SETUP_FILE_KEYS = ("ullme_format",)
 
 
 @dataclass
@@ -87,9 +91,6 @@ class Runtime:
 
 
 SETUP_FIELDS = tuple(f.name for f in fields(ModelSetup))
-# What decides the vectors themselves. The source path is not among them: the same files moved elsewhere
-# make the same vectors, and the fingerprint tells when the files changed.
-VECTOR_FIELDS = ("fingerprint", "attention", "pooling", "instruction_template", "max_length", "normalize")
 
 
 def is_local_path(name: str) -> bool:
@@ -105,27 +106,21 @@ def resolve_setup(model: str = DEFAULT_MODEL, **overrides) -> ModelSetup:
     saved = Path(source) / SETUP_FILE
     base = ModelSetup(model=source)
     if saved.is_file():
-        from ullme_cli.data import read_json_object
-
-        base = ModelSetup.from_dict({**read_json_object(saved), "model": source, "fingerprint": ""})
+        base = ModelSetup.from_dict({**read_setup_file(saved), "model": source, "fingerprint": ""})
     return base.replace(**overrides)
 
 
-def setup_mismatch(found: dict, expected: dict, keys=VECTOR_FIELDS) -> str | None:
-    """The first key of `keys` on which two setup records (meta files, manifests) disagree, described."""
-    for key in keys:
-        if found.get(key) != expected.get(key):
-            if key == "fingerprint":
-                return f"the model files differ (fingerprint {str(found.get(key))[:12]} against {str(expected.get(key))[:12]})"
-            return f"'{key}' is {found.get(key)!r} here but {expected.get(key)!r} there"
-    return None
+def read_setup_file(path: Path) -> dict:
+    """An Embedder folder's ullme.json: a newer layout is refused, keys this ullme does not know are named."""
+    import logging
 
+    from ullme_cli.io.rows import read_json_object
 
-def require_same_setup(found: dict, expected: dict, found_name: str, expected_name: str, keys=VECTOR_FIELDS) -> None:
-    """Refuse to combine outputs made by different setups (or, with the fingerprint, different weights)."""
-    if "fingerprint" in keys and not (found.get("fingerprint") and expected.get("fingerprint")):
-        older = found_name if not found.get("fingerprint") else expected_name
-        raise UllmeError(f"{older}: has no model fingerprint (made by an older ullme); make it again")
-    problem = setup_mismatch(found, expected, keys)
-    if problem:
-        raise UllmeError(f"{found_name}: made with another model setup than {expected_name}: {problem}")
+    values = read_json_object(path)
+    version = values.get("ullme_format", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version > SETUP_FORMAT:
+        raise UllmeError(f"{path}: field 'ullme_format' is {version!r}; this ullme reads up to {SETUP_FORMAT}: upgrade ullme to load this model")
+    unknown = sorted(set(values) - set(SETUP_FIELDS) - set(SETUP_FILE_KEYS) - {"model", "fingerprint"})
+    if unknown:
+        logging.getLogger(__name__).warning(f"{path}: ignoring keys this ullme does not know: {', '.join(unknown)}")
+    return values

@@ -56,3 +56,14 @@ def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
     logger.handlers = [ConsoleLogHandler()]
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+    if quiet:  # the libraries we call log and draw bars of their own; -q means warnings only from them too
+        import os
+        import sys
+
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported
+        os.environ.setdefault("DATASETS_VERBOSITY", "warning")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for name in ("datasets", "transformers", "huggingface_hub", "mteb", "accelerate"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if "datasets" in sys.modules:  # imported already (a long-lived process): tell it directly
+            sys.modules["datasets"].disable_progress_bars()

@@ -7,8 +7,10 @@ name the key and the file. `--set section.key=value` overrides a value (parsed a
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -120,6 +122,7 @@ class Recipe:
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    source: ClassVar[str | None] = None  # the recipe file read (set per instance by load_recipe), an input of finetune
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -250,13 +253,29 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     return recipe
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load with YAML 1.2's booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
+    booleans, so the documented `mixed_precision: no` arrived as False ("expected str, got bool")."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass: no tags that run code
+
+
 def apply_overrides(values: dict, overrides: list[str], source: str) -> dict:
     for item in overrides:
         if "=" not in item:
             raise UllmeError(f"--set expects section.key=value, got '{item}'")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = read_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = values
@@ -277,7 +296,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     if p.is_dir():
         raise UllmeError(f"{path}: is a folder, expected a recipe YAML file")
     try:
-        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        values = read_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -291,6 +310,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     recipe.data.train = _relative_to_recipe(recipe.data.train, p)
     recipe.eval.task_dir = _relative_to_recipe(recipe.eval.task_dir, p)
     recipe.eval.sts = _relative_to_recipe(recipe.eval.sts, p)
+    recipe.source = str(p)
     return recipe
 
 

@@ -25,6 +25,27 @@ def task_name_for(path: str) -> str:
     return f"{p.parent.name}-{stem}" if p.suffix and p.parent.name else stem
 
 
+def unique_task_names(paths: list[str]) -> list[str]:
+    """One task name per local path: `task_name_for`, with parent folders prefixed where two paths would
+    share a name (`a/test`, `b/test` -> `a-test`, `b-test`), so that no score overwrites another."""
+    from ullme_cli.errors import UllmeError
+
+    resolved = [str(Path(p).resolve()) for p in paths]
+    for n, path in enumerate(resolved):
+        if path in resolved[:n]:
+            raise UllmeError(f"{paths[n]}: given twice; name each evaluation set once")
+    names = [task_name_for(p) for p in paths]
+    depth = 1
+    while len(set(names)) < len(names):
+        clashing = {n for n in names if names.count(n) > 1}
+        for i, path in enumerate(paths):
+            if names[i] in clashing:
+                parents = [q.name for q in Path(resolved[i]).parents][:depth]
+                names[i] = "-".join([*reversed(parents), task_name_for(path)])
+        depth += 1
+    return names
+
+
 def beir_retrieval_task(folder: str, name: str | None = None):
     from datasets import Dataset
     from mteb import TaskMetadata

@@ -101,17 +101,22 @@ def evaluate(
     the setup that a fine-tune will use.
     """
     from ullme_cli.evaluation.instructions import load_instruction_table
-    from ullme_cli.evaluation.local_tasks import beir_retrieval_task, pair_classification_task, sts_task
+    from ullme_cli.evaluation.local_tasks import beir_retrieval_task, pair_classification_task, sts_task, unique_task_names
+    from ullme_cli.io.outputs import guard_output
     from ullme_cli.model_setup import Runtime, resolve_setup
     from ullme_cli.models.embedder import load_embedder
     from ullme_cli.models.loading import model_fingerprint, resolve_model_source
 
     table = load_instruction_table(instructions)
     hub_tasks = resolve_tasks(task_names) if task_names else []
-    tasks = hub_tasks + [beir_retrieval_task(d) for d in task_dirs] + [sts_task(f) for f in sts_files] + [pair_classification_task(f) for f in pair_files]
+    local = [*((d, beir_retrieval_task) for d in task_dirs), *((f, sts_task) for f in sts_files), *((f, pair_classification_task) for f in pair_files)]
+    names = unique_task_names([path for path, _ in local])
+    tasks = hub_tasks + [make(path, name) for (path, make), name in zip(local, names)]
     if not tasks:
         raise UllmeError("evaluate: name --tasks, --task-dir, --sts or --pairs (or --run with --qrels)")
     setup = resolve_setup(model, pooling=pooling, attention=attention)
+    # The results cache is written as tasks finish: never inside the model (its fingerprint would change) or a task.
+    guard_output([output_dir], [setup.model, *(path for path, _ in local), instructions], folder=True, exists_ok=True)
     setup = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
     name = Path(model).name if Path(model).exists() else model
     # Hub data is checked before the model loads, and only for tasks that have no result yet.

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ullme_cli.artifacts import atomic_folder
+from ullme_cli.io.agreement import require_agreement
+from ullme_cli.io.outputs import atomic_folder, guarded, real_path
 from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, require_same_setup, resolve_setup
+from ullme_cli.model_setup import SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, resolve_setup
 from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, verify_bidirectional
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
@@ -96,7 +97,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     source = resolve_model_source(setup.model)
     fingerprint = model_fingerprint(source)
     if setup.fingerprint:
-        require_same_setup({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
+        require_agreement({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
     setup = setup.replace(fingerprint=fingerprint)
     log.debug(f"loading {setup.model} from {source} ({dtype}, {device}); fingerprint {fingerprint[:16]}")
     model = load_causal_lm(source, dtype, runtime.trust_remote_code)
@@ -107,7 +108,10 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     model.to(device).eval()
     tokenizer = load_tokenizer(source, runtime.trust_remote_code)
     latent = None
-    if setup.pooling.startswith("latent-attention") and (folder / LATENT_WEIGHTS).exists():
+    if setup.pooling.startswith("latent-attention") and (folder / SETUP_FILE).is_file():
+        # A saved setup that names a trained head must have it: an untrained one would give other vectors.
+        if not (folder / LATENT_WEIGHTS).exists():
+            raise UllmeError(f"{folder / LATENT_WEIGHTS}: missing: {folder / SETUP_FILE} names pooling '{setup.pooling}', whose trained head is this file")
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
     embedder.source = source
@@ -120,10 +124,7 @@ def export_model(source: str, output: str, merge: bool = False, overwrite: bool 
     """Write a model folder that sentence-transformers takes as it is. With `merge`, the LoRA adapter is
     merged into the weights, for tools that cannot run an adapter (the vectors stay the same up to float
     rounding)."""
-    from ullme_cli.artifacts import check_output, output_lock
-
-    check_output([output], [source], overwrite, folder=True)
-    with output_lock(output):
+    with guarded([output], [source], overwrite, folder=True):
         embedder = load_embedder(resolve_setup(source), Runtime(dtype="float32", device="cpu"))
         return embedder.save(output, merge_lora=merge)
 
@@ -177,6 +178,16 @@ class Embedder:
         self.compiled_embed = torch.compile(self.embed, dynamic=True)
         return self
 
+    @property
+    def compute_dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    def vector_record(self, kind: str, instruction: str | None = None, truncate_dim: int | None = None) -> dict:
+        """What defines the vectors this embedder makes for `kind`: the record that every meta file, manifest
+        and encode job carries, and that the agreement check (io/agreement.py) compares."""
+        return {**self.setup.record(), "kind": kind, "instruction": self.instruction_prefix(kind, instruction),
+                "compute_dtype": self.compute_dtype, "truncate_dim": truncate_dim}  # fmt: skip
+
     def weights_changed(self) -> None:
         """Training changes the weights in memory: the loaded files' fingerprint no longer describes them."""
         self.setup = self.setup.replace(fingerprint="")
@@ -218,10 +229,10 @@ class Embedder:
         The folder is assembled beside the target and renamed into place, so a crash leaves no half folder.
         An existing ullme model folder is replaced; any other non-empty folder is refused, never deleted.
         """
-        target = Path(folder)
-        if target.is_dir() and any(target.iterdir()) and not (target / SETUP_FILE).exists():
-            raise UllmeError(f"{folder}: folder holds files that are not an ullme model; save elsewhere")
-        with atomic_folder(folder) as staging:
+        target = real_path(folder)
+        if self.source and Path(self.source).exists() and (target == real_path(self.source) or real_path(self.source) in target.parents):
+            raise UllmeError(f"{folder}: is or lies inside the model it is saved from ({self.source}); save elsewhere")
+        with atomic_folder(folder) as staging:  # replaces only a folder that holds nothing but what ullme wrote
             self._write(staging, merge_lora, target.name)
         return Path(folder)
 
@@ -244,7 +255,7 @@ class Embedder:
         if self.setup.pooling.startswith("latent-attention"):
             self.pooler.latent.save(staging)
         # The fingerprint describes files, and is computed from them when the folder is loaded.
-        record = {k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}
+        record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}}
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         from ullme_cli.models.st_export import write_sentence_transformers_files
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ullme_cli.constants import DEFAULT_MODEL
+from ullme_cli.constants import DEFAULT_MODEL, cache_root  # noqa: F401 - cache_root: also read from here
 from ullme_cli.errors import UllmeError
 
 
@@ -36,10 +36,6 @@ BUNDLED = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_DIR = "adapter"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -51,8 +51,11 @@ def describe_base(name: str, source: str) -> dict:
 
 
 def read_training(folder: Path) -> dict | None:
+    """What finetune recorded about a model (training.json), or None where it recorded nothing."""
+    from ullme_cli.io.rows import read_json_object
+
     path = Path(folder) / TRAINING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path) if path.is_file() else None
 
 
 def last_eval_metrics(metrics_path: Path) -> dict:
@@ -64,7 +67,7 @@ def last_eval_metrics(metrics_path: Path) -> dict:
                 record = json.loads(line)
             except ValueError:  # a torn last line of a killed run
                 continue
-            if any(k.startswith("eval_") for k in record):
+            if isinstance(record, dict) and "step" in record and any(k.startswith("eval_") for k in record):
                 last = {"step": record["step"], **{k[len("eval_") :]: v for k, v in record.items() if k.startswith("eval_")}}
     return last
 

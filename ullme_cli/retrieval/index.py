@@ -16,17 +16,18 @@ import numpy as np
 from ullme_cli import __version__
 from ullme_cli.artifacts import (
     atomic_folder,
-    check_output,
     dequantize,
     embedding_files,
+    guard_output,
     load_embeddings,
     output_lock,
     read_id_lines,
     save_npy,
 )
-from ullme_cli.data import read_json_object
 from ullme_cli.errors import UllmeError, located
-from ullme_cli.model_setup import SETUP_FIELDS, VECTOR_FIELDS, require_same_setup
+from ullme_cli.io.agreement import SAME_SIDE, require_agreement
+from ullme_cli.io.rows import read_json_object
+from ullme_cli.model_setup import SETUP_FIELDS
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.jsonl"
@@ -34,8 +35,6 @@ MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"  # exact copies kept beside lossy (PQ/SQ) indexes, for --rerank-exact
 INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE, VECTORS_FILE)
 METRICS = ("ip", "l2")
-# What must agree between an index and vectors added to it, besides the vector setup.
-ADD_KEYS = (*VECTOR_FIELDS, "passage_instruction", "truncate_dim", "dtype")
 # Measured on 20k clustered 64-d unit vectors (tests/test_retrieval.py): FAISS' defaults (40/16) give
 # recall@10 0.39; 200/256 give 0.996 against Flat.
 DEFAULT_EF_CONSTRUCTION = 200
@@ -82,7 +81,7 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.exists():
         raise located(str(folder), None, f"not an ullme index folder (no {MANIFEST_FILE})")
     manifest = read_json_object(path)
-    missing = [k for k in (*MANIFEST_KEYS, *SETUP_FIELDS) if k not in manifest]
+    missing = [k for k in (*MANIFEST_KEYS, *SETUP_FIELDS, *SAME_SIDE) if k not in manifest]
     if missing:
         raise located(str(path), None, f"field '{missing[0]}' is missing (an index from an older ullme, or edited); build it again")
     return manifest
@@ -130,19 +129,14 @@ def check_vectors(name: str, vectors: np.ndarray, ids: list[str]) -> None:
 
 def check_index_output(output: str, add: bool, overwrite: bool, inputs: list) -> None:
     """An index folder is written only where it is new, or with --add to it, or with --overwrite over one
-    that holds nothing but ullme's own index files. Files ullme did not write are never deleted."""
-    out = Path(output)
-    check_output([out], inputs, overwrite=True, folder=True)
+    that holds nothing but what ullme wrote (the output guard, io/outputs.py)."""
     if add:
-        read_manifest(out)
+        guard_output([output], inputs, overwrite=True, folder=True)  # --add replaces the folder: only ullme's own
+        read_manifest(output)
         return
-    if not out.exists() or not any(out.iterdir()):
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in INDEX_FILES)
-    if foreign:
-        raise UllmeError(f"{output}: folder holds files that ullme did not write ({foreign[0]}); choose another -o")
-    if not overwrite:
+    if Path(output).is_dir() and (Path(output) / MANIFEST_FILE).exists() and not overwrite:
         raise UllmeError(f"{output}: an index exists here already; pass --add to extend it or --overwrite to replace it")
+    guard_output([output], inputs, overwrite, folder=True)
 
 
 def _create(factory: str, dim: int, metric: str, binary: bool):
@@ -176,7 +170,10 @@ def build_index(
     """
     if add and trained_from:
         raise UllmeError("--add and --trained-from do not mix: --add keeps the index's own training")
-    check_index_output(output, add, overwrite, embedding_files(embeddings) if embeddings != "-" else [])
+    for option, value, default in (("--factory", factory, "auto"), ("--metric", metric, None)):
+        if value != default and (add or trained_from):  # the index's own are used: a value given would be ignored
+            raise UllmeError(f"{option} does not apply with {'--add' if add else '--trained-from'}: the index's own {option[2:]} is used")
+    check_index_output(output, add, overwrite, [*embedding_files(embeddings), trained_from])
     with output_lock(output):
         return _build_locked(embeddings, output, factory, metric, add, keep_vectors, seed, trained_from)
 
@@ -188,7 +185,7 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
     matrix, ids, meta = load_embeddings(embeddings)
     if len(matrix) == 0:
         raise UllmeError(f"{embeddings}: no embeddings (empty input)")
-    missing = [k for k in (*SETUP_FIELDS, "kind", "dtype", "corpus_fingerprint") if k not in meta]
+    missing = [k for k in (*SETUP_FIELDS, *SAME_SIDE, "corpus_fingerprint") if k not in meta]
     if missing:
         raise UllmeError(f"{embeddings}: its meta has no '{missing[0]}' (made by an older ullme, or by hand); encode it again")
     if meta["kind"] == "query":
@@ -204,7 +201,7 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
         manifest = read_manifest(out)
         if manifest["dim"] != dim:
             raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({manifest['dim']}) in {output}")
-        require_same_setup(meta, manifest, embeddings, f"the index {output}", keys=ADD_KEYS)
+        require_agreement(meta, manifest, embeddings, f"the index {output}", SAME_SIDE)
         if meta["corpus_fingerprint"] in manifest.get("corpora", []):
             raise UllmeError(f"{embeddings}: this corpus (the same ids and texts) is in the index {output} already")
         index = load_faiss_index(out)
@@ -218,7 +215,7 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
         template = read_manifest(trained_from)
         if template["dim"] != dim:
             raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({template['dim']}) in {trained_from}")
-        require_same_setup(meta, template, embeddings, f"the index {trained_from}", keys=ADD_KEYS)
+        require_agreement(meta, template, embeddings, f"the index {trained_from}", SAME_SIDE)
         index = load_faiss_index(trained_from)
         index.reset()  # keeps what training learned (centroids, codebooks), drops the vectors
         factory, metric, note = template["factory"], template["metric"], f"trained structure of {trained_from}, emptied"
@@ -241,7 +238,7 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
             sample = vectors[np.random.default_rng(seed).choice(len(vectors), sample_size, replace=False)]
             index.train(sample)
         manifest = {
-            **{k: meta[k] for k in SETUP_FIELDS}, "truncate_dim": meta.get("truncate_dim"),
+            **{k: meta[k] for k in (*SETUP_FIELDS, *SAME_SIDE)},
             "corpora": [meta["corpus_fingerprint"]], "metric": metric, "factory": factory, "dim": dim, "dtype": meta["dtype"],
             "nprobe": default_nprobe(factory), "ef_search": DEFAULT_EF_SEARCH if "HNSW" in factory else None,
             "ullme_version": __version__,

@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.artifacts import atomic_path, check_output, dequantize, load_embeddings, output_lock
+from ullme_cli.artifacts import atomic_path, dequantize, embedding_files, guard_output, load_embeddings, output_lock
 from ullme_cli.data import read_corpus, read_training_examples
 from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
-from ullme_cli.model_setup import VECTOR_FIELDS, ModelSetup, Runtime, require_same_setup, setup_mismatch
+from ullme_cli.io.agreement import SAME_SPACE, SIDE_KEYS, disagreement, require_agreement
+from ullme_cli.model_setup import ModelSetup, Runtime
 
 log = logging.getLogger(__name__)
 
-# What corpus embeddings must share with the model that mines: the vectors' setup and the passage side.
-CORPUS_KEYS = (*VECTOR_FIELDS, "passage_instruction")
+# What corpus embeddings must share with the model that mines: the vectors' space, the passage side, the corpus.
+CORPUS_KEYS = (*SAME_SPACE, *SIDE_KEYS, "corpus_fingerprint")
+# Scores of the negatives a row held: mining replaces (or extends) them, so these no longer describe the row.
+STALE_FIELDS = ("neg_scores",)
 
 
 def _normal(text: str) -> str:
@@ -62,9 +66,20 @@ class MiningOptions:
     def validate(self) -> "MiningOptions":
         if self.negatives < 1:
             raise UllmeError("--negatives must be at least 1")
-        if self.margin is not None and self.margin < 0:
-            raise UllmeError(f"--margin must be at least 0, got {self.margin}")
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+            raise UllmeError(f"--margin must be a number of at least 0, got {self.margin}")
+        if self.max_score is not None and not math.isfinite(self.max_score):
+            raise UllmeError(f"--max-score must be a finite number, got {self.max_score}")
+        if not 0 <= self.seed < 2**32:
+            raise UllmeError(f"--seed must be between 0 and 2^32-1, got {self.seed}")
+        if self.sample is False and self.seed != 0:
+            raise UllmeError("--seed applies to --sample only; add --sample or drop --seed")
         return self
+
+    def check_range(self, corpus_size: int, corpus: str) -> None:
+        """A range that starts past the corpus would give every row no negatives: refused, not run."""
+        if self.start >= corpus_size:
+            raise UllmeError(f"--range starts at rank {self.start}, but {corpus} holds {corpus_size} passages; start below {corpus_size}")
 
     def pool_end(self, corpus_size: int) -> int:
         return min(corpus_size, self.stop if self.stop is not None else self.start + max(100, 10 * self.negatives))
@@ -82,21 +97,24 @@ def mine_negatives(
     show_progress: bool = True,
 ) -> dict:
     options.validate()
-    check_output([output], [training, corpus, *([corpus_embeddings] if corpus_embeddings else [])], overwrite)
+    cache = Path(output).with_name(Path(output).name + ".cache")
+    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), setup.model]
+    guard_output([output], inputs, overwrite)
+    guard_output([cache], inputs, folder=True, exists_ok=True)  # its files are replaced one by one, never the folder
     with output_lock(output):
         return _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, options, show_progress)
 
 
 def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddings: str | None, show_progress: bool) -> np.ndarray:
     """The corpus's passage vectors: given, cached beside the output, or encoded now (and cached)."""
-    expected = {**embedder.setup.record(), "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}
+    expected = {**embedder.vector_record("passage"), "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}
     if corpus_embeddings is None:
         cache = Path(output).with_name(Path(output).name + ".cache") / "corpus.npy"
         reusable = False
         if cache.exists():
             try:
                 _, _, meta = load_embeddings(str(cache))
-                problem = setup_mismatch(meta, expected, (*CORPUS_KEYS, "corpus_fingerprint"))
+                problem = disagreement(meta, expected, CORPUS_KEYS)
             except UllmeError as e:
                 problem = str(e)
             reusable = problem is None
@@ -108,8 +126,8 @@ def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddin
             encode_corpus(corpus, str(cache), embedder.setup, overwrite=True, show_progress=show_progress, embedder=embedder)
         corpus_embeddings = str(cache)
     matrix, ids, meta = load_embeddings(corpus_embeddings)
-    require_same_setup(meta, expected, corpus_embeddings, f"the model {embedder.setup.model}", keys=CORPUS_KEYS)
-    if meta.get("corpus_fingerprint") != expected["corpus_fingerprint"] or ids != [r.id for r in records]:
+    require_agreement(meta, expected, corpus_embeddings, f"passages of {corpus} encoded by the model {embedder.setup.model}", CORPUS_KEYS)
+    if ids != [r.id for r in records]:
         raise UllmeError(f"{corpus_embeddings}: made from another corpus than {corpus} (ids or texts differ); pass the right --corpus-embeddings")
     return np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32)
 
@@ -121,6 +139,7 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
 
     examples, _ = read_training_examples(training)
     records = read_corpus(corpus)
+    options.check_range(len(records), corpus)
     embedder = load_embedder(setup, runtime)
     vectors = _corpus_vectors(corpus, records, output, embedder, corpus_embeddings, show_progress)
     if vectors.shape[1] != embedder.dim:
@@ -137,6 +156,9 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
     texts = [r.text for r in records]
     rng = np.random.default_rng(options.seed)
     short = 0
+    stale = sum(any(k in ex.extra for k in STALE_FIELDS) for ex in examples)
+    if stale:
+        log.warning(f"{training}: dropping {', '.join(STALE_FIELDS)} of {stale} rows: they scored the negatives that mining replaces")
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for row, (example, ranked, ranked_scores) in enumerate(zip(examples, found, scores)):
             blocked = {_normal(p) for p in example.positives} | {_normal(example.query)}
@@ -159,6 +181,7 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
             chosen = candidates[: options.negatives]
             short += len(chosen) < options.negatives
             example.negatives = kept + chosen
+            example.extra = {k: v for k, v in example.extra.items() if k not in STALE_FIELDS}
             out.write(json.dumps(example.to_json()) + "\n")
     return {"examples": len(examples), "corpus": len(records), "short": short}
 

@@ -17,9 +17,10 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from ullme_cli.artifacts import STDIO, atomic_path, check_output, dequantize, load_embeddings, output_lock
+from ullme_cli.artifacts import STDIO, atomic_path, dequantize, guard_output, load_embeddings, output_lock
 from ullme_cli.errors import UllmeError, located
-from ullme_cli.model_setup import VECTOR_FIELDS, ModelSetup, Runtime, require_same_setup
+from ullme_cli.io.agreement import SAME_SIDE, SAME_SPACE, require_agreement
+from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
 from ullme_cli.retrieval.index import (
     VECTORS_FILE,
@@ -58,8 +59,12 @@ def open_indexes(folders: list[str], mmap: bool = False) -> list[OpenIndex]:
             raise located(str(Path(folder) / "ids.jsonl"), None, f"{len(ids)} ids for {index.ntotal} vectors in the index; build it again")
         opened.append(OpenIndex(folder, manifest, index, ids, vectors))
     first = opened[0].manifest
-    for other in opened[1:]:
-        require_same_setup(other.manifest, first, other.folder, opened[0].folder, keys=(*VECTOR_FIELDS, "query_instruction", "truncate_dim", "dim", "metric", "dtype"))
+    owner: dict[str, str] = {}
+    for other in opened:
+        require_agreement(other.manifest, first, other.folder, opened[0].folder, (*SAME_SIDE, "query_instruction", "dim", "metric"))
+        for doc in other.ids:  # one merged ranking: a document in two folders would be listed twice
+            if owner.setdefault(doc, other.folder) != other.folder:
+                raise UllmeError(f"{other.folder}: id '{doc}' is in {owner[doc]} too; search folders that hold different documents (shards of one corpus)")
     return opened
 
 
@@ -103,14 +108,10 @@ def search_one(opened: OpenIndex, queries: np.ndarray, k: int, rerank_exact: boo
 
 def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool):
     """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says."""
+    expected = {**manifest, "kind": "query", "instruction": ModelSetup.from_dict(manifest).instruction_prefix("query")}
     if embeddings is not None:
         matrix, qids, meta = load_embeddings(embeddings)
-        require_same_setup(meta, manifest, embeddings, "the index", keys=(*VECTOR_FIELDS, "truncate_dim"))
-        expected = ModelSetup.from_dict(manifest).instruction_prefix("query")
-        if meta.get("kind") != "query":
-            log.warning(f"{embeddings} holds {meta.get('kind')} embeddings, not queries (encode --kind query)")
-        elif meta.get("instruction") != expected:
-            log.warning(f"{embeddings} was encoded with the instruction {meta.get('instruction')!r}, the index's queries use {expected!r}")
+        require_agreement(meta, expected, embeddings, "the index's queries", (*SAME_SPACE, "kind", "instruction"))
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
         raise UllmeError("search: give QUERIES (a file or -) or --embeddings")
@@ -119,8 +120,11 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     from ullme_cli.models.embedder import load_embedder
 
     records = read_corpus(queries, input_format)
-    # The manifest's setup, fingerprint included: a model whose files changed since indexing is refused.
-    embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(dtype, device))
+    # The manifest's setup, fingerprint included: a model whose files changed since indexing is refused. The
+    # queries are encoded in the dtype the passages were, unless the user names one (then it must agree).
+    embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(manifest["compute_dtype"] if dtype == "auto" else dtype, device))
+    require_agreement(embedder.vector_record("query", truncate_dim=manifest["truncate_dim"]), expected, f"queries encoded now (--dtype {dtype})",
+                      "the index's queries", (*SAME_SPACE, "kind", "instruction"))  # fmt: skip
     texts = [r.text for r in records]
     parts = []
     with progress_bar("encode queries", total=len(texts), enabled=show_progress) as advance:
@@ -208,8 +212,7 @@ def open_output(path: str) -> Iterator[TextIO]:
 def write_results(results, output: str, fmt: str, inputs=(), overwrite: bool = False) -> int:
     if fmt not in FORMATS:
         raise UllmeError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
-    if output != STDIO:
-        check_output([output], inputs, overwrite)
+    guard_output([output], inputs, overwrite)
     count = 0
     with output_lock(output), open_output(output) as out:
         for qid, hits in results:

@@ -21,15 +21,28 @@ def read_metrics(run: str | Path) -> list[dict]:
     if not path.is_file():
         raise located(str(path), None, "not found (a finetune output_dir holds metrics.jsonl)")
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise located(str(path), None, f"not valid UTF-8 (byte {e.start})") from None
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             if number < len(lines):  # only the last line of a killed run may be torn
                 raise located(str(path), number, "not valid JSON") from None
+            continue
+        if not isinstance(record, dict):
+            raise located(str(path), number, "expected a JSON object (one step's record)")
+        if not isinstance(record.get("step"), (int, float)) or isinstance(record.get("step"), bool):
+            raise located(str(path), number, "field 'step' is missing or not a number")
+        records.append(record)
     if not records:
         raise located(str(path), None, "holds no steps yet")
+    if not any(isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_PLOTTED for r in records for k, v in r.items()):
+        raise located(str(path), None, "holds steps but no metric to plot (only 'step')")
     return records
 
 
@@ -81,10 +94,11 @@ def write_plot(runs: list[str], output: str, overwrite: bool = False) -> list[st
     """`ullme plot`: the PNG to a file (checked, written whole or not at all) or to stdout (`-`)."""
     import sys
 
-    from ullme_cli.artifacts import atomic_path, check_output, output_lock
+    from ullme_cli.io.outputs import atomic_path, guarded
 
+    for run in runs:
+        read_metrics(run)  # every bad run is reported before anything is drawn or written
     if output == "-":
         return plot_runs(runs, sys.stdout.buffer)
-    check_output([output], [str(Path(r) / METRICS_FILE) if Path(r).is_dir() else r for r in runs], overwrite)
-    with output_lock(output), atomic_path(output) as tmp:
+    with guarded([output], [str(Path(r) / METRICS_FILE) if Path(r).is_dir() else r for r in runs], overwrite), atomic_path(output) as tmp:
         return plot_runs(runs, tmp)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ullme_cli.artifacts import replace_folder
+from ullme_cli.io.outputs import commit_folder
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import decoder_of
 
@@ -89,17 +89,64 @@ def save_sharded_checkpoint(target: Path, staging: Path, model, optimizer, scala
     dcp.save(_state(model, optimizer), checkpoint_id=str(staging / DCP_FOLDER))
     if rank == 0:
         (staging / "trainer_state.json").write_text(json.dumps({**scalars, "format": "dcp", "processes": dist.get_world_size()}))
-        replace_folder(staging, target)  # a broken checkpoint of this step, skipped by the resume, is replaced
+        commit_folder(staging, target)  # a broken checkpoint of this step, skipped by the resume, is replaced
     dist.barrier()
+
+
+# What a DCP `.metadata` pickle refers to (seen in torch 2.13's own files): its dataclasses, torch.Size, dtypes,
+# a layout and a path. Nothing else is unpickled, so a crafted file cannot name a callable to run.
+DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+DCP_METADATA_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                      ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}  # fmt: skip
+
+
+def read_dcp_metadata(path: Path):
+    """A DCP checkpoint's `.metadata`, through an unpickler that admits only the classes DCP writes there.
+
+    torch's own reader calls `pickle.load` on it: a crafted file could run any code. Any other global it
+    names is refused with an UllmeError naming the file and the global."""
+    import importlib
+    import pickle
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module in DCP_METADATA_MODULES:
+                value = getattr(importlib.import_module(module), name, None)
+                if isinstance(value, type) and value.__module__ == module:
+                    return value
+            elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            elif (module, name) in DCP_METADATA_NAMES:
+                return getattr(importlib.import_module(module), name)
+            raise UllmeError(f"{path}: names {module}.{name}, which DCP metadata never holds; refused (a pickle can run code)")
+
+    with open(path, "rb") as f:
+        return MetadataUnpickler(f).load()
+
+
+def safe_reader(folder: Path):
+    """torch's FileSystemReader, with its metadata read by `read_dcp_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(folder))
 
 
 def check_sharded_checkpoint(checkpoint: Path) -> None:
     """A DCP checkpoint reads back when its metadata does and every file it names is there."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     folder = checkpoint / DCP_FOLDER
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
+        metadata = safe_reader(folder).read_metadata()
+    except UllmeError:
+        raise
     except Exception as e:  # noqa: BLE001 - a missing or torn .metadata file
         raise UllmeError(f"{folder}: unreadable DCP checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     for item in (metadata.storage_data or {}).values():
@@ -112,7 +159,7 @@ def load_sharded_checkpoint(checkpoint: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(checkpoint / DCP_FOLDER))  # fails on any trainable key the checkpoint lacks
+    dcp.load(state, storage_reader=safe_reader(checkpoint / DCP_FOLDER))  # fails on any trainable key the checkpoint lacks
     # Not strict: the frozen weights (LoRA's base) are not in a checkpoint; they come from the model files.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ullme_cli.artifacts import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, check_output, output_lock
+from ullme_cli.io.outputs import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, guard_output, output_lock
 from ullme_cli.data import TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import json_fingerprint, tensors_fingerprint
@@ -150,11 +150,16 @@ def remove_staging_leftovers(folder: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def read_checkpoint(checkpoint: Path) -> tuple[dict | None, dict]:
+def read_checkpoint(checkpoint: Path, sharded: bool = False) -> tuple[dict | None, dict]:
     """The tensors and scalars of a checkpoint; UllmeError naming the file when either is unreadable.
 
-    A sharded (DCP) checkpoint has no tensors here: they load into the sharded model (sharding.py)."""
-    if (checkpoint / "dcp").exists():
+    Only the kind of checkpoint the recipe asks for is read: a sharded (DCP) one under
+    `train.distributed: fsdp` (its tensors load into the sharded model, sharding.py), else safetensors.
+    A checkpoint of the other kind is refused before any of its files is parsed."""
+    if (checkpoint / "dcp").exists() != sharded:
+        written, wanted = ("fsdp", "ddp") if not sharded else ("ddp", "fsdp")
+        raise UllmeError(f"{checkpoint}: written with train.distributed: {written}; resume it with the same setting, not {wanted}")
+    if sharded:
         from ullme_cli.training.sharding import check_sharded_checkpoint
 
         check_sharded_checkpoint(checkpoint)
@@ -177,11 +182,14 @@ def _read_tensors(checkpoint: Path) -> dict:
         raise UllmeError(f"{checkpoint / 'state.safetensors'}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def newest_complete_checkpoint(folder: Path) -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint whose files read back whole; newer broken ones are reported and skipped."""
+def newest_complete_checkpoint(folder: Path, sharded: bool = False) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint whose files read back whole; newer broken ones are reported and skipped. One of
+    the other kind (DCP against safetensors) stops the resume: it is another run's, not a broken one."""
     for checkpoint in sorted((folder / CHECKPOINTS).glob("step-*"), reverse=True):
+        if (checkpoint / "dcp").exists() != sharded:
+            read_checkpoint(checkpoint, sharded)  # raises, naming both settings
         try:
-            return (checkpoint, *read_checkpoint(checkpoint))
+            return (checkpoint, *read_checkpoint(checkpoint, sharded))
         except UllmeError as e:
             log.warning(f"skipping a broken checkpoint: {e}")
     return None
@@ -271,7 +279,10 @@ def draw_curves(out: Path) -> None:
 def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> dict:
     t = recipe.train
     out = Path(recipe.output_dir)
-    check_output([out], [recipe.data.train, recipe.model.model], overwrite=True, folder=True)
+    # Everything the run reads is an input: output_dir may not be, lie inside or hold any of them (the recipe
+    # file included: finetune writes its resolved recipe into output_dir).
+    inputs = [recipe.source, recipe.data.train, recipe.model.model, recipe.eval.task_dir, recipe.eval.sts]
+    guard_output([out], inputs, folder=True, exists_ok=True)
     if not resume and latest_checkpoint(out) is not None:
         raise UllmeError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, or pick another output_dir")
     if not resume and (out / FINAL).exists():
@@ -345,7 +356,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if resume and accelerator.is_main_process:
         remove_staging_leftovers(out)
     accelerator.wait_for_everyone()
-    found = newest_complete_checkpoint(out) if resume else None
+    found = newest_complete_checkpoint(out, sharded) if resume else None
     if found is not None:
         checkpoint, tensors, scalars = found
         check_inputs(checkpoint, scalars.get("inputs"), inputs)
