@@ -166,15 +166,16 @@ def test_a_finished_part_is_reused_only_for_the_same_job(tiny_llama, tmp_path):
     from conftest import DEMO_CORPUS
 
     from ullme_cli.encoding import EncodeOptions, _finished_part
+    from ullme_cli.model_setup import Runtime
     from ullme_cli.model_setup import resolve_setup
 
     part = tmp_path / "e.npy.parts" / "part-00000-of-00002.npy"
     assert run_cli("encode", DEMO_CORPUS, "-o", part, "--model", tiny_llama, "--shard", "0/2", "-q").returncode == 0
     setup = resolve_setup(str(tiny_llama))
-    assert _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(), "0/2")
-    assert not _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(instruction="Represent this passage"), "0/2")
-    assert not _finished_part(part, str(DEMO_CORPUS), setup.replace(pooling="cls"), EncodeOptions(), "0/2")
-    assert not _finished_part(part, str(DEMO_CORPUS), setup, EncodeOptions(), "1/2")
+    assert _finished_part(part, str(DEMO_CORPUS), setup, Runtime(), EncodeOptions(), "0/2")
+    assert not _finished_part(part, str(DEMO_CORPUS), setup, Runtime(), EncodeOptions(instruction="Represent this passage"), "0/2")
+    assert not _finished_part(part, str(DEMO_CORPUS), setup.replace(pooling="cls"), Runtime(), EncodeOptions(), "0/2")
+    assert not _finished_part(part, str(DEMO_CORPUS), setup, Runtime(), EncodeOptions(), "1/2")
 
 
 def forced_rows(tmp_path) -> Path:

@@ -191,7 +191,7 @@ def test_save_never_deletes_a_folder_of_other_files(tiny_llama, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my own file")
     embedder = load(tiny_llama)
-    with pytest.raises(UllmeError, match="not an ullme model"):
+    with pytest.raises(UllmeError, match="holds files that ullme did not write \\(notes.txt\\); not replaced"):
         embedder.save(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "my own file"
     embedder.save(tmp_path / "model")

@@ -109,14 +109,16 @@ def evaluate(
 
     table = load_instruction_table(instructions)
     hub_tasks = resolve_tasks(task_names) if task_names else []
-    local = [*((d, beir_retrieval_task) for d in task_dirs), *((f, sts_task) for f in sts_files), *((f, pair_classification_task) for f in pair_files)]
-    names = unique_task_names([path for path, _ in local])
-    tasks = hub_tasks + [make(path, name) for (path, make), name in zip(local, names)]
+    # (path, task maker, name prefix): names are unique across all local sets, so that no score replaces another
+    local = [*((d, beir_retrieval_task, "") for d in task_dirs), *((f, sts_task, "STS-") for f in sts_files),
+             *((f, pair_classification_task, "Pairs-") for f in pair_files)]  # fmt: skip
+    names = unique_task_names([path for path, _, _ in local])
+    tasks = hub_tasks + [make(path, prefix + name) for (path, make, prefix), name in zip(local, names)]
     if not tasks:
         raise UllmeError("evaluate: name --tasks, --task-dir, --sts or --pairs (or --run with --qrels)")
     setup = resolve_setup(model, pooling=pooling, attention=attention)
     # The results cache is written as tasks finish: never inside the model (its fingerprint would change) or a task.
-    guard_output([output_dir], [setup.model, *(path for path, _ in local), instructions], folder=True, exists_ok=True)
+    guard_output([output_dir], [setup.model, *(path for path, _, _ in local), instructions], folder=True, exists_ok=True)
     setup = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
     name = Path(model).name if Path(model).exists() else model
     # Hub data is checked before the model loads, and only for tasks that have no result yet.

@@ -131,8 +131,8 @@ def check_index_output(output: str, add: bool, overwrite: bool, inputs: list) ->
     """An index folder is written only where it is new, or with --add to it, or with --overwrite over one
     that holds nothing but what ullme wrote (the output guard, io/outputs.py)."""
     if add:
-        guard_output([output], inputs, overwrite=True, folder=True)  # --add replaces the folder: only ullme's own
         read_manifest(output)
+        guard_output([output], inputs, overwrite=True, folder=True)  # --add replaces the folder: only ullme's own
         return
     if Path(output).is_dir() and (Path(output) / MANIFEST_FILE).exists() and not overwrite:
         raise UllmeError(f"{output}: an index exists here already; pass --add to extend it or --overwrite to replace it")
