@@ -138,6 +138,65 @@ def nothing(d: Path, shared: Path) -> None:
     pass
 
 
+def model_setup(**changes):
+    """A copy of the shared model whose ullme.json says `changes`."""
+
+    def prepare(d: Path, shared: Path) -> None:
+        folder = copy_model(d, shared)
+        path = folder / "ullme.json"
+        values = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**values, **changes}))
+
+    return prepare
+
+
+def parquet(rows: list[dict], name: str = "c.parquet"):
+    def prepare(d: Path, shared: Path) -> None:
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(str(d / name))
+
+    return prepare
+
+
+def saved_dataset(rows: list[dict], name: str = "ds"):
+    def prepare(d: Path, shared: Path) -> None:
+        from datasets import Dataset
+
+        Dataset.from_list(rows).save_to_disk(str(d / name))
+
+    return prepare
+
+
+def exported(extra: dict[str, str | bytes]):
+    """An exported copy of the shared model, with files added or replaced."""
+
+    def prepare(d: Path, shared: Path) -> None:
+        folder = copy_model(d, shared)
+        for relative, content in extra.items():
+            (folder / relative).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return prepare
+
+
+def run_folder(lines: list[str] | bytes):
+    def prepare(d: Path, shared: Path) -> None:
+        (d / "run").mkdir()
+        (d / "run" / "metrics.jsonl").write_bytes(lines if isinstance(lines, bytes) else "".join(line + "\n" for line in lines).encode())
+
+    return prepare
+
+
+def beir_folder(qrels: str, queries: str = '{"_id": "q1", "text": "x"}\n'):
+    def prepare(d: Path, shared: Path) -> None:
+        (d / "t" / "qrels").mkdir(parents=True)
+        (d / "t" / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": "b"}\n')
+        (d / "t" / "queries.jsonl").write_text(queries)
+        (d / "t" / "qrels" / "test.tsv").write_text(qrels)
+
+    return prepare
+
+
 EMB = "{emb}"
 CORPUS_LINE = '{"id": "a", "text": "x"}\n'
 CASES = [
@@ -260,6 +319,103 @@ CASES = [
     ("finetune-bad-set", ["finetune", "{d}/recipe.yaml", "--set", "train.steps"], recipe(), "--set expects section.key=value"),
     ("finetune-checkpoints-without-resume", ["finetune", "{d}/recipe.yaml"], with_checkpoint, "pass --resume to continue it"),
     ("finetune-bad-training-row", ["finetune", "{d}/recipe.yaml", "--set", "data.train={d}/t.jsonl"], lambda d, s: (recipe()(d, s), write("t.jsonl", "{bad\n")(d, s)), "t.jsonl:1: malformed JSON"),
+    # ---------------------------------------------------------------- the readers: csv, parquet, save_to_disk, hf:, aliases
+    ("encode-csv-no-text", ["encode", "{d}/c.csv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.csv", "id,text\na,x\nb,\n"), "c.csv:3: field 'text' is missing"),
+    ("encode-csv-extra-values", ["encode", "{d}/c.csv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.csv", "id,text\na,x,y\n"), "c.csv:2: 3 comma-separated values; the header names 2"),
+    ("encode-csv-unclosed-quote", ["encode", "{d}/c.csv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.csv", 'id,text\na,"x\n'), "c.csv:"),
+    ("encode-csv-duplicate-id", ["encode", "{d}/c.csv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.csv", "id,text\n001,x\n001,y\n"), "c.csv:3: duplicate id '001'"),
+    ("encode-csv-not-utf8", ["encode", "{d}/c.csv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.csv", b"id,text\na,\xc3\x28\n"), "c.csv:2: not valid UTF-8"),
+    ("encode-parquet-no-text", ["encode", "{d}/c.parquet", "-o", "{d}/e.npy", "-m", "{model}"], parquet([{"id": "a", "body": "x"}]), "c.parquet: row 1: field 'text' is missing"),
+    ("encode-parquet-not-parquet", ["encode", "{d}/c.parquet", "-o", "{d}/e.npy", "-m", "{model}"], write("c.parquet", "not parquet"), "cannot read it as parquet"),
+    ("encode-parquet-bool-id", ["encode", "{d}/c.parquet", "-o", "{d}/e.npy", "-m", "{model}"], parquet([{"id": True, "text": "x"}]), "field 'id' must be a string"),
+    ("encode-dataset-no-text", ["encode", "{d}/ds", "-o", "{d}/e.npy", "-m", "{model}"], saved_dataset([{"id": "a", "body": "x"}]), "ds: row 1: field 'text' is missing"),
+    ("encode-dataset-duplicate-id", ["encode", "{d}/ds", "-o", "{d}/e.npy", "-m", "{model}"], saved_dataset([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]), "ds: row 2: duplicate id 'a'"),
+    ("encode-hf-offline", ["encode", "hf:nobody/no-such-set", "-o", "{d}/e.npy", "-m", "{model}"], nothing, "hf:nobody/no-such-set: cannot load this dataset"),
+    ("encode-stdin-parquet", ["encode", "-", "-o", "{d}/e.npy", "-m", "{model}", "--input-format", "parquet"], nothing, "stdin holds jsonl, tsv, text or csv"),
+    ("encode-tsv-header-alias-clash", ["encode", "{d}/c.tsv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.tsv", "id\t_id\ttext\na\tb\tx\n"), "fields 'id' and '_id' name the same thing"),
+    ("encode-jsonl-alias-clash", ["encode", "{d}/c.jsonl", "-o", "{d}/e.npy", "-m", "{model}"], write("c.jsonl", '{"id": "a", "docid": "b", "text": "x"}\n'), "c.jsonl:1: fields 'id' and 'docid'"),
+    ("encode-tsv-header-only", ["encode", "{d}/c.tsv", "-o", "{d}/e.npy", "-m", "{model}"], write("c.tsv", "\ufeffid\ttext\n"), "no texts found"),
+    ("mine-alias-clash", ["mine", "{d}/t.jsonl", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}"], write("t.jsonl", '{"query": "q", "anchor": "r", "positive": "p"}\n'), "t.jsonl:1: fields 'query' and 'anchor'"),
+    ("mine-positive-alias-clash", ["mine", "{d}/t.jsonl", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}"], write("t.jsonl", '{"query": "q", "positive": "p", "pos": "o"}\n'), "fields 'positive' and 'pos'"),
+    # ---------------------------------------------------------------- the model folder
+    ("encode-newer-model-format", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{d}/model"], model_setup(ullme_format=99), "field 'ullme_format' is 99; this ullme reads up to 1"),
+    ("encode-model-format-not-a-number", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{d}/model"], model_setup(ullme_format="one"), "field 'ullme_format' is 'one'"),
+    ("encode-latent-head-missing", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{d}/model"], model_setup(pooling="latent-attention"), "latent_attention.safetensors: missing"),
+    ("encode-setup-bad-pooling", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{d}/model"], model_setup(pooling="max"), "unknown pooling 'max'"),
+    ("encode-setup-is-a-list", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{d}/m"], write("m/ullme.json", "[1]"), "ullme.json: expected a JSON object"),
+    # ---------------------------------------------------------------- encode: outputs that are inputs
+    ("encode-output-inside-model", ["encode", "{corpus}", "-o", "{model}/e.npy", "-m", "{model}"], nothing, "lies inside the input"),
+    ("encode-output-inside-dataset", ["encode", "{d}/ds", "-o", "{d}/ds/e.npy", "-m", "{model}"], saved_dataset([{"id": "a", "text": "x"}]), "lies inside the input"),
+    ("encode-sidecar-is-input", ["encode", "{d}/e.ids.jsonl", "-o", "{d}/e.npy", "-m", "{model}", "--overwrite"], write("e.ids.jsonl", CORPUS_LINE), "is the input"),
+    # ---------------------------------------------------------------- join
+    ("join-output-is-shard", ["join", "{shared}/s0.npy", "-o", "{shared}/s0.npy", "--overwrite"], nothing, "is the input"),
+    ("join-shard-not-found", ["join", "{d}/none.npy", "-o", "{d}/j.npy"], nothing, "none.npy: file not found"),
+    ("join-shard-sidecars-missing", ["join", "{d}/e.npy", "-o", "{d}/j.npy"], lambda d, s: np.save(d / "e.npy", np.eye(2, dtype=np.float32)), "e.ids.jsonl: missing"),
+    ("join-shard-is-folder", ["join", "{d}/sub", "-o", "{d}/j.npy"], write("sub/x", "x"), "is a folder, expected an embeddings file"),
+    ("join-same-shard-twice", ["join", "{shared}/s0.npy", "{shared}/s0.npy", "-o", "{d}/j.npy"], nothing, "expected shards 0..1 once each"),
+    ("join-output-is-folder", ["join", "{shared}/s0.npy", "-o", "{d}/out"], write("out/x", "x"), "is a folder; expected a file"),
+    # ---------------------------------------------------------------- index: options that cannot apply, trained-from
+    ("index-trained-from-with-metric", ["index", EMB, "-o", "{d}/i", "--trained-from", "{idx}", "--metric", "l2"], nothing, "--metric does not apply with --trained-from"),
+    ("index-trained-from-with-factory", ["index", EMB, "-o", "{d}/i", "--trained-from", "{idx}", "--factory", "Flat"], nothing, "--factory does not apply with --trained-from"),
+    ("index-add-with-factory", ["index", EMB, "-o", "{d}/idx", "--add", "--factory", "HNSW32"], index_copy(lambda i: None), "--factory does not apply with --add"),
+    ("index-add-with-trained-from", ["index", EMB, "-o", "{d}/idx", "--add", "--trained-from", "{idx}"], index_copy(lambda i: None), "--add and --trained-from do not mix"),
+    ("index-trained-from-is-output", ["index", EMB, "-o", "{d}/idx", "--trained-from", "{d}/idx", "--overwrite"], index_copy(lambda i: None), "is the input"),
+    ("index-trained-from-not-index", ["index", EMB, "-o", "{d}/i", "--trained-from", "{d}/plain"], write("plain/x.txt", "x"), "not an ullme index folder"),
+    ("index-add-same-corpus", ["index", EMB, "-o", "{d}/idx", "--add"], index_copy(lambda i: None), "this corpus (the same ids and texts) is in the index"),
+    ("index-add-other-instruction", ["index", "{d}/e.npy", "-o", "{d}/idx", "--add"], lambda d, s: (index_copy(lambda i: None)(d, s), embeddings(np.eye(2, 32), instruction="Other: ", corpus_fingerprint="x")(d, s)), "'instruction' is 'Other: ' here"),
+    ("index-add-other-compute-dtype", ["index", "{d}/e.npy", "-o", "{d}/idx", "--add"], lambda d, s: (index_copy(lambda i: None)(d, s), embeddings(np.eye(2, 32), compute_dtype="float16", corpus_fingerprint="x")(d, s)), "'compute_dtype' is 'float16' here"),
+    ("index-meta-without-compute-dtype", ["index", "{d}/e.npy", "-o", "{d}/i"], lambda d, s: embeddings(np.eye(2, 32))(d, s) or _drop_meta_key(d / "e.meta.json", "compute_dtype"), "its meta has no 'compute_dtype'"),
+    ("index-output-inside-trained-from", ["index", EMB, "-o", "{idx}/sub", "--trained-from", "{idx}"], nothing, "lies inside the input"),
+    ("index-add-user-files", ["index", EMB, "-o", "{d}/idx", "--add"], index_copy(lambda i: (i / "notes.txt").write_text("mine")), "did not write (notes.txt)"),
+    # ---------------------------------------------------------------- search
+    ("search-two-indexes-one-corpus", ["search", "{idx}", "{d}/idx", "{corpus}"], index_copy(lambda i: None), "is in"),
+    ("search-output-inside-index", ["search", "{idx}", "{corpus}", "-o", "{idx}/ids.jsonl", "--overwrite"], nothing, "lies inside the input"),
+    ("search-passage-embeddings-as-queries", ["search", "{idx}", "--embeddings", EMB], nothing, "'kind' is 'passage' here but 'query' there"),
+    ("search-queries-other-instruction", ["search", "{idx}", "--embeddings", "{d}/e.npy"], embeddings(np.eye(2, 32), kind="query", instruction="Other: "), "'instruction' is 'Other: ' here"),
+    ("search-queries-other-dtype", ["search", "{idx}", "{corpus}", "--dtype", "float16"], nothing, "'compute_dtype' is 'float16' here but"),
+    ("search-no-queries", ["search", "{idx}"], nothing, "give at least one index folder before QUERIES"),
+    # ---------------------------------------------------------------- mine: its controls
+    ("mine-max-score-nan", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--max-score", "nan"], nothing, "--max-score must be a finite number"),
+    ("mine-margin-nan", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--margin", "nan"], nothing, "--margin must be a number of at least 0"),
+    ("mine-range-beyond-corpus", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--range", "1000:"], nothing, "--range starts at rank 1000, but"),
+    ("mine-seed-negative", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--sample", "--seed", "-1"], nothing, "--seed must be between 0 and 2^32-1"),
+    ("mine-seed-without-sample", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--seed", "3"], nothing, "--seed applies to --sample only"),
+    ("mine-query-corpus-embeddings", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--corpus-embeddings", "{d}/e.npy"], embeddings(np.eye(40, 32), kind="query"), "'kind' is 'query' here but 'passage' there"),
+    ("mine-output-inside-model", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{model}/m.jsonl", "-m", "{model}"], nothing, "lies inside the input"),
+    ("mine-output-is-corpus", ["mine", "{train}", "--corpus", "{d}/c.jsonl", "-o", "{d}/c.jsonl", "-m", "{model}", "--overwrite"], write("c.jsonl", CORPUS_LINE), "is the input"),
+    # ---------------------------------------------------------------- export
+    ("export-not-found", ["export", "{d}/none", "-o", "{d}/out"], nothing, "model folder not found"),
+    ("export-output-exists", ["export", "{model}", "-o", "{d}/out"], write("out/x.txt", "x"), "exists already"),
+    ("export-overwrite-user-files", ["export", "{model}", "-o", "{d}/out", "--overwrite"], write("out/notes.txt", "mine"), "did not write (notes.txt)"),
+    ("export-output-inside-model", ["export", "{model}", "-o", "{model}/exported"], nothing, "lies inside the input"),
+    ("export-output-is-model", ["export", "{d}/model", "-o", "{d}/model", "--overwrite"], copy_model, "is the input"),
+    ("export-training-truncated", ["export", "{d}/model", "-o", "{d}/out"], exported({"training.json": '{"recipe": "x", '}), "training.json: not valid JSON"),
+    ("export-training-is-a-list", ["export", "{d}/model", "-o", "{d}/out"], exported({"training.json": "[1, 2]"}), "training.json: expected a JSON object"),
+    ("export-output-is-a-file", ["export", "{model}", "-o", "{d}/f"], write("f", "x"), "is a file; expected a folder"),
+    ("export-newer-format", ["export", "{d}/model", "-o", "{d}/out"], model_setup(ullme_format=2), "this ullme reads up to 1"),
+    # ---------------------------------------------------------------- plot
+    ("plot-metrics-without-step", ["plot", "{d}/run", "-o", "{d}/c.png"], run_folder(['{"loss": 1.0}', '{"loss": 0.5}']), "metrics.jsonl:1: field 'step' is missing"),
+    ("plot-metrics-only-step", ["plot", "{d}/run", "-o", "{d}/c.png"], run_folder(['{"step": 1}', '{"step": 2}']), "no metric to plot (only 'step')"),
+    ("plot-metrics-not-an-object", ["plot", "{d}/run", "-o", "{d}/c.png"], run_folder(['{"step": 1, "loss": 1}', "[1, 2]", '{"step": 2, "loss": 1}']), "metrics.jsonl:2: expected a JSON object"),
+    ("plot-metrics-not-utf8", ["plot", "{d}/run", "-o", "{d}/c.png"], run_folder(b'{"step": 1, "loss": 1}\n{"step": 2, "note": "\xc3\x28"}\n'), "metrics.jsonl: not valid UTF-8"),
+    ("plot-metrics-torn-middle", ["plot", "{d}/run", "-o", "{d}/c.png"], run_folder(['{"step": 1, "loss": 1}', '{"step": 2, "lo', '{"step": 3, "loss": 1}']), "metrics.jsonl:2: not valid JSON"),
+    ("plot-run-not-found", ["plot", "{d}/none", "-o", "{d}/c.png"], nothing, "not found (a finetune output_dir holds metrics.jsonl)"),
+    ("plot-empty-metrics", ["plot", "{d}/run", "-o", "{d}/c.png"], run_folder([]), "holds no steps yet"),
+    ("plot-output-is-metrics", ["plot", "{d}/run", "-o", "{d}/run/metrics.jsonl", "--overwrite"], run_folder(['{"step": 1, "loss": 1}']), "is the input"),
+    ("plot-output-exists", ["plot", "{d}/run", "-o", "{d}/c.png"], lambda d, s: (run_folder(['{"step": 1, "loss": 1}'])(d, s), write("c.png", "old")(d, s)), "exists already"),
+    # ---------------------------------------------------------------- evaluate: judgements, names, outputs
+    ("evaluate-qrels-unknown-docs", ["evaluate", "-m", "{model}", "--task-dir", "{d}/t", "--output-dir", "{d}/res"], beir_folder("q1\td9\t1\nq1\td1\t1\n"), "1 of 2 judged document ids are not in corpus.jsonl (first: 'd9')"),
+    ("evaluate-qrels-unknown-queries", ["evaluate", "-m", "{model}", "--task-dir", "{d}/t", "--output-dir", "{d}/res"], beir_folder("q7\td1\t1\n"), "1 of 1 judged query ids are not in queries.jsonl"),
+    ("evaluate-same-task-dir-twice", ["evaluate", "-m", "{model}", "--task-dir", "{trecqa}", "--task-dir", "{trecqa}", "--output-dir", "{d}/res"], nothing, "given twice"),
+    ("evaluate-output-inside-model", ["evaluate", "-m", "{model}", "--task-dir", "{trecqa}", "--output-dir", "{model}/res"], nothing, "lies inside the input"),
+    ("evaluate-missing-qrels", ["evaluate", "-m", "{model}", "--task-dir", "{d}/t", "--output-dir", "{d}/res"], lambda d, s: (beir_folder("q1\td1\t1\n")(d, s), (d / "t" / "qrels" / "test.tsv").unlink()), "qrels/test.tsv: missing"),
+    # ---------------------------------------------------------------- finetune: the recipe and its outputs
+    ("finetune-recipe-inside-output", ["finetune", "{d}/run/recipe.yaml"], lambda d, s: ((d / "run").mkdir(), (d / "run" / "recipe.yaml").write_text(recipe_text(d, s))), "holds the input"),
+    ("finetune-output-inside-model", ["finetune", "{d}/recipe.yaml", "--set", "output_dir={model}/run"], recipe(), "lies inside the input"),
+    ("finetune-bad-mixed-precision", ["finetune", "{d}/recipe.yaml", "--set", "train.mixed_precision=fp8"], recipe(), "'train.mixed_precision' must be no, bf16 or fp16"),
+    ("finetune-yes-is-not-a-bool", ["finetune", "{d}/recipe.yaml", "--set", "lora.enabled=yes"], recipe(), "'lora.enabled': expected bool, got str 'yes'"),
+    ("finetune-data-alias-clash", ["finetune", "{d}/recipe.yaml", "--set", "data.train={d}/t.jsonl"], lambda d, s: (recipe()(d, s), write("t.jsonl", '{"query": "q", "question": "r", "positive": "p"}\n')(d, s)), "fields 'query' and 'question'"),
+    ("finetune-dcp-checkpoint-under-ddp", ["finetune", "{d}/recipe.yaml", "--resume"], lambda d, s: (recipe()(d, s), (d / "run" / "checkpoints" / "step-0000001" / "dcp").mkdir(parents=True)), "written with train.distributed: fsdp"),
 ]
 
 
@@ -276,6 +432,12 @@ def shared(tmp_path_factory) -> Path:
         assert result.returncode == 0, result.stderr.decode()
     assert run_cli("index", root / "emb.npy", "-o", root / "idx").returncode == 0
     return root
+
+
+def _drop_meta_key(path: Path, key: str) -> None:
+    meta = json.loads(path.read_text())
+    del meta[key]
+    path.write_text(json.dumps(meta))
 
 
 def snapshot(*folders: Path) -> dict[str, bytes]:
@@ -297,6 +459,12 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(shared, tmp_path, name
     assert snapshot(tmp_path, shared) == before, "a failed command changed or left files"
 
 
-def test_the_table_covers_every_command_and_at_least_60_cases():
-    commands = {args[0] for _, args, _, _ in CASES}
-    assert len(CASES) >= 60 and commands == {"encode", "join", "index", "search", "mine", "evaluate", "finetune"}
+def test_the_table_covers_every_command_and_at_least_150_cases():
+    """The commands come from the Typer app: a new command without rows fails here."""
+    from ullme_cli.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    covered = {args[0] for _, args, _, _ in CASES}
+    assert commands - covered == set(), f"commands without bad-input rows: {sorted(commands - covered)}"
+    assert len(CASES) >= 150, len(CASES)
+    assert len({c[0] for c in CASES}) == len(CASES), "two rows share a name"

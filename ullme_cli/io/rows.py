@@ -185,7 +185,7 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is reported here, in one line, not also by datasets
     try:
         if path.startswith(HUB_PREFIX):
             hub_name, _, split = path[len(HUB_PREFIX) :].partition(":")
