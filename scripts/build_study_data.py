@@ -1,6 +1,6 @@
 """Build the multi-task training set and the held-out sets of the second study (issue 15) from ../shared/data.
 
-Training rows (one jsonl, DESIGN.md §5, each row with its task's instruction):
+Training rows (one jsonl, docs/design.md §5, each row with its task's instruction):
 - TREC QA `train.csv`: a question → its answer sentences (label 1); hard negatives: its label-0 sentences.
 - SICK `SICK_train.txt`: an ENTAILMENT pair's premise → its hypothesis; hard negative: a CONTRADICTION
   partner of the same premise, where there is one (how NLI data trains sentence embedders).

@@ -1,4 +1,4 @@
-"""The switch test of DESIGN.md §2, for every family: in bidirectional mode the last token reaches the first."""
+"""The switch test of docs/design.md §2, for every family: in bidirectional mode the last token reaches the first."""
 
 import pytest
 import torch

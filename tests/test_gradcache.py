@@ -1,4 +1,4 @@
-"""GradCache gives the full batch's loss and gradients (DESIGN.md §4), within 1e-5."""
+"""GradCache gives the full batch's loss and gradients (docs/design.md §4), within 1e-5."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Trust at every boundary, in one place each (docs/design.md §3):
+"""Trust at every boundary, in one place each (docs/design.md §10):
 
 - `rows`: the one reader. Every input format (jsonl, tsv, csv, text, parquet, a `save_to_disk` folder,
   `hf:NAME`, stdin) becomes rows of fields by one path, ids exactly as written.

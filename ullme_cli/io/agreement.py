@@ -1,4 +1,4 @@
-"""The one agreement check (docs/design.md §3.3): wherever vectors meet, their whole records agree.
+"""The one agreement check (docs/design.md §10.3): wherever vectors meet, their whole records agree.
 
 A vector is what its record says. Every embeddings meta file, index manifest and encode job carries it:
 - the space: the model's weights fingerprint, attention, pooling, instruction template, max_length

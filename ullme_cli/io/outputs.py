@@ -1,4 +1,4 @@
-"""The one output guard, atomic writes and locks (docs/design.md §3.2). Every writer goes through here.
+"""The one output guard, atomic writes and locks (docs/design.md §10.2). Every writer goes through here.
 
 - `guard_output` runs before any work. Paths are compared after resolving symlinks. It refuses an output
   that is an input, lies inside an input folder, or holds an input; an existing output without

@@ -1,4 +1,4 @@
-"""The one reader (docs/design.md §3.1): every input format becomes rows of named fields by this path.
+"""The one reader (docs/design.md §10.1): every input format becomes rows of named fields by this path.
 
 - Line formats (jsonl, tsv, text) and csv are read here, byte for byte, with line numbers. Every value is
   the string the file holds: `001`, `NA`, `nan`, `1e3`, `true` and ` 7 ` stay exactly as written.

@@ -1,6 +1,6 @@
 """The attention switch: run one loaded decoder causally or bidirectionally, chosen per call.
 
-How it works (transformers 5.x, DESIGN.md §2):
+How it works (transformers 5.x, docs/design.md §2):
 - Every supported family builds its masks through `transformers.masking_utils`, which passes a 4-D mask
   through untouched. In bidirectional mode we hand the model a 4-D additive mask that only hides padding.
   The same mask serves full and sliding-window layers, so a sliding window never clips the sequence.

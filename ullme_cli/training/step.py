@@ -88,7 +88,7 @@ class StepLoss:
         return positives, negatives
 
     def prompts(self, batch: list[TrainingExample]) -> list[str]:
-        """The generation prompt of each example: generation_instruction + query (DESIGN.md §4); a row's own
+        """The generation prompt of each example: generation_instruction + query (docs/design.md §4); a row's own
         generation_instruction wins over the model's, so one multi-task set can prompt each task its way."""
         default = self.embedder.setup.generation_instruction
         return [(default if ex.generation_instruction is None else ex.generation_instruction) + ex.query for ex in batch]
