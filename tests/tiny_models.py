@@ -33,7 +33,7 @@ EXTRA = {
 
 
 def tiny_config(model_type: str, **overrides):
-    kwargs = dict(COMMON, **EXTRA.get(model_type, {}), **overrides)
+    kwargs = {**COMMON, **EXTRA.get(model_type, {}), **overrides}  # overrides win over the family's extras
     return AutoConfig.for_model(model_type, **kwargs)
 
 

@@ -259,8 +259,8 @@ class Embedder:
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         from ullme_cli.models.st_export import write_sentence_transformers_files
 
-        write_sentence_transformers_files(staging, self)
-        write_model_card(staging, self, name)
+        route = write_sentence_transformers_files(staging, self)
+        write_model_card(staging, self, name, route)
 
     # ---------------------------------------------------------------- tokenization
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:

@@ -238,12 +238,19 @@ def load_causal_lm(source: str, dtype: torch.dtype, trust_remote_code: bool = Fa
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     try:
         try:
-            return AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
         except ValueError as e:
             if "scaled_dot_product_attention" not in str(e):
                 raise
-            return AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
     except UllmeError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken config, a truncated safetensors file, an unknown model type...
         raise _load_error(source, e, "model") from None
+    # A stock ullme folder says `is_causal: false` for other tools (st_export.py). Inside ullme the attention
+    # switch decides per call, and GRL scores generation causally with these weights: transformers must not
+    # make every mask bidirectional on its own.
+    for config in {id(c): c for c in (model.config, getattr(getattr(model, "model", None), "config", None)) if c is not None}.values():
+        if getattr(config, "is_causal", True) is False:
+            config.is_causal = True
+    return model

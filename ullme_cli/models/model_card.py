@@ -87,7 +87,7 @@ def _front_matter(embedder, origin: dict, training: dict | None):
     )
 
 
-def render_card(embedder, origin: dict, training: dict | None, folder_name: str) -> str:
+def render_card(embedder, origin: dict, training: dict | None, folder_name: str, route: tuple[str, str] = ("ullme-module", "")) -> str:
     from huggingface_hub import ModelCard
 
     setup = embedder.setup
@@ -104,9 +104,11 @@ def render_card(embedder, origin: dict, training: dict | None, folder_name: str)
         "",
         "## Usage",
         "",
-        "Every route below runs ullme's own code (bidirectional attention, the adapter, pooling without the "
-        "instruction), so all three give the same vectors. They need `pip install ullme`.",
-        "",
+        *(["This folder is a stock Hugging Face model: sentence-transformers loads it with its own parts, without "
+           f"ullme and without `trust_remote_code` ({route[1]}). Every route below gives the same vectors.", ""]
+          if route[0] == "stock" else
+          ["Every route below runs ullme's own code, so all of them give the same vectors and need `pip install ullme`. "
+           f"It keeps ullme's module because {route[1]}.", ""]),
         "ullme command line:", "", "```bash",
         "ullme encode corpus.jsonl -o emb.npy --model THIS_FOLDER_OR_ID",
         "ullme index emb.npy -o index/ && ullme search index/ queries.jsonl",
@@ -115,10 +117,13 @@ def render_card(embedder, origin: dict, training: dict | None, folder_name: str)
         "import ullme_cli as ullme", "", 'model = ullme.load("THIS_FOLDER_OR_ID")',
         'queries = model.encode_query(["how do I bake bread?"])', 'documents = model.encode_document(["Knead the dough, let it rise, bake at 220 C."])',
         "scores = model.similarity(queries, documents)", "```", "",
-        "sentence-transformers (its version 6 runs a module from outside its own package only with trust_remote_code; "
-        "the only code in this folder is a two-line import of the installed ullme package):", "", "```python",
-        "from sentence_transformers import SentenceTransformer", "",
-        'model = SentenceTransformer("THIS_FOLDER_OR_ID", trust_remote_code=True)',
+        *(["sentence-transformers (stock parts: Transformer, Pooling, Normalize):", "", "```python",
+           "from sentence_transformers import SentenceTransformer", "", 'model = SentenceTransformer("THIS_FOLDER_OR_ID")']
+          if route[0] == "stock" else
+          ["sentence-transformers (its version 6 runs a module from outside its own package only with trust_remote_code; "
+           "the only code in this folder is a two-line import of the installed ullme package):", "", "```python",
+           "from sentence_transformers import SentenceTransformer", "",
+           'model = SentenceTransformer("THIS_FOLDER_OR_ID", trust_remote_code=True)']),
         'queries = model.encode(["how do I bake bread?"], prompt_name="query")',
         'documents = model.encode(["Knead the dough, let it rise, bake at 220 C."], prompt_name="document")',
         "```", "",
@@ -143,7 +148,7 @@ def render_card(embedder, origin: dict, training: dict | None, folder_name: str)
     return str(ModelCard(content))
 
 
-def write_model_card(folder: Path, embedder, name: str) -> None:
+def write_model_card(folder: Path, embedder, name: str, route: tuple[str, str] = ("ullme-module", "")) -> None:
     """README.md (and training.json when the model was fine-tuned) into a model folder being written.
 
     Read here, not when the model loads, so that loading (every encode) pays nothing for the card."""
@@ -152,4 +157,4 @@ def write_model_card(folder: Path, embedder, name: str) -> None:
     training = embedder.training if embedder.training is not None else (read_training(Path(source)) if source else None)
     if training:
         (folder / TRAINING_FILE).write_text(json.dumps({**origin, **training}, indent=2) + "\n")
-    (folder / CARD_FILE).write_text(render_card(embedder, origin, training, name))
+    (folder / CARD_FILE).write_text(render_card(embedder, origin, training, name, route))

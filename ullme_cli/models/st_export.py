@@ -1,14 +1,19 @@
 """An ullme model folder is also a sentence-transformers folder, with the same vectors.
 
-`modules.json` names one module, `ullme_st.UllmeSentenceModule`: a short file in the folder that imports
-`UllmeSentenceModule` (st_module.py) from the installed ullme package, or fails with "pip install ullme".
-The module runs the Embedder itself: bidirectional attention, the adapter, pooling with the instruction
-left out, and normalization. `config_sentence_transformers.json` carries the query and document prompts,
-which are the instruction prefixes ullme puts before queries and passages.
+Two routes, chosen per model when the folder is written (docs/guide.md "Outside ullme"):
 
-sentence-transformers 6 runs a module class from outside its own package only with
-`trust_remote_code=True`, for local folders too; without it, it refuses with its own error (it never
-loads other vectors). With it, the only code taken from the folder is the import shim.
+- **stock** (no code of ours): `config.json` says `is_causal: false` for a bidirectional setup, which
+  transformers honours for the families the probe below accepts, and `modules.json` names
+  sentence-transformers' own `Transformer`, `Pooling` (with `include_prompt: false`, so instruction tokens
+  are not pooled) and `Normalize`, in the legacy layout that sentence-transformers 3-6 and
+  text-embeddings-inference read. `SentenceTransformer(folder)` loads it without `trust_remote_code`.
+- **ullme module**: what stock parts cannot express (a latent-attention head, an unmerged LoRA adapter,
+  weighted-mean pooling under an instruction, a tokenizer whose instruction tokens merge with the text's
+  first token, a family whose config switch is not honoured) keeps `ullme_st.UllmeSentenceModule`, a
+  short import shim of the installed ullme package, and needs `trust_remote_code=True`.
+
+`stock_blocker` says why a setup cannot take the stock route (None: it can). The round-trip tables of
+tests/test_stock_folders.py check that the rule is right: every setup it accepts gives ullme's vectors.
 """
 
 from __future__ import annotations
@@ -25,13 +30,119 @@ try:
 except ImportError as e:
     raise ImportError("this is an ullme model; it needs the ullme package: pip install ullme") from e
 '''
+# ullme pooling -> sentence-transformers' legacy Pooling flag
+ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last-token": "pooling_mode_lasttoken",
+              "weighted-mean": "pooling_mode_weightedmean_tokens"}  # fmt: skip
+POOLING_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                 "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")  # fmt: skip
+# Texts whose first character a byte-level BPE would merge with a preceding space, and others.
+PROBE_TEXTS = ("Who wrote Hamlet?", "hamlet", "3 apples and 4 pears", "Ünïcödé, naïve café", "x")
+STOCK, MODULE = "stock", "ullme-module"
 
 
-def write_sentence_transformers_files(folder: Path, embedder) -> None:
-    """modules.json, config_sentence_transformers.json and the import shim, beside ullme.json."""
-    (folder / SHIM_FILE).write_text(SHIM)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "ullme_st.UllmeSentenceModule"}]
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+def write_sentence_transformers_files(folder: Path, embedder) -> tuple[str, str]:
+    """The sentence-transformers files beside ullme.json; returns (route, why) for the model card."""
+    blocker = stock_blocker(embedder)
     prompts = {"query": embedder.instruction_prefix("query"), "document": embedder.instruction_prefix("passage")}
-    config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(config, indent=2) + "\n")
+    if blocker is not None:
+        (folder / SHIM_FILE).write_text(SHIM)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "ullme_st.UllmeSentenceModule"}]
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+        return MODULE, blocker
+    setup = embedder.setup
+    if setup.attention == "bidirectional":
+        config_path = folder / "config.json"
+        values = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**values, "is_causal": False}, indent=2) + "\n")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
+    if setup.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": embedder.dim, **{flag: flag == ST_POOLING[setup.pooling] for flag in POOLING_FLAGS},
+               "include_prompt": False}  # fmt: skip
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": setup.max_length, "do_lower_case": False}, indent=2) + "\n")
+    how = "bidirectional through `is_causal: false` in config.json" if setup.attention == "bidirectional" else "causal"
+    return STOCK, f"stock transformers and sentence-transformers parts express this setup ({how}, {setup.pooling} pooling)"
+
+
+def stock_blocker(embedder) -> str | None:
+    """Why stock parts cannot give this embedder's vectors, or None when they can."""
+    setup = embedder.setup
+    if setup.pooling not in ST_POOLING:
+        return f"sentence-transformers has no Pooling mode for '{setup.pooling}'"
+    if embedder.has_adapter:
+        return "the LoRA adapter is kept unmerged beside the base weights (`ullme export --merge` writes a stock folder)"
+    if setup.padding_side != "right":
+        return "ullme pads on the left for this setup; sentence-transformers keeps the tokenizer's padding, and positions would shift"
+    prefixes = {kind: embedder.instruction_prefix(kind) for kind in ("query", "passage")}
+    if setup.pooling == "weighted-mean" and any(prefixes.values()):
+        return "weighted-mean under an instruction: ullme weighs from the first text token, sentence-transformers from the first token"
+    if setup.pooling == "cls" and any(prefixes.values()):
+        return "cls under an instruction: ullme takes the first token, sentence-transformers the first token after the instruction"
+    tokenizer = embedder.tokenizer
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for kind, prefix in prefixes.items():
+        for text in PROBE_TEXTS:
+            ours = embedder.tokenize_prefixed([text], prefix)[0]
+            theirs = tokenizer(prefix + text, add_special_tokens=True, truncation=True, max_length=setup.max_length)["input_ids"]
+            if list(ours.ids) != list(theirs):
+                return f"ullme's {kind} tokens differ from the tokenizer's own (ullme appends EOS for last-token pooling where the tokenizer does not)"
+            if prefix and setup.pooling in ("mean", "weighted-mean"):
+                alone = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+                prompt_length = len(alone) - (1 if alone and alone[-1] in special else 0)
+                if prompt_length != ours.instruction_tokens:
+                    return (f"the {kind} instruction's last token merges with the text's first under this tokenizer, so "
+                            "sentence-transformers (which counts the instruction tokenized alone) would pool other tokens")  # fmt: skip
+    if setup.attention == "bidirectional":
+        return config_switch_blocker(embedder.model, setup.max_length)
+    return None
+
+
+def config_switch_blocker(model, max_length: int) -> str | None:
+    """Does stock transformers, told `is_causal: false`, attend as ullme's bidirectional switch does?
+
+    A two-layer random clone of this family (the real dimensions, so every code path is the real one)
+    runs one sequence both ways: ullme's switch, and the plain forward with the config flag. The sequence
+    is longer than a sliding window where the model has one (and no longer than max_length, all that
+    sentence-transformers will feed it), so a window that still clips is caught. They must agree to 1e-5."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ullme_cli.models.bidirectional import decoder_of, hidden_states
+
+    config = decoder_of(model).config.to_dict()
+    model_type = config.get("model_type", "?")
+    small = {**config, "num_hidden_layers": 2}
+    if isinstance(small.get("layer_types"), list):
+        small["layer_types"] = small["layer_types"][:2]
+    for key in ("architectures", "_name_or_path", "torch_dtype", "dtype", "quantization_config", "is_causal"):
+        small.pop(key, None)
+    window = small.get("sliding_window") or 0
+    length = max(2, min(max_length, window + 8 if window else 16, small.get("max_position_embeddings") or 16))
+    try:
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model(**small)
+        try:
+            clone = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+        except ValueError:  # families without SDPA (ullme's loader falls back the same way)
+            clone = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        ids = torch.randint(3, max(4, small.get("vocab_size", 4)), (1, length))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            ours = hidden_states(clone, ids, mask, "bidirectional").float()
+            for c in {id(c): c for c in (clone.config, decoder_of(clone).config)}.values():
+                c.is_causal = False
+            theirs = decoder_of(clone)(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    except Exception as e:  # noqa: BLE001 - a family transformers cannot build or run this way keeps ullme's module
+        return f"transformers could not run a '{model_type}' model from its config to test `is_causal: false` ({type(e).__name__})"
+    if not torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4):
+        gap = (ours - theirs).abs().max().item()
+        return (f"transformers with `is_causal: false` does not attend as ullme's bidirectional switch on '{model_type}' "
+                f"({length} tokens{f', sliding window {window}' if window else ''}: states differ by {gap:.2g})")  # fmt: skip
+    return None

@@ -51,4 +51,13 @@ class UllmeSentenceModule(InputModule):
             from huggingface_hub import snapshot_download  # a hub id: fetch the files, then the same local load
 
             folder = Path(snapshot_download(model_name_or_path, local_files_only=kwargs.get("local_files_only", False)))
-        return cls(load_embedder(resolve_setup(str(folder)), Runtime(device="cpu")))
+        return cls(load_embedder(resolve_setup(str(folder)), Runtime(dtype=requested_dtype(kwargs.get("model_kwargs")), device="cpu")))
+
+
+def requested_dtype(model_kwargs: dict | None) -> str:
+    """The dtype sentence-transformers' `model_kwargs` asks for (`dtype`, or the older `torch_dtype`), as
+    ullme names it; "auto" (ullme's default for the device) when it asks for none."""
+    wanted = (model_kwargs or {}).get("dtype", (model_kwargs or {}).get("torch_dtype", "auto"))
+    if wanted in (None, "auto"):
+        return "auto"
+    return str(wanted).replace("torch.", "")

@@ -1,0 +1,162 @@
+"""An ullme model is a plain Hugging Face folder where stock parts can express its setup (issue 26).
+
+`SentenceTransformer(folder)` without `trust_remote_code` must give ullme's vectors (cosine >= 0.9999) for
+queries and documents, padded or alone; where stock parts cannot, the folder keeps ullme's module and says
+why. The route is decided per model at save time by `st_export.stock_blocker`; these tables check the rule.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import demo_texts
+from ullme_cli.models.bidirectional import TESTED_MODEL_TYPES as FAMILIES
+from tiny_models import EXTRA, tiny_model, tiny_tokenizer
+
+from ullme_cli.model_setup import ModelSetup
+from ullme_cli.models.embedder import Embedder
+
+# A template whose last character is a newline: byte-level BPE keeps "\n" apart from the next word, so the
+# instruction is the same tokens alone and before a text, as sentence-transformers counts it.
+TEMPLATE = "Instruct: {instruction}\nQuery:\n"
+INSTRUCTION = "Given a question, retrieve passages that answer it"
+TEXTS = demo_texts(12)
+
+
+def build(folder, family="llama", pooling="mean", query_instruction=INSTRUCTION, template=TEMPLATE, eos=False, lora=None, dtype=torch.float32,
+          **config):
+    """An Embedder over a tiny random model of `family`, saved as an ullme folder; returns (embedder, folder).
+    Sliding windows are widened past the longest sequence ullme feeds (as Mistral-7B's 4096 against a
+    max_length of 512), unless `config` sets one."""
+    if "sliding_window" in EXTRA.get(family, {}) and "sliding_window" not in config:
+        config["sliding_window"] = 1024
+    model = tiny_model(family, **config).to(dtype)
+    tokenizer = tiny_tokenizer(demo_texts())
+    if eos:  # a tokenizer that ends every text with EOS itself (as e5-mistral's and Qwen's do)
+        from tokenizers import processors
+
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    setup = ModelSetup(model=str(folder), pooling=pooling, query_instruction=query_instruction, instruction_template=template)
+    embedder = Embedder(model, tokenizer, setup, torch.device("cpu"))
+    if lora:
+        embedder.add_lora(r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for name, p in embedder.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+    embedder.model.eval()
+    embedder.save(folder, merge_lora=lora == "merged")
+    return Embedder.load(str(folder), dtype=str(dtype).replace("torch.", ""), device="cpu"), folder
+
+
+def stock_load(folder, dtype=torch.float32):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu", model_kwargs={"dtype": dtype})  # no trust_remote_code
+
+
+def route(folder) -> str:
+    modules = json.loads((folder / "modules.json").read_text())
+    return "stock" if modules[0]["type"] == "sentence_transformers.models.Transformer" else "ullme-module"
+
+
+def assert_same_vectors(embedder, st, floor=0.9999):
+    for kind, prompt in (("query", "query"), ("passage", "document")):
+        ours = embedder.encode(TEXTS, kind=kind)
+        batched = st.encode(TEXTS, prompt_name=prompt, batch_size=len(TEXTS), convert_to_numpy=True).astype(np.float32)
+        alone = np.stack([st.encode([t], prompt_name=prompt, convert_to_numpy=True)[0] for t in TEXTS[:4]]).astype(np.float32)
+        cosine = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+        assert cosine(ours, batched).min() >= floor, (kind, cosine(ours, batched).min())
+        assert cosine(batched[:4], alone).min() >= floor, (kind, "padded batch against each text alone")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_the_probe_marks_stock_loads_without_trust_remote_code(family, tmp_path):
+    embedder, folder = build(tmp_path / "m", family)
+    card = (folder / "README.md").read_text()
+    if route(folder) == "ullme-module":  # the probe said why; the card says it too
+        assert "It keeps ullme's module because" in card
+        pytest.skip(f"{family}: {card.split('It keeps ullme' + chr(39) + 's module because')[1].split(chr(10))[0]}")
+    assert json.loads((folder / "config.json").read_text())["is_causal"] is False
+    assert 'SentenceTransformer("THIS_FOLDER_OR_ID")' in card and "trust_remote_code=True" not in card
+    assert_same_vectors(embedder, stock_load(folder))
+
+
+def test_the_families_transformers_switches_by_config_are_stock(tmp_path):
+    """The families checked on transformers 5.24 (docs/design.md §2) take the stock route, and a family
+    that ignores the flag (stablelm) keeps ullme's module."""
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite", "starcoder2", "cohere"):
+        _, folder = build(tmp_path / family, family)
+        assert route(folder) == "stock", family
+    _, folder = build(tmp_path / "stablelm", "stablelm")
+    assert route(folder) == "ullme-module" and "does not attend as ullme's bidirectional switch on 'stablelm'" in (folder / "README.md").read_text()
+
+
+def test_a_sliding_window_shorter_than_the_texts_keeps_ullmes_module(tmp_path):
+    """transformers' bidirectional mask still clips at a sliding window; ullme's switch does not."""
+    embedder, folder = build(tmp_path / "m", "mistral", sliding_window=4)
+    assert route(folder) == "ullme-module"
+    assert "sliding window 4" in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("pooling, eos, instruction", [
+    ("mean", False, INSTRUCTION), ("cls", False, ""), ("last-token", True, INSTRUCTION), ("weighted-mean", False, ""),
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("lora", [None, "merged"])
+def test_poolings_dtypes_and_merged_adapters_round_trip(tmp_path, pooling, eos, instruction, dtype, lora):
+    embedder, folder = build(tmp_path / "m", pooling=pooling, eos=eos, query_instruction=instruction, lora=lora, dtype=dtype)
+    assert route(folder) == "stock", (folder / "README.md").read_text()
+    st = stock_load(folder, dtype)
+    assert next(st.parameters()).dtype == dtype
+    assert_same_vectors(embedder, st)
+
+
+@pytest.mark.parametrize("case, kwargs, reason", [
+    ("latent-head", dict(pooling="latent-attention"), "no Pooling mode for 'latent-attention'"),
+    ("unmerged-adapter", dict(lora="unmerged"), "the LoRA adapter is kept unmerged"),
+    ("weighted-mean-instruction", dict(pooling="weighted-mean"), "weighted-mean under an instruction"),
+    ("cls-instruction", dict(pooling="cls"), "cls under an instruction"),
+    ("last-token-without-eos", dict(pooling="last-token"), "ullme appends EOS"),
+    ("instruction-merges-with-text", dict(template="Instruct: {instruction}\nQuery: "), "instruction's last token merges with the text's first"),
+])  # fmt: skip
+def test_what_stock_parts_cannot_express_keeps_ullmes_module_and_says_why(tmp_path, case, kwargs, reason):
+    from sentence_transformers import SentenceTransformer
+
+    embedder, folder = build(tmp_path / "m", **kwargs)
+    assert route(folder) == "ullme-module"
+    assert reason in (folder / "README.md").read_text()
+    assert "is_causal" not in json.loads((folder / "config.json").read_text())
+    assert_same_vectors(embedder, SentenceTransformer(str(folder), device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_both_routes_honour_an_explicit_dtype(tmp_path, dtype):
+    """Seen: the trust_remote_code route ran bf16 on a bf16 CPU although model_kwargs asked for float32."""
+    from sentence_transformers import SentenceTransformer
+
+    _, stock = build(tmp_path / "stock")
+    _, module = build(tmp_path / "module", pooling="latent-attention")
+    assert next(stock_load(stock, dtype).parameters()).dtype == dtype
+    ours = SentenceTransformer(str(module), device="cpu", trust_remote_code=True, model_kwargs={"dtype": dtype})
+    assert next(ours.parameters()).dtype == dtype
+    assert next(Embedder.load(str(module), dtype=str(dtype).replace("torch.", ""), device="cpu").model.parameters()).dtype == dtype
+
+
+def test_ullme_keeps_causal_generation_on_a_stock_folder(tmp_path):
+    """The config says `is_causal: false` for other tools; inside ullme, GRL still scores causally."""
+    from ullme_cli.models.bidirectional import hidden_states
+
+    original, folder = build(tmp_path / "m")
+    assert json.loads((folder / "config.json").read_text())["is_causal"] is False
+    ids = torch.tensor([[1, 5, 6, 7]])
+    other = ids.clone()
+    other[0, -1] = 9
+    mask = torch.ones_like(ids)
+    first = [hidden_states(original.model, x, mask, "causal")[0, 0] for x in (ids, other)]
+    assert torch.allclose(*first), "causal mode saw the future after loading a stock folder"
+    both = [hidden_states(original.model, x, mask, "bidirectional")[0, 0] for x in (ids, other)]
+    assert not torch.allclose(*both)
