@@ -217,3 +217,24 @@ def test_the_one_private_mteb_function_still_scores_a_run_as_tested(tmp_path):
     assert scores["ndcg_at_10"] == pytest.approx(1 / np.log2(3), abs=1e-5)
     assert scores["mrr_at_10"] == pytest.approx(0.5, abs=1e-5)
     assert scores["recall_at_1"] == 0 and scores["recall_at_10"] == 1
+
+
+def test_the_mteb_model_meta_carries_what_the_leaderboard_reads(tiny_llama, tmp_path):
+    """Validated by mteb's own ModelMeta (pydantic), with the size, framework and training-data fields filled."""
+    from mteb.models import ModelMeta
+
+    import ullme_cli as ullme
+
+    embedder = ullme.load(str(tiny_llama), dtype="float32")
+    meta = ModelMeta.model_validate(embedder.mteb_model_meta.model_dump())
+    assert meta.n_parameters == sum(p.numel() for p in embedder.model.parameters())
+    assert meta.memory_usage_mb == pytest.approx(meta.n_parameters * 4 / 2**20, abs=0.1)
+    assert meta.framework == ["Sentence Transformers", "PyTorch"] and meta.open_weights and meta.use_instructions
+    assert meta.similarity_fn_name.value == "cosine" and meta.embed_dim == embedder.dim and meta.max_tokens == embedder.setup.max_length
+    assert meta.reference is None and meta.training_datasets is None  # a local, untrained folder: nothing to name
+    from ullme_cli.evaluation.mteb_adapter import model_meta
+
+    embedder.training = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "data": {"train": "hf:sentence-transformers/msmarco:train"}}
+    meta = model_meta(embedder)
+    assert meta.reference == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta.adapted_from == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta.training_datasets == {"sentence-transformers/msmarco"}

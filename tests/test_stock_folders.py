@@ -160,3 +160,48 @@ def test_ullme_keeps_causal_generation_on_a_stock_folder(tmp_path):
     assert torch.allclose(*first), "causal mode saw the future after loading a stock folder"
     both = [hidden_states(original.model, x, mask, "bidirectional")[0, 0] for x in (ids, other)]
     assert not torch.allclose(*both)
+
+
+# ---------------------------------------------------------------- a LoRA run references its base (part 4)
+def test_a_lora_folder_references_its_base_and_refuses_a_changed_one(tmp_path):
+    from conftest import run_cli
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+
+    from ullme_cli.errors import UllmeError
+
+    _, base = build(tmp_path / "base", query_instruction="")
+    trained = Embedder.load(str(base), dtype="float32", device="cpu").add_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    trained.save(tmp_path / "adapter-only", reference_base=True)
+    trained.save(tmp_path / "copy")
+    small, copy = tmp_path / "adapter-only", tmp_path / "copy"
+    size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())  # noqa: E731
+    assert not list(small.glob("*.safetensors")) and (small / "adapter" / "adapter_model.safetensors").exists()
+    assert size(small) < size(copy) / 3, (size(small), size(copy))
+    record = json.loads((small / "ullme.json").read_text())["base"]
+    assert record["model"] == str(base.resolve()) and len(record["fingerprint"]) == 64
+
+    loaded, full = Embedder.load(str(small), dtype="float32", device="cpu"), Embedder.load(str(copy), dtype="float32", device="cpu")
+    np.testing.assert_allclose(loaded.encode(TEXTS), full.encode(TEXTS), atol=1e-6)
+    assert loaded.setup.fingerprint != Embedder.load(str(base), dtype="float32", device="cpu").setup.fingerprint
+    st = SentenceTransformer(str(small), device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32})
+    assert_same_vectors(loaded, st)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    encoded = run_cli("encode", tmp_path / "c.jsonl", "-o", tmp_path / "e.npy", "-m", small, "-q", "--dtype", "float32")
+    assert encoded.returncode == 0, encoded.stderr.decode()
+    assert run_cli("export", small, "-o", tmp_path / "exported").returncode == 0  # self-contained again
+    assert run_cli("export", small, "-o", tmp_path / "merged", "--merge").returncode == 0
+    assert "base" not in json.loads((tmp_path / "exported" / "ullme.json").read_text()) and (tmp_path / "exported" / "model.safetensors").exists()
+    assert route(tmp_path / "merged") == "stock"
+
+    weights = load_file(base / "model.safetensors")  # the base's files change under the same path
+    save_file({k: v + 0.01 for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UllmeError, match=rf"its adapter was trained on {base.resolve()} with weights fingerprint {record['fingerprint'][:12]}, but those files now have fingerprint"):
+        Embedder.load(str(small), dtype="float32", device="cpu")
+    refused = run_cli("encode", tmp_path / "c.jsonl", "-o", tmp_path / "e2.npy", "-m", small, "-q")
+    assert refused.returncode == 2 and b"now have fingerprint" in refused.stderr
+    assert Embedder.load(str(tmp_path / "exported"), dtype="float32", device="cpu").encode(TEXTS).shape == (len(TEXTS), 32)

@@ -23,7 +23,9 @@ SETUP_FILE = "ullme.json"
 # The version of an Embedder folder's layout, recorded in ullme.json. 1: the first versioned layout. A newer
 # folder is refused; keys this version does not know are named in a warning.
 SETUP_FORMAT = 1
-SETUP_FILE_KEYS = ("ullme_format",)
+# An adapter-only folder's base: {"model": a bundled name, hub id or absolute folder, "fingerprint": ...}.
+BASE_KEY = "base"
+SETUP_FILE_KEYS = ("ullme_format", BASE_KEY)
 
 
 @dataclass

@@ -37,18 +37,58 @@ def display_name(setup) -> str:
 
 
 def model_meta(embedder, name: str | None = None, revision: str | None = None):
-    """mteb's ModelMeta from the Embedder's setup: name, revision (setup + weights key), dimension, max tokens."""
+    """mteb's ModelMeta, with what mteb's leaderboard reads, validated by mteb's own model (pydantic):
+    size (parameters, memory at the loaded dtype), dimension, max tokens, frameworks, the hub page of the
+    base model where it is a hub id, cosine similarity, instructions, and the training data by source."""
     from mteb.models import ModelMeta
     from mteb.models.model_meta import ScoringFunction
 
     setup = embedder.setup
-    return ModelMeta.create_empty(
-        overwrites={
-            "name": mteb_model_name(name or display_name(setup)), "revision": revision or setup_revision(setup),
-            "embed_dim": embedder.dim, "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"], "open_weights": True,
-            "max_tokens": setup.max_length, "use_instructions": True, "modalities": ["text"],
-        }
-    )  # fmt: skip
+    parameters = [*embedder.model.parameters(), *embedder.pooler.parameters()]
+    training = embedder.training or _saved_training(embedder) or {}
+    base = (training.get("base_model") if training else None) or _hub_id(setup.model)
+    train_source = (training.get("data") or {}).get("train") if training else None
+    return ModelMeta.model_validate({
+        "loader": None, "name": mteb_model_name(name or display_name(setup)), "revision": revision or setup_revision(setup),
+        "release_date": None, "languages": None,
+        "n_parameters": sum(p.numel() for p in parameters),
+        "n_embedding_parameters": embedder.model.get_input_embeddings().weight.numel(),
+        "memory_usage_mb": round(sum(p.numel() * p.element_size() for p in parameters) / 2**20, 1),
+        "max_tokens": setup.max_length, "embed_dim": embedder.dim, "license": None, "open_weights": True,
+        "public_training_code": None, "public_training_data": None, "framework": ["Sentence Transformers", "PyTorch"],
+        "reference": f"https://huggingface.co/{base}" if base else None,
+        "similarity_fn_name": ScoringFunction.COSINE, "use_instructions": True,
+        "training_datasets": {_source_name(train_source)} if train_source else None,
+        "adapted_from": base if training else None, "superseded_by": None, "modalities": ["text"],
+    })  # fmt: skip
+
+
+def _saved_training(embedder) -> dict | None:
+    """What finetune recorded beside the weights (training.json), for a model loaded from its folder."""
+    from pathlib import Path
+
+    from ullme_cli.models.model_card import read_training
+
+    source = getattr(embedder, "source", None)
+    return read_training(Path(source)) if source and Path(source).is_dir() else None
+
+
+def _hub_id(model: str) -> str | None:
+    """A hub id as it is, the bundled default's origin, None for a local folder."""
+    from pathlib import Path
+
+    from ullme_cli.models.loading import BUNDLED
+
+    if model in BUNDLED:
+        return BUNDLED[model].hub_id
+    return model if "/" in model and not Path(model).exists() and not Path(model).is_absolute() else None
+
+
+def _source_name(source: str) -> str:
+    """A training source by name: `hf:NAME[:SPLIT]` as NAME, a local file or folder by its name."""
+    from pathlib import Path
+
+    return source[3:].split(":")[0] if source.startswith("hf:") else Path(source).name
 
 
 def _unit_rows(x) -> torch.Tensor:

@@ -23,10 +23,11 @@ from ullme_cli.io.agreement import require_agreement
 from ullme_cli.io.outputs import atomic_folder, guarded, real_path
 from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, resolve_setup
+from ullme_cli.model_setup import BASE_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, resolve_setup
 from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, verify_bidirectional
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
+    adapter_base,
     load_adapter,
     load_causal_lm,
     load_tokenizer,
@@ -100,8 +101,9 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         require_agreement({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
     setup = setup.replace(fingerprint=fingerprint)
     log.debug(f"loading {setup.model} from {source} ({dtype}, {device}); fingerprint {fingerprint[:16]}")
-    model = load_causal_lm(source, dtype, runtime.trust_remote_code)
     folder = Path(source)
+    base = adapter_base(folder)  # an adapter-only folder: the base it names, checked by fingerprint
+    model = load_causal_lm(base or source, dtype, runtime.trust_remote_code)
     if (folder / ADAPTER_DIR).is_dir():
         with _peft_deprecations_silenced():
             model = load_adapter(model, folder / ADAPTER_DIR)
@@ -115,6 +117,9 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
     embedder.source = source
+    if not (folder / ADAPTER_DIR).is_dir():  # plain weights: what an adapter trained on them would reference
+        local = Path(setup.model).expanduser()
+        embedder.base_record = {"model": str(local.resolve()) if local.exists() else setup.model, "fingerprint": fingerprint}
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     return embedder.compile() if runtime.compile else embedder
@@ -141,6 +146,9 @@ class Embedder:
         self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
         self.training: dict | None = None  # what finetune records (recipe, data, steps, eval); None: the source's
         self.compiled_embed = None  # set by compile(): what encode runs instead of embed
+        # The weights an adapter sits on: {"model": source, "fingerprint": ...}, set when a plain model loads;
+        # an adapter-only save names it instead of copying it.
+        self.base_record: dict | None = None
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -223,8 +231,12 @@ class Embedder:
     def has_adapter(self) -> bool:
         return hasattr(self.model, "peft_config")
 
-    def save(self, folder: str | Path, merge_lora: bool = False) -> Path:
-        """Write a self-contained folder that `Embedder.load` and `ullme encode --model` read.
+    def save(self, folder: str | Path, merge_lora: bool = False, reference_base: bool = False) -> Path:
+        """Write a folder that `Embedder.load` and `ullme encode --model` read.
+
+        Self-contained by default. With `reference_base` and an unmerged LoRA adapter, the folder holds the
+        adapter (and tokenizer, head, setup, card) but not the base weights: `ullme.json` names the base and
+        its weights fingerprint, and a base whose files changed is refused when the folder loads.
 
         The folder is assembled beside the target and renamed into place, so a crash leaves no half folder.
         An existing ullme model folder is replaced; any other non-empty folder is refused, never deleted.
@@ -233,15 +245,19 @@ class Embedder:
         if self.source and Path(self.source).exists() and (target == real_path(self.source) or real_path(self.source) in target.parents):
             raise UllmeError(f"{folder}: is or lies inside the model it is saved from ({self.source}); save elsewhere")
         with atomic_folder(folder) as staging:  # replaces only a folder that holds nothing but what ullme wrote
-            self._write(staging, merge_lora, target.name)
+            self._write(staging, merge_lora, target.name, reference_base)
         return Path(folder)
 
-    def _write(self, staging: Path, merge_lora: bool, name: str) -> None:
+    def _write(self, staging: Path, merge_lora: bool, name: str, reference_base: bool = False) -> None:
         model = self.model
         if self.has_adapter and merge_lora:
             model = model.merge_and_unload()
             self.model = model
-        if self.has_adapter:
+        base_record = self.base_record if self.has_adapter and reference_base else None
+        if base_record and base_record.get("fingerprint"):
+            # The adapter alone: the base is found again by name and checked by its fingerprint (loading.py).
+            model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        elif self.has_adapter:
             base = model.get_base_model()
             # The base weights are the frozen originals: strip the LoRA wrappers' names to save them plainly.
             state = {
@@ -256,6 +272,8 @@ class Embedder:
             self.pooler.latent.save(staging)
         # The fingerprint describes files, and is computed from them when the folder is loaded.
         record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}}
+        if base_record and base_record.get("fingerprint"):
+            record[BASE_KEY] = base_record
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         from ullme_cli.models.st_export import write_sentence_transformers_files
 

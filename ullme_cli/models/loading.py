@@ -145,6 +145,8 @@ def resolve_model_source(name: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise UllmeError(f"{name}: expected a model folder or a .gguf file")
+        if adapter_record(path) is not None:  # an adapter-only folder: its base is resolved when it loads
+            return str(path)
         if not any(path.glob("*.safetensors")):
             raise UllmeError(f"{name}: model folder has no weights (*.safetensors); ullme loads safetensors only")
         return str(path)
@@ -170,6 +172,37 @@ def _load_error(name: str, error: Exception, what: str) -> UllmeError:
     )
 
 
+def adapter_record(folder: Path) -> dict | None:
+    """The base that an adapter-only folder names in its ullme.json (None for any other folder)."""
+    from ullme_cli.model_setup import BASE_KEY, SETUP_FILE, read_setup_file
+
+    setup_file = Path(folder) / SETUP_FILE
+    if not setup_file.is_file():
+        return None
+    record = read_setup_file(setup_file).get(BASE_KEY)
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("model"), str) and isinstance(record.get("fingerprint"), str)):
+        raise UllmeError(f"{setup_file}: field '{BASE_KEY}' must be {{\"model\": ..., \"fingerprint\": ...}}")
+    return record
+
+
+def adapter_base(folder: Path) -> str | None:
+    """The resolved base model of an adapter-only folder, after checking that its weights are the ones the
+    adapter was trained on; None for a folder that holds its own weights."""
+    record = adapter_record(folder)
+    if record is None:
+        return None
+    if not (Path(folder) / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise UllmeError(f"{Path(folder) / ADAPTER_DIR}: missing: {folder} names a base model, so it must hold its LoRA adapter")
+    source = resolve_model_source(record["model"])
+    found = model_fingerprint(source)
+    if found != record["fingerprint"]:
+        raise UllmeError(f"{folder}: its adapter was trained on {record['model']} with weights fingerprint {record['fingerprint'][:12]}, "
+                         f"but those files now have fingerprint {found[:12]}; restore that base, or train again")  # fmt: skip
+    return source
+
+
 def model_fingerprint(source: str) -> str:
     """The content fingerprint of a resolved model source (see fingerprints.py).
 
@@ -179,6 +212,11 @@ def model_fingerprint(source: str) -> str:
     from ullme_cli.fingerprints import folder_fingerprint
 
     folder = Path(source)
+    record = adapter_record(folder) if folder.is_dir() else None
+    if record is not None:  # the adapter's files, on the base it names (whose files are checked when it loads)
+        import hashlib
+
+        return hashlib.sha256(f"{folder_fingerprint(folder)}:{record['fingerprint']}".encode()).hexdigest()
     if not folder.is_dir():
         try:
             from huggingface_hub import snapshot_download

@@ -441,7 +441,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             "recipe": dump_recipe(recipe), "data": {"train": recipe.data.train, "rows": len(examples), "skipped": skipped},
             "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
         }  # fmt: skip
-        embedder.save(out / FINAL, merge_lora=recipe.lora.merge)
+        embedder.save(out / FINAL, merge_lora=recipe.lora.merge, reference_base=True)  # a LoRA run: the adapter, not a copy of the base
         draw_curves(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group before exit; gloo aborts at teardown otherwise
