@@ -246,3 +246,22 @@ def test_quiet_means_no_library_chatter(tiny_llama, tmp_path):
     Dataset.from_list([{"id": f"d{i}", "text": t} for i, t in enumerate(demo_texts(10))]).to_parquet(str(tmp_path / "c.parquet"))
     result = run_cli("encode", tmp_path / "c.parquet", "-o", tmp_path / "e.npy", "-m", tiny_llama, "-q")
     assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
+
+
+def test_a_refusal_under_torchrun_is_one_line_per_launch(tmp_path, monkeypatch):
+    """Every rank of a launch reaches the same refusal; the line is printed once, not once per process."""
+    import uuid
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", str(uuid.uuid4()))  # this launch (the test's forked calls share a parent)
+    corpus = write_corpus(tmp_path / "c.jsonl", demo_texts(3))
+    ranks = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        ranks.append(run_cli("encode", corpus, "-o", "-"))
+    assert [r.returncode for r in ranks] == [2, 2]
+    lines = [line for r in ranks for line in r.stderr.decode().splitlines()]
+    assert lines == ["ullme: error: encode with several processes writes files: give -o a path, not -"], lines
+    other = run_cli("encode", corpus, "-o", tmp_path / "e.npy", "--shard", "0/2")  # another message: printed
+    assert other.returncode == 2 and other.stderr == b"ullme: error: --shard and a multi-process launch do not mix: the launch shards by rank\n"

@@ -72,7 +72,7 @@ def write(tmp_path, fmt: str, rows: list[tuple[str, str]]) -> str:
 
 @pytest.mark.parametrize("fmt", list(FORMAT_ALPHABETS))
 def test_every_format_reads_back_exactly_what_was_written(fmt, tmp_path_factory):
-    @settings(max_examples=30 if fmt in ("jsonl", "tsv", "csv") else 8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=25 if fmt in ("jsonl", "tsv", "csv") else 5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(rows=records(FORMAT_ALPHABETS[fmt]))
     def check(rows):
         folder = tmp_path_factory.mktemp(fmt)

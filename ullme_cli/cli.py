@@ -44,6 +44,29 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _report_error(message: str) -> None:
+    """`ullme: error: MESSAGE` on stderr, once per launch and machine when torchrun or accelerate started N
+    processes that all reach the same refusal (they share their parent, the launcher's agent). A message
+    that only some ranks reach is still printed by them. What the launcher prints after that (torchrun's
+    ChildFailedError summary) is its own."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        import hashlib
+        import tempfile
+        from pathlib import Path
+
+        launch = f"{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
+        marker = Path(tempfile.gettempdir()) / f"ullme-error-{hashlib.sha256(f'{launch}:{message}'.encode()).hexdigest()[:20]}"
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return  # another process of this launch printed this line
+        except OSError:
+            pass  # an unwritable temp folder: every process prints
+    _err(f"ullme: error: {message}")
+
+
 def _output(quiet: bool, verbose: bool) -> bool:
     """Set the log level for this command; True when progress bars should show."""
     from ullme_cli.progress import configure_logging
@@ -367,7 +390,7 @@ def main() -> None:
         # silent exit code 130, which it returns here (commands themselves return None).
         code = app(standalone_mode=False)
     except UllmeError as e:
-        _err(f"ullme: error: {e}")
+        _report_error(str(e))
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         _interrupted()
