@@ -111,10 +111,11 @@ def test_ipo_scores_token_means_and_sigmoid_sums_unless_told():
         assert part.item() == pytest.approx(DPOLoss(0.1, variant, True)(expected[:, 0], expected[:, 1]).item())
 
 
-def test_a_rows_generation_instruction_prompts_its_generation_terms(tmp_path):
-    """A multi-task set prompts each task its own way: a row's generation_instruction wins over the model's."""
-    from types import SimpleNamespace
-
+def test_a_rows_generation_instruction_prompts_its_generation_terms(tiny_llama, tmp_path):
+    """A multi-task set prompts each task its own way: a row's generation_instruction wins over the model's.
+    Training builds the documented prompt, separator included (it used to leave `generation_separator` out,
+    and scored other log-probs than `Embedder.generation_prompt` documents)."""
+    import ullme_cli as ullme
     from ullme_cli.data import read_training_examples
     from ullme_cli.recipes import LossSection
     from ullme_cli.training.step import StepLoss
@@ -124,6 +125,25 @@ def test_a_rows_generation_instruction_prompts_its_generation_terms(tmp_path):
                     '{"query": "who won?", "positive": "Bob won."}\n')  # fmt: skip
     examples, _ = read_training_examples(str(rows))
     assert examples[0].to_json()["generation_instruction"] == "Paraphrase: " and "generation_instruction" not in examples[1].to_json()
-    embedder = SimpleNamespace(setup=SimpleNamespace(generation_instruction="Answer: "))
+    embedder = ullme.load(str(tiny_llama), dtype="float32", generation_instruction="Answer: ")
     step = StepLoss(embedder, LossSection(strategy="grl", reference_free=True), negatives_per_query=1)
-    assert step.prompts(examples) == ["Paraphrase: a man plays", "Answer: who won?"]
+    assert embedder.setup.generation_separator == "\n"
+    assert step.prompts(examples) == ["Paraphrase: a man plays\n", "Answer: who won?\n"]
+    assert step.prompts(examples)[1] == embedder.generation_prompt("who won?")
+    assert ullme.load(str(tiny_llama), dtype="float32", generation_separator="").generation_prompt("who won?", "Q: ") == "Q: who won?"
+
+
+def test_conservative_dpo_matches_its_formula_by_hand():
+    """-(1-ε) log σ(βh) - ε log σ(-βh), h the policy-minus-reference margin; ε = 0 is plain DPO."""
+    import math
+
+    from ullme_cli.losses import DPOLoss
+
+    pc, pr, rc, rr = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -0.5]), torch.tensor([-3.5, -1.2]), torch.tensor([-3.8, -0.9])
+    h = [(a - b) - (c - d) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    for eps in (0.0, 0.1):
+        expected = sum(-(1 - eps) * logsig(0.1 * m) - eps * logsig(-0.1 * m) for m in h) / len(h)
+        assert DPOLoss(0.1, label_smoothing=eps)(pc, pr, rc, rr).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        DPOLoss(0.1, label_smoothing=0.5)

@@ -73,6 +73,7 @@ class LossSection:
     kl_direction: str = "rt||gen"
     beta: float = 0.1
     dpo_variant: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0  # conservative DPO (sigmoid only): the original ULLME and GenC use 0.1
     dpo_logprob: str = "auto"  # sum | mean | auto (mean for ipo, sum for sigmoid and hinge)
     reference_free: bool = False
     mask_probability: float = 0.2
@@ -193,6 +194,10 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("loss.kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'")
     if recipe.loss.dpo_variant not in ("sigmoid", "hinge", "ipo"):
         bad("loss.dpo_variant", "must be sigmoid, hinge or ipo")
+    if not 0 <= recipe.loss.dpo_label_smoothing < 0.5:
+        bad("loss.dpo_label_smoothing", "must be at least 0 and below 0.5")
+    if recipe.loss.dpo_label_smoothing and recipe.loss.dpo_variant != "sigmoid":
+        bad("loss.dpo_label_smoothing", f"applies to dpo_variant: sigmoid only, not {recipe.loss.dpo_variant}")
     if recipe.loss.dpo_logprob not in ("auto", "sum", "mean"):
         bad("loss.dpo_logprob", "must be auto, sum or mean")
     for key in ("temperature", "tau_kl", "tau_gen", "beta"):

@@ -489,9 +489,10 @@ class Embedder:
             count = kept.sum(-1).clamp(min=1)
         return {"sum": total, "mean": total / count, "tokens": count}
 
-    def generation_prompt(self, query: str) -> str:
-        """The prompt whose continuation GRL, DPO and SFT score: instruction, query, separator."""
-        return self.setup.generation_instruction + query + self.setup.generation_separator
+    def generation_prompt(self, query: str, instruction: str | None = None) -> str:
+        """The prompt whose continuation GRL, DPO and SFT score: instruction (`instruction`, a row's own, wins
+        over the setup's), query, separator. Training and scoring both build prompts here."""
+        return (self.setup.generation_instruction if instruction is None else instruction) + query + self.setup.generation_separator
 
     def generation_pairs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         """Token ids (prompt, continuation) per pair, cut to max_length: continuation to half, prompt from the left."""

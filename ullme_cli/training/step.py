@@ -57,7 +57,7 @@ class StepLoss:
         self.simcse = SimCSELoss(loss.temperature)
         self.mntp = MNTPLoss()
         self.sft = SFTLoss()
-        self.dpo = DPOLoss(loss.beta, loss.dpo_variant, loss.reference_free)
+        self.dpo = DPOLoss(loss.beta, loss.dpo_variant, loss.reference_free, loss.dpo_label_smoothing)
         # IPO's 1/(2β) margin is meant for token means (TRL, the ULLME code); sigmoid and hinge use sums.
         self.dpo_score = loss.dpo_logprob if loss.dpo_logprob != "auto" else ("mean" if loss.dpo_variant == "ipo" else "sum")
         self.kl = RelevanceKLLoss(loss.tau_kl, loss.tau_gen, loss.kl_direction)
@@ -88,10 +88,10 @@ class StepLoss:
         return positives, negatives
 
     def prompts(self, batch: list[TrainingExample]) -> list[str]:
-        """The generation prompt of each example: generation_instruction + query (docs/design.md §4); a row's own
-        generation_instruction wins over the model's, so one multi-task set can prompt each task its way."""
-        default = self.embedder.setup.generation_instruction
-        return [(default if ex.generation_instruction is None else ex.generation_instruction) + ex.query for ex in batch]
+        """The generation prompt of each example: generation_instruction + query + generation_separator
+        (docs/design.md §4), as `Embedder.generation_prompt` builds it; a row's own generation_instruction wins
+        over the model's, so one multi-task set can prompt each task its way."""
+        return [self.embedder.generation_prompt(ex.query, ex.generation_instruction) for ex in batch]
 
     def generation_scores(self, batch, positives, negatives, grad: bool) -> dict[str, torch.Tensor]:
         e = self.embedder
