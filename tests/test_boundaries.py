@@ -227,6 +227,23 @@ def test_evaluate_keeps_both_results_of_two_task_dirs_of_one_name(tiny_llama, tm
     assert summary["tasks"]["a-set"]["value"] != summary["tasks"]["b-set"]["value"]  # two sets, two scores
 
 
+def test_evaluate_may_write_results_into_a_folder_that_holds_its_model(tiny_llama, tmp_path):
+    """The results folder is a cache ullme adds to under its own names: holding the model is fine, lying
+    inside it is not (the model's fingerprint would change)."""
+    import shutil
+
+    texts = demo_texts(20)
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    (tmp_path / "set" / "qrels").mkdir(parents=True)
+    write_corpus(tmp_path / "set" / "corpus.jsonl", texts)
+    (tmp_path / "set" / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": texts[i]}) + "\n" for i in range(4)))
+    (tmp_path / "set" / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i + 1}\t1\n" for i in range(4)))
+    held = run_cli("evaluate", "-m", tmp_path / "model", "--task-dir", tmp_path / "set", "--output-dir", tmp_path, "-q")
+    assert held.returncode == 0, held.stderr.decode()
+    inside = run_cli("evaluate", "-m", tmp_path / "model", "--task-dir", tmp_path / "set", "--output-dir", tmp_path / "model" / "res", "-q")
+    assert inside.returncode == 2 and b"lies inside the input" in inside.stderr
+
+
 def test_the_documented_recipe_values_are_accepted_as_typed(tmp_path):
     """Seen: `--set train.mixed_precision=no` failed ("expected str, got bool"): YAML 1.1 reads `no` as false."""
     from ullme_cli.recipes import load_recipe

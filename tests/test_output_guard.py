@@ -55,6 +55,9 @@ def shared(tmp_path_factory) -> Path:
         result = run_cli("encode", root / corpus, "-o", root / out, "--model", root / "model", "-q", *extra)
         assert result.returncode == 0, result.stderr.decode()
     assert run_cli("index", root / "emb.npy", "-o", root / "idx").returncode == 0
+    from ullme_cli.models.embedder import Embedder
+
+    Embedder.load(str(root / "model"), dtype="float32", device="cpu").add_lora(r=2, alpha=4).save(root / "adapter", reference_base=True)
     (root / "run").mkdir()
     (root / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 4)))
     return root
@@ -121,6 +124,7 @@ CASES = [
     ("encode", "output-inside-local-hf", ["encode", "hf:{s}/ds", "-m", "{s}/model", "-o", "{s}/ds/data-00000-of-00001.arrow", "--overwrite"], nothing, "lies inside the input"),
     ("encode", "output-links-to-input", [*ENCODE, "-o", "{d}/l.npy", "--overwrite"], link("l.npy", "{s}/corpus.jsonl"), "is the input"),
     ("encode", "output-exists", [*ENCODE, "-o", "{d}/e.npy"], write("e.npy"), "exists already; pass --overwrite"),
+    ("encode", "output-inside-adapters-base", ["encode", "{s}/corpus.jsonl", "-m", "{s}/adapter", "-o", "{s}/model/e.npy"], nothing, "lies inside the input"),
     ("encode", "output-folder-is-a-link", [*ENCODE, "-o", "{d}/ln/e.npy"], steps(write("real/keep.txt"), link("ln", "{d}/real")), None),
     ("join", "output-is-a-shard", ["join", "{s}/s0.npy", "{s}/s1.npy", "-o", "{s}/s0.npy", "--overwrite"], nothing, "is the input"),
     ("join", "output-is-a-shard-sidecar", ["join", "{s}/s0.npy", "{s}/s1.npy", "-o", "{d}/l.npy", "--overwrite"], link("l.ids.jsonl", "{s}/s1.ids.jsonl"), "is the input"),
@@ -141,6 +145,7 @@ CASES = [
     ("search", "output-links-into-index", [*SEARCH, "-o", "{d}/l.jsonl", "--overwrite"], link("l.jsonl", "{s}/idx/ids.jsonl"), "lies inside the input"),
     ("search", "output-is-embeddings-sidecar", ["search", "{s}/idx", "--embeddings", "{s}/emb.npy", "-o", "{s}/emb.meta.json", "--overwrite"], nothing, "is the input"),
     ("search", "output-exists", [*SEARCH, "-o", "{d}/r.jsonl"], write("r.jsonl"), "exists already"),
+    ("search", "output-inside-the-indexs-model", [*SEARCH, "-o", "{s}/model/r.jsonl"], nothing, "lies inside the input"),
     ("search", "output-folder-is-a-link", [*SEARCH, "-o", "{d}/ln/r.jsonl"], steps(write("real/keep.txt"), link("ln", "{d}/real")), None),
     ("mine", "output-is-training", [*MINE, "-o", "{s}/train.jsonl", "--overwrite"], nothing, "is the input"),
     ("mine", "output-inside-model", [*MINE, "-o", "{s}/model/m.jsonl"], nothing, "lies inside the input"),
@@ -151,6 +156,7 @@ CASES = [
     ("export", "output-inside-model", ["export", "{s}/model", "-o", "{s}/model/exported"], nothing, "lies inside the input"),
     ("export", "output-links-to-model", ["export", "{s}/model", "-o", "{d}/ln", "--overwrite"], link("ln", "{s}/model"), "is the input"),
     ("export", "output-exists", ["export", "{s}/model", "-o", "{d}/out"], write("out/x.txt"), "exists already"),
+    ("export", "output-inside-adapters-base", ["export", "{s}/adapter", "-o", "{s}/model/exported"], nothing, "lies inside the input"),
     ("export", "overwrite-user-files", ["export", "{s}/model", "-o", "{d}/out", "--overwrite"], copy("model", "out", {"notes.txt": "mine", "eval-results/a.json": "{}"}), "did not write"),
     ("export", "output-folder-is-a-link", ["export", "{s}/model", "-o", "{d}/ln"], link("ln", "{d}/real"), None),
     ("finetune", "output-holds-the-recipe", ["finetune", "{d}/run/recipe.yaml"], recipe("{d}/run", at="run/recipe.yaml"), "holds the input"),

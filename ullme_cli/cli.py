@@ -243,12 +243,12 @@ def search(
     from ullme_cli.retrieval.search import search as run_search
     from ullme_cli.retrieval.search import write_results
 
-    from ullme_cli.artifacts import embedding_files
+    from ullme_cli.retrieval.search import search_inputs
 
     folders, queries = (indexes, None) if embeddings else (indexes[:-1], indexes[-1])
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
-    inputs = [*folders, queries, *embedding_files(embeddings or "-")]
+    inputs = search_inputs(folders, queries, embeddings)
     results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction)
     count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":

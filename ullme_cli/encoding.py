@@ -97,8 +97,11 @@ def _job_fingerprint(record: dict, options: EncodeOptions, shard, corpus: str) -
 
 def encode_inputs(input_path: str, setup: ModelSetup) -> list[str]:
     """What an encode reads, for the output guard: the corpus (a file, a save_to_disk folder, a local
-    `hf:` folder) and the model folder, whose fingerprint an output inside it would change."""
-    return [input_path, setup.model]
+    `hf:` folder) and the model folder (with the base an adapter-only folder names), whose fingerprint an
+    output inside it would change."""
+    from ullme_cli.models.loading import model_inputs
+
+    return [input_path, *model_inputs(setup.model)]
 
 
 def encode_corpus(

@@ -118,7 +118,10 @@ def evaluate(
         raise UllmeError("evaluate: name --tasks, --task-dir, --sts or --pairs (or --run with --qrels)")
     setup = resolve_setup(model, pooling=pooling, attention=attention)
     # The results cache is written as tasks finish: never inside the model (its fingerprint would change) or a task.
-    guard_output([output_dir], [setup.model, *(path for path, _, _ in local), instructions], folder=True, exists_ok=True)
+    from ullme_cli.models.loading import model_inputs
+
+    guard_output([output_dir], [*model_inputs(setup.model), *(path for path, _, _ in local), instructions], folder=True, exists_ok=True,
+                 may_hold_inputs=True)  # fmt: skip
     setup = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
     name = Path(model).name if Path(model).exists() else model
     # Hub data is checked before the model loads, and only for tasks that have no result yet.

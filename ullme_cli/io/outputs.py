@@ -72,13 +72,15 @@ def guard_output(
     overwrite: bool = False,
     folder: bool = False,
     exists_ok: bool = False,
+    may_hold_inputs: bool = False,
 ) -> list[Path]:
     """Check every output of a command before it does any work; return the outputs' real paths.
 
     Refused, each in one line naming both paths: an output that is an input, lies inside one or holds
     one (symlinks resolved); a parent that is a file; a file where a folder goes or the reverse; an
     existing output without `overwrite` (unless `exists_ok`: a folder the command adds to, such as a run
-    folder); with `overwrite`, a folder that holds files ullme did not write.
+    folder); with `overwrite`, a folder that holds files ullme did not write. `may_hold_inputs`: a folder
+    that ullme only adds files to under names of its own (evaluate's results cache) may contain an input.
     """
     sources = [(str(name), path) for name in inputs if (path := local_input(name)) is not None]
     targets = []
@@ -88,6 +90,8 @@ def guard_output(
         target = real_path(out)
         for name, source in sources:
             relation = _relation(target, source)
+            if relation == "holds the input" and may_hold_inputs:
+                continue
             if relation:
                 raise UllmeError(f"{out}: {relation} {name} of this command; choose another output")
         parent = next((p for p in target.parents if p.exists()), None)

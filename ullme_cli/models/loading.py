@@ -187,6 +187,19 @@ def adapter_record(folder: Path) -> dict | None:
     return record
 
 
+def model_inputs(name: str) -> list[str]:
+    """The local paths a model name reads, for the output guard: the folder, and the base that an
+    adapter-only folder names (an output inside either would change a fingerprint the other relies on)."""
+    paths = [name]
+    try:
+        record = adapter_record(Path(name)) if Path(name).is_dir() else None
+    except UllmeError:
+        record = None
+    if record is not None:
+        paths.append(record["model"])
+    return paths
+
+
 def adapter_base(folder: Path) -> str | None:
     """The resolved base model of an adapter-only folder, after checking that its weights are the ones the
     adapter was trained on; None for a folder that holds its own weights."""

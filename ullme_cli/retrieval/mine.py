@@ -98,9 +98,11 @@ def mine_negatives(
 ) -> dict:
     options.validate()
     cache = Path(output).with_name(Path(output).name + ".cache")
-    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), setup.model]
+    from ullme_cli.models.loading import model_inputs
+
+    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), *model_inputs(setup.model)]
     guard_output([output], inputs, overwrite)
-    guard_output([cache], inputs, folder=True, exists_ok=True)  # its files are replaced one by one, never the folder
+    guard_output([cache], inputs, folder=True, exists_ok=True, may_hold_inputs=True)  # files replaced one by one, never the folder
     with output_lock(output):
         return _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, options, show_progress)
 

@@ -209,6 +209,21 @@ def open_output(path: str) -> Iterator[TextIO]:
         yield out
 
 
+def search_inputs(folders: list[str], queries: str | None, embeddings: str | None) -> list[str]:
+    """What a search reads, for the output guard: the index folders, the queries or query embeddings (with
+    their sidecars), and the models the indexes name (an output inside one would change its fingerprint)."""
+    from ullme_cli.artifacts import embedding_files
+    from ullme_cli.models.loading import model_inputs
+
+    models = []
+    for folder in folders:
+        try:
+            models += model_inputs(read_manifest(folder)["model"])
+        except UllmeError:
+            pass  # an unreadable index is reported, with its file, when it is opened
+    return [*folders, queries, *embedding_files(embeddings or "-"), *models]
+
+
 def write_results(results, output: str, fmt: str, inputs=(), overwrite: bool = False) -> int:
     if fmt not in FORMATS:
         raise UllmeError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")

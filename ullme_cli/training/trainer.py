@@ -281,7 +281,9 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     out = Path(recipe.output_dir)
     # Everything the run reads is an input: output_dir may not be, lie inside or hold any of them (the recipe
     # file included: finetune writes its resolved recipe into output_dir).
-    inputs = [recipe.source, recipe.data.train, recipe.model.model, recipe.eval.task_dir, recipe.eval.sts]
+    from ullme_cli.models.loading import model_inputs
+
+    inputs = [recipe.source, recipe.data.train, *model_inputs(recipe.model.model), recipe.eval.task_dir, recipe.eval.sts]
     guard_output([out], inputs, folder=True, exists_ok=True)
     if not resume and latest_checkpoint(out) is not None:
         raise UllmeError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, or pick another output_dir")
