@@ -1,5 +1,6 @@
 """Each loss against a computation written out by hand on small fixed tensors."""
 
+import json
 import math
 
 import pytest
@@ -147,3 +148,47 @@ def test_conservative_dpo_matches_its_formula_by_hand():
         assert DPOLoss(0.1, label_smoothing=eps)(pc, pr, rc, rr).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         DPOLoss(0.1, label_smoothing=0.5)
+
+
+def test_rows_of_one_label_are_not_each_others_negatives():
+    """SupCon-style masking, by hand: row 0 and row 1 share a label, so p1 leaves row 0's denominator (and
+    p0 row 1's); row 2 has none of its own group; hard negatives always stay."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    q, p, neg = (torch.nn.functional.normalize(torch.randn(n, 8), dim=-1) for n in (3, 3, 2))
+    groups = torch.tensor([7, 7, -1])
+    tau = 0.05
+    s = lambda a, b: float(a @ b) / tau  # noqa: E731
+    candidates = {0: [0, 2], 1: [1, 2], 2: [0, 1, 2]}  # positives each row keeps (its own first)
+    expected = np.mean([-(s(q[i], p[i]) - np.log(sum(np.exp(s(q[i], p[j])) for j in candidates[i]) + sum(np.exp(s(q[i], n)) for n in neg)))
+                        for i in range(3)])  # fmt: skip
+    assert InfoNCELoss(tau)(q, p, neg, groups).item() == pytest.approx(expected, rel=1e-5)
+    assert InfoNCELoss(tau)(q, p, neg, torch.tensor([-1, -1, -1])).item() == pytest.approx(InfoNCELoss(tau)(q, p, neg).item(), rel=1e-6)
+
+
+def test_a_rows_label_groups_its_batch_and_gradcache_agrees(tiny_llama, tmp_path):
+    from ullme_cli.data import read_training_examples
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+
+    import ullme_cli as ullme
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"query": "cheap flights to rome", "positive": "travel", "negative": "sports", "label": "travel"},
+        {"query": "hotel deals in paris", "positive": "travel", "negative": "sports", "label": "travel"},
+        {"query": "who won the cup final", "positive": "sports", "negative": "travel", "label": "sports"},
+        {"query": "what is a qubit", "positive": "A qubit is a two-state quantum system.", "negative": "sports"},
+    ]))  # fmt: skip
+    examples, _ = read_training_examples(str(rows))
+    embedder = ullme.load(str(tiny_llama), dtype="float32")
+    step = StepLoss(embedder, LossSection(strategy="contrastive"), negatives_per_query=1)
+    groups = step.groups(examples).tolist()
+    assert groups[0] == groups[1] != groups[2] and groups[3] == -1
+    losses = []
+    for chunk in (0, 2):  # the plain step and GradCache give the same masked loss
+        embedder.model.zero_grad()
+        step = StepLoss(embedder, LossSection(strategy="contrastive"), negatives_per_query=1, chunk_size=chunk)
+        losses.append(step.backward(examples, torch.Generator().manual_seed(0))[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

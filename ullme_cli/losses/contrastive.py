@@ -43,7 +43,13 @@ class InfoNCELoss(nn.Module):
     s is the dot product of unit vectors (cosine). P holds every positive of the global batch (gathered
     from all processes with gradients kept) and every hard negative. τ = 0.05 by default.
 
-    Inputs: queries (B, d), positives (B, d), negatives (N, d) or None. Returns a scalar.
+    False negatives by label (SupCon-style; Khosla et al., 2020): with `groups`, another row's positive
+    whose group equals row i's is left out of row i's denominator, since it answers the same label or
+    cluster (a classification row's label text is no negative for another row of that class). Group -1
+    means none. Hard negatives always stay: they are negatives by construction.
+
+    Inputs: queries (B, d), positives (B, d), negatives (N, d) or None, groups (B,) int64 or None.
+    Returns a scalar.
     """
 
     def __init__(self, temperature: float = 0.05, gather: bool = True):
@@ -51,13 +57,23 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
         self.gather = gather
 
-    def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         offset = 0
+        own_groups = groups
         if self.gather:
             positives, offset = gather_with_grad(positives)
             if negatives is not None:
                 negatives, _ = gather_with_grad(negatives)
+            if groups is not None:
+                groups, _ = gather_with_grad(groups)  # integers: no gradient flows, the gather is all that runs
         candidates = positives if negatives is None else torch.cat([positives, negatives], dim=0)
-        logits = queries @ candidates.T / self.temperature
-        labels = torch.arange(queries.shape[0], device=queries.device) + offset
-        return F.cross_entropy(logits.float(), labels)
+        logits = (queries @ candidates.T / self.temperature).float()
+        rows = torch.arange(queries.shape[0], device=queries.device)
+        if own_groups is not None:
+            same = (own_groups[:, None] == groups[None, :]) & (own_groups[:, None] >= 0)
+            same[rows, rows + offset] = False  # the row's own positive stays
+            masked = torch.zeros_like(logits, dtype=torch.bool)
+            masked[:, : positives.shape[0]] = same
+            logits = logits.masked_fill(masked, float("-inf"))
+        return F.cross_entropy(logits, rows + offset)

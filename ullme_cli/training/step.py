@@ -15,6 +15,9 @@ Every backward starts from `self.scale(loss)`: the identity, or an fp16 gradient
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -110,10 +113,19 @@ class StepLoss:
             scores = e.generation_logprobs(prompts + prompts, list(chosen) + list(rejected))[self.dpo_score]
         return scores[: len(prompts)], scores[len(prompts) :]
 
-    def embedding_terms(self, q, p, neg, simcse_views, generation_means) -> dict[str, torch.Tensor]:
+    def groups(self, batch: list[TrainingExample]) -> torch.Tensor | None:
+        """Each row's `label` (or `cluster`) as a stable integer id, -1 for none; None when no row has one.
+        Stable across processes (a hash of the value, not an index), so gathered ids compare."""
+        values = [ex.extra.get("label", ex.extra.get("cluster")) for ex in batch]
+        if all(v is None for v in values):
+            return None
+        ids = [-1 if v is None else int(hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:15], 16) for v in values]
+        return torch.tensor(ids, dtype=torch.long, device=self.embedder.device)
+
+    def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None) -> dict[str, torch.Tensor]:
         w, parts = self.weights, {}
         if "contrastive" in w:
-            parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]))
+            parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]), groups)
         if "kl" in w:
             parts["kl"] = self.kl(candidate_scores(q, p, neg), generation_means)
         if "simcse" in w:
@@ -159,7 +171,7 @@ class StepLoss:
             if "simcse" in w:
                 texts = [ex.query for ex in batch] + positives
                 views = (self.embed(texts, "passage"), self.embed(texts, "passage"))
-            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None))
+            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None, self.groups(batch)))
         if "mntp" in w:
             parts["mntp"] = self.mntp_loss(positives, generator)
         total = sum(w[name] * value for name, value in parts.items())
@@ -205,7 +217,7 @@ class StepLoss:
         # 3. Embedding terms on the cached embeddings, then their gradients pushed back chunk by chunk.
         if roles:
             q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
-            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None)
+            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None, self.groups(batch))
             self.scale(sum(w[k] * v for k, v in terms.items())).backward()
             for role, (texts, kind, instr) in roles.items():
                 gradient = cached[role].grad  # already scaled, when a scaler is in use
