@@ -386,7 +386,7 @@ CASES = [
     # ---------------------------------------------------------------- export
     ("export-not-found", ["export", "{d}/none", "-o", "{d}/out"], nothing, "model folder not found"),
     ("export-output-exists", ["export", "{model}", "-o", "{d}/out"], write("out/x.txt", "x"), "exists already"),
-    ("export-overwrite-user-files", ["export", "{model}", "-o", "{d}/out", "--overwrite"], write("out/notes.txt", "mine"), "did not write (notes.txt)"),
+    ("export-overwrite-user-files", ["export", "{model}", "-o", "{d}/out", "--overwrite"], write("out/notes.txt", "mine"), "has no .ullme-files record"),
     ("export-output-inside-model", ["export", "{model}", "-o", "{model}/exported"], nothing, "lies inside the input"),
     ("export-output-is-model", ["export", "{d}/model", "-o", "{d}/model", "--overwrite"], copy_model, "is the input"),
     ("export-training-truncated", ["export", "{d}/model", "-o", "{d}/out"], exported({"training.json": '{"recipe": "x", '}), "training.json: not valid JSON"),

@@ -57,7 +57,7 @@ def local_input(name: str | Path | None) -> Path | None:
 
 
 def _relation(target: Path, source: Path) -> str | None:
-    if target == source:
+    if target == source or (target.is_file() and source.is_file() and os.path.samefile(target, source)):  # a hard link too
         return "is the input"
     if source in target.parents:
         return "lies inside the input"
@@ -106,6 +106,9 @@ def guard_output(
     if folder and overwrite:
         for out, target in existing:
             foreign = foreign_files(target)
+            if foreign and not (target / WRITTEN_RECORD).exists():
+                raise UllmeError(f"{out}: has no {WRITTEN_RECORD} record of what ullme wrote there (an older ullme's folder, or not ullme's; "
+                                 f"it holds {foreign[0]}); --overwrite replaces only folders it can tell are ullme's: remove it yourself")  # fmt: skip
             if foreign:
                 raise UllmeError(f"{out}: holds files that ullme did not write ({foreign[0]}); --overwrite replaces only ullme's own folders")
     return targets
