@@ -376,6 +376,7 @@ CASES = [
     ("search-no-queries", ["search", "{idx}"], nothing, "give at least one index folder before QUERIES"),
     # ---------------------------------------------------------------- mine: its controls
     ("mine-max-score-nan", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--max-score", "nan"], nothing, "--max-score must be a finite number"),
+    ("mine-relative-margin-1", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--relative-margin", "1"], nothing, "--relative-margin must be at least 0 and below 1"),
     ("mine-margin-nan", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--margin", "nan"], nothing, "--margin must be a number of at least 0"),
     ("mine-range-beyond-corpus", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--range", "1000:"], nothing, "--range starts at rank 1000, but"),
     ("mine-seed-negative", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--sample", "--seed", "-1"], nothing, "--seed must be between 0 and 2^32-1"),

@@ -68,6 +68,13 @@ def test_range_sample_margin_and_max_score(tiny_llama, trecqa):
         dropped += any(scores[t] > weakest - 0.02 for t in ranked[:3] if t not in row["positive"])
     assert dropped > 0  # the margin did remove likely false negatives somewhere
 
+    relative = mine(tiny_llama, trecqa, "relative", negatives=3, start=0, relative_margin=0.05)
+    dropped = 0
+    for row, (ranked, scores, weakest) in zip(relative, scored(tiny_llama, trecqa, relative)):
+        assert all(scores[n] <= weakest * 0.95 + 1e-6 for n in row["negative"])
+        dropped += any(scores[t] > weakest * 0.95 for t in ranked[:3] if t not in row["positive"])
+    assert dropped > 0  # sentence-transformers' relative margin removed some candidates
+
     # A ceiling in the middle of the candidate pool (the top 100 ranks): the best candidates are cut.
     ceiling = float(np.median([scores[t] for ranked, scores, _ in scored(tiny_llama, trecqa, top) for t in ranked[:100]]))
     capped = mine(tiny_llama, trecqa, "capped", negatives=3, start=0, max_score=ceiling)

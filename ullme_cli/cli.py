@@ -266,6 +266,7 @@ def mine(
     rank_range: str = typer.Option("10:", "--range", help="A:B: take candidates from ranks A to B-1 (0-based; the top ranks are often unlabelled positives). A: has no upper bound."),
     sample: bool = typer.Option(False, "--sample", help="A random sample of the candidates in the range (seeded by --seed) instead of the best ones."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Drop candidates scoring within M of the row's weakest positive (cosine)."),
+    relative_margin: Optional[float] = typer.Option(None, "--relative-margin", help="Drop candidates scoring above the row's weakest positive × (1 − R) (sentence-transformers' rule)."),
     max_score: Optional[float] = typer.Option(None, "--max-score", help="Drop candidates scoring above S (cosine)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
@@ -285,7 +286,7 @@ def mine(
     from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
 
     start, stop = MiningOptions.parse_range(rank_range)
-    options = MiningOptions(negatives, start, stop, sample, margin, max_score, seed, keep_existing).validate()
+    options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing).validate()
     setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
     runtime = Runtime(dtype, device, trust_remote_code)
     stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, show_progress)

@@ -5,7 +5,7 @@ top ranks are often unlabelled positives), leaving out the known positives, cand
 `margin` of the row's weakest positive, and candidates above `max_score` (the usual guards against false
 negatives); then keep the best `negatives` of them, or a seeded random sample (`sample`). The options mean
 what sentence-transformers' `mine_hard_negatives` means by range_min/range_max, absolute_margin,
-max_score and sampling_strategy. The corpus embeddings are cached next to the output (or taken from
+relative_margin, max_score and sampling_strategy. The corpus embeddings are cached next to the output (or taken from
 `--corpus-embeddings`), so a rerun does not encode them again. They are reused only when their setup
 (model fingerprint included) and corpus fingerprint match.
 """
@@ -47,6 +47,7 @@ class MiningOptions:
     stop: int | None = None  # first rank not considered; None: start + max(100, 10 × negatives)
     sample: bool = False  # a seeded random sample of the candidates instead of the best ones
     margin: float | None = None  # drop candidates scoring above (weakest positive's score − margin)
+    relative_margin: float | None = None  # drop candidates scoring above weakest positive's score × (1 − r)
     max_score: float | None = None  # drop candidates scoring above this
     seed: int = 0
     keep_existing: bool = False
@@ -68,6 +69,8 @@ class MiningOptions:
             raise UllmeError("--negatives must be at least 1")
         if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
             raise UllmeError(f"--margin must be a number of at least 0, got {self.margin}")
+        if self.relative_margin is not None and not (math.isfinite(self.relative_margin) and 0 <= self.relative_margin < 1):
+            raise UllmeError(f"--relative-margin must be at least 0 and below 1, got {self.relative_margin}")
         if self.max_score is not None and not math.isfinite(self.max_score):
             raise UllmeError(f"--max-score must be a finite number, got {self.max_score}")
         if not 0 <= self.seed < 2**32:
@@ -149,9 +152,10 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     queries = query_vectors(embedder, examples)
-    # The weakest positive's score bounds what a negative may score (--margin).
+    # The weakest positive's score bounds what a negative may score (--margin, --relative-margin).
     positive_texts = sorted({p for ex in examples for p in ex.positives})
-    positive_vectors = dict(zip(positive_texts, embedder.encode(positive_texts, kind="passage"))) if options.margin is not None else {}
+    bounded = options.margin is not None or options.relative_margin is not None
+    positive_vectors = dict(zip(positive_texts, embedder.encode(positive_texts, kind="passage"))) if bounded else {}
 
     end = options.pool_end(len(records))
     scores, found = index.search(queries, end)
@@ -167,9 +171,12 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
             kept = list(example.negatives) if options.keep_existing else []
             seen = {_normal(t) for t in kept}
             ceiling = options.max_score if options.max_score is not None else np.inf
-            if options.margin is not None:
+            if bounded:
                 weakest = min(float(queries[row] @ positive_vectors[p]) for p in example.positives)
-                ceiling = min(ceiling, weakest - options.margin)
+                if options.margin is not None:
+                    ceiling = min(ceiling, weakest - options.margin)
+                if options.relative_margin is not None:  # sentence-transformers' relative_margin
+                    ceiling = min(ceiling, weakest * (1 - options.relative_margin))
             candidates = []
             for position, score in zip(ranked[options.start :], ranked_scores[options.start :]):
                 text = texts[position] if position >= 0 else ""
