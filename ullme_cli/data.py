@@ -48,6 +48,7 @@ class TrainingExample:
     instruction: str | None = None
     generation_instruction: str | None = None  # this row's GRL/DPO/SFT prompt prefix; None: the recipe's
     extra: dict = field(default_factory=dict)  # fields ullme does not read (FlagEmbedding's prompt, scores, ...), kept
+    in_batch_negatives: bool = True  # its source's setting (training/mixture.py); False: scored against its own candidates only
 
     def to_json(self) -> dict:
         row = {**self.extra, "query": self.query, "positive": self.positives, "negative": self.negatives}

@@ -58,9 +58,16 @@ class LoraSection:
 
 @dataclass
 class DataSection:
-    train: str = ""
+    train: str = ""  # one source; or `sources` (a recipe's `data:` written as a list is its sources)
+    sources: list = field(default_factory=list)  # [{path, max_rows, weight, instruction, generation_instruction, in_batch_negatives}]
     negatives_per_query: int = 1
     skip_bad_rows: bool = False
+
+    def source_list(self):
+        """The sources to train on (training/mixture.py): `sources`, or `train` as the one source."""
+        from ullme_cli.training.mixture import Source, parse_sources
+
+        return parse_sources(self.sources, "recipe") if self.sources else [Source(self.train)]
 
 
 @dataclass
@@ -95,6 +102,7 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     grad_cache_chunk: int = 0  # > 0: GradCache with chunks of this many texts, so batch size is free of memory
+    batching: str = "auto"  # same-source | mixed | auto (same-source with several data sources)
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward passes (fp16 with a loss scaler)
     gradient_checkpointing: bool = False  # recompute decoder activations in the backward pass: less memory, ~1/3 more compute
     report_to: str = "none"  # none | tensorboard: metrics also to <output_dir>/tensorboard through accelerate's trackers
@@ -251,8 +259,18 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     needs_pairs = set(recipe.loss.resolved_weights()) - {"simcse", "mntp"}
     if needs_pairs & {"dpo", "kl"} and recipe.data.negatives_per_query < 1:
         bad("data.negatives_per_query", "must be at least 1 for dpo and kl")
-    if not recipe.data.train:
-        bad("data.train", "must name training data: jsonl, tsv, csv, parquet, a datasets folder or hf:NAME[:SPLIT]")
+    if recipe.data.train and recipe.data.sources:
+        bad("data.train", "and data.sources do not mix: name one file as data.train, or several as data.sources")
+    if not recipe.data.train and not recipe.data.sources:
+        bad("data.train", "must name training data: jsonl, tsv, csv, parquet, a datasets folder or hf:NAME[:SPLIT] (or data.sources)")
+    if recipe.data.sources:
+        from ullme_cli.training.mixture import parse_sources
+
+        sources = parse_sources(recipe.data.sources, source)
+        if recipe.train.batching == "mixed" and any(s.weight != 1 for s in sources):
+            bad("train.batching", "mixed does not apply source weights (every row of every source in one shuffle); use same-source")
+    if recipe.train.batching not in ("auto", "same-source", "mixed"):
+        bad("train.batching", "must be auto, same-source or mixed")
     if "dpo" in recipe.loss.resolved_weights() and not recipe.lora.enabled and not recipe.loss.reference_free:
         bad("loss.reference_free", "must be true for DPO without LoRA (the reference is the model with adapters off)")
     return recipe
@@ -310,9 +328,13 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         raise UllmeError(f"{path}: not a text file (not valid UTF-8)") from None
     if not isinstance(values, dict):
         raise UllmeError(f"{path}: a recipe is a mapping of sections (output_dir, model, lora, data, loss, train, eval), got a {type(values).__name__}")
+    if isinstance(values.get("data"), list):  # `data:` as a list of sources
+        values["data"] = {"sources": values["data"]}
     values = apply_overrides(values, overrides or [], path)
     recipe = _validate(_build(Recipe, values, path), path)
     recipe.data.train = _relative_to_recipe(recipe.data.train, p)
+    recipe.data.sources = [{**entry, "path": _relative_to_recipe(entry["path"], p)} if isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                           else _relative_to_recipe(entry, p) if isinstance(entry, str) else entry for entry in recipe.data.sources]  # fmt: skip
     recipe.eval.task_dir = _relative_to_recipe(recipe.eval.task_dir, p)
     recipe.eval.sts = _relative_to_recipe(recipe.eval.sts, p)
     recipe.source = str(p)

@@ -48,8 +48,12 @@ class InfoNCELoss(nn.Module):
     cluster (a classification row's label text is no negative for another row of that class). Group -1
     means none. Hard negatives always stay: they are negatives by construction.
 
-    Inputs: queries (B, d), positives (B, d), negatives (N, d) or None, groups (B,) int64 or None.
-    Returns a scalar.
+    Own candidates only: a row with `own_only` set is scored against its own positive and its own hard
+    negatives (negatives are n per row, in row order), as for classification and clustering sets whose
+    other rows' texts are no negatives for it.
+
+    Inputs: queries (B, d), positives (B, d), negatives (N, d) or None, groups (B,) int64 or None,
+    own_only (B,) bool or None. Returns a scalar.
     """
 
     def __init__(self, temperature: float = 0.05, gather: bool = True):
@@ -58,7 +62,7 @@ class InfoNCELoss(nn.Module):
         self.gather = gather
 
     def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                groups: torch.Tensor | None = None, own_only: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         offset = 0
         own_groups = groups
         if self.gather:
@@ -76,4 +80,13 @@ class InfoNCELoss(nn.Module):
             masked = torch.zeros_like(logits, dtype=torch.bool)
             masked[:, : positives.shape[0]] = same
             logits = logits.masked_fill(masked, float("-inf"))
+        if own_only is not None and bool(own_only.any()):
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep[rows, rows + offset] = True
+            if negatives is not None:
+                per_row = negatives.shape[0] // positives.shape[0]
+                for i in range(queries.shape[0]):
+                    first = positives.shape[0] + (offset + i) * per_row
+                    keep[i, first : first + per_row] = True
+            logits = logits.masked_fill(own_only[:, None] & ~keep, float("-inf"))
         return F.cross_entropy(logits, rows + offset)

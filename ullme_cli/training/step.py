@@ -122,10 +122,15 @@ class StepLoss:
         ids = [-1 if v is None else int(hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:15], 16) for v in values]
         return torch.tensor(ids, dtype=torch.long, device=self.embedder.device)
 
-    def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None) -> dict[str, torch.Tensor]:
+    def own_only(self, batch: list[TrainingExample]) -> torch.Tensor | None:
+        """Rows whose source has `in_batch_negatives: false`; None when every row takes in-batch negatives."""
+        flags = [not getattr(ex, "in_batch_negatives", True) for ex in batch]
+        return torch.tensor(flags, device=self.embedder.device) if any(flags) else None
+
+    def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None, own_only=None) -> dict[str, torch.Tensor]:
         w, parts = self.weights, {}
         if "contrastive" in w:
-            parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]), groups)
+            parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]), groups, own_only)
         if "kl" in w:
             parts["kl"] = self.kl(candidate_scores(q, p, neg), generation_means)
         if "simcse" in w:
@@ -171,7 +176,7 @@ class StepLoss:
             if "simcse" in w:
                 texts = [ex.query for ex in batch] + positives
                 views = (self.embed(texts, "passage"), self.embed(texts, "passage"))
-            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None, self.groups(batch)))
+            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None, self.groups(batch), self.own_only(batch)))
         if "mntp" in w:
             parts["mntp"] = self.mntp_loss(positives, generator)
         total = sum(w[name] * value for name, value in parts.items())
@@ -217,7 +222,7 @@ class StepLoss:
         # 3. Embedding terms on the cached embeddings, then their gradients pushed back chunk by chunk.
         if roles:
             q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
-            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None, self.groups(batch))
+            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None, self.groups(batch), self.own_only(batch))
             self.scale(sum(w[k] * v for k, v in terms.items())).backward()
             for role, (texts, kind, instr) in roles.items():
                 gradient = cached[role].grad  # already scaled, when a scaler is in use

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ullme_cli.io.outputs import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, guard_output, output_lock
-from ullme_cli.data import TrainingExample, read_training_examples
+from ullme_cli.data import TrainingExample
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import json_fingerprint, tensors_fingerprint
 from ullme_cli.model_setup import Runtime
@@ -44,14 +44,11 @@ CURVES = "curves.png"
 
 
 def batch_indices(step: int, batch_size: int, count: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """The examples of `step` for process `rank`: a seeded permutation per epoch, read in order."""
-    global_size = batch_size * world
-    start = step * global_size + rank * batch_size
-    indices = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, count)
-        indices.append(int(np.random.default_rng(seed + epoch).permutation(count)[offset]))
-    return indices
+    """The examples of `step` for process `rank` of one source: a seeded permutation per epoch, read in order
+    (several sources: training/mixture.py's Batching)."""
+    from ullme_cli.training.mixture import _positions
+
+    return _positions(step, batch_size, count, seed, rank, world)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -81,6 +78,7 @@ def run_inputs(recipe: Recipe, base_fingerprint: str, examples: list[TrainingExa
     return json.loads(json.dumps({
         "base_model": base_fingerprint, "model_dtype": recipe.model.dtype,
         "data": json_fingerprint(e.to_json() for e in examples), "negatives_per_query": recipe.data.negatives_per_query,
+        **({"sources": settings["data"]["sources"]} if recipe.data.sources else {}),
         "lora": {k: v for k, v in settings["lora"].items() if k != "merge"}, "loss": settings["loss"],
         "train": {k: v for k, v in settings["train"].items() if k not in RESUME_FREE_SETTINGS | {"batch_size"}},
         "global_batch_size": recipe.train.batch_size * processes,  # a resume on other process counts keeps it
@@ -92,12 +90,16 @@ def check_inputs(checkpoint: Path, recorded: dict | None, current: dict) -> None
     if recorded is None:  # written before checkpoints recorded their inputs (ullme 0.x): nothing to compare
         log.warning(f"{checkpoint}: records no training inputs; cannot check that it was trained from this recipe's model and data")
         return
+    from ullme_cli.recipes import Recipe
+
+    # A setting added since the checkpoint was written counts as its default there (the old code's behaviour).
+    defaults = dataclasses.asdict(Recipe())
     differ = [key for key in current if recorded.get(key) != current[key]]
     for key in ("lora", "loss", "train"):  # name the setting, not the section
         if key in differ:
             differ.remove(key)
             section = current[key], recorded.get(key) or {}
-            differ += [f"{key}.{k}" for k in section[0] if section[1].get(k) != section[0][k]]
+            differ += [f"{key}.{k}" for k in section[0] if section[1].get(k, defaults[key].get(k)) != section[0][k]]
     if differ:
         raise UllmeError(f"{checkpoint}: trained from other inputs than this run ({', '.join(differ)} differ); "
                          "resume with the recipe, model and data it was trained from, or start a new output_dir")  # fmt: skip
@@ -302,9 +304,15 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     from ullme_cli.training.step import StepLoss
 
     t = recipe.train
-    examples, skipped = read_training_examples(recipe.data.train, recipe.data.skip_bad_rows)
+    from ullme_cli.training.mixture import Batching, read_mixture
+
+    sources = recipe.data.source_list()
+    mixture = read_mixture(sources, recipe.data.skip_bad_rows, t.seed)
+    examples, skipped = mixture.examples, mixture.skipped
     if skipped:
-        log.warning(f"skipped {skipped} malformed rows of {recipe.data.train}")
+        log.warning(f"skipped {skipped} malformed rows of {', '.join(s.path for s in sources)}")
+    if len(sources) > 1:
+        log.info("sources: " + ", ".join(f"{s.name} {stop - start} rows" for s, (start, stop) in zip(sources, mixture.ranges)))
 
     eval_tasks = {}  # built now, so that a bad eval set fails before training starts
     if recipe.eval.task_dir:
@@ -366,6 +374,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         for group in optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
             group["lr"] = group["initial_lr"] = t.learning_rate
         log.info(f"resuming from {checkpoint} (step {step})")
+    batching = Batching(mixture, t.batch_size, t.seed, t.batching, accelerator.num_processes)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -385,9 +394,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         first_step, training_seconds = step, 0.0
         while step < t.steps:
             started = time.perf_counter()
-            batch: list[TrainingExample] = [
-                examples[i] for i in batch_indices(step, t.batch_size, len(examples), t.seed, accelerator.process_index, accelerator.num_processes)
-            ]
+            batch: list[TrainingExample] = [examples[i] for i in batching.indices(step, accelerator.process_index)]
             optimizer.zero_grad(set_to_none=True)
             seed = step_seed(t.seed, step, accelerator.process_index)
             torch.manual_seed(seed)
@@ -417,6 +424,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             training_seconds += time.perf_counter() - started
             record = {"step": step, "loss": loss, **parts, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "steps_per_s": (step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
+            if batching.same_source:
+                record["source"] = sources[batching.source_at(step - 1)].name
             evaluate_now = bool(eval_tasks) and (step == t.steps or (recipe.eval.every and step % recipe.eval.every == 0))
             if evaluate_now and accelerator.is_main_process:
                 weights = tensors_fingerprint(params.items(), salt=base_fingerprint)
@@ -425,7 +434,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 if tracking:
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
             advance(1, loss=record["loss"], **parts)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 if sharded:  # every process writes its shards
@@ -440,7 +449,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         embedder = unsharded_copy(recipe, weights) if accelerator.is_main_process else embedder
     if accelerator.is_main_process:
         embedder.training = {
-            "recipe": dump_recipe(recipe), "data": {"train": recipe.data.train, "rows": len(examples), "skipped": skipped},
+            "recipe": dump_recipe(recipe), "data": {"train": ", ".join(s.path for s in sources), "rows": len(examples), "skipped": skipped},
             "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
         }  # fmt: skip
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge, reference_base=True)  # a LoRA run: the adapter, not a copy of the base

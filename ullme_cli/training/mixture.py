@@ -1,0 +1,169 @@
+"""Dataset mixtures (issue 28): several training sources, each capped and weighted, batched one source at a time.
+
+A recipe's `data.sources` (or a `data:` written as a list) names sources; `data.train` alone is one source.
+Each source has a path (any input the readers take), `max_rows` (a cap, sampled evenly across a `cluster`
+field where rows have one, as the original ULLME does), `weight` (its share of same-source steps), its own
+`instruction` and `generation_instruction` (for rows without their own), and `in_batch_negatives` (false:
+a row is scored against its own positive and hard negatives only, as for classification and clustering sets).
+
+Batching (`train.batching`):
+- `same-source` (the default with several sources): the source of each step is drawn for the **global**
+  batch from (seed, step) with the sources' weights, so every process takes the same source at a step and
+  gathered negatives share a task. Within a source, rows come in a seeded permutation per epoch, continued
+  from that source's earlier steps. A pure function of (seed, step): a resumed run draws the same.
+- `mixed`: every row of every source in one seeded permutation per epoch, as a single file is batched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ullme_cli.data import TrainingExample, read_training_examples
+from ullme_cli.errors import UllmeError
+
+SOURCE_KEYS = ("path", "max_rows", "weight", "instruction", "generation_instruction", "in_batch_negatives")
+BATCHINGS = ("auto", "same-source", "mixed")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    max_rows: int | None = None
+    weight: float = 1.0
+    instruction: str | None = None
+    generation_instruction: str | None = None
+    in_batch_negatives: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.path[3:].split(":")[0] if self.path.startswith("hf:") else Path(self.path).name
+
+
+def parse_sources(values, where: str) -> list[Source]:
+    """`data.sources` as Source records; a bad entry is named `data.sources[i].key`."""
+    if not isinstance(values, list) or not values:
+        raise UllmeError(f"{where}: 'data.sources' must be a non-empty list of sources")
+    sources = []
+    for n, entry in enumerate(values):
+        key = f"data.sources[{n}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise UllmeError(f"{where}: '{key}' must be a mapping with a path, or a path")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise UllmeError(f"{where}: unknown key '{key}.{unknown[0]}' (known: {', '.join(SOURCE_KEYS)})")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise UllmeError(f"{where}: '{key}.path' must name training data")
+        checks = {
+            "max_rows": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "weight": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+            "instruction": lambda v: v is None or isinstance(v, str),
+            "generation_instruction": lambda v: v is None or isinstance(v, str),
+            "in_batch_negatives": lambda v: isinstance(v, bool),
+        }  # fmt: skip
+        for name, ok in checks.items():
+            if name in entry and not ok(entry[name]):
+                raise UllmeError(f"{where}: '{key}.{name}' has an invalid value {entry[name]!r}")
+        sources.append(Source(**{k: entry[k] for k in SOURCE_KEYS if k in entry}))
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):
+        raise UllmeError(f"{where}: two sources share the name '{next(n for n in names if names.count(n) > 1)}'; name each data file once")
+    return sources
+
+
+def cap_evenly(examples: list[TrainingExample], max_rows: int | None, seed: int) -> list[TrainingExample]:
+    """At most `max_rows` rows, drawn evenly across the rows' `cluster` values (round robin over clusters in
+    a seeded order, rows within a cluster shuffled), or a seeded sample where rows have no cluster."""
+    if max_rows is None or len(examples) <= max_rows:
+        return examples
+    rng = np.random.default_rng(seed)
+    clusters: dict[str, list[int]] = {}
+    for n, ex in enumerate(examples):
+        clusters.setdefault(str(ex.extra.get("cluster", "")), []).append(n)
+    queues = [list(rng.permutation(rows)) for _, rows in sorted(clusters.items())]
+    order = rng.permutation(len(queues))
+    chosen: list[int] = []
+    while len(chosen) < max_rows:
+        for q in order:
+            if queues[q] and len(chosen) < max_rows:
+                chosen.append(int(queues[q].pop()))
+    return [examples[i] for i in sorted(chosen)]
+
+
+@dataclass
+class Mixture:
+    """Every source's rows, in one list, with each source's range in it."""
+
+    sources: list[Source]
+    examples: list[TrainingExample]
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    skipped: int = 0
+
+    def source_of(self, row: int) -> int:
+        return next(k for k, (start, stop) in enumerate(self.ranges) if start <= row < stop)
+
+
+def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixture:
+    mixture = Mixture(sources, [])
+    for k, source in enumerate(sources):
+        examples, skipped = read_training_examples(source.path, skip_bad_rows)
+        for ex in examples:  # the source's instructions, where a row has none of its own
+            ex.instruction = ex.instruction if ex.instruction is not None else source.instruction
+            if ex.generation_instruction is None:
+                ex.generation_instruction = source.generation_instruction
+            ex.in_batch_negatives = source.in_batch_negatives
+        examples = cap_evenly(examples, source.max_rows, seed + 7919 * k)
+        mixture.ranges.append((len(mixture.examples), len(mixture.examples) + len(examples)))
+        mixture.examples += examples
+        mixture.skipped += skipped
+    return mixture
+
+
+def epoch_permutation(seed: int, epoch: int, count: int, salt: int = 0) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, salt]).permutation(count) if salt else np.random.default_rng(seed + epoch).permutation(count)
+
+
+class Batching:
+    """Which rows each process trains on at each step (see the module docstring)."""
+
+    def __init__(self, mixture: Mixture, batch_size: int, seed: int, mode: str = "auto", world: int = 1):
+        if mode not in BATCHINGS:
+            raise UllmeError(f"train.batching must be one of {', '.join(BATCHINGS)}, got '{mode}'")
+        self.mixture, self.batch_size, self.seed, self.world = mixture, batch_size, seed, world
+        self.same_source = mode == "same-source" or (mode == "auto" and len(mixture.sources) > 1)
+        weights = np.array([s.weight for s in mixture.sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self._drawn: list[int] = []  # the source of steps 0, 1, ... (drawn once, then reused)
+
+    def source_at(self, step: int) -> int:
+        """The source of global step `step`: a pure function of (seed, step) and the weights."""
+        while len(self._drawn) <= step:
+            s = len(self._drawn)
+            self._drawn.append(int(np.random.default_rng([self.seed, s, 2801]).choice(len(self.weights), p=self.weights)))
+        return self._drawn[step]
+
+    def indices(self, step: int, rank: int = 0) -> list[int]:
+        """The rows of `step` for process `rank`, as indices into the mixture's examples."""
+        if not self.same_source:
+            return _positions(step, self.batch_size, len(self.mixture.examples), self.seed, rank, self.world)
+        k = self.source_at(step)
+        earlier = sum(1 for s in range(step) if self.source_at(s) == k)  # the source's own step count so far
+        start, stop = self.mixture.ranges[k]
+        return [start + i for i in _positions(earlier, self.batch_size, stop - start, self.seed, rank, self.world, salt=k + 1)]
+
+
+def _positions(step: int, batch_size: int, count: int, seed: int, rank: int, world: int, salt: int = 0) -> list[int]:
+    """Rows of `step` for `rank`: a seeded permutation per epoch, read in order (salt 0: the single-file order
+    ullme always used, so one-source runs and their resumes are unchanged)."""
+    global_size = batch_size * world
+    first = step * global_size + rank * batch_size
+    rows = []
+    for position in range(first, first + batch_size):
+        epoch, offset = divmod(position, count)
+        rows.append(int(epoch_permutation(seed, epoch, count, salt)[offset]))
+    return rows
