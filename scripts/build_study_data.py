@@ -135,7 +135,7 @@ def _build(shared: Path, out: Path, max_rows_per_task: int = 0) -> dict:
         tasks[name] = [{**row, "generation_instruction": GENERATION_INSTRUCTIONS[name]} for row in capped(kept, max_rows_per_task)]
     rows = [row for task in tasks.values() for row in task]
     write_lines(out / "train.jsonl", (json.dumps(r, ensure_ascii=False) for r in rows))
-    for name, task in tasks.items():  # one source per task, for recipes that mix them (recipes/mixture.yaml)
+    for name, task in tasks.items():  # one source per task, for recipes that mix them (recipes/multitask/mixture.yaml)
         write_lines(out / f"train-{name}.jsonl", (json.dumps(r, ensure_ascii=False) for r in task))
     sts = lambda rows: (f"{r['relatedness_score']}\t{r['sentence_A']}\t{r['sentence_B']}" for r in rows)  # noqa: E731
     counts = {

@@ -129,7 +129,7 @@ def test_study_data_builder_counts_and_keeps_held_out_pairs_out(tmp_path):
     tmp_path = tmp_path / "study"
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(rows) == counts["train_rows"] == sum(t["rows"] for t in counts["train"].values())
-    for task, numbers in counts["train"].items():  # the per-task sources of recipes/mixture.yaml
+    for task, numbers in counts["train"].items():  # the per-task sources of recipes/multitask/mixture.yaml
         assert len((tmp_path / f"train-{task}.jsonl").read_text().splitlines()) == numbers["rows"]
     assert {r["instruction"] for r in rows} == set(builder.INSTRUCTIONS.values())
     assert {(r["instruction"], r["generation_instruction"]) for r in rows} == set(zip(builder.INSTRUCTIONS.values(), builder.GENERATION_INSTRUCTIONS.values()))
