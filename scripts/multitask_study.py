@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.artifacts import atomic_write_text
+from ullme_cli.io.outputs import atomic_write_text
 from ullme_cli.models.loading import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

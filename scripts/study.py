@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ullme_cli.artifacts import atomic_write_text
+from ullme_cli.io.outputs import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {

@@ -416,6 +416,8 @@ CASES = [
     ("finetune-bad-mixed-precision", ["finetune", "{d}/recipe.yaml", "--set", "train.mixed_precision=fp8"], recipe(), "'train.mixed_precision' must be no, bf16 or fp16"),
     ("finetune-yes-is-not-a-bool", ["finetune", "{d}/recipe.yaml", "--set", "lora.enabled=yes"], recipe(), "'lora.enabled': expected bool, got str 'yes'"),
     ("finetune-data-alias-clash", ["finetune", "{d}/recipe.yaml", "--set", "data.train={d}/t.jsonl"], lambda d, s: (recipe()(d, s), write("t.jsonl", '{"query": "q", "question": "r", "positive": "p"}\n')(d, s)), "fields 'query' and 'question'"),
+    ("finetune-output-holds-a-source", ["finetune", "{d}/recipe.yaml"], lambda d, s: (write("run/src.jsonl", (s / "train.jsonl").read_text())(d, s),
+     (d / "recipe.yaml").write_text(recipe_text(d, s).replace(f"train: {s / 'train.jsonl'}", f"sources: [{d / 'run' / 'src.jsonl'}]"))), "holds the input"),
     ("finetune-dcp-checkpoint-under-ddp", ["finetune", "{d}/recipe.yaml", "--resume"], lambda d, s: (recipe()(d, s), (d / "run" / "checkpoints" / "step-0000001" / "dcp").mkdir(parents=True)), "written with train.distributed: fsdp"),
 ]
 

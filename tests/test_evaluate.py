@@ -240,3 +240,5 @@ def test_the_mteb_model_meta_carries_what_the_leaderboard_reads(tiny_llama, tmp_
     meta = model_meta(embedder)
     assert meta.reference == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta.adapted_from == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta.training_datasets == {"sentence-transformers/msmarco"}
+    embedder.training["data"] = {"train": "qa.jsonl, hf:nli/snli:train", "sources": ["runs/qa.jsonl", "hf:nli/snli:train"]}  # a mixture
+    assert model_meta(embedder).training_datasets == {"qa.jsonl", "nli/snli"}

@@ -22,17 +22,7 @@ import numpy as np
 from ullme_cli.constants import OUT_DTYPES
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.fingerprints import array_checksum
-from ullme_cli.io.outputs import (  # noqa: F401 - writers take these from here too
-    STAGING_MARK,
-    STDIO,
-    atomic_folder,
-    atomic_path,
-    atomic_write_text,
-    guard_output,
-    guarded,
-    output_lock,
-    replace_folder,
-)
+from ullme_cli.io.outputs import STDIO, atomic_path, atomic_write_text
 from ullme_cli.io.rows import read_json_object
 
 INT8_SCALE = 127.0  # unit vectors have |x_i| <= 1, so x * 127 never clips and shards share one scale

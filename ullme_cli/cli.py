@@ -241,9 +241,7 @@ def search(
     """Search index folders; several folders (shards) are merged into one top-k."""
     show_progress = _output(quiet, verbose)
     from ullme_cli.retrieval.search import search as run_search
-    from ullme_cli.retrieval.search import write_results
-
-    from ullme_cli.retrieval.search import search_inputs
+    from ullme_cli.retrieval.search import search_inputs, write_results
 
     folders, queries = (indexes, None) if embeddings else (indexes[:-1], indexes[-1])
     if not folders:

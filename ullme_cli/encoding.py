@@ -20,24 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli import __version__
-from ullme_cli.artifacts import (
-    OUT_DTYPES,
-    STDIO,
-    atomic_write_text,
-    embedding_files,
-    guard_output,
-    load_embeddings,
-    output_lock,
-    quantize,
-    save_embeddings,
-    save_npy,
-    truncate,
-)
+from ullme_cli.artifacts import OUT_DTYPES, embedding_files, load_embeddings, quantize, save_embeddings, save_npy, truncate
 from ullme_cli.constants import KINDS
 from ullme_cli.data import FORMATS, read_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_JOB, disagreement, require_agreement
+from ullme_cli.io.outputs import STDIO, atomic_write_text, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
 
@@ -304,13 +293,10 @@ def _finished_part(part: Path, input_path: str, setup: ModelSetup, runtime: Runt
     except UllmeError:
         return False
     records = read_corpus(input_path, options.input_format)
-    expected = {
-        **setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model))).record(),
-        "kind": options.kind, "instruction": setup.instruction_prefix(options.kind, options.instruction),
-        "dtype": options.out_dtype, "truncate_dim": options.truncate_dim,
-        "compute_dtype": str(resolve_dtype(runtime.dtype, resolve_device(runtime.device))).replace("torch.", ""),
-        "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records),
-    }  # fmt: skip
+    compute_dtype = str(resolve_dtype(runtime.dtype, resolve_device(runtime.device))).replace("torch.", "")
+    made = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
+    expected = {**made.vector_record(options.kind, options.instruction, compute_dtype, options.truncate_dim),
+                "dtype": options.out_dtype, "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}  # fmt: skip
     index, count = parse_shard(shard)
     same_shard = meta.get("shard", {}).get("index") == index and meta.get("shard", {}).get("count") == count
     return same_shard and disagreement(meta, expected, SAME_JOB) is None

@@ -79,6 +79,12 @@ class ModelSetup:
     def record(self) -> dict:
         return asdict(self)
 
+    def vector_record(self, kind: str, instruction: str | None, compute_dtype: str, truncate_dim: int | None) -> dict:
+        """What defines the vectors of `kind` made with this setup: the record every meta file, manifest and
+        encode job carries, and that the agreement check (io/agreement.py) compares."""
+        return {**self.record(), "kind": kind, "instruction": self.instruction_prefix(kind, instruction),
+                "compute_dtype": compute_dtype, "truncate_dim": truncate_dim}  # fmt: skip
+
     def replace(self, **overrides) -> "ModelSetup":
         """A copy with `overrides` applied; None means keep."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,14 @@ def model_meta(embedder, name: str | None = None, revision: str | None = None):
 
     setup = embedder.setup
     parameters = [*embedder.model.parameters(), *embedder.pooler.parameters()]
-    training = embedder.training or _saved_training(embedder) or {}
-    base = (training.get("base_model") if training else None) or _hub_id(setup.model)
-    train_source = (training.get("data") or {}).get("train") if training else None
+    from ullme_cli.models.model_card import describe_base, read_training
+    from ullme_cli.training.mixture import Source
+
+    source = getattr(embedder, "source", None)
+    training = embedder.training or (read_training(Path(source)) if source else None) or {}
+    base = training.get("base_model") or describe_base(setup.model, source or setup.model)["base_model"]
+    data = training.get("data") or {}
+    train_sources = data.get("sources") or ([data["train"]] if data.get("train") else [])
     return ModelMeta.model_validate({
         "loader": None, "name": mteb_model_name(name or display_name(setup)), "revision": revision or setup_revision(setup),
         "release_date": None, "languages": None,
@@ -58,37 +64,9 @@ def model_meta(embedder, name: str | None = None, revision: str | None = None):
         "public_training_code": None, "public_training_data": None, "framework": ["Sentence Transformers", "PyTorch"],
         "reference": f"https://huggingface.co/{base}" if base else None,
         "similarity_fn_name": ScoringFunction.COSINE, "use_instructions": True,
-        "training_datasets": {_source_name(train_source)} if train_source else None,
+        "training_datasets": {Source(path).name for path in train_sources} or None,
         "adapted_from": base if training else None, "superseded_by": None, "modalities": ["text"],
     })  # fmt: skip
-
-
-def _saved_training(embedder) -> dict | None:
-    """What finetune recorded beside the weights (training.json), for a model loaded from its folder."""
-    from pathlib import Path
-
-    from ullme_cli.models.model_card import read_training
-
-    source = getattr(embedder, "source", None)
-    return read_training(Path(source)) if source and Path(source).is_dir() else None
-
-
-def _hub_id(model: str) -> str | None:
-    """A hub id as it is, the bundled default's origin, None for a local folder."""
-    from pathlib import Path
-
-    from ullme_cli.models.loading import BUNDLED
-
-    if model in BUNDLED:
-        return BUNDLED[model].hub_id
-    return model if "/" in model and not Path(model).exists() and not Path(model).is_absolute() else None
-
-
-def _source_name(source: str) -> str:
-    """A training source by name: `hf:NAME[:SPLIT]` as NAME, a local file or folder by its name."""
-    from pathlib import Path
-
-    return source[3:].split(":")[0] if source.startswith("hf:") else Path(source).name
 
 
 def _unit_rows(x) -> torch.Tensor:

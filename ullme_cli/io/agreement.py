@@ -9,6 +9,8 @@ A vector is what its record says. Every embeddings meta file, index manifest and
 The key sets below are named once, and each meeting point picks one:
 - `SAME_SPACE`: vectors scored against each other (a query against an index, a model against corpus
   embeddings). The side is checked on its own there, since a query and a passage differ by design.
+- `SAME_VECTORS`: `SAME_SPACE` and the side: vectors made the same way, stored in any output dtype (given
+  query embeddings against the index's queries, corpus embeddings against the model that mines).
 - `SAME_SIDE`: vectors placed side by side in one matrix or one ranking: `index --add`, several indexes
   searched together, the shards of `join`, multi-process parts, an encode resume.
 - `SAME_JOB`: `SAME_SIDE` plus the corpus: pieces of one encode job.
@@ -23,6 +25,7 @@ SIDE_KEYS = ("kind", "instruction")
 STORAGE_KEYS = ("dtype",)
 
 SAME_SPACE = SPACE_KEYS
+SAME_VECTORS = (*SPACE_KEYS, *SIDE_KEYS)
 SAME_SIDE = (*SPACE_KEYS, *SIDE_KEYS, *STORAGE_KEYS)
 SAME_JOB = (*SAME_SIDE, "corpus_fingerprint")
 

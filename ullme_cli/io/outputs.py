@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import tempfile
@@ -73,8 +72,8 @@ def guard_output(
     folder: bool = False,
     exists_ok: bool = False,
     may_hold_inputs: bool = False,
-) -> list[Path]:
-    """Check every output of a command before it does any work; return the outputs' real paths.
+) -> None:
+    """Check every output of a command before it does any work.
 
     Refused, each in one line naming both paths: an output that is an input, lies inside one or holds
     one (symlinks resolved); a parent that is a file; a file where a folder goes or the reverse; an
@@ -83,7 +82,7 @@ def guard_output(
     that ullme only adds files to under names of its own (evaluate's results cache) may contain an input.
     """
     sources = [(str(name), path) for name in inputs if (path := local_input(name)) is not None]
-    targets = []
+    existing = []
     for out in outputs:
         if str(out) == STDIO:
             continue
@@ -99,8 +98,8 @@ def guard_output(
             raise UllmeError(f"{out}: cannot write here: {parent} is a file, not a folder")
         if target.exists() and target.is_dir() != folder:
             raise UllmeError(f"{out}: is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'} path")
-        targets.append(target)
-    existing = [(o, t) for o, t in zip([o for o in outputs if str(o) != STDIO], targets) if t.exists()]
+        if target.exists():
+            existing.append((out, target))
     if existing and not (overwrite or exists_ok):
         raise UllmeError(f"{existing[0][0]}: exists already; pass --overwrite to replace it")
     if folder and overwrite:
@@ -111,7 +110,6 @@ def guard_output(
                                  f"it holds {foreign[0]}); --overwrite replaces only folders it can tell are ullme's: remove it yourself")  # fmt: skip
             if foreign:
                 raise UllmeError(f"{out}: holds files that ullme did not write ({foreign[0]}); --overwrite replaces only ullme's own folders")
-    return targets
 
 
 def _files_below(folder: Path) -> list[str]:
@@ -208,10 +206,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | Path, value) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
-
-
 @contextmanager
 def output_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on `path` while writing it: a second writer fails at once, with a clear error.
@@ -252,9 +246,8 @@ def output_lock(path: str | Path) -> Iterator[None]:
 
 
 @contextmanager
-def guarded(outputs, inputs=(), overwrite: bool = False, folder: bool = False, exists_ok: bool = False, lock: str | Path | None = None) -> Iterator[list[Path]]:
-    """`guard_output`, then hold the lock of the first output (or `lock`) while the block writes."""
-    targets = guard_output(outputs, inputs, overwrite, folder, exists_ok)
-    first = lock if lock is not None else next((o for o in outputs), STDIO)
-    with output_lock(first):
-        yield targets
+def guarded(outputs: list, inputs=(), overwrite: bool = False, folder: bool = False, exists_ok: bool = False) -> Iterator[None]:
+    """`guard_output`, then hold the lock of the first output while the block writes."""
+    guard_output(outputs, inputs, overwrite, folder, exists_ok)
+    with output_lock(outputs[0]):
+        yield

@@ -28,7 +28,6 @@ from ullme_cli.errors import UllmeError, located
 from ullme_cli.io.outputs import HUB_PREFIX, STDIO
 
 STDIN = STDIO
-LINE_FORMATS = ("jsonl", "tsv", "text", "csv")
 TABLE_FORMATS = ("parquet", "dataset")
 FORMATS = ("auto", "jsonl", "tsv", "text", "csv", "parquet", "dataset")
 BOM = "\ufeff"

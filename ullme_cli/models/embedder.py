@@ -193,10 +193,8 @@ class Embedder:
         return str(next(self.model.parameters()).dtype).replace("torch.", "")
 
     def vector_record(self, kind: str, instruction: str | None = None, truncate_dim: int | None = None) -> dict:
-        """What defines the vectors this embedder makes for `kind`: the record that every meta file, manifest
-        and encode job carries, and that the agreement check (io/agreement.py) compares."""
-        return {**self.setup.record(), "kind": kind, "instruction": self.instruction_prefix(kind, instruction),
-                "compute_dtype": self.compute_dtype, "truncate_dim": truncate_dim}  # fmt: skip
+        """What defines the vectors this embedder makes for `kind` (ModelSetup.vector_record, in its dtype)."""
+        return self.setup.vector_record(kind, instruction, self.compute_dtype, truncate_dim)
 
     def weights_changed(self) -> None:
         """Training changes the weights in memory: the loaded files' fingerprint no longer describes them."""

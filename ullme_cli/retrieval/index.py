@@ -14,18 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli import __version__
-from ullme_cli.artifacts import (
-    atomic_folder,
-    dequantize,
-    embedding_files,
-    guard_output,
-    load_embeddings,
-    output_lock,
-    read_id_lines,
-    save_npy,
-)
+from ullme_cli.artifacts import dequantize, embedding_files, load_embeddings, read_id_lines, save_npy
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.io.agreement import SAME_SIDE, require_agreement
+from ullme_cli.io.outputs import atomic_folder, guard_output, output_lock
 from ullme_cli.io.rows import read_json_object
 from ullme_cli.model_setup import SETUP_FIELDS
 

@@ -20,18 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.artifacts import atomic_path, dequantize, embedding_files, guard_output, load_embeddings, output_lock
+from ullme_cli.artifacts import dequantize, embedding_files, load_embeddings
 from ullme_cli.data import read_corpus, read_training_examples
 from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
-from ullme_cli.io.agreement import SAME_SPACE, SIDE_KEYS, disagreement, require_agreement
+from ullme_cli.io.agreement import SAME_VECTORS, disagreement, require_agreement
+from ullme_cli.io.outputs import atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
 
 log = logging.getLogger(__name__)
 
 # What corpus embeddings must share with the model that mines: the vectors' space, the passage side, the corpus.
-CORPUS_KEYS = (*SAME_SPACE, *SIDE_KEYS, "corpus_fingerprint")
+CORPUS_KEYS = (*SAME_VECTORS, "corpus_fingerprint")
 # Scores of the negatives a row held: mining replaces (or extends) them, so these no longer describe the row.
 STALE_FIELDS = ("neg_scores",)
 
@@ -100,9 +101,9 @@ def mine_negatives(
     show_progress: bool = True,
 ) -> dict:
     options.validate()
-    cache = Path(output).with_name(Path(output).name + ".cache")
     from ullme_cli.models.loading import model_inputs
 
+    cache = Path(output).with_name(Path(output).name + ".cache")
     inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), *model_inputs(setup.model)]
     guard_output([output], inputs, overwrite)
     guard_output([cache], inputs, folder=True, exists_ok=True, may_hold_inputs=True)  # files replaced one by one, never the folder

@@ -17,9 +17,10 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from ullme_cli.artifacts import STDIO, atomic_path, dequantize, guard_output, load_embeddings, output_lock
+from ullme_cli.artifacts import dequantize, load_embeddings
 from ullme_cli.errors import UllmeError, located
-from ullme_cli.io.agreement import SAME_SIDE, SAME_SPACE, require_agreement
+from ullme_cli.io.agreement import SAME_SIDE, SAME_VECTORS, require_agreement
+from ullme_cli.io.outputs import STDIO, atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
 from ullme_cli.retrieval.index import (
@@ -108,10 +109,10 @@ def search_one(opened: OpenIndex, queries: np.ndarray, k: int, rerank_exact: boo
 
 def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool):
     """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says."""
-    expected = {**manifest, "kind": "query", "instruction": ModelSetup.from_dict(manifest).instruction_prefix("query")}
+    expected = ModelSetup.from_dict(manifest).vector_record("query", None, manifest["compute_dtype"], manifest["truncate_dim"])
     if embeddings is not None:
         matrix, qids, meta = load_embeddings(embeddings)
-        require_agreement(meta, expected, embeddings, "the index's queries", (*SAME_SPACE, "kind", "instruction"))
+        require_agreement(meta, expected, embeddings, "the index's queries", SAME_VECTORS)
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
         raise UllmeError("search: give QUERIES (a file or -) or --embeddings")
@@ -124,7 +125,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     # queries are encoded in the dtype the passages were, unless the user names one (then it must agree).
     embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(manifest["compute_dtype"] if dtype == "auto" else dtype, device))
     require_agreement(embedder.vector_record("query", truncate_dim=manifest["truncate_dim"]), expected, f"queries encoded now (--dtype {dtype})",
-                      "the index's queries", (*SAME_SPACE, "kind", "instruction"))  # fmt: skip
+                      "the index's queries", SAME_VECTORS)  # fmt: skip
     texts = [r.text for r in records]
     parts = []
     with progress_bar("encode queries", total=len(texts), enabled=show_progress) as advance:

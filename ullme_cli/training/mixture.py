@@ -16,6 +16,7 @@ Batching (`train.batching`):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,6 @@ class Mixture:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     skipped: int = 0
 
-    def source_of(self, row: int) -> int:
-        return next(k for k, (start, stop) in enumerate(self.ranges) if start <= row < stop)
-
 
 def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixture:
     mixture = Mixture(sources, [])
@@ -124,7 +122,9 @@ def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixtu
     return mixture
 
 
+@functools.lru_cache(maxsize=8)
 def epoch_permutation(seed: int, epoch: int, count: int, salt: int = 0) -> np.ndarray:
+    """The order of one epoch's rows. Cached: every row of a step reads the same one or two epochs."""
     return np.random.default_rng([seed, epoch, salt]).permutation(count) if salt else np.random.default_rng(seed + epoch).permutation(count)
 
 
@@ -139,12 +139,16 @@ class Batching:
         weights = np.array([s.weight for s in mixture.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
         self._drawn: list[int] = []  # the source of steps 0, 1, ... (drawn once, then reused)
+        self._earlier: list[int] = []  # how many steps before each drawn step took its source
+        self._taken = [0] * len(mixture.sources)
 
     def source_at(self, step: int) -> int:
         """The source of global step `step`: a pure function of (seed, step) and the weights."""
         while len(self._drawn) <= step:
-            s = len(self._drawn)
-            self._drawn.append(int(np.random.default_rng([self.seed, s, 2801]).choice(len(self.weights), p=self.weights)))
+            k = int(np.random.default_rng([self.seed, len(self._drawn), 2801]).choice(len(self.weights), p=self.weights))
+            self._drawn.append(k)
+            self._earlier.append(self._taken[k])
+            self._taken[k] += 1
         return self._drawn[step]
 
     def indices(self, step: int, rank: int = 0) -> list[int]:
@@ -152,9 +156,8 @@ class Batching:
         if not self.same_source:
             return _positions(step, self.batch_size, len(self.mixture.examples), self.seed, rank, self.world)
         k = self.source_at(step)
-        earlier = sum(1 for s in range(step) if self.source_at(s) == k)  # the source's own step count so far
-        start, stop = self.mixture.ranges[k]
-        return [start + i for i in _positions(earlier, self.batch_size, stop - start, self.seed, rank, self.world, salt=k + 1)]
+        start, stop = self.mixture.ranges[k]  # continued from the source's own earlier steps
+        return [start + i for i in _positions(self._earlier[step], self.batch_size, stop - start, self.seed, rank, self.world, salt=k + 1)]
 
 
 def _positions(step: int, batch_size: int, count: int, seed: int, rank: int, world: int, salt: int = 0) -> list[int]:

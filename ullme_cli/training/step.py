@@ -124,7 +124,7 @@ class StepLoss:
 
     def own_only(self, batch: list[TrainingExample]) -> torch.Tensor | None:
         """Rows whose source has `in_batch_negatives: false`; None when every row takes in-batch negatives."""
-        flags = [not getattr(ex, "in_batch_negatives", True) for ex in batch]
+        flags = [not ex.in_batch_negatives for ex in batch]
         return torch.tensor(flags, device=self.embedder.device) if any(flags) else None
 
     def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None, own_only=None) -> dict[str, torch.Tensor]:

@@ -152,15 +152,19 @@ def remove_staging_leftovers(folder: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def read_checkpoint(checkpoint: Path, sharded: bool = False) -> tuple[dict | None, dict]:
-    """The tensors and scalars of a checkpoint; UllmeError naming the file when either is unreadable.
-
-    Only the kind of checkpoint the recipe asks for is read: a sharded (DCP) one under
-    `train.distributed: fsdp` (its tensors load into the sharded model, sharding.py), else safetensors.
-    A checkpoint of the other kind is refused before any of its files is parsed."""
+def require_kind(checkpoint: Path, sharded: bool) -> None:
+    """Only the kind of checkpoint the recipe asks for is read: a sharded (DCP) one under
+    `train.distributed: fsdp`, else safetensors. The other kind is refused before any of its files is parsed."""
     if (checkpoint / "dcp").exists() != sharded:
         written, wanted = ("fsdp", "ddp") if not sharded else ("ddp", "fsdp")
         raise UllmeError(f"{checkpoint}: written with train.distributed: {written}; resume it with the same setting, not {wanted}")
+
+
+def read_checkpoint(checkpoint: Path, sharded: bool = False) -> tuple[dict | None, dict]:
+    """The tensors and scalars of a checkpoint of the recipe's kind (`require_kind`); UllmeError naming the
+    file when either is unreadable. A sharded (DCP) checkpoint has no tensors here: they load into the
+    sharded model (sharding.py)."""
+    require_kind(checkpoint, sharded)
     if sharded:
         from ullme_cli.training.sharding import check_sharded_checkpoint
 
@@ -188,8 +192,7 @@ def newest_complete_checkpoint(folder: Path, sharded: bool = False) -> tuple[Pat
     """The newest checkpoint whose files read back whole; newer broken ones are reported and skipped. One of
     the other kind (DCP against safetensors) stops the resume: it is another run's, not a broken one."""
     for checkpoint in sorted((folder / CHECKPOINTS).glob("step-*"), reverse=True):
-        if (checkpoint / "dcp").exists() != sharded:
-            read_checkpoint(checkpoint, sharded)  # raises, naming both settings
+        require_kind(checkpoint, sharded)  # outside the try: another kind is refused, not skipped as broken
         try:
             return (checkpoint, *read_checkpoint(checkpoint, sharded))
         except UllmeError as e:
@@ -200,10 +203,7 @@ def newest_complete_checkpoint(folder: Path, sharded: bool = False) -> tuple[Pat
 def load_checkpoint(checkpoint: Path, tensors: dict | None, scalars: dict, params: dict, optimizer, scaler=None, sharded_model=None) -> int:
     if scalars["names"] != list(params):
         raise UllmeError(f"{checkpoint}: its parameters do not match this recipe's model; start a new output_dir")
-    if (tensors is None) != (sharded_model is not None):
-        written, wanted = ("fsdp", "ddp") if tensors is None else ("ddp", "fsdp")
-        raise UllmeError(f"{checkpoint}: written with train.distributed: {written}; resume it with the same setting, not {wanted}")
-    if sharded_model is not None:
+    if sharded_model is not None:  # the kind matches: read_checkpoint read only the recipe's (require_kind)
         from ullme_cli.training.sharding import load_sharded_checkpoint
 
         load_sharded_checkpoint(checkpoint, sharded_model, optimizer)
@@ -279,13 +279,13 @@ def draw_curves(out: Path) -> None:
 
 
 def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> dict:
-    t = recipe.train
     out = Path(recipe.output_dir)
     # Everything the run reads is an input: output_dir may not be, lie inside or hold any of them (the recipe
     # file included: finetune writes its resolved recipe into output_dir).
     from ullme_cli.models.loading import model_inputs
 
-    inputs = [recipe.source, recipe.data.train, *model_inputs(recipe.model.model), recipe.eval.task_dir, recipe.eval.sts]
+    sources = [s.path for s in recipe.data.source_list()]
+    inputs = [recipe.source, *sources, *model_inputs(recipe.model.model), recipe.eval.task_dir, recipe.eval.sts]
     guard_output([out], inputs, folder=True, exists_ok=True)
     if not resume and latest_checkpoint(out) is not None:
         raise UllmeError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, or pick another output_dir")
@@ -449,7 +449,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         embedder = unsharded_copy(recipe, weights) if accelerator.is_main_process else embedder
     if accelerator.is_main_process:
         embedder.training = {
-            "recipe": dump_recipe(recipe), "data": {"train": ", ".join(s.path for s in sources), "rows": len(examples), "skipped": skipped},
+            "recipe": dump_recipe(recipe), "data": {"train": ", ".join(s.path for s in sources), "sources": [s.path for s in sources], "rows": len(examples), "skipped": skipped},
             "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
         }  # fmt: skip
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge, reference_base=True)  # a LoRA run: the adapter, not a copy of the base
