@@ -18,6 +18,12 @@ DEMO_CORPUS = RESOURCES / "demo" / "corpus.jsonl"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def write_corpus(path: Path, texts: list[str], prefix: str = "d") -> Path:
+    """A jsonl corpus of `texts`, with ids PREFIX0, PREFIX1, ..."""
+    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
 def demo_texts(n: int | None = None) -> list[str]:
     lines = DEMO_CORPUS.read_text().splitlines()[:n]
     return [json.loads(line)["text"] for line in lines]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
+from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli, write_corpus
 from tiny_models import save_tiny
 
 from ullme_cli.artifacts import save_embeddings
@@ -428,7 +428,7 @@ def shared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shared")
     save_tiny(root / "model", "llama", demo_texts())
     texts = demo_texts(40)
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    write_corpus(root / "corpus.jsonl", texts)
     (root / "train.jsonl").write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 10, 2)))
     for args in (["encode", root / "corpus.jsonl", "-o", root / "emb.npy"], ["encode", root / "corpus.jsonl", "-o", root / "s0.npy", "--shard", "0/2"]):
         result = run_cli(*args, "--model", root / "model", "-q")

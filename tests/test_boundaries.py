@@ -15,15 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CORPUS, demo_texts, run_cli
+from conftest import DEMO_CORPUS, demo_texts, run_cli, write_corpus
 
 from ullme_cli.artifacts import load_embeddings
 from ullme_cli.errors import UllmeError
-
-
-def write_corpus(path: Path, texts: list[str], prefix: str = "d") -> Path:
-    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    return path
 
 
 # ---------------------------------------------------------------- §3 one agreement check

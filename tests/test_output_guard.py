@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RESOURCES, demo_texts, run_cli
+from conftest import RESOURCES, demo_texts, run_cli, write_corpus
 from tiny_models import save_tiny
 
 from ullme_cli.cli import app
@@ -43,9 +43,9 @@ def shared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("guard")
     save_tiny(root / "model", "llama", demo_texts())
     texts = demo_texts(40)
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    (root / "other.jsonl").write_text("".join(json.dumps({"id": f"e{i}", "text": t}) + "\n" for i, t in enumerate(texts[:10])))
-    (root / "queries.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(texts[:5])))
+    write_corpus(root / "corpus.jsonl", texts)
+    write_corpus(root / "other.jsonl", texts[:10], "e")
+    write_corpus(root / "queries.jsonl", texts[:5], "q")
     (root / "train.jsonl").write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 10, 2)))
     from datasets import Dataset
 

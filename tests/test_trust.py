@@ -13,17 +13,12 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
+from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli, write_corpus
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny
 
 from ullme_cli.artifacts import load_embeddings
 from ullme_cli.fingerprints import folder_fingerprint
-
-
-def write_corpus(path, texts, prefix="d"):
-    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    return path
 
 
 def start_encode(corpus, out, model, *extra):
