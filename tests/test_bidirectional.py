@@ -102,3 +102,49 @@ def test_a_switch_that_has_no_effect_is_an_error_not_silent_causal(monkeypatch):
     monkeypatch.setattr(bidirectional, "hidden_states", lambda m, i, a, mode: real(m, i, a, "causal"))
     with pytest.raises(UnsupportedArchitectureError, match="no effect"):
         verify_bidirectional(model)
+
+
+# ---------------------------------------------------------------- one switch (issue 26 part 3)
+@pytest.mark.parametrize("model_type", TESTED_MODEL_TYPES)
+def test_the_config_flag_gives_the_4d_mask_states_logits_and_gradients(model_type):
+    """transformers' `is_causal=False` and ullme's 4-D mask agree to 1e-6 in float32: states (padded
+    batches), bidirectional and causal logits, and the gradients of a loss on the states."""
+    from ullme_cli.models.bidirectional import config_switch_honoured, lm_logits, switch_route
+
+    model = tiny_model(model_type)
+    length = 3  # shorter than the tiny sliding windows (4), where the flag route runs
+    ids = torch.randint(3, 300, (2, length))
+    mask = torch.tensor([[1] * length, [0] + [1] * (length - 1)])
+    if model_type == "stablelm":  # its forward ignores the flag: the probe sends it down ullme's mask route
+        assert not config_switch_honoured(model) and switch_route(model, length) == "mask"
+        return
+    assert config_switch_honoured(model) and switch_route(model, length) == "config"
+
+    def loss_and_grads(route):
+        model.zero_grad()
+        states = hidden_states(model, ids, mask, "bidirectional", route=route)
+        (states * mask[..., None]).pow(2).mean().backward()
+        return states.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (flag, flag_grads), (masked, masked_grads) = loss_and_grads(None), loss_and_grads("mask")
+    torch.testing.assert_close(flag[mask.bool()], masked[mask.bool()], atol=1e-6, rtol=0)
+    assert flag_grads.keys() == masked_grads.keys()
+    for name in flag_grads:
+        torch.testing.assert_close(flag_grads[name], masked_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        for mode in ("bidirectional", "causal"):
+            torch.testing.assert_close(lm_logits(model, ids, mask, mode)[mask.bool()], lm_logits(model, ids, mask, mode, route="mask")[mask.bool()],
+                                       atol=1e-6, rtol=0)  # fmt: skip
+
+
+def test_a_batch_as_long_as_a_sliding_window_takes_the_mask_that_does_not_clip():
+    from ullme_cli.models.bidirectional import switch_route
+
+    model = tiny_model("mistral")  # sliding window 4
+    assert switch_route(model, 3) == "config" and switch_route(model, 4) == "mask"
+    ids = torch.randint(3, 300, (1, 8))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 300 + 3
+    with torch.no_grad():
+        first = [hidden_states(model, x, torch.ones_like(x), "bidirectional")[0, 0] for x in (ids, changed)]
+    assert not torch.allclose(*first), "the last of 8 tokens must reach the first through a window of 4"

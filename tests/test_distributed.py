@@ -2,6 +2,7 @@
 under `accelerate launch` equals one process with the global batch."""
 
 import gc
+from ullme_cli.models.loading import adapter_files
 import json
 import os
 import subprocess
@@ -96,8 +97,8 @@ def test_two_process_finetune_equals_one_process_with_the_global_batch(tiny_llam
     b = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "contrastive", "dpo", "kl", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-5, err_msg=key)
-    weights_one = load_file(tmp_path / "one" / "model" / "adapter" / "adapter_model.safetensors")
-    weights_two = load_file(tmp_path / "two" / "model" / "adapter" / "adapter_model.safetensors")
+    weights_one = load_file(adapter_files(tmp_path / "one" / "model") / "adapter_model.safetensors")
+    weights_two = load_file(adapter_files(tmp_path / "two" / "model") / "adapter_model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
@@ -201,7 +202,7 @@ def fsdp_recipe(tmp_path, tiny, name: str, batch_size: int, distributed: str, lo
 
 
 def final_weights(run: Path, lora: bool) -> dict:
-    return load_file(run / "model" / "adapter" / "adapter_model.safetensors") if lora else load_file(run / "model" / "model.safetensors")
+    return load_file(adapter_files(run / "model") / "adapter_model.safetensors") if lora else load_file(run / "model" / "model.safetensors")
 
 
 def assert_same_training(a: Path, b: Path, lora: bool = True) -> None:

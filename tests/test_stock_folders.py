@@ -165,7 +165,6 @@ def test_ullme_keeps_causal_generation_on_a_stock_folder(tmp_path):
 def test_a_lora_folder_references_its_base_and_refuses_a_changed_one(tmp_path):
     from conftest import run_cli
     from safetensors.torch import load_file, save_file
-    from sentence_transformers import SentenceTransformer
 
     from ullme_cli.errors import UllmeError
 
@@ -179,7 +178,7 @@ def test_a_lora_folder_references_its_base_and_refuses_a_changed_one(tmp_path):
     trained.save(tmp_path / "copy")
     small, copy = tmp_path / "adapter-only", tmp_path / "copy"
     size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())  # noqa: E731
-    assert not list(small.glob("*.safetensors")) and (small / "adapter" / "adapter_model.safetensors").exists()
+    assert [p.name for p in small.glob("*.safetensors")] == ["adapter_model.safetensors"] and not (small / "adapter").exists()
     assert size(small) < size(copy) / 3, (size(small), size(copy))
     record = json.loads((small / "ullme.json").read_text())["base"]
     assert record["model"] == str(base.resolve()) and len(record["fingerprint"]) == 64
@@ -187,8 +186,9 @@ def test_a_lora_folder_references_its_base_and_refuses_a_changed_one(tmp_path):
     loaded, full = Embedder.load(str(small), dtype="float32", device="cpu"), Embedder.load(str(copy), dtype="float32", device="cpu")
     np.testing.assert_allclose(loaded.encode(TEXTS), full.encode(TEXTS), atol=1e-6)
     assert loaded.setup.fingerprint != Embedder.load(str(base), dtype="float32", device="cpu").setup.fingerprint
-    st = SentenceTransformer(str(small), device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32})
-    assert_same_vectors(loaded, st)
+    # peft's own layout at the root: sentence-transformers loads base + adapter with no code of ours
+    assert route(small) == "stock" and json.loads((small / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    assert_same_vectors(loaded, stock_load(small))
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(TEXTS)))
     encoded = run_cli("encode", tmp_path / "c.jsonl", "-o", tmp_path / "e.npy", "-m", small, "-q", "--dtype", "float32")
     assert encoded.returncode == 0, encoded.stderr.decode()

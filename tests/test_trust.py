@@ -2,6 +2,7 @@
 and was wrong (mixed weights, mixed jobs, stale caches), and that it now gives the right output or refuses."""
 
 import json
+from ullme_cli.models.loading import adapter_files
 import os
 import shutil
 import signal
@@ -209,7 +210,7 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_tolerates_a_torn_metrics
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert run_cli("finetune", tmp_path / "r.yaml", "-q").returncode == 0
     run = tmp_path / "run"
-    finished = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    finished = load_file(adapter_files(run / "model") / "adapter_model.safetensors")
     state = run / "checkpoints" / "step-0000004" / "state.safetensors"
     state.write_bytes(state.read_bytes()[:100])  # a torn write
     (run / "checkpoints" / ".step-0000005.staging-x1").mkdir()  # what a kill mid-checkpoint leaves
@@ -220,7 +221,7 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_tolerates_a_torn_metrics
     assert b"skipping a broken checkpoint" in resumed.stderr and b"step-0000003 (step 3)" in resumed.stderr
     assert not list((run / "checkpoints").glob(".*staging*"))
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    again = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    again = load_file(adapter_files(run / "model") / "adapter_model.safetensors")
     for name, tensor in finished.items():
         np.testing.assert_allclose(again[name].numpy(), tensor.numpy(), atol=1e-6)
 
@@ -240,13 +241,13 @@ def test_fp16_trains_with_a_loss_scaler_whose_state_makes_resume_exact(tiny_llam
     run = tmp_path / "run"
     scales = [json.loads((c / "trainer_state.json").read_text())["grad_scaler"]["scale"] for c in sorted((run / "checkpoints").glob("step-*"))]
     assert scales[0] < 65536 and scales[-1] == scales[-2]  # overflowing steps shrank the scale, then steps applied
-    finished = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    finished = load_file(adapter_files(run / "model") / "adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for n, t in finished.items() if "lora_B" in n)  # some steps were taken
     for later in ("step-0000007", "step-0000008"):
         shutil.rmtree(run / "checkpoints" / later)
     shutil.rmtree(run / "model")
     resumed = run_cli("finetune", tmp_path / "r.yaml", "--resume", "-q")
     assert resumed.returncode == 0, resumed.stderr.decode()
-    again = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    again = load_file(adapter_files(run / "model") / "adapter_model.safetensors")
     for name, tensor in finished.items():
         np.testing.assert_array_equal(again[name].numpy(), tensor.numpy())

@@ -1,13 +1,18 @@
 """The attention switch: run one loaded decoder causally or bidirectionally, chosen per call.
 
-How it works (transformers 5.x, docs/design.md §2):
-- Every supported family builds its masks through `transformers.masking_utils`, which passes a 4-D mask
-  through untouched. In bidirectional mode we hand the model a 4-D additive mask that only hides padding.
-  The same mask serves full and sliding-window layers, so a sliding window never clips the sequence.
-- SDPA uses its causal kernel when `module.is_causal` is set and no mask arrives. We always pass a mask,
-  and we also clear `is_causal` on every attention module for the duration of the call, so no code path
-  can stay causal in silence.
-- Causal mode passes the ordinary 2-D padding mask, so the model builds its own causal masks.
+One mechanism where transformers has it (transformers 5.x, docs/design.md §2): every model forward takes
+`is_causal`, which overrides `config.is_causal` for that call. `is_causal=False` builds a padding-only
+mask (or none, so SDPA may take its fastest kernel) and clears the attention modules' causal flag; it is
+the very flag a saved stock folder carries in config.json (st_export.py), so ullme and outside tools run
+the same code. GRL's causal generation scoring passes `is_causal=True` with the same weights.
+
+ullme's own 4-D mask stays for what the flag does not express, decided per model (`switch_route`):
+- a family whose forward ignores the flag (stablelm on transformers 5.24), found by the probe below;
+- a batch at least as long as a sliding window: transformers' bidirectional mask still clips at the
+  window, and ullme's switch lets every token see every other. The 4-D additive mask hides only padding,
+  and the attention modules' `is_causal` is cleared for the call, so SDPA cannot stay causal in silence;
+- families outside the tested table.
+Both routes give the same states (tests/test_bidirectional.py, to 1e-6 in float32).
 
 No modeling file is copied, which is what broke LLM2Vec and GritLM on each transformers release.
 """
@@ -15,7 +20,7 @@ No modeling file is copied, which is what broke LLM2Vec and GritLM on each trans
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Literal
 
 import torch
@@ -124,23 +129,73 @@ def _run_body(model: nn.Module, body: nn.Module, **inputs) -> torch.Tensor:
     return captured[0]
 
 
+def sliding_window(config) -> int | None:
+    """The shortest attention window a config names, or None."""
+    windows = [getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size")]
+    return min((w for w in windows if isinstance(w, int) and w > 0), default=None)
+
+
+def config_switch_honoured(model: nn.Module) -> bool:
+    """Does this model's forward honour `is_causal`? Decided once per model by the switch's own test (the
+    last token must reach the first with `is_causal=False`, and must not with `is_causal=True`), on a tiny
+    input that no window clips, and kept on the body."""
+    body = decoder_of(model)
+    known = getattr(body, "_ullme_config_switch", None)
+    if known is None:
+        known = False
+        if body.config.model_type in TESTED_MODEL_TYPES and getattr(body.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION:
+            device = body.get_input_embeddings().weight.device
+            a = torch.tensor([[1, 2, 3, 4]], device=device)
+            b = a.clone()
+            b[0, -1] = 1
+            mask, positions = torch.ones_like(a), position_ids_for(torch.ones_like(a))
+            try:
+                with torch.no_grad():
+                    first = {causal: [_run_body(model, body, input_ids=x, attention_mask=mask, position_ids=positions, is_causal=causal)[0, 0].float()
+                                      for x in (a, b)] for causal in (False, True)}  # fmt: skip
+                known = not torch.allclose(*first[False], atol=1e-6, rtol=0) and torch.allclose(*first[True], atol=1e-4, rtol=1e-3)
+            except TypeError:  # a forward without **kwargs does not take the flag at all
+                known = False
+        body._ullme_config_switch = known
+    return known
+
+
+def switch_route(model: nn.Module, length: int) -> Literal["config", "mask"]:
+    """How a bidirectional call of `length` tokens runs: transformers' `is_causal=False`, or ullme's 4-D mask
+    where the flag is not honoured or a sliding window would clip (see the module docstring)."""
+    window = sliding_window(decoder_of(model).config)
+    if (window is not None and length >= window) or not config_switch_honoured(model):
+        return "mask"
+    return "config"
+
+
+def _switched_inputs(model: nn.Module, attention_mask: torch.Tensor, mode: AttentionMode, route: str | None = None) -> tuple[dict, bool]:
+    """The attention inputs for `mode`, and whether the attention modules' causal flags must be cleared.
+    `route` forces the bidirectional route (the probes compare them); None lets `switch_route` decide."""
+    if mode not in ATTENTION_MODES:
+        raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
+    if mode == "causal":  # a stock folder's config says is_causal: false; GRL scores causally all the same
+        flag = route != "mask" and config_switch_honoured(model)
+        return {"attention_mask": attention_mask, **({"is_causal": True} if flag else {})}, False
+    if (route or switch_route(model, attention_mask.shape[-1])) == "config":
+        return {"attention_mask": attention_mask, "is_causal": False}, False
+    return {"attention_mask": bidirectional_mask(attention_mask, mask_dtype(model))}, True
+
+
 def hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode, route: str | None = None
 ) -> torch.Tensor:
     """Last-layer hidden states (batch, L, d) of the decoder body, in the requested attention mode."""
     body = decoder_of(model)
-    positions = position_ids_for(attention_mask)
-    if mode == "causal":
-        return _run_body(model, body, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-    if mode != "bidirectional":
-        raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
-    mask = bidirectional_mask(attention_mask, mask_dtype(model))
-    with non_causal_modules(body):
-        return _run_body(model, body, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    inputs, clear_flags = _switched_inputs(model, attention_mask, mode, route)
+    inputs.update(input_ids=input_ids, position_ids=position_ids_for(attention_mask))
+    with non_causal_modules(body) if clear_flags else nullcontext():
+        return _run_body(model, body, **inputs)
 
 
 def lm_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode, keep: torch.Tensor | None = None
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode, keep: torch.Tensor | None = None,
+    route: str | None = None,
 ) -> torch.Tensor:
     """Logits (batch, len(keep) or L, vocab) exactly as the model's own causal-LM head gives them.
 
@@ -148,15 +203,10 @@ def lm_logits(
     `logits_scaling`, Cohere's `logit_scale`, ...), so no family is special-cased here. `keep` lists the
     sequence positions whose logits are needed (transformers' `logits_to_keep`); None keeps all.
     """
+    inputs, clear_flags = _switched_inputs(model, attention_mask, mode, route)
     kwargs = dict(input_ids=input_ids, position_ids=position_ids_for(attention_mask), logits_to_keep=keep if keep is not None else 0, use_cache=False)
-    if mode == "causal":
-        return model(attention_mask=attention_mask, **kwargs).logits
-    if mode != "bidirectional":
-        raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
-    body = decoder_of(model)
-    mask = bidirectional_mask(attention_mask, mask_dtype(model))
-    with non_causal_modules(body):
-        return model(attention_mask=mask, **kwargs).logits
+    with non_causal_modules(decoder_of(model)) if clear_flags else nullcontext():
+        return model(**inputs, **kwargs).logits
 
 
 @torch.inference_mode()

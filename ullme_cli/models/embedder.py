@@ -28,10 +28,13 @@ from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits,
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
     adapter_base,
+    adapter_files,
+    adapter_record,
     load_adapter,
     load_causal_lm,
     load_tokenizer,
     model_fingerprint,
+    portable_adapter_config,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
@@ -104,9 +107,10 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     folder = Path(source)
     base = adapter_base(folder)  # an adapter-only folder: the base it names, checked by fingerprint
     model = load_causal_lm(base or source, dtype, runtime.trust_remote_code)
-    if (folder / ADAPTER_DIR).is_dir():
+    adapter = adapter_files(folder)
+    if adapter is not None:
         with _peft_deprecations_silenced():
-            model = load_adapter(model, folder / ADAPTER_DIR)
+            model = load_adapter(model, adapter)
     model.to(device).eval()
     tokenizer = load_tokenizer(source, runtime.trust_remote_code)
     latent = None
@@ -117,9 +121,11 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
     embedder.source = source
-    if not (folder / ADAPTER_DIR).is_dir():  # plain weights: what an adapter trained on them would reference
+    if adapter is None:  # plain weights: what an adapter trained on them would reference
         local = Path(setup.model).expanduser()
         embedder.base_record = {"model": str(local.resolve()) if local.exists() else setup.model, "fingerprint": fingerprint}
+    elif base:  # an adapter-only folder trained further references the same base
+        embedder.base_record = adapter_record(folder)
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     return embedder.compile() if runtime.compile else embedder
@@ -254,9 +260,12 @@ class Embedder:
             model = model.merge_and_unload()
             self.model = model
         base_record = self.base_record if self.has_adapter and reference_base else None
-        if base_record and base_record.get("fingerprint"):
-            # The adapter alone: the base is found again by name and checked by its fingerprint (loading.py).
-            model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        adapter_only = bool(base_record and base_record.get("fingerprint"))
+        if adapter_only:
+            # The adapter alone, in peft's layout at the root: ullme finds the base again by name and checks its
+            # fingerprint (loading.py); sentence-transformers loads it through the adapter config.
+            model.save_pretrained(staging, safe_serialization=True)
+            portable_adapter_config(staging, model, base_record["model"])
         elif self.has_adapter:
             base = model.get_base_model()
             # The base weights are the frozen originals: strip the LoRA wrappers' names to save them plainly.
@@ -277,7 +286,7 @@ class Embedder:
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         from ullme_cli.models.st_export import write_sentence_transformers_files
 
-        route = write_sentence_transformers_files(staging, self)
+        route = write_sentence_transformers_files(staging, self, adapter_only)
         write_model_card(staging, self, name, route)
 
     # ---------------------------------------------------------------- tokenization

@@ -199,14 +199,24 @@ def model_inputs(name: str) -> list[str]:
     return paths
 
 
+def adapter_files(folder: Path) -> Path | None:
+    """Where a model folder keeps its LoRA adapter, or None. An adapter-only folder keeps it at its root, in
+    peft's own layout, which sentence-transformers and transformers load onto the base the adapter config
+    names; a folder with its own base weights keeps it in `adapter/` beside them."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file() and adapter_record(folder) is not None:
+        return folder
+    return folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else None
+
+
 def adapter_base(folder: Path) -> str | None:
     """The resolved base model of an adapter-only folder, after checking that its weights are the ones the
     adapter was trained on; None for a folder that holds its own weights."""
     record = adapter_record(folder)
     if record is None:
         return None
-    if not (Path(folder) / ADAPTER_DIR / "adapter_config.json").is_file():
-        raise UllmeError(f"{Path(folder) / ADAPTER_DIR}: missing: {folder} names a base model, so it must hold its LoRA adapter")
+    if adapter_files(folder) is None:
+        raise UllmeError(f"{Path(folder) / 'adapter_config.json'}: missing: {folder} names a base model, so it must hold its LoRA adapter")
     source = resolve_model_source(record["model"])
     found = model_fingerprint(source)
     if found != record["fingerprint"]:
@@ -240,6 +250,28 @@ def model_fingerprint(source: str) -> str:
         return folder_fingerprint(folder)
     except OSError as e:
         raise UllmeError(f"{e.filename or folder}: cannot read this model file ({e.strerror})") from None
+
+
+def portable_adapter_config(folder: Path, model, base: str) -> None:
+    """Make the adapter config that peft wrote load on the base body as well as on the causal LM.
+
+    peft records the targets as full module names of the causal LM (`model.layers.0.self_attn.q_proj`);
+    sentence-transformers loads the body alone (`layers.0.self_attn.q_proj`), where those names match
+    nothing. The last name parts match the same modules in both, which is checked here, so the adapter can
+    never land on other layers than it was trained on. `base_model_name_or_path` is the base ullme checked."""
+    import re
+
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        names = [n for n, _ in model.get_base_model().named_modules()]
+        matched = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes) and not re.search(r"\.lora_|\.base_layer", n)}
+        if matched == set(targets):
+            config["target_modules"] = suffixes
+    config["base_model_name_or_path"] = base
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(model, folder: Path):

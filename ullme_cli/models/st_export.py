@@ -7,7 +7,10 @@ Two routes, chosen per model when the folder is written (docs/guide.md "Outside 
   sentence-transformers' own `Transformer`, `Pooling` (with `include_prompt: false`, so instruction tokens
   are not pooled) and `Normalize`, in the legacy layout that sentence-transformers 3-6 and
   text-embeddings-inference read. `SentenceTransformer(folder)` loads it without `trust_remote_code`.
-- **ullme module**: what stock parts cannot express (a latent-attention head, an unmerged LoRA adapter,
+  An adapter-only LoRA folder is stock too: peft's files at its root name the base, and
+  `sentence_bert_config.json` passes `is_causal: false` to the base's config.
+- **ullme module**: what stock parts cannot express (a latent-attention head, an adapter kept beside a
+  full copy of its base weights,
   weighted-mean pooling under an instruction, a tokenizer whose instruction tokens merge with the text's
   first token, a family whose config switch is not honoured) keeps `ullme_st.UllmeSentenceModule`, a
   short import shim of the installed ullme package, and needs `trust_remote_code=True`.
@@ -40,9 +43,12 @@ PROBE_TEXTS = ("Who wrote Hamlet?", "hamlet", "3 apples and 4 pears", "Ünïcöd
 STOCK, MODULE = "stock", "ullme-module"
 
 
-def write_sentence_transformers_files(folder: Path, embedder) -> tuple[str, str]:
-    """The sentence-transformers files beside ullme.json; returns (route, why) for the model card."""
-    blocker = stock_blocker(embedder)
+def write_sentence_transformers_files(folder: Path, embedder, adapter_only: bool = False) -> tuple[str, str]:
+    """The sentence-transformers files beside ullme.json; returns (route, why) for the model card.
+
+    An adapter-only folder has no config.json of its own: sentence-transformers reads the base's config
+    (through the adapter config), so the `is_causal: false` it needs goes into `config_kwargs`."""
+    blocker = stock_blocker(embedder, adapter_only)
     prompts = {"query": embedder.instruction_prefix("query"), "document": embedder.instruction_prefix("passage")}
     config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -52,7 +58,10 @@ def write_sentence_transformers_files(folder: Path, embedder) -> tuple[str, str]
         (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
         return MODULE, blocker
     setup = embedder.setup
-    if setup.attention == "bidirectional":
+    transformer_config = {"max_seq_length": setup.max_length, "do_lower_case": False}
+    if setup.attention == "bidirectional" and adapter_only:
+        transformer_config["config_kwargs"] = {"is_causal": False}
+    elif setup.attention == "bidirectional":
         config_path = folder / "config.json"
         values = json.loads(config_path.read_text())
         config_path.write_text(json.dumps({**values, "is_causal": False}, indent=2) + "\n")
@@ -66,17 +75,20 @@ def write_sentence_transformers_files(folder: Path, embedder) -> tuple[str, str]
     pooling = {"word_embedding_dimension": embedder.dim, **{flag: flag == ST_POOLING[setup.pooling] for flag in POOLING_FLAGS},
                "include_prompt": False}  # fmt: skip
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": setup.max_length, "do_lower_case": False}, indent=2) + "\n")
-    how = "bidirectional through `is_causal: false` in config.json" if setup.attention == "bidirectional" else "causal"
-    return STOCK, f"stock transformers and sentence-transformers parts express this setup ({how}, {setup.pooling} pooling)"
+    (folder / "sentence_bert_config.json").write_text(json.dumps(transformer_config, indent=2) + "\n")
+    where = "the `config_kwargs` of sentence_bert_config.json" if adapter_only else "config.json"
+    how = f"bidirectional through `is_causal: false` in {where}" if setup.attention == "bidirectional" else "causal"
+    adapter = ", the LoRA adapter in peft's layout on the base its adapter config names" if adapter_only else ""
+    return STOCK, f"stock transformers and sentence-transformers parts express this setup ({how}, {setup.pooling} pooling{adapter})"
 
 
-def stock_blocker(embedder) -> str | None:
-    """Why stock parts cannot give this embedder's vectors, or None when they can."""
+def stock_blocker(embedder, adapter_only: bool = False) -> str | None:
+    """Why stock parts cannot give this embedder's vectors, or None when they can. An adapter kept at the
+    root of an adapter-only folder is peft's own layout, which sentence-transformers loads."""
     setup = embedder.setup
     if setup.pooling not in ST_POOLING:
         return f"sentence-transformers has no Pooling mode for '{setup.pooling}'"
-    if embedder.has_adapter:
+    if embedder.has_adapter and not adapter_only:
         return "the LoRA adapter is kept unmerged beside the base weights (`ullme export --merge` writes a stock folder)"
     if setup.padding_side != "right":
         return "ullme pads on the left for this setup; sentence-transformers keeps the tokenizer's padding, and positions would shift"
@@ -135,7 +147,7 @@ def config_switch_blocker(model, max_length: int) -> str | None:
         ids = torch.randint(3, max(4, small.get("vocab_size", 4)), (1, length))
         mask = torch.ones_like(ids)
         with torch.no_grad():
-            ours = hidden_states(clone, ids, mask, "bidirectional").float()
+            ours = hidden_states(clone, ids, mask, "bidirectional", route="mask").float()
             for c in {id(c): c for c in (clone.config, decoder_of(clone).config)}.values():
                 c.is_causal = False
             theirs = decoder_of(clone)(input_ids=ids, attention_mask=mask).last_hidden_state.float()
