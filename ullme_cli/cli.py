@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    help="Decoder LLMs as text-embedding models: finetune, encode, index, search, evaluate.",
+    help="Decoder LLMs as text-embedding models: finetune, encode, index, search, serve, evaluate.",
 )
 
 ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder, model folder, .gguf file, bundled name or hub id.")
@@ -160,6 +160,54 @@ def encode(
         meta = encode_corpus(input, output, setup, runtime, options, shard, overwrite, show_progress=show_progress)
     if output != "-":
         log.info(f"wrote {meta['count']} x {meta['dim']} {meta['dtype']} embeddings to {output}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Embedder folder, model folder, .gguf file, bundled name or hub id."),
+    index: list[str] = typer.Option([], "--index", help="Index folder(s) built with this model, for POST /v1/search (repeatable; merged as `search` merges them)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; any other needs --api-key-env or --insecure-public)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the bearer key every request but /health must send."),
+    insecure_public: bool = typer.Option(False, "--insecure-public", help="Bind a non-loopback host without a key."),
+    served_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model id in answers and /v1/models (default: MODEL as given)."),
+    pooling: Optional[str] = PoolingOption,
+    attention: Optional[str] = AttentionOption,
+    query_instruction: Optional[str] = typer.Option(None, "--query-instruction", help="Instruction for input_type=query (default: the model's)."),
+    max_length: Optional[int] = MaxLengthOption,
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    trust_remote_code: bool = TrustOption,
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
+    max_inputs: int = typer.Option(2048, "--max-inputs", help="Texts per request; more is a 413."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut inputs longer than --max-length (as encode does) instead of answering 413."),
+    max_queue: int = typer.Option(8192, "--max-queue", help="Texts waiting for a batch, over all requests; past it requests get 503 with Retry-After."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long the first text of a batch waits for others to join."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds a request may wait for its vectors (then 504)."),
+    max_request_mb: float = typer.Option(8.0, "--max-request-mb", help="Largest request body; more is a 413."),
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """Serve embeddings (OpenAI-compatible /v1/embeddings) and search (/v1/search) over HTTP until SIGTERM."""
+    _output(quiet, verbose)
+    from ullme_cli.model_setup import Runtime, resolve_setup
+    from ullme_cli.serving.server import Limits, serve as run_server
+
+    if not 0 < port < 65536:
+        raise UllmeError(f"--port must be between 1 and 65535, got {port}")
+    for name, value in (("--max-inputs", max_inputs), ("--max-queue", max_queue)):
+        if value < 1:
+            raise UllmeError(f"{name} must be at least 1, got {value}")
+    for name, value in (("--timeout", timeout), ("--max-request-mb", max_request_mb)):
+        if value <= 0:
+            raise UllmeError(f"{name} must be above 0, got {value:g}")
+    if max_wait_ms < 0:
+        raise UllmeError(f"--max-wait-ms must be 0 or more, got {max_wait_ms:g}")
+    limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), truncate=truncate, timeout=timeout,
+                    max_queue=max_queue, max_wait=max_wait_ms / 1000)  # fmt: skip
+    setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
+    run_server(setup, Runtime(dtype, device, trust_remote_code), index, host, port, api_key_env, insecure_public, limits,
+               served_name or model, token_budget, access_log=verbose)  # fmt: skip
 
 
 @app.command()

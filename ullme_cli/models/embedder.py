@@ -293,14 +293,15 @@ class Embedder:
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:
         return self.setup.instruction_prefix(kind, instruction)
 
-    def tokenize(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None) -> list[Tokenized]:
-        return self.tokenize_prefixed(texts, self.instruction_prefix(kind, instruction))
+    def tokenize(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None, max_length: int | None = None) -> list[Tokenized]:
+        return self.tokenize_prefixed(texts, self.instruction_prefix(kind, instruction), max_length)
 
-    def tokenize_prefixed(self, texts: Sequence[str], prefix: str) -> list[Tokenized]:
-        """Tokenize `prefix + text`, counting the prefix's tokens so that pooling leaves them out."""
+    def tokenize_prefixed(self, texts: Sequence[str], prefix: str, max_length: int | None = None) -> list[Tokenized]:
+        """Tokenize `prefix + text`, counting the prefix's tokens so that pooling leaves them out. Texts are
+        cut at `max_length` tokens (default: the setup's); a larger limit lets a caller see which are over."""
         add_eos = self.setup.pooling == "last-token"
         eos = self.tokenizer.eos_token_id
-        max_length = self.setup.max_length - (1 if add_eos else 0)
+        max_length = (max_length or self.setup.max_length) - (1 if add_eos else 0)
         encoded = self.tokenizer(
             [prefix + t for t in texts],
             add_special_tokens=True,

@@ -107,9 +107,21 @@ def search_one(opened: OpenIndex, queries: np.ndarray, k: int, rerank_exact: boo
     return np.where(positions < 0, -np.inf, scores), positions  # FAISS returns hits best first
 
 
+def index_query_record(manifest: dict) -> dict:
+    """The vector record that queries against this index must have."""
+    return ModelSetup.from_dict(manifest).vector_record("query", None, manifest["compute_dtype"], manifest["truncate_dim"])
+
+
+def require_query_agreement(embedder, manifest: dict, what: str) -> None:
+    """The one check that a loaded model embeds queries as the index's passages expect (setup, weights
+    fingerprint, instruction, dtype): `ullme search` and `ullme serve` both run it."""
+    require_agreement(embedder.vector_record("query", truncate_dim=manifest["truncate_dim"]), index_query_record(manifest), what,
+                      "the index's queries", SAME_VECTORS)  # fmt: skip
+
+
 def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool):
     """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says."""
-    expected = ModelSetup.from_dict(manifest).vector_record("query", None, manifest["compute_dtype"], manifest["truncate_dim"])
+    expected = index_query_record(manifest)
     if embeddings is not None:
         matrix, qids, meta = load_embeddings(embeddings)
         require_agreement(meta, expected, embeddings, "the index's queries", SAME_VECTORS)
@@ -124,8 +136,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     # The manifest's setup, fingerprint included: a model whose files changed since indexing is refused. The
     # queries are encoded in the dtype the passages were, unless the user names one (then it must agree).
     embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(manifest["compute_dtype"] if dtype == "auto" else dtype, device))
-    require_agreement(embedder.vector_record("query", truncate_dim=manifest["truncate_dim"]), expected, f"queries encoded now (--dtype {dtype})",
-                      "the index's queries", SAME_VECTORS)  # fmt: skip
+    require_query_agreement(embedder, manifest, f"queries encoded now (--dtype {dtype})")
     texts = [r.text for r in records]
     parts = []
     with progress_bar("encode queries", total=len(texts), enabled=show_progress) as advance:

@@ -1,0 +1,248 @@
+"""`ullme serve` (issue 27): a real server in a subprocess on a free loopback port, driven by real clients
+(OpenAI's own Python client, httpx, a raw socket), against `ullme encode` and `ullme search`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RESOURCES, demo_texts, run_cli, write_corpus
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+KEY = "test-key-1234"
+TRECQA = RESOURCES / "trecqa-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`ullme serve ...` on a free loopback port; ready once /health answers."""
+
+    def __init__(self, *args, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "ullme_cli", "serve", *map(str, args), "--port", str(self.port), "-q"],
+                                        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}: {self.process.stderr.read().decode()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("server did not start")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tmp_path_factory):
+    """A served tiny model with an API key, small limits, and an index over the TREC QA test corpus."""
+    root = tmp_path_factory.mktemp("serve")
+    common = ["-m", tiny_llama, "--dtype", "float32", "-q"]
+    assert run_cli("encode", TRECQA / "corpus.jsonl", "-o", root / "corpus.npy", *common).returncode == 0
+    assert run_cli("index", root / "corpus.npy", "-o", root / "index", "-q").returncode == 0
+    server = Server(tiny_llama, "--dtype", "float32", "--index", root / "index", "--api-key-env", "ULLME_TEST_KEY", "--max-inputs", "16",
+                    env={"ULLME_TEST_KEY": KEY})  # fmt: skip
+    yield server, root, tiny_llama
+    assert server.stop() == 0
+
+
+def cosine(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_openai_client_gets_ullme_encode_vectors_for_both_sides(served):
+    from openai import OpenAI
+
+    server, root, model = served
+    texts = demo_texts(12)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    name = client.models.list().data[0].id
+    for kind, input_type in (("passage", "document"), ("query", "query")):
+        path = write_corpus(root / f"{kind}.jsonl", texts)
+        assert run_cli("encode", path, "-o", root / f"{kind}.npy", "-m", model, "--kind", kind, "--dtype", "float32", "-q").returncode == 0
+        expected = np.load(root / f"{kind}.npy")
+        response = client.embeddings.create(model=name, input=texts, encoding_format="float", extra_body={"input_type": input_type})
+        served_vectors = np.array([d.embedding for d in response.data], dtype=np.float32)
+        assert cosine(served_vectors, expected).min() >= 0.9999, kind
+        assert response.usage.prompt_tokens > len(texts) and response.usage.total_tokens == response.usage.prompt_tokens
+        raw = httpx.post(f"{server.url}/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": name, "input": texts, "encoding_format": "base64", "input_type": input_type}).json()  # fmt: skip
+        decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]])
+        np.testing.assert_allclose(decoded, served_vectors, atol=1e-6)
+    short = client.embeddings.create(model=name, input=texts[0], dimensions=16, encoding_format="float")
+    cut = np.array(short.data[0].embedding)
+    first = expected_document = np.load(root / "passage.npy")[0, :16]
+    np.testing.assert_allclose(cut, first / np.linalg.norm(expected_document), atol=1e-5)
+    assert len(cut) == 16 and abs(np.linalg.norm(cut) - 1) < 1e-5
+
+
+def test_search_equals_ullme_search_on_trec_qa(served):
+    server, root, model = served
+    cli = run_cli("search", root / "index", TRECQA / "queries.jsonl", "-k", "5", "-o", "-", "-q")
+    assert cli.returncode == 0, cli.stderr.decode()
+    expected = [json.loads(line) for line in cli.stdout.decode().splitlines()]
+    queries = [json.loads(line)["text"] for line in (TRECQA / "queries.jsonl").read_text().splitlines()]
+    answer = httpx.post(f"{server.url}/v1/search", headers={"Authorization": f"Bearer {KEY}"}, json={"query": queries[:16], "k": 5}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    for mine, theirs in zip(answer.json()["data"], expected[:16]):
+        assert [h["id"] for h in mine["hits"]] == [h["id"] for h in theirs["hits"]]
+        np.testing.assert_allclose([h["score"] for h in mine["hits"]], [h["score"] for h in theirs["hits"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("case, body, headers, status, code", [
+    ("malformed-json", b'{"input": ["a"', None, 400, "invalid_json"),
+    ("wrong-type", {"input": 5}, None, 400, "invalid_value"),
+    ("token-arrays", {"input": [[1, 2, 3]]}, None, 400, "invalid_value"),
+    ("empty-list", {"input": []}, None, 400, None),
+    ("too-many-inputs", {"input": ["a"] * 17}, None, 413, "too_many_inputs"),
+    ("over-long-input", {"input": ["word " * 5000]}, None, 413, "input_too_long"),
+    ("wrong-key", {"input": "a"}, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
+    ("missing-key", {"input": "a"}, {}, 401, "invalid_api_key"),
+    ("unknown-input-type", {"input": "a", "input_type": "passage-ish"}, None, 400, "invalid_value"),
+    ("dimensions-above-the-model", {"input": "a", "dimensions": 100000}, None, 400, "invalid_value"),
+    ("dimensions-zero", {"input": "a", "dimensions": 0}, None, 400, "invalid_value"),
+    ("unknown-model", {"input": "a", "model": "gpt-nothing"}, None, 404, "model_not_found"),
+])  # fmt: skip
+def test_bad_requests_get_a_4xx_with_openais_error_shape(served, case, body, headers, status, code):
+    server = served[0]
+    headers = {"Authorization": f"Bearer {KEY}"} if headers is None else headers
+    if isinstance(body, bytes):
+        answer = httpx.post(f"{server.url}/v1/embeddings", content=body, headers={**headers, "Content-Type": "application/json"})
+    else:
+        answer = httpx.post(f"{server.url}/v1/embeddings", json=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["message"] and "Traceback" not in answer.text
+    if code:
+        assert error["code"] == code, error
+    if case == "wrong-type":
+        assert "input" in error["message"]
+
+
+def test_health_models_and_metrics(served):
+    server = served[0]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # open, for load balancers
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    for name in ("ullme_requests_total{", "ullme_queue_texts", "ullme_batch_texts_bucket", "ullme_batch_tokens_bucket", "ullme_request_seconds_bucket"):
+        assert name in metrics, name
+    assert 'status="401"' in metrics and 'status="200"' in metrics
+
+
+def test_a_client_killed_mid_request_leaves_the_server_healthy(served):
+    server = served[0]
+    body = json.dumps({"input": demo_texts(16)}).encode()
+    for _ in range(3):  # send a request, then vanish before the answer
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+    answer = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["still here"]}, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 1
+    assert server.process.poll() is None
+
+
+def test_the_server_binds_loopback_unless_told_and_keyed(tiny_llama):
+    refused = run_cli("serve", tiny_llama, "--host", "0.0.0.0", "--port", "1")
+    assert refused.returncode != 0 and "--insecure-public" in refused.stderr.decode() and "Traceback" not in refused.stderr.decode()
+    missing = run_cli("serve", tiny_llama, "--api-key-env", "ULLME_NO_SUCH_VARIABLE", "--port", "1")
+    assert missing.returncode != 0 and "ULLME_NO_SUCH_VARIABLE" in missing.stderr.decode()
+
+
+@pytest.mark.slow
+def test_overload_answers_503_and_sigterm_finishes_every_accepted_request(tiny_llama):
+    """A half-second batch wait keeps requests in flight; SIGTERM arrives while they are; all complete."""
+    server = Server(tiny_llama, "--dtype", "float32", "--max-queue", "8", "--max-wait-ms", "500")
+    try:
+        overload = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["a"] * 9})
+        assert overload.status_code == 503 and overload.headers["Retry-After"] == "1" and overload.json()["error"]["code"] == "overloaded"
+        results, threads = [], []
+
+        def call(i):
+            try:
+                results.append(httpx.post(f"{server.url}/v1/embeddings", json={"input": [f"text {i}"]}, timeout=30).status_code)
+            except httpx.ConnectError:
+                results.append("not accepted")
+            except httpx.TransportError as e:  # accepted, then dropped: what must not happen
+                results.append(f"dropped: {type(e).__name__}")
+
+        for i in range(6):
+            threads.append(threading.Thread(target=call, args=(i,)))
+            threads[-1].start()
+        time.sleep(0.25)
+        server.process.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert results.count(200) == 6, results
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- the batcher alone (no model, no HTTP)
+def test_batcher_packs_under_the_budget_withdraws_cancelled_texts_and_drains_on_close():
+    import asyncio
+
+    from ullme_cli.models.embedder import Tokenized
+    from ullme_cli.serving.batcher import Batcher, Overloaded
+
+    batches, release = [], threading.Event()
+
+    def encode(items):  # each vector is its text's length; the first batch waits until released
+        if not batches:
+            release.wait(10)
+        batches.append([len(t.ids) for t in items])
+        return np.array([[float(len(t.ids))] for t in items])
+
+    text = lambda n: Tokenized(list(range(n)), 0)  # noqa: E731
+    batcher = Batcher(encode, token_budget=64, max_queue=12, max_wait=0.05, max_batch=8)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.embed([text(4)]))  # occupies the worker until released
+        await asyncio.sleep(0.2)
+        waiting = asyncio.ensure_future(batcher.embed([text(30), text(2), text(31), text(3)]))
+        gone = asyncio.ensure_future(batcher.embed([text(5)] * 4))
+        await asyncio.sleep(0.05)
+        assert batcher.depth == 8
+        with pytest.raises(Overloaded):
+            await batcher.embed([text(1)] * 5)  # 8 waiting + 5 > 12
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        assert batcher.depth == 4, "a cancelled request's texts leave the queue"
+        release.set()
+        assert (await first)[:, 0].tolist() == [4]
+        assert (await waiting)[:, 0].tolist() == [30, 2, 31, 3], "vectors come back in the request's order"
+
+    asyncio.run(scenario())
+    batcher.close(10)
+    assert batches[0] == [4]
+    assert all(max(b) * len(b) <= 64 for b in batches), batches
+    assert sorted(x for b in batches[1:] for x in b) == [2, 3, 30, 31] and [30, 31] in [sorted(b) for b in batches], batches

@@ -1,0 +1,251 @@
+"""`ullme serve`: an OpenAI-compatible embeddings API, and search over ullme indexes, on FastAPI/uvicorn.
+
+Endpoints (docs/guide.md "Serve"):
+- POST /v1/embeddings: OpenAI's request and response, plus `input_type: query|document` (ullme's
+  instruction for that side; document by default).
+- POST /v1/search: `{"query": str | [str], "k": int}` over the loaded indexes, merged as `ullme search`
+  merges them; the model must agree with the indexes' queries (the one agreement check).
+- GET /health, GET /v1/models, GET /metrics (Prometheus text).
+
+Every error has OpenAI's shape, `{"error": {"message", "type", "code"}}`, with a 4xx status for bad input;
+an unexpected failure is a 500 whose body holds no traceback (it goes to the server's log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Literal, Union
+
+import numpy as np
+
+from ullme_cli.errors import UllmeError
+from ullme_cli.serving.batcher import Batcher, Closed, Overloaded
+from ullme_cli.serving.server import Limits
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - depends on the installed extras
+    raise UllmeError("ullme serve needs its extra: pip install 'ullme[serve]'") from e
+
+log = logging.getLogger(__name__)
+
+INPUT_TYPES = {"query": "query", "document": "passage"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type, code, headers
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "code": code, "param": None}}, status_code=status, headers=headers)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: Union[StrictStr, list[StrictStr]]
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)
+    input_type: Literal["query", "document"] = "document"
+    user: StrictStr | None = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    query: Union[StrictStr, list[StrictStr]]
+    k: StrictInt = Field(10, ge=1, le=1000)
+    model: StrictStr | None = None
+
+
+class Metrics:
+    """Prometheus metrics on a registry of their own (not the process-global one)."""
+
+    def __init__(self, depth):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ullme_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("ullme_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
+        self.batch_texts = Histogram("ullme_batch_texts", "Texts per model batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_tokens = Histogram("ullme_batch_tokens", "Padded tokens per model batch", registry=self.registry,
+                                      buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536))  # fmt: skip
+        self.texts = Counter("ullme_embedded_texts", "Texts embedded", registry=self.registry)
+        Gauge("ullme_queue_texts", "Texts waiting for a batch", registry=self.registry).set_function(depth)
+
+    def batch(self, texts: int, tokens: int) -> None:
+        self.batch_texts.observe(texts)
+        self.batch_tokens.observe(tokens)
+        self.texts.inc(texts)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def build_app(embedder, name: str, indexes: list | None = None, limits: Limits = Limits(), api_key: str | None = None,
+              token_budget: int | None = None) -> FastAPI:  # fmt: skip
+    """The ASGI app around one loaded Embedder (and the open indexes it must agree with). A batch holds at
+    most `token_budget` padded tokens (default: ullme's, as `ullme encode` uses)."""
+    from ullme_cli.artifacts import truncate
+
+    indexes = indexes or []
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = Batcher(embedder.encode_batch, token_budget or embedder.default_token_budget, limits.max_queue, limits.max_wait,
+                                   on_batch=lambda texts, tokens: metrics.batch(texts, tokens))  # fmt: skip
+        try:
+            yield
+        finally:  # uvicorn has finished the requests in flight; the queue is empty by now
+            await asyncio.get_running_loop().run_in_executor(None, state["batcher"].close)
+
+    metrics = Metrics(lambda: state["batcher"].depth if "batcher" in state else 0)
+    app = FastAPI(title="ullme", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    open_paths = {"/health"}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started, endpoint = time.perf_counter(), request.url.path
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
+            response = error_response(413, f"request body of {length} bytes is over the limit of {limits.max_request_bytes}", code="request_too_large")
+        elif api_key is not None and endpoint not in open_paths and not _key_matches(request.headers.get("authorization"), api_key):
+            response = error_response(401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        else:
+            response = await call_next(request)
+        known = endpoint if endpoint in ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics") else "other"
+        metrics.requests.labels(known, str(response.status_code)).inc()
+        metrics.latency.labels(known).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return error_response(error.status, error.message, error.type, error.code, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, error: RequestValidationError):
+        problem = error.errors()[0] if error.errors() else {}
+        if problem.get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})", code="invalid_json")
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        return error_response(400, f"field '{where}': {problem.get('msg', 'invalid value')}", code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        return error_response(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, error: Exception):
+        log.error(f"{request.url.path}: {type(error).__name__}: {error}", exc_info=error)
+        return error_response(500, "internal error; the server log has the details", type="server_error")
+
+    def check_model(requested: str | None) -> None:
+        if requested is not None and requested != name:
+            raise ApiError(404, f"model '{requested}' is not served here; this server serves '{name}'", code="model_not_found")
+
+    async def vectors(request: Request, texts: list[str], kind: str) -> tuple[np.ndarray, int]:
+        """Vectors for `texts` from the shared batches, and the tokens they took; waits no longer than the
+        timeout, and withdraws the texts when the client goes away."""
+        if not texts:
+            raise ApiError(400, "field 'input': the list is empty")
+        if len(texts) > limits.max_inputs:
+            raise ApiError(413, f"{len(texts)} inputs in one request; at most {limits.max_inputs}", code="too_many_inputs")
+        items = embedder.tokenize(texts, kind, max_length=embedder.setup.max_length + 1)
+        over = [i for i, item in enumerate(items) if len(item.ids) > embedder.setup.max_length]
+        if over and not limits.truncate:
+            raise ApiError(413, f"input {over[0]} is longer than the model's {embedder.setup.max_length} tokens "
+                                f"({len(over)} input(s) over; the server was started without --truncate)", code="input_too_long")  # fmt: skip
+        if over:
+            cut = embedder.tokenize([texts[i] for i in over], kind)
+            for i, item in zip(over, cut):
+                items[i] = item
+        task = asyncio.ensure_future(state["batcher"].embed(items))
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, timeout=limits.timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task not in done:
+            task.cancel()
+            if watcher in done:
+                raise ApiError(499, "client closed the request", code="client_closed")
+            raise ApiError(504, f"no vectors within the request timeout of {limits.timeout:g} s", type="server_error", code="timeout")
+        try:
+            return task.result(), sum(len(item.ids) for item in items)
+        except Overloaded as e:
+            raise ApiError(503, f"server overloaded ({e}); retry later", type="server_error", code="overloaded",
+                           headers={"Retry-After": str(limits.retry_after)}) from None  # fmt: skip
+        except Closed as e:
+            raise ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": str(limits.retry_after)}) from None
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if body.dimensions is not None and body.dimensions > embedder.dim:
+            raise ApiError(400, f"field 'dimensions': {body.dimensions} is above the model's {embedder.dim}", code="invalid_value")
+        matrix, tokens = await vectors(request, texts, INPUT_TYPES[body.input_type])
+        matrix = truncate(matrix.astype(np.float32), body.dimensions, embedder.setup.normalize).astype(np.float32)
+        encode = (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64" else (lambda v: v.tolist())
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(matrix)]
+        return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.post("/v1/search")
+    async def search(body: SearchRequest, request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        from ullme_cli.artifacts import quantize
+        from ullme_cli.retrieval.search import search_opened
+
+        check_model(body.model)
+        if not indexes:
+            raise ApiError(404, "no index is loaded (start the server with --index FOLDER)", code="no_index")
+        queries = [body.query] if isinstance(body.query, str) else body.query
+        manifest = indexes[0].manifest
+        matrix, tokens = await vectors(request, queries, "query")
+        matrix = truncate(matrix.astype(np.float32), manifest.get("truncate_dim"), manifest["normalize"])
+        if manifest["dtype"] == "binary":
+            matrix = quantize(matrix, "binary")
+        qids = [str(i) for i in range(len(queries))]
+        found = await run_in_threadpool(lambda: list(search_opened(indexes, qids, np.ascontiguousarray(matrix), body.k)))
+        data = [{"index": int(qid), "hits": [{"id": d, "score": s, "rank": r} for r, (d, s) in enumerate(hits, start=1)]} for qid, hits in found]
+        return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "queue": state["batcher"].depth if "batcher" in state else 0}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ullme",
+                                            "dimensions": embedder.dim, "max_input_tokens": embedder.setup.max_length}]}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _key_matches(header: str | None, key: str) -> bool:
+    """Constant-time comparison of the bearer key (no early exit on the first differing byte)."""
+    return hmac.compare_digest((header or "").encode(), f"Bearer {key}".encode())
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
