@@ -111,6 +111,20 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> 
             "retry_after": sorted(str(r) for r in retry_after)}  # fmt: skip
 
 
+def mean_batch(url: str, seen: dict = {}) -> float:
+    """Texts per model batch since the last call, from the server's own /metrics."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(("ullme_batch_texts_sum", "ullme_batch_texts_count")):
+            values[line.split()[0]] = float(line.split()[1])
+    total, count = values.get("ullme_batch_texts_sum", 0.0), values.get("ullme_batch_texts_count", 0.0)
+    new_total, new_count = total - seen.get("total", 0.0), count - seen.get("count", 0.0)
+    seen.update(total=total, count=count)
+    return new_total / new_count if new_count else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_corpus_arguments(parser)
@@ -154,11 +168,13 @@ def main() -> None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.5)
         asyncio.run(closed_loop(url, texts[:32], 8, 60))  # warm-up
-        print(f"\n{'clients':>8} {'texts/s':>9} {'vs offline':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        print(f"\n{'clients':>8} {'texts/s':>9} {'vs offline':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'texts/batch':>12}")
         steady = {}
         for clients in (1, 8, 64):
             row = steady[clients] = asyncio.run(closed_loop(url, texts, clients, args.phase_seconds))
-            print(f"{clients:>8} {row['rate']:>9.1f} {row['rate'] / offline:>10.2f}x {row['p50'] * 1000:>8.1f} {row['p99'] * 1000:>8.1f} {row['errors']:>7}")
+            texts_per_batch = mean_batch(url)
+            print(f"{clients:>8} {row['rate']:>9.1f} {row['rate'] / offline:>10.2f}x {row['p50'] * 1000:>8.1f} {row['p99'] * 1000:>8.1f} {row['errors']:>7}"
+                  f" {texts_per_batch:>12.1f}")  # fmt: skip
         print(f"p50 at 1 client vs one text in-process: {steady[1]['p50'] / single:.2f}x")
         rss_before = peak_rss_mb(server.pid)
         overload = asyncio.run(open_loop(url, texts, 2 * steady[64]["rate"], args.overload_seconds))

@@ -1,9 +1,10 @@
 """Dynamic batching for `ullme serve`: concurrent requests share batches under ullme's token budget.
 
 One worker thread owns the model. Requests put their tokenized texts in a bounded queue and await a
-future; the worker waits at most `max_wait` after the first text arrives for others to join, packs a
-batch of at most `token_budget` padded tokens (the oldest text first, then the waiting texts closest to
-its length, so mixed traffic pads little), runs it, and hands each vector back to its request.
+future; the worker waits at most `max_wait` after the first text arrives for others to join, takes up to
+`token_budget` tokens (the oldest text first, then the waiting texts closest to its length), runs them in
+length-sorted groups that pad little (`padding_groups`: one padded batch of mixed traffic ran at half the
+offline rate on a 2-core EPYC), and hands each vector back to its request.
 
 - The queue is bounded in texts: a request that would overflow it is refused at once (`Overloaded`),
   so memory stays bounded under any load and the caller can answer 503 with Retry-After.
@@ -139,32 +140,54 @@ class Batcher:
         return len(self._pending) >= self.max_batch or sum(len(job.items[p].ids) for job, p in self._pending) >= self.token_budget
 
     def _take(self) -> list[tuple[_Job, int]]:
-        """The oldest waiting text, then the waiting texts closest to its length while the padded batch fits
-        the token budget (the oldest always goes, so no text waits behind shorter ones forever)."""
+        """The oldest waiting text, then the waiting texts closest to its length while their tokens fit the
+        budget (the oldest always goes, so no text waits behind shorter ones forever)."""
         oldest = self._pending[0]
         size = lambda entry: len(entry[0].items[entry[1]].ids)  # noqa: E731
         window = list(self._pending)[: 4 * self.max_batch]
-        chosen, longest = [oldest], size(oldest)
+        chosen, tokens = [oldest], size(oldest)
         for entry in sorted(window[1:], key=lambda e: abs(size(e) - size(oldest))):
             if len(chosen) == self.max_batch:
                 break
-            if max(longest, size(entry)) * (len(chosen) + 1) <= self.token_budget:
+            if tokens + size(entry) <= self.token_budget:
                 chosen.append(entry)
-                longest = max(longest, size(entry))
+                tokens += size(entry)
         taken = {id(entry) for entry in chosen}
         self._pending = deque(entry for entry in self._pending if id(entry) not in taken)
         return chosen
 
     def _encode(self, batch: list[tuple[_Job, int]]) -> None:
         items = [job.items[position] for job, position in batch]
+        vectors: list = [None] * len(items)
         try:
-            vectors = self.encode_batch(items)
+            for group in padding_groups([len(item.ids) for item in items]):
+                for row, vector in zip(group, self.encode_batch([items[i] for i in group])):
+                    vectors[row] = vector
+                if self.on_batch is not None:
+                    self.on_batch(len(group), max(len(items[i].ids) for i in group) * len(group))
         except Exception as error:  # noqa: BLE001 - the requests in this batch fail; the server carries on
             for job in {id(job): job for job, _ in batch}.values():
                 job.fail(error)
             return
-        if self.on_batch is not None:
-            self.on_batch(len(items), max(len(item.ids) for item in items) * len(items))
         for (job, position), vector in zip(batch, vectors):
             if job.remaining > 0:
                 job.deliver(position, vector)
+
+
+def padding_groups(lengths: Sequence[int], min_tokens: int = 128, max_waste: float = 0.1) -> list[list[int]]:
+    """Positions of `lengths` in length-sorted groups: a group closes once it holds `min_tokens` real tokens
+    (enough rows for efficient matmuls) and the next text would make more than `max_waste` of its padded
+    tokens padding. Measured on the demo corpus, 25 mixed texts at a time, 2-core EPYC: one padded batch
+    7.3 texts/s, these groups 11.6, offline encode (sorted over the whole corpus) 14.0."""
+    groups: list[list[int]] = []
+    real = 0
+    for position in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        length = lengths[position]
+        if groups and real >= min_tokens and 1 - (real + length) / (length * (len(groups[-1]) + 1)) > max_waste:
+            groups.append([])
+            real = 0
+        if not groups:
+            groups.append([])
+        groups[-1].append(position)
+        real += length
+    return groups
