@@ -125,6 +125,16 @@ def recipe(**changes):
     return prepare
 
 
+def recipe_over(row: str, **changes):
+    """A recipe whose training data is the one jsonl `row` (written to t.jsonl)."""
+
+    def prepare(d: Path, shared: Path) -> None:
+        (d / "t.jsonl").write_text(row + "\n")
+        (d / "recipe.yaml").write_text(recipe_text(d, shared, data__train=str(d / "t.jsonl"), **changes))
+
+    return prepare
+
+
 def shard_of_other_corpus(d: Path, shared: Path) -> None:
     other = d / "other.jsonl"
     other.write_text("".join(json.dumps({"id": f"o{i}", "text": t.upper()}) + "\n" for i, t in enumerate(demo_texts(40))))
@@ -306,6 +316,17 @@ CASES = [
     # ---------------------------------------------------------------- finetune
     ("finetune-deepspeed", ["finetune", "{d}/recipe.yaml", "--set", "train.distributed=deepspeed"], recipe(), "DeepSpeed is not supported: use fsdp"),
     ("finetune-fsdp-with-eval", ["finetune", "{d}/recipe.yaml", "--set", "train.distributed=fsdp", "--set", "eval.task_dir={trecqa}"], recipe(), "not run under train.distributed: fsdp"),
+    ("finetune-distill-without-teacher-scores", ["finetune", "{d}/recipe.yaml"], recipe(loss__weights={"contrastive": 1, "distill": 1}), "no training row carries pos_scores"),
+    ("finetune-matryoshka-not-increasing", ["finetune", "{d}/recipe.yaml"], recipe(loss__matryoshka_dims=[16, 8]), "'loss.matryoshka_dims' must be increasing"),
+    ("finetune-matryoshka-bad-size", ["finetune", "{d}/recipe.yaml"], recipe(loss__matryoshka_dims=[0, "full"]), "must list sizes of at least 1"),
+    ("finetune-matryoshka-weights-count", ["finetune", "{d}/recipe.yaml"], recipe(loss__matryoshka_dims=[8, "full"], loss__matryoshka_weights=[1]), "needs one weight per dim (2)"),
+    ("finetune-matryoshka-above-the-model", ["finetune", "{d}/recipe.yaml"], recipe(loss__matryoshka_dims=[8, 4096]), "4096 is above the model's"),
+    ("finetune-matryoshka-without-contrastive", ["finetune", "{d}/recipe.yaml"], recipe(loss__strategy="sft", loss__matryoshka_dims=[8]), "has neither"),
+    ("finetune-teacher-scores-count", ["finetune", "{d}/recipe.yaml"], recipe_over('{"query": "q", "positive": ["p"], "pos_scores": [0.5, 0.4]}'),
+     "t.jsonl:1: field 'pos_scores' has 2 scores for 1 positives"),
+    ("finetune-teacher-scores-not-numbers", ["finetune", "{d}/recipe.yaml"], recipe_over('{"query": "q", "positive": ["p"], "negative": ["n"], "neg_scores": ["high"]}'),
+     "t.jsonl:1: field 'neg_scores' must be a list of numbers"),
+    ("mine-teacher-not-found", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--teacher", "{d}/none"], nothing, "not found"),
     ("finetune-recipe-not-found", ["finetune", "{d}/none.yaml"], nothing, "none.yaml: file not found"),
     ("finetune-invalid-yaml", ["finetune", "{d}/recipe.yaml"], write("recipe.yaml", "model: [unclosed\n"), "not valid YAML"),
     ("finetune-top-level-list", ["finetune", "{d}/recipe.yaml"], write("recipe.yaml", "- a\n- b\n"), "a recipe is a mapping of sections"),

@@ -316,6 +316,7 @@ def mine(
     max_score: Optional[float] = typer.Option(None, "--max-score", help="Drop candidates scoring above S (cosine)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Write pos_scores and neg_scores: this embedder's cosines (an ullme folder, a model ullme loads, or a sentence-transformers folder), for loss.weights.distill."),
     pooling: Optional[str] = PoolingOption,
     attention: Optional[str] = AttentionOption,
     max_length: Optional[int] = MaxLengthOption,
@@ -332,7 +333,7 @@ def mine(
     from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
 
     start, stop = MiningOptions.parse_range(rank_range)
-    options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing).validate()
+    options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing, teacher).validate()
     setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
     runtime = Runtime(dtype, device, trust_remote_code)
     stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, show_progress)

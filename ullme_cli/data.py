@@ -135,6 +135,9 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
             instruction = string_field(where, row, "instruction", required=False)
             generation_instruction = string_field(where, row, "generation_instruction", required=False)
             extra = {k: v for k, v in row.items() if k not in TRAINING_FIELDS and not _numbered(k)}
+            for key, passages in (("pos_scores", positives), ("neg_scores", negatives)):
+                if extra.get(key) is not None:
+                    extra[key] = teacher_scores(where, extra[key], key, len(passages))
         except UllmeError:
             if not skip_bad_rows:
                 raise
@@ -144,6 +147,16 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
     if not examples:
         raise located(name, None, "no training examples found")
     return examples, skipped
+
+
+def teacher_scores(where, value, key: str, count: int) -> list[float]:
+    """A row's `pos_scores` or `neg_scores` (FlagEmbedding's and Tevatron's teacher scores): one number per
+    positive or negative, in their order (the distill term reads them)."""
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise where.error(f"field '{key}' must be a list of numbers, got {value!r}"[:300])
+    if len(value) != count:
+        raise where.error(f"field '{key}' has {len(value)} scores for {count} {'positives' if key == 'pos_scores' else 'negatives'}")
+    return [float(v) for v in value]
 
 
 @dataclass

@@ -131,6 +131,9 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     embedder = embedder or load_embedder(setup, runtime)
     if options.truncate_dim is not None and options.truncate_dim > embedder.dim:
         raise UllmeError(f"--truncate-dim must be between 1 and {embedder.dim} (the model's dimension), got {options.truncate_dim}")
+    untrained = embedder.untrained_size(options.truncate_dim)
+    if untrained:
+        log.warning(f"--truncate-dim {options.truncate_dim}: {untrained}")
     # Resolved here, so a resume on another device with another default never mixes two batchings.
     options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
     tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)

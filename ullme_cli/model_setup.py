@@ -25,7 +25,8 @@ SETUP_FILE = "ullme.json"
 SETUP_FORMAT = 1
 # An adapter-only folder's base: {"model": a bundled name, hub id or absolute folder, "fingerprint": ...}.
 BASE_KEY = "base"
-SETUP_FILE_KEYS = ("ullme_format", BASE_KEY)
+MATRYOSHKA_KEY = "matryoshka_dims"  # the sizes a Matryoshka run trained (None: the full size), for encode's check and the card
+SETUP_FILE_KEYS = ("ullme_format", BASE_KEY, MATRYOSHKA_KEY)
 
 
 @dataclass

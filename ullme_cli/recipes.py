@@ -18,7 +18,7 @@ from ullme_cli.constants import ATTENTION_MODES, POOLINGS
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import ModelSetup
 
-LOSS_COMPONENTS = ("contrastive", "simcse", "mntp", "sft", "dpo", "kl")
+LOSS_COMPONENTS = ("contrastive", "simcse", "mntp", "sft", "dpo", "kl", "distill")
 # Strategy presets: the weights of each component (GRL's are the paper's λ).
 STRATEGIES = {
     "contrastive": {"contrastive": 1.0},
@@ -27,6 +27,7 @@ STRATEGIES = {
     "sft": {"sft": 1.0},
     "dpo": {"dpo": 1.0},
     "grl": {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0},
+    "distill": {"distill": 1.0},
 }
 
 
@@ -84,6 +85,13 @@ class LossSection:
     dpo_logprob: str = "auto"  # sum | mean | auto (mean for ipo, sum for sigmoid and hinge)
     reference_free: bool = False
     mask_probability: float = 0.2
+    teacher_temperature: float = 0.05  # τ_t of the distill term: 0.05 suits cosine teacher scores (`mine --teacher`), 1 a cross-encoder's logits
+    matryoshka_dims: list = field(default_factory=list)  # e.g. [64, 128, full]: contrastive and distill on each truncated size
+    matryoshka_weights: list = field(default_factory=list)  # one per dim; default 1 each
+
+    def matryoshka(self) -> list[int | None]:
+        """The trained sizes, `full` as None; empty without Matryoshka."""
+        return [None if d == "full" else d for d in self.matryoshka_dims]
 
     def resolved_weights(self) -> dict[str, float]:
         return {k: float(v) for k, v in (self.weights or STRATEGIES[self.strategy]).items() if float(v) != 0.0}
@@ -208,7 +216,19 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("loss.dpo_label_smoothing", f"applies to dpo_variant: sigmoid only, not {recipe.loss.dpo_variant}")
     if recipe.loss.dpo_logprob not in ("auto", "sum", "mean"):
         bad("loss.dpo_logprob", "must be auto, sum or mean")
-    for key in ("temperature", "tau_kl", "tau_gen", "beta"):
+    dims = recipe.loss.matryoshka_dims
+    if any(not (d == "full" or (isinstance(d, int) and not isinstance(d, bool) and d >= 1)) for d in dims):
+        bad("loss.matryoshka_dims", f"must list sizes of at least 1 (or full), got {dims!r}")
+    sizes = [d for d in dims if d != "full"]
+    if sizes != sorted(set(sizes)) or dims.count("full") > 1:
+        bad("loss.matryoshka_dims", f"must be increasing, each size once, got {dims!r}")
+    if recipe.loss.matryoshka_weights and len(recipe.loss.matryoshka_weights) != len(dims):
+        bad("loss.matryoshka_weights", f"needs one weight per dim ({len(dims)}), got {len(recipe.loss.matryoshka_weights)}")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in recipe.loss.matryoshka_weights):
+        bad("loss.matryoshka_weights", f"must be positive numbers, got {recipe.loss.matryoshka_weights!r}")
+    if dims and not set(recipe.loss.resolved_weights()) & {"contrastive", "distill"}:
+        bad("loss.matryoshka_dims", "apply to the contrastive and distill terms, and this recipe has neither")
+    for key in ("temperature", "tau_kl", "tau_gen", "beta", "teacher_temperature"):
         if getattr(recipe.loss, key) <= 0:
             bad(f"loss.{key}", "must be positive")
     if not 0 < recipe.loss.mask_probability < 1:
@@ -257,8 +277,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     if recipe.model.max_length < 8:
         bad("model.max_length", "must be at least 8")
     needs_pairs = set(recipe.loss.resolved_weights()) - {"simcse", "mntp"}
-    if needs_pairs & {"dpo", "kl"} and recipe.data.negatives_per_query < 1:
-        bad("data.negatives_per_query", "must be at least 1 for dpo and kl")
+    if needs_pairs & {"dpo", "kl", "distill"} and recipe.data.negatives_per_query < 1:
+        bad("data.negatives_per_query", "must be at least 1 for dpo, kl and distill")
     if recipe.data.train and recipe.data.sources:
         bad("data.train", "and data.sources do not mix: name one file as data.train, or several as data.sources")
     if not recipe.data.train and not recipe.data.sources:

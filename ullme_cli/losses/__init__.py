@@ -6,10 +6,12 @@ weighted sum that `training/step.py` assembles from InfoNCE, DPO and the KL, und
 """
 
 from ullme_cli.losses.contrastive import InfoNCELoss
+from ullme_cli.losses.distillation import DistillationLoss
 from ullme_cli.losses.kl import RelevanceKLLoss
+from ullme_cli.losses.matryoshka import MatryoshkaLoss
 from ullme_cli.losses.mntp import MNTPLoss, mask_tokens
 from ullme_cli.losses.preference import DPOLoss
 from ullme_cli.losses.sft import SFTLoss
 from ullme_cli.losses.simcse import SimCSELoss
 
-__all__ = ["InfoNCELoss", "RelevanceKLLoss", "MNTPLoss", "mask_tokens", "DPOLoss", "SFTLoss", "SimCSELoss"]
+__all__ = ["InfoNCELoss", "DistillationLoss", "MatryoshkaLoss", "RelevanceKLLoss", "MNTPLoss", "mask_tokens", "DPOLoss", "SFTLoss", "SimCSELoss"]

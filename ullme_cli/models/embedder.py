@@ -23,7 +23,7 @@ from ullme_cli.io.agreement import require_agreement
 from ullme_cli.io.outputs import atomic_folder, guarded, real_path
 from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import BASE_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, resolve_setup
+from ullme_cli.model_setup import BASE_KEY, MATRYOSHKA_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, read_setup_file, resolve_setup
 from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, verify_bidirectional
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
@@ -121,6 +121,8 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent)
     embedder.source = source
+    if (folder / SETUP_FILE).is_file():
+        embedder.matryoshka_dims = read_setup_file(folder / SETUP_FILE).get(MATRYOSHKA_KEY)
     if adapter is None:  # plain weights: what an adapter trained on them would reference
         local = Path(setup.model).expanduser()
         embedder.base_record = {"model": str(local.resolve()) if local.exists() else setup.model, "fingerprint": fingerprint}
@@ -157,6 +159,19 @@ class Embedder:
         # The weights an adapter sits on: {"model": source, "fingerprint": ...}, set when a plain model loads;
         # an adapter-only save names it instead of copying it.
         self.base_record: dict | None = None
+        # The sizes a Matryoshka run trained its vectors to work at (None: the full size); None: not such a run.
+        self.matryoshka_dims: list[int | None] | None = None
+
+    def untrained_size(self, dim: int | None) -> str | None:
+        """Why vectors cut to `dim` were not trained to work at that size (None: they were, or no cut)."""
+        if dim is None or dim == self.dim:
+            return None
+        if not self.matryoshka_dims:
+            return f"this model was not trained with Matryoshka (loss.matryoshka_dims), so its first {dim} dimensions may not work alone"
+        if dim not in self.matryoshka_dims:
+            trained = ", ".join("full" if d is None else str(d) for d in self.matryoshka_dims)
+            return f"this model was trained to work at {trained} dimensions, not {dim}"
+        return None
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -283,6 +298,8 @@ class Embedder:
         record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}}
         if base_record and base_record.get("fingerprint"):
             record[BASE_KEY] = base_record
+        if self.matryoshka_dims:
+            record[MATRYOSHKA_KEY] = self.matryoshka_dims
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         from ullme_cli.models.st_export import write_sentence_transformers_files
 

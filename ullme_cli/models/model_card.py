@@ -97,7 +97,9 @@ def render_card(embedder, origin: dict, training: dict | None, folder_name: str,
         "",
         f"A text-embedding model made with [ullme](https://pypi.org/project/ullme/) from "
         f"{origin.get('base_model') or 'a decoder language model'}: {setup.attention} attention, {setup.pooling} pooling, "
-        f"{embedder.dim} dimensions{', normalized' if setup.normalize else ''}, up to {setup.max_length} tokens.",
+        f"{embedder.dim} dimensions{', normalized' if setup.normalize else ''}, up to {setup.max_length} tokens"
+        + (f"; trained with Matryoshka at {', '.join('full' if d is None else str(d) for d in embedder.matryoshka_dims)} dimensions "
+           "(cut with `ullme encode --truncate-dim D` or `SentenceTransformer(folder, truncate_dim=D)`)" if embedder.matryoshka_dims else "") + ".",
         "",
         "| setup | value |", "| --- | --- |",
         *(f"| {k} | `{json.dumps(v)}` |" for k, v in setup.record().items() if k not in ("model", "fingerprint")),

@@ -52,6 +52,7 @@ class MiningOptions:
     max_score: float | None = None  # drop candidates scoring above this
     seed: int = 0
     keep_existing: bool = False
+    teacher: str | None = None  # an embedder whose cosine scores go into pos_scores / neg_scores
 
     @classmethod
     def parse_range(cls, spec: str) -> tuple[int, int | None]:
@@ -104,7 +105,7 @@ def mine_negatives(
     from ullme_cli.models.loading import model_inputs
 
     cache = Path(output).with_name(Path(output).name + ".cache")
-    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), *model_inputs(setup.model)]
+    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), *model_inputs(setup.model), *model_inputs(options.teacher or setup.model)]
     guard_output([output], inputs, overwrite)
     guard_output([cache], inputs, folder=True, exists_ok=True, may_hold_inputs=True)  # files replaced one by one, never the folder
     with output_lock(output):
@@ -145,6 +146,10 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
 
     examples, _ = read_training_examples(training)
     records = read_corpus(corpus)
+    if options.teacher and not (Path(options.teacher) / "modules.json").is_file():
+        from ullme_cli.models.loading import resolve_model_source
+
+        resolve_model_source(options.teacher)  # a teacher that is not there is refused before mining, not after
     options.check_range(len(records), corpus)
     embedder = load_embedder(setup, runtime)
     vectors = _corpus_vectors(corpus, records, output, embedder, corpus_embeddings, show_progress)
@@ -164,36 +169,95 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
     rng = np.random.default_rng(options.seed)
     short = 0
     stale = sum(any(k in ex.extra for k in STALE_FIELDS) for ex in examples)
-    if stale:
+    if stale and not options.teacher:
         log.warning(f"{training}: dropping {', '.join(STALE_FIELDS)} of {stale} rows: they scored the negatives that mining replaces")
+    for row, (example, ranked, ranked_scores) in enumerate(zip(examples, found, scores)):
+        blocked = {_normal(p) for p in example.positives} | {_normal(example.query)}
+        kept = list(example.negatives) if options.keep_existing else []
+        seen = {_normal(t) for t in kept}
+        ceiling = options.max_score if options.max_score is not None else np.inf
+        if bounded:
+            weakest = min(float(queries[row] @ positive_vectors[p]) for p in example.positives)
+            if options.margin is not None:
+                ceiling = min(ceiling, weakest - options.margin)
+            if options.relative_margin is not None:  # sentence-transformers' relative_margin
+                ceiling = min(ceiling, weakest * (1 - options.relative_margin))
+        candidates = []
+        for position, score in zip(ranked[options.start :], ranked_scores[options.start :]):
+            text = texts[position] if position >= 0 else ""
+            if position < 0 or score > ceiling or _normal(text) in blocked or _normal(text) in seen:
+                continue
+            seen.add(_normal(text))
+            candidates.append(text)
+        if options.sample and len(candidates) > options.negatives:
+            picked = sorted(rng.choice(len(candidates), options.negatives, replace=False))
+            candidates = [candidates[i] for i in picked]
+        chosen = candidates[: options.negatives]
+        short += len(chosen) < options.negatives
+        example.negatives = kept + chosen
+        example.extra = {k: v for k, v in example.extra.items() if k not in STALE_FIELDS}
+    if options.teacher:
+        del embedder  # one model in memory at a time
+        # mining scored these candidates with its own model; the teacher's scores are what distill reads
+        score_with_teacher(examples, options.teacher, runtime, show_progress)
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for row, (example, ranked, ranked_scores) in enumerate(zip(examples, found, scores)):
-            blocked = {_normal(p) for p in example.positives} | {_normal(example.query)}
-            kept = list(example.negatives) if options.keep_existing else []
-            seen = {_normal(t) for t in kept}
-            ceiling = options.max_score if options.max_score is not None else np.inf
-            if bounded:
-                weakest = min(float(queries[row] @ positive_vectors[p]) for p in example.positives)
-                if options.margin is not None:
-                    ceiling = min(ceiling, weakest - options.margin)
-                if options.relative_margin is not None:  # sentence-transformers' relative_margin
-                    ceiling = min(ceiling, weakest * (1 - options.relative_margin))
-            candidates = []
-            for position, score in zip(ranked[options.start :], ranked_scores[options.start :]):
-                text = texts[position] if position >= 0 else ""
-                if position < 0 or score > ceiling or _normal(text) in blocked or _normal(text) in seen:
-                    continue
-                seen.add(_normal(text))
-                candidates.append(text)
-            if options.sample and len(candidates) > options.negatives:
-                picked = sorted(rng.choice(len(candidates), options.negatives, replace=False))
-                candidates = [candidates[i] for i in picked]
-            chosen = candidates[: options.negatives]
-            short += len(chosen) < options.negatives
-            example.negatives = kept + chosen
-            example.extra = {k: v for k, v in example.extra.items() if k not in STALE_FIELDS}
-            out.write(json.dumps(example.to_json()) + "\n")
+        out.writelines(json.dumps(example.to_json()) + "\n" for example in examples)
     return {"examples": len(examples), "corpus": len(records), "short": short}
+
+
+def teacher_encoder(name: str, runtime: Runtime):
+    """`encode(texts, kind, instruction) -> unit vectors` of a teacher: an ullme folder or any model ullme
+    loads, or a sentence-transformers folder (modules.json, no ullme.json), whose "query" and "document"
+    prompts are used where it has them."""
+    from ullme_cli.model_setup import SETUP_FILE, resolve_setup
+
+    folder = Path(name)
+    if (folder / "modules.json").is_file() and not (folder / SETUP_FILE).is_file():
+        from sentence_transformers import SentenceTransformer
+
+        device = None if runtime.device == "auto" else runtime.device
+        try:
+            model = SentenceTransformer(str(folder), device=device, trust_remote_code=runtime.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - sentence-transformers raises many kinds for a folder it cannot load
+            raise UllmeError(f"{name}: sentence-transformers cannot load this teacher ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        prompts = getattr(model, "prompts", {}) or {}
+
+        def encode_st(texts, kind, instruction=None):
+            prompt = prompts.get("query" if kind == "query" else "document")
+            return model.encode(list(texts), prompt=prompt, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+        return encode_st
+    from ullme_cli.models.embedder import load_embedder
+
+    teacher = load_embedder(resolve_setup(name), runtime)
+
+    def encode_ullme(texts, kind, instruction=None):
+        vectors = teacher.encode(list(texts), kind=kind, instruction=instruction)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    return encode_ullme
+
+
+def score_with_teacher(examples, teacher: str, runtime: Runtime, show_progress: bool) -> None:
+    """Each row's `pos_scores` and `neg_scores`: the teacher's cosine between the query (with the row's
+    instruction) and each positive and negative, in their order, as FlagEmbedding and Tevatron lay them out."""
+    from ullme_cli.progress import progress_bar
+
+    encode = teacher_encoder(teacher, runtime)
+    passages = sorted({t for ex in examples for t in (*ex.positives, *ex.negatives)})
+    with progress_bar("teacher", total=len(passages) + len(examples), enabled=show_progress) as advance:
+        vectors = dict(zip(passages, encode(passages, "passage")))
+        advance(len(passages))
+        by_instruction: dict[str | None, list[int]] = {}
+        for n, example in enumerate(examples):
+            by_instruction.setdefault(example.instruction, []).append(n)
+        for instruction, rows in by_instruction.items():
+            queries = encode([examples[n].query for n in rows], "query", instruction)
+            for n, query in zip(rows, queries):
+                example = examples[n]
+                example.extra["pos_scores"] = [round(float(query @ vectors[t]), 6) for t in example.positives]
+                example.extra["neg_scores"] = [round(float(query @ vectors[t]), 6) for t in example.negatives]
+            advance(len(rows))
 
 
 def query_vectors(embedder, examples) -> np.ndarray:

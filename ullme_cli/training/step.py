@@ -24,12 +24,14 @@ from typing import Callable, Iterator
 import torch
 
 from ullme_cli.data import TrainingExample
-from ullme_cli.losses import DPOLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
+from ullme_cli.errors import UllmeError
+from ullme_cli.losses import DistillationLoss, DPOLoss, InfoNCELoss, MatryoshkaLoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
 from ullme_cli.losses.kl import candidate_scores
 from ullme_cli.models.bidirectional import lm_logits
 from ullme_cli.recipes import LossSection
 
-EMBEDDING_TERMS = {"contrastive", "kl", "simcse"}
+EMBEDDING_TERMS = {"contrastive", "kl", "simcse", "distill"}
+PAIR_TERMS = {"contrastive", "kl", "distill"}  # the terms that embed queries, positives and negatives
 GENERATION_TERMS = {"dpo", "sft", "kl"}
 
 
@@ -64,7 +66,13 @@ class StepLoss:
         # IPO's 1/(2β) margin is meant for token means (TRL, the ULLME code); sigmoid and hinge use sums.
         self.dpo_score = loss.dpo_logprob if loss.dpo_logprob != "auto" else ("mean" if loss.dpo_variant == "ipo" else "sum")
         self.kl = RelevanceKLLoss(loss.tau_kl, loss.tau_gen, loss.kl_direction)
+        self.distill = DistillationLoss(loss.temperature, loss.teacher_temperature)
         self.mask_probability = loss.mask_probability
+        dims = loss.matryoshka()
+        too_large = [d for d in dims if d is not None and d > embedder.dim]
+        if too_large:
+            raise UllmeError(f"loss.matryoshka_dims: {too_large[0]} is above the model's {embedder.dim} dimensions")
+        self.matryoshka = MatryoshkaLoss(dims, loss.matryoshka_weights or None) if dims else None
 
     # ------------------------------------------------------------------ pieces
     def embed(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> torch.Tensor:
@@ -122,15 +130,32 @@ class StepLoss:
         ids = [-1 if v is None else int(hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:15], 16) for v in values]
         return torch.tensor(ids, dtype=torch.long, device=self.embedder.device)
 
+    def teacher_scores(self, batch: list[TrainingExample], positives: list[str], negatives: list[list[str]]) -> torch.Tensor:
+        """The teacher's score of each row's drawn candidates (positive first), from the row's `pos_scores`
+        and `neg_scores`; NaN where there is none (a borrowed negative, a row without scores)."""
+        rows = []
+        for ex, positive, row in zip(batch, positives, negatives):
+            known = dict(zip(ex.negatives, ex.extra.get("neg_scores") or []))
+            known.update(zip(ex.positives, ex.extra.get("pos_scores") or []))
+            borrowed = set(row) - set(ex.negatives)  # other rows' positives, standing in for missing negatives
+            rows.append([known.get(positive, float("nan"))] + [float("nan") if t in borrowed else known.get(t, float("nan")) for t in row])
+        return torch.tensor(rows, dtype=torch.float32, device=self.embedder.device)
+
     def own_only(self, batch: list[TrainingExample]) -> torch.Tensor | None:
         """Rows whose source has `in_batch_negatives: false`; None when every row takes in-batch negatives."""
         flags = [not ex.in_batch_negatives for ex in batch]
         return torch.tensor(flags, device=self.embedder.device) if any(flags) else None
 
-    def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None, own_only=None) -> dict[str, torch.Tensor]:
+    def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None, own_only=None, teacher=None) -> dict[str, torch.Tensor]:
         w, parts = self.weights, {}
+
+        def on_trained_sizes(term, *embeddings):  # Matryoshka: the term on each trained size, weighted
+            return self.matryoshka(term, *embeddings) if self.matryoshka else term(*embeddings)
+
         if "contrastive" in w:
-            parts["contrastive"] = self.info_nce(q, p, neg.reshape(-1, neg.shape[-1]), groups, own_only)
+            parts["contrastive"] = on_trained_sizes(lambda q, p, n: self.info_nce(q, p, n.reshape(-1, n.shape[-1]), groups, own_only), q, p, neg)
+        if "distill" in w:
+            parts["distill"] = on_trained_sizes(lambda q, p, n: self.distill(candidate_scores(q, p, n), teacher), q, p, neg)
         if "kl" in w:
             parts["kl"] = self.kl(candidate_scores(q, p, neg), generation_means)
         if "simcse" in w:
@@ -169,14 +194,15 @@ class StepLoss:
             parts.update(self.generation_terms(batch, positives, negatives, generation))
         if EMBEDDING_TERMS & set(w):
             q = p = neg = views = None
-            if {"contrastive", "kl"} & set(w):
+            if PAIR_TERMS & set(w):
                 q = self.embed([ex.query for ex in batch], "query", [ex.instruction for ex in batch])
                 p = self.embed(positives, "passage")
                 neg = self.embed([t for row in negatives for t in row], "passage").reshape(len(batch), len(negatives[0]), -1)
             if "simcse" in w:
                 texts = [ex.query for ex in batch] + positives
                 views = (self.embed(texts, "passage"), self.embed(texts, "passage"))
-            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None, self.groups(batch), self.own_only(batch)))
+            teacher = self.teacher_scores(batch, positives, negatives) if "distill" in w else None
+            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None, self.groups(batch), self.own_only(batch), teacher))
         if "mntp" in w:
             parts["mntp"] = self.mntp_loss(positives, generator)
         total = sum(w[name] * value for name, value in parts.items())
@@ -222,7 +248,8 @@ class StepLoss:
         # 3. Embedding terms on the cached embeddings, then their gradients pushed back chunk by chunk.
         if roles:
             q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
-            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None, self.groups(batch), self.own_only(batch))
+            teacher = self.teacher_scores(batch, positives, negatives) if "distill" in w else None
+            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None, self.groups(batch), self.own_only(batch), teacher)
             self.scale(sum(w[k] * v for k, v in terms.items())).backward()
             for role, (texts, kind, instr) in roles.items():
                 gradient = cached[role].grad  # already scaled, when a scaler is in use

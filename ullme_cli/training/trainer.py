@@ -309,6 +309,9 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     sources = recipe.data.source_list()
     mixture = read_mixture(sources, recipe.data.skip_bad_rows, t.seed)
     examples, skipped = mixture.examples, mixture.skipped
+    if "distill" in recipe.loss.resolved_weights() and not any("pos_scores" in ex.extra or "neg_scores" in ex.extra for ex in examples):
+        raise UllmeError(f"loss.weights.distill: no training row carries pos_scores or neg_scores (teacher scores); write them with "
+                         f"`ullme mine ... --teacher MODEL`")  # fmt: skip
     if skipped:
         log.warning(f"skipped {skipped} malformed rows of {', '.join(s.path for s in sources)}")
     if len(sources) > 1:
@@ -362,6 +365,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
+    # Before anything is written: a recipe the model cannot take (a Matryoshka size above its own) is refused here.
+    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
     step = 0
     if resume and accelerator.is_main_process:
         remove_staging_leftovers(out)
@@ -386,7 +391,6 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         accelerator.init_trackers("finetune", config=flat_config(recipe))
     metrics_path = out / METRICS
     _truncate_metrics(metrics_path, step)
-    loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
 
     with progress_bar("finetune", total=t.steps, enabled=show_progress and accelerator.is_main_process) as advance:
@@ -452,6 +456,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             "recipe": dump_recipe(recipe), "data": {"train": ", ".join(s.path for s in sources), "sources": [s.path for s in sources], "rows": len(examples), "skipped": skipped},
             "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
         }  # fmt: skip
+        embedder.matryoshka_dims = recipe.loss.matryoshka() or None
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge, reference_base=True)  # a LoRA run: the adapter, not a copy of the base
         draw_curves(out)
     accelerator.wait_for_everyone()
