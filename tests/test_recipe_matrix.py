@@ -2,6 +2,7 @@
 tiny model or is refused when the recipe is read, with a one-line reason (never a crash mid-training)."""
 
 import itertools
+import json
 
 import pytest
 import yaml
@@ -30,6 +31,13 @@ def test_each_combination_trains_two_steps_or_is_refused_up_front(tiny_llama, tm
         "loss": {"strategy": strategy},
         "train": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "grad_cache_chunk": chunk, "mixed_precision": precision},
     }
+    if strategy == "distill":  # teacher scores, one per positive and negative, as `mine --teacher` writes them
+        rows = [json.loads(line) for line in (RESOURCES / "trecqa-train" / "train.jsonl").read_text().splitlines()]
+        for row in rows:
+            positives, negatives = (row[k] if isinstance(row[k], list) else [row[k]] for k in ("positive", "negative"))
+            row.update(positive=positives, negative=negatives, pos_scores=[0.9] * len(positives), neg_scores=[0.1 * (i % 5) for i in range(len(negatives))])
+        (tmp_path / "scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        recipe["data"]["train"] = str(tmp_path / "scored.jsonl")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     refusal = REFUSED.get((strategy, chunk))

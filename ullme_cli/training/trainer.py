@@ -310,8 +310,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     mixture = read_mixture(sources, recipe.data.skip_bad_rows, t.seed)
     examples, skipped = mixture.examples, mixture.skipped
     if "distill" in recipe.loss.resolved_weights() and not any("pos_scores" in ex.extra or "neg_scores" in ex.extra for ex in examples):
-        raise UllmeError(f"loss.weights.distill: no training row carries pos_scores or neg_scores (teacher scores); write them with "
-                         f"`ullme mine ... --teacher MODEL`")  # fmt: skip
+        raise UllmeError("loss.weights.distill: no training row carries pos_scores or neg_scores (teacher scores); write them with "
+                         "`ullme mine ... --teacher MODEL`")  # fmt: skip
     if skipped:
         log.warning(f"skipped {skipped} malformed rows of {', '.join(s.path for s in sources)}")
     if len(sources) > 1:
