@@ -1,0 +1,20 @@
+"""benchmarks/gpu.py is prepared for a GPU that CI never has: its every code path runs here at a tiny shape
+on CPU (this measures nothing; the table in docs/benchmarks.md comes from a GPU run)."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_at_a_tiny_shape_on_cpu():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--shapes", "tiny", "--device", "cpu", "--texts", "48", "--batch", "2",
+                             "--max-seconds", "300"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "encode ullme:" in out and "sentence-transformers float32 (batch 128)" in out, out
+    for row in ("LoRA contrastive step, batch 2:", "LoRA contrastive step, batch 2, gradient checkpointing:", "LoRA grl step, batch 2:",
+                "LoRA grl step, batch 2, gradient checkpointing:"):  # fmt: skip
+        assert row in out, out
