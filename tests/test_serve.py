@@ -178,11 +178,24 @@ def test_the_server_binds_loopback_unless_told_and_keyed(tiny_llama):
 
 @pytest.mark.slow
 def test_overload_answers_503_and_sigterm_finishes_every_accepted_request(tiny_llama):
-    """A half-second batch wait keeps requests in flight; SIGTERM arrives while they are; all complete."""
-    server = Server(tiny_llama, "--dtype", "float32", "--max-queue", "8", "--max-wait-ms", "500")
+    """A 3-second batch wait keeps requests in flight: a client that leaves has its texts withdrawn at once,
+    and SIGTERM arriving while requests wait lets all of them complete."""
+    server = Server(tiny_llama, "--dtype", "float32", "--max-queue", "8", "--max-wait-ms", "3000")
     try:
         overload = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["a"] * 9})
         assert overload.status_code == 503 and overload.headers["Retry-After"] == "1" and overload.json()["error"]["code"] == "overloaded"
+        body = json.dumps({"input": ["w"] * 4}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+            deadline = time.monotonic() + 2
+            while httpx.get(f"{server.url}/health").json()["queue"] != 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        left = time.monotonic()
+        while httpx.get(f"{server.url}/health").json()["queue"] and time.monotonic() - left < 2.5:
+            time.sleep(0.02)
+        assert httpx.get(f"{server.url}/health").json()["queue"] == 0 and time.monotonic() - left < 2.5, "the texts of a client that left stayed queued"
+        assert httpx.post(f"{server.url}/v1/embeddings", json={"input": ["after"]}, timeout=30).status_code == 200
         results, threads = [], []
 
         def call(i):

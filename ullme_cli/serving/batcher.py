@@ -133,6 +133,8 @@ class Batcher:
                 deadline = time.monotonic() + self.max_wait
                 while not self._closing and not self._full() and (left := deadline - time.monotonic()) > 0:
                     self._lock.wait(left)
+                if not self._pending:  # every waiting text was withdrawn meanwhile
+                    continue
                 batch = self._take()
             self._encode(batch)
 
