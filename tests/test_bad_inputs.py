@@ -414,6 +414,8 @@ CASES = [
     ("serve-index-not-found", ["serve", "{model}", "--index", "{d}/none"], nothing, "index folder not found"),
     ("serve-index-of-another-setup", ["serve", "{model}", "--index", "{idx}", "--max-length", "16"], nothing, "max_length"),
     ("serve-model-not-found", ["serve", "{d}/none"], nothing, "not found"),
+    ("plot-by-source-without-sources", ["plot", "{d}/run", "-o", "{d}/p.png", "--by-source"], write("run/metrics.jsonl", '{"step": 1, "loss": 1.0}\n'),
+     "no step of these runs recorded a data source"),
     ("export-not-found", ["export", "{d}/none", "-o", "{d}/out"], nothing, "model folder not found"),
     ("export-output-exists", ["export", "{model}", "-o", "{d}/out"], write("out/x.txt", "x"), "exists already"),
     ("export-overwrite-user-files", ["export", "{model}", "-o", "{d}/out", "--overwrite"], write("out/notes.txt", "mine"), "has no .ullme-files record"),

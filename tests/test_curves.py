@@ -40,3 +40,22 @@ def test_plot_draws_several_runs_and_refuses_to_replace_a_file(tmp_path):
     assert to_stdout.returncode == 0 and to_stdout.stdout[:8] == PNG
     missing = run_cli("plot", tmp_path / "nowhere", "-o", tmp_path / "d.png")
     assert missing.returncode == 2 and b"nowhere: not found" in missing.stderr and not (tmp_path / "d.png").exists()
+
+
+def test_by_source_draws_one_line_per_run_and_source(tmp_path, monkeypatch):
+    from ullme_cli.training import curves
+
+    run = tmp_path / "mix"
+    run.mkdir()
+    steps = [{"step": s, "loss": 1.0 / s, "contrastive": 1.0 / s, "source": "qa.jsonl" if s % 3 else "nli.jsonl"} for s in range(1, 7)]
+    steps.append({"step": 6, "eval_ndcg_at_10": 0.4})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    assert set(curves.split_by_source("mix", curves.read_metrics(run))) == {"mix · qa.jsonl", "mix · nli.jsonl", "mix"}
+    drawn = []
+    real = curves.plot_runs
+    monkeypatch.setattr(curves, "plot_runs", lambda runs, output, labels=None, by_source=False: drawn.append(by_source) or real(runs, output, labels, by_source))
+    assert curves.write_plot([str(run)], str(tmp_path / "s.png"), by_source=True) == ["loss", "contrastive", "eval_ndcg_at_10"]
+    assert drawn == [True] and (tmp_path / "s.png").read_bytes()[:8] == PNG
+    single = fake_run(tmp_path / "single", 0.1)
+    refused = run_cli("plot", single, "-o", tmp_path / "x.png", "--by-source")
+    assert refused.returncode == 2 and b"no step of these runs recorded a data source" in refused.stderr

@@ -344,6 +344,7 @@ def mine(
 def plot(
     runs: list[str] = typer.Argument(..., help="finetune output_dirs (or their metrics.jsonl files)."),
     output: str = typer.Option(..., "--output", "-o", help="The PNG to write, or - for stdout."),
+    by_source: bool = typer.Option(False, "--by-source", help="One line per run and data source (runs of a mixture record each step's source)."),
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -352,7 +353,7 @@ def plot(
     _output(quiet, verbose)
     from ullme_cli.training.curves import write_plot
 
-    panels = write_plot(runs, output, overwrite)
+    panels = write_plot(runs, output, overwrite, by_source)
     if output != "-":
         log.info(f"drew {', '.join(panels)} for {len(runs)} run(s) into {output}")
 

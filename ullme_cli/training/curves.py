@@ -1,7 +1,9 @@
 """curves.png: a run's loss components and evaluation metrics over steps, from its metrics.jsonl.
 
 finetune draws one for its own run at the end; `ullme plot RUN...` draws one for several runs, one line
-per run in each panel. Needs matplotlib (`pip install 'ullme[plot]'`).
+per run in each panel. With `by_source` (`ullme plot --by-source`, and finetune's own plot of a run that
+drew from several data sources), each run's training steps are split by the `source` its step recorded,
+one line per run and source; evaluation steps stay one line per run. Needs matplotlib (`pip install 'ullme[plot]'`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,20 @@ def panel_order(keys: set[str]) -> list[str]:
     return [k for k in ("loss",) if k in keys] + parts + evals + tail
 
 
-def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None) -> list[str]:
+def split_by_source(label: str, records: list[dict]) -> dict[str, list[dict]]:
+    """`label · source` for each training step's source; steps without one (evaluations) under `label`."""
+    series: dict[str, list[dict]] = {}
+    for record in records:
+        source = record.get("source")
+        series.setdefault(f"{label} · {source}" if isinstance(source, str) else label, []).append(record)
+    return series
+
+
+def sources_of(run: str | Path) -> set[str]:
+    return {r["source"] for r in read_metrics(run) if isinstance(r.get("source"), str)}
+
+
+def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None, by_source: bool = False) -> list[str]:
     """Draw every run's metrics into one PNG at `output` (a path or a binary file); return the panel names."""
     try:
         import matplotlib
@@ -67,6 +82,8 @@ def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None) -
         labels = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
         labels = labels if len(set(labels)) == len(labels) else [str(r) for r in runs]  # same names: full paths
     series = {label: read_metrics(run) for run, label in zip(runs, labels)}
+    if by_source:
+        series = {name: part for label, records in series.items() for name, part in split_by_source(label, records).items()}
     keys = {k for records in series.values() for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in NOT_PLOTTED}
     panels = panel_order(keys)
     columns = min(3, len(panels))
@@ -90,7 +107,7 @@ def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None) -
     return panels
 
 
-def write_plot(runs: list[str], output: str, overwrite: bool = False) -> list[str]:
+def write_plot(runs: list[str], output: str, overwrite: bool = False, by_source: bool = False) -> list[str]:
     """`ullme plot`: the PNG to a file (checked, written whole or not at all) or to stdout (`-`)."""
     import sys
 
@@ -98,7 +115,9 @@ def write_plot(runs: list[str], output: str, overwrite: bool = False) -> list[st
 
     for run in runs:
         read_metrics(run)  # every bad run is reported before anything is drawn or written
+    if by_source and not any(sources_of(run) for run in runs):
+        raise UllmeError("--by-source: no step of these runs recorded a data source (runs from one data.train file have none)")
     if output == "-":
-        return plot_runs(runs, sys.stdout.buffer)
+        return plot_runs(runs, sys.stdout.buffer, by_source=by_source)
     with guarded([output], [str(Path(r) / METRICS_FILE) if Path(r).is_dir() else r for r in runs], overwrite), atomic_path(output) as tmp:
-        return plot_runs(runs, tmp)
+        return plot_runs(runs, tmp, by_source=by_source)

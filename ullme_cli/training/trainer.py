@@ -269,11 +269,11 @@ def flat_config(recipe: Recipe) -> dict:
 
 def draw_curves(out: Path) -> None:
     """<output_dir>/curves.png from metrics.jsonl; without matplotlib, say how to get it and go on."""
-    from ullme_cli.training.curves import plot_runs
+    from ullme_cli.training.curves import plot_runs, sources_of
 
     try:
         with atomic_path(out / CURVES) as tmp:
-            plot_runs([out], tmp)
+            plot_runs([out], tmp, by_source=len(sources_of(out)) > 1)  # a mixture: loss per source
     except UllmeError as e:
         log.info(f"no {CURVES}: {e}")
 
