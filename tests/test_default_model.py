@@ -96,7 +96,7 @@ def test_tiny_cpu_recipe_trains_the_default_model_and_its_model_encodes(tmp_path
     from conftest import REPO
 
     out = tmp_path / "run"
-    result = run_cli("finetune", REPO / "recipes" / "tiny-cpu.yaml", "--set", f"output_dir={out}", "--set", "train.steps=2", "-q", timeout=900)
+    result = run_cli("finetune", REPO / "recipes" / "tiny-cpu.yaml", "--set", f"output_dir={out}", "--set", "train.steps=2", "--set", "train.warmup_steps=1", "-q", timeout=900)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite([r["contrastive"], r["dpo"], r["kl"]]).all() for r in rows)
