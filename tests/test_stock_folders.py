@@ -204,3 +204,22 @@ def test_a_lora_folder_references_its_base_and_refuses_a_changed_one(tmp_path):
     refused = run_cli("encode", tmp_path / "c.jsonl", "-o", tmp_path / "e2.npy", "-m", small, "-q")
     assert refused.returncode == 2 and b"now have fingerprint" in refused.stderr
     assert Embedder.load(str(tmp_path / "exported"), dtype="float32", device="cpu").encode(TEXTS).shape == (len(TEXTS), 32)
+
+
+def test_an_adapter_whose_targets_do_not_map_onto_the_body_keeps_ullmes_module(tmp_path):
+    """One layer's q_proj only: its last name part would also select the other layer's, so the stock route
+    could put the adapter on modules it was not trained on; the folder keeps ullme's module instead."""
+    from sentence_transformers import SentenceTransformer
+
+    _, base = build(tmp_path / "base", query_instruction="")
+    trained = Embedder.load(str(base), dtype="float32", device="cpu").add_lora(r=2, alpha=4, dropout=0.0, target_modules=["model.layers.0.self_attn.q_proj"])
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    folder = trained.save(tmp_path / "one-layer", reference_base=True)
+    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+    assert route(folder) == "ullme-module" and "do not map onto the model body" in (folder / "README.md").read_text()
+    loaded = Embedder.load(str(folder), dtype="float32", device="cpu")
+    np.testing.assert_allclose(loaded.encode(TEXTS[:4]), trained.encode(TEXTS[:4]), atol=1e-6)
+    assert_same_vectors(loaded, SentenceTransformer(str(folder), device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32}), padded_check=False)

@@ -275,12 +275,12 @@ class Embedder:
             model = model.merge_and_unload()
             self.model = model
         base_record = self.base_record if self.has_adapter and reference_base else None
-        adapter_only = bool(base_record and base_record.get("fingerprint"))
-        if adapter_only:
+        adapter_layout = None  # for an adapter-only folder: can sentence-transformers load its adapter ("stock") or not ("module")
+        if base_record and base_record.get("fingerprint"):
             # The adapter alone, in peft's layout at the root: ullme finds the base again by name and checks its
             # fingerprint (loading.py); sentence-transformers loads it through the adapter config.
             model.save_pretrained(staging, safe_serialization=True)
-            portable_adapter_config(staging, model, base_record["model"])
+            adapter_layout = "stock" if portable_adapter_config(staging, model, base_record["model"]) else "module"
         elif self.has_adapter:
             base = model.get_base_model()
             # The base weights are the frozen originals: strip the LoRA wrappers' names to save them plainly.
@@ -303,7 +303,7 @@ class Embedder:
         (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         from ullme_cli.models.st_export import write_sentence_transformers_files
 
-        route = write_sentence_transformers_files(staging, self, adapter_only)
+        route = write_sentence_transformers_files(staging, self, adapter_layout)
         write_model_card(staging, self, name, route)
 
     # ---------------------------------------------------------------- tokenization

@@ -252,26 +252,30 @@ def model_fingerprint(source: str) -> str:
         raise UllmeError(f"{e.filename or folder}: cannot read this model file ({e.strerror})") from None
 
 
-def portable_adapter_config(folder: Path, model, base: str) -> None:
+def portable_adapter_config(folder: Path, model, base: str) -> bool:
     """Make the adapter config that peft wrote load on the base body as well as on the causal LM.
 
     peft records the targets as full module names of the causal LM (`model.layers.0.self_attn.q_proj`);
     sentence-transformers loads the body alone (`layers.0.self_attn.q_proj`), where those names match
     nothing. The last name parts match the same modules in both, which is checked here, so the adapter can
-    never land on other layers than it was trained on. `base_model_name_or_path` is the base ullme checked."""
+    never land on other layers than it was trained on. `base_model_name_or_path` is the base ullme checked.
+    Returns whether the targets could be written so (if not, the folder keeps ullme's module for
+    sentence-transformers: st_export.py)."""
     import re
 
     path = Path(folder) / "adapter_config.json"
     config = json.loads(path.read_text())
     targets = config.get("target_modules")
+    portable = False
     if isinstance(targets, list):
         suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
         names = [n for n, _ in model.get_base_model().named_modules()]
         matched = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes) and not re.search(r"\.lora_|\.base_layer", n)}
         if matched == set(targets):
-            config["target_modules"] = suffixes
+            config["target_modules"], portable = suffixes, True
     config["base_model_name_or_path"] = base
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return portable
 
 
 def load_adapter(model, folder: Path):

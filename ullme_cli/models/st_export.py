@@ -43,12 +43,15 @@ PROBE_TEXTS = ("Who wrote Hamlet?", "hamlet", "3 apples and 4 pears", "Ünïcöd
 STOCK, MODULE = "stock", "ullme-module"
 
 
-def write_sentence_transformers_files(folder: Path, embedder, adapter_only: bool = False) -> tuple[str, str]:
+def write_sentence_transformers_files(folder: Path, embedder, adapter_layout: str | None = None) -> tuple[str, str]:
     """The sentence-transformers files beside ullme.json; returns (route, why) for the model card.
 
     An adapter-only folder has no config.json of its own: sentence-transformers reads the base's config
-    (through the adapter config), so the `is_causal: false` it needs goes into `config_kwargs`."""
-    blocker = stock_blocker(embedder, adapter_only)
+    (through the adapter config), so the `is_causal: false` it needs goes into `config_kwargs`.
+    `adapter_layout`: None for a folder with its own base weights; for an adapter-only folder "stock" or
+    "module", as `portable_adapter_config` could write its targets for the body sentence-transformers loads."""
+    adapter_only = adapter_layout is not None
+    blocker = stock_blocker(embedder, adapter_layout)
     prompts = {"query": embedder.instruction_prefix("query"), "document": embedder.instruction_prefix("passage")}
     config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -82,13 +85,15 @@ def write_sentence_transformers_files(folder: Path, embedder, adapter_only: bool
     return STOCK, f"stock transformers and sentence-transformers parts express this setup ({how}, {setup.pooling} pooling{adapter})"
 
 
-def stock_blocker(embedder, adapter_only: bool = False) -> str | None:
+def stock_blocker(embedder, adapter_layout: str | None = None) -> str | None:
     """Why stock parts cannot give this embedder's vectors, or None when they can. An adapter kept at the
     root of an adapter-only folder is peft's own layout, which sentence-transformers loads."""
     setup = embedder.setup
     if setup.pooling not in ST_POOLING:
         return f"sentence-transformers has no Pooling mode for '{setup.pooling}'"
-    if embedder.has_adapter and not adapter_only:
+    if embedder.has_adapter and adapter_layout == "module":
+        return "the adapter's target names do not map onto the model body that sentence-transformers loads"
+    if embedder.has_adapter and adapter_layout is None:
         return "the LoRA adapter is kept unmerged beside the base weights (`ullme export --merge` writes a stock folder)"
     if setup.padding_side != "right":
         return "ullme pads on the left for this setup; sentence-transformers keeps the tokenizer's padding, and positions would shift"
