@@ -105,7 +105,7 @@ def mine_negatives(
     from ullme_cli.models.loading import model_inputs
 
     cache = Path(output).with_name(Path(output).name + ".cache")
-    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), *model_inputs(setup.model), *model_inputs(options.teacher or setup.model)]
+    inputs = [training, corpus, *embedding_files(corpus_embeddings or "-"), *model_inputs(setup.model), *(model_inputs(options.teacher) if options.teacher else [])]
     guard_output([output], inputs, overwrite)
     guard_output([cache], inputs, folder=True, exists_ok=True, may_hold_inputs=True)  # files replaced one by one, never the folder
     with output_lock(output):
@@ -157,7 +157,7 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
         raise UllmeError(f"{corpus_embeddings}: vectors of dimension {vectors.shape[1]}, the model's are {embedder.dim} (truncated embeddings cannot be mined)")
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    queries = query_vectors(embedder, examples)
+    queries = query_vectors(lambda texts, kind, instruction: embedder.encode(texts, kind=kind, instruction=instruction), examples)
     # The weakest positive's score bounds what a negative may score (--margin, --relative-margin).
     positive_texts = sorted({p for ex in examples for p in ex.positives})
     bounded = options.margin is not None or options.relative_margin is not None
@@ -248,24 +248,21 @@ def score_with_teacher(examples, teacher: str, runtime: Runtime, show_progress: 
     with progress_bar("teacher", total=len(passages) + len(examples), enabled=show_progress) as advance:
         vectors = dict(zip(passages, encode(passages, "passage")))
         advance(len(passages))
-        by_instruction: dict[str | None, list[int]] = {}
-        for n, example in enumerate(examples):
-            by_instruction.setdefault(example.instruction, []).append(n)
-        for instruction, rows in by_instruction.items():
-            queries = encode([examples[n].query for n in rows], "query", instruction)
-            for n, query in zip(rows, queries):
-                example = examples[n]
-                example.extra["pos_scores"] = [round(float(query @ vectors[t]), 6) for t in example.positives]
-                example.extra["neg_scores"] = [round(float(query @ vectors[t]), 6) for t in example.negatives]
-            advance(len(rows))
+        queries = query_vectors(encode, examples)
+        advance(len(examples))
+    for example, query in zip(examples, queries):
+        example.extra["pos_scores"] = [round(float(query @ vectors[t]), 6) for t in example.positives]
+        example.extra["neg_scores"] = [round(float(query @ vectors[t]), 6) for t in example.negatives]
 
 
-def query_vectors(embedder, examples) -> np.ndarray:
-    """Each training query encoded as a query, with its own instruction where the row has one."""
+def query_vectors(encode, examples) -> np.ndarray:
+    """Each training query encoded as a query, with its own instruction where the row has one:
+    `encode(texts, kind, instruction)` runs once per distinct instruction."""
     by_instruction: dict[str | None, list[int]] = {}
     for n, example in enumerate(examples):
         by_instruction.setdefault(example.instruction, []).append(n)
-    queries = np.zeros((len(examples), embedder.dim), dtype=np.float32)
+    parts = {instruction: encode([examples[n].query for n in rows], "query", instruction) for instruction, rows in by_instruction.items()}
+    queries = np.zeros((len(examples), next(iter(parts.values())).shape[1]), dtype=np.float32)
     for instruction, rows in by_instruction.items():
-        queries[rows] = embedder.encode([examples[n].query for n in rows], kind="query", instruction=instruction)
+        queries[rows] = parts[instruction]
     return queries

@@ -128,7 +128,6 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
         raise UllmeError("search: give QUERIES (a file or -) or --embeddings")
-    from ullme_cli.artifacts import quantize, truncate
     from ullme_cli.data import read_corpus
     from ullme_cli.models.embedder import load_embedder
 
@@ -143,11 +142,18 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
         for start in range(0, len(texts), QUERY_BATCH):
             parts.append(embedder.encode(texts[start : start + QUERY_BATCH], kind="query"))
             advance(len(parts[-1]))
-    matrix = np.concatenate(parts)
-    matrix = truncate(matrix, manifest.get("truncate_dim"), manifest["normalize"])
+    return [r.id for r in records], as_index_queries(np.concatenate(parts), manifest)
+
+
+def as_index_queries(matrix: np.ndarray, manifest: dict) -> np.ndarray:
+    """Full query vectors as the index searches with them: cut to its truncate_dim (renormalised where its
+    vectors are), packed to bits for a binary index. `ullme search` and `ullme serve` both use this."""
+    from ullme_cli.artifacts import quantize, truncate
+
+    matrix = truncate(matrix.astype(np.float32), manifest.get("truncate_dim"), manifest["normalize"])
     if manifest["dtype"] == "binary":
         matrix = quantize(matrix, "binary")
-    return [r.id for r in records], np.ascontiguousarray(matrix)
+    return np.ascontiguousarray(matrix)
 
 
 def search(

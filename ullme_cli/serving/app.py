@@ -208,20 +208,16 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
     async def search(body: SearchRequest, request: Request):
         from starlette.concurrency import run_in_threadpool
 
-        from ullme_cli.artifacts import quantize
-        from ullme_cli.retrieval.search import search_opened
+        from ullme_cli.retrieval.search import as_index_queries, search_opened
 
         check_model(body.model)
         if not indexes:
             raise ApiError(404, "no index is loaded (start the server with --index FOLDER)", code="no_index")
         queries = [body.query] if isinstance(body.query, str) else body.query
-        manifest = indexes[0].manifest
         matrix, tokens = await vectors(request, queries, "query")
-        matrix = truncate(matrix.astype(np.float32), manifest.get("truncate_dim"), manifest["normalize"])
-        if manifest["dtype"] == "binary":
-            matrix = quantize(matrix, "binary")
+        matrix = as_index_queries(matrix, indexes[0].manifest)
         qids = [str(i) for i in range(len(queries))]
-        found = await run_in_threadpool(lambda: list(search_opened(indexes, qids, np.ascontiguousarray(matrix), body.k)))
+        found = await run_in_threadpool(lambda: list(search_opened(indexes, qids, matrix, body.k)))
         data = [{"index": int(qid), "hits": [{"id": d, "score": s, "rank": r} for r, (d, s) in enumerate(hits, start=1)]} for qid, hits in found]
         return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
