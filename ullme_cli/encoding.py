@@ -165,6 +165,9 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         done = sum((partial / f"chunk-{n:06d}.npy").exists() for n in range(len(chunks)))
         if done:
             log.info(f"resuming {output}: {done} of {len(chunks)} chunks already encoded")
+    padded = lambda batch: len(batch) * max(len(tokenized[i].ids) for i in batch)  # noqa: E731
+    embedder.plan(sum(padded(batch) for number, chunk in enumerate(chunks) for batch in chunk
+                      if partial is None or not (partial / f"chunk-{number:06d}.npy").exists()))  # fmt: skip
     with progress_bar("encode", total=len(records), enabled=show_progress) as advance:
         for number, chunk in enumerate(chunks):
             rows = [i for batch in chunk for i in batch]

@@ -41,6 +41,9 @@ class ModelSetup:
     passage_instruction: str = ""
     # e5 / ULLME style; the instruction tokens are masked out of pooling.
     instruction_template: str = "Instruct: {instruction}\nQuery: "
+    # Passages' own template; empty: instruction_template. When set, its {instruction} is the passage
+    # instruction or, where there is none, the query instruction: the ULLME paper gives both sides the task's.
+    passage_template: str = ""
     # GRL scores log p(passage | generation_instruction + query + generation_separator) causally. The
     # separator keeps "hamlet?" and "Shakespeare" apart as a tokenizer would see them in running text.
     generation_instruction: str = ""
@@ -60,6 +63,8 @@ class ModelSetup:
             raise UllmeError(f"max_length must be at least 2, got {self.max_length}")
         if "{instruction}" not in self.instruction_template:
             raise UllmeError("instruction_template must contain '{instruction}'")
+        if self.passage_template and "{instruction}" not in self.passage_template:
+            raise UllmeError("passage_template must contain '{instruction}' (or be empty: passages use instruction_template)")
         return self
 
     @classmethod
@@ -73,6 +78,9 @@ class ModelSetup:
         (`instruction` overrides the setup's for that kind), or nothing where there is no instruction."""
         if kind not in KINDS:
             raise UllmeError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
+        if kind == "passage" and self.passage_template:
+            instruction = instruction or self.passage_instruction or self.query_instruction
+            return self.passage_template.format(instruction=instruction) if instruction else ""
         if instruction is None:
             instruction = self.query_instruction if kind == "query" else self.passage_instruction
         return self.instruction_template.format(instruction=instruction) if instruction else ""
@@ -91,12 +99,27 @@ class ModelSetup:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
+# Named templates (`model.template` in a recipe): the setup fields each sets, where the recipe leaves them out.
+TEMPLATES = {
+    # ullme's default: e5's query format; passages bare (no passage instruction).
+    "e5": {"instruction_template": "Instruct: {instruction}\nQuery: ", "passage_template": "", "generation_separator": "\n"},
+    # The original ULLME (nlp-uoregon/ullme, ULLMECollator): queries "{instruction}\n{text}", candidates
+    # "{instruction}\nCandidate:\n{text}" with the task's instruction, and the generation example
+    # "{alignment instruction}. Query:\n{query}\n\n{passage}". That collator defines the candidate format but
+    # formats passages like queries; its successor GenC (RepLearningCollator) uses a candidate format.
+    "ullme-paper": {
+        "instruction_template": "{instruction}\n", "passage_template": "{instruction}\nCandidate:\n",
+        "generation_instruction": "Please write a passage that can be used to answer above query. Query:\n", "generation_separator": "\n\n",
+    },
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Runtime:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
-    compile: bool = False  # encode through torch.compile (Embedder.compile): same vectors, faster after a long first batch
+    compile: bool | None = None  # torch.compile for encoding: True always, False never, None when compile_policy.py finds it pays
 
 
 SETUP_FIELDS = tuple(f.name for f in fields(ModelSetup))

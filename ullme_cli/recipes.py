@@ -16,19 +16,10 @@ import yaml
 
 from ullme_cli.constants import ATTENTION_MODES, POOLINGS
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import ModelSetup
+from ullme_cli.losses.table import LOSS_TABLE, STRATEGIES, names_needing
+from ullme_cli.model_setup import TEMPLATES, ModelSetup
 
-LOSS_COMPONENTS = ("contrastive", "simcse", "mntp", "sft", "dpo", "kl", "distill")
-# Strategy presets: the weights of each component (GRL's are the paper's λ).
-STRATEGIES = {
-    "contrastive": {"contrastive": 1.0},
-    "simcse": {"simcse": 1.0},
-    "mntp": {"mntp": 1.0},
-    "sft": {"sft": 1.0},
-    "dpo": {"dpo": 1.0},
-    "grl": {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0},
-    "distill": {"distill": 1.0},
-}
+LOSS_COMPONENTS = tuple(LOSS_TABLE)
 
 
 @dataclass
@@ -197,8 +188,10 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("model.pooling", f"must be one of {', '.join(POOLINGS)}")
     if recipe.model.padding_side not in ("left", "right"):
         bad("model.padding_side", "must be left or right")
-    if "{instruction}" not in recipe.model.instruction_template:
-        bad("model.instruction_template", "must contain '{instruction}'")
+    for key in ("instruction_template", "passage_template"):
+        template = getattr(recipe.model, key)
+        if (template or key == "instruction_template") and "{instruction}" not in template:
+            bad(f"model.{key}", "must contain '{instruction}'")
     if recipe.model.dtype not in ("float32", "bfloat16"):
         bad("model.dtype", "must be float32 or bfloat16 (training weights)")
     if recipe.loss.strategy not in STRATEGIES:
@@ -226,8 +219,9 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("loss.matryoshka_weights", f"needs one weight per dim ({len(dims)}), got {len(recipe.loss.matryoshka_weights)}")
     if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in recipe.loss.matryoshka_weights):
         bad("loss.matryoshka_weights", f"must be positive numbers, got {recipe.loss.matryoshka_weights!r}")
-    if dims and not set(recipe.loss.resolved_weights()) & {"contrastive", "distill"}:
-        bad("loss.matryoshka_dims", "apply to the contrastive and distill terms, and this recipe has neither")
+    if dims and not any(LOSS_TABLE[name].matryoshka for name in recipe.loss.resolved_weights()):
+        on = [name for name, c in LOSS_TABLE.items() if c.matryoshka]
+        bad("loss.matryoshka_dims", f"apply to the {' and '.join(on)} terms, and this recipe has none of them")
     for key in ("temperature", "tau_kl", "tau_gen", "beta", "teacher_temperature"):
         if getattr(recipe.loss, key) <= 0:
             bad(f"loss.{key}", "must be positive")
@@ -252,8 +246,10 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
             bad(f"train.{key}", "must be at least 1")
     if recipe.train.grad_cache_chunk < 0:
         bad("train.grad_cache_chunk", "must be 0 (off) or a chunk size")
-    if recipe.train.grad_cache_chunk and set(recipe.loss.resolved_weights()) & {"simcse", "mntp"}:
-        bad("train.grad_cache_chunk", "GradCache covers contrastive, kl, dpo and sft, not simcse or mntp")
+    not_cached = [name for name in recipe.loss.resolved_weights() if not LOSS_TABLE[name].grad_cache]
+    if recipe.train.grad_cache_chunk and not_cached:
+        covered = ", ".join(name for name, c in LOSS_TABLE.items() if c.grad_cache)
+        bad("train.grad_cache_chunk", f"GradCache covers {covered}, not {' or '.join(not_cached)}")
     if recipe.train.distributed not in ("ddp", "fsdp"):
         bad("train.distributed", "must be ddp or fsdp (DeepSpeed is not supported: use fsdp)")
     if recipe.train.fsdp_param_dtype not in ("float32", "bfloat16"):
@@ -276,9 +272,9 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("train.warmup_steps", f"must be between 0 and train.steps ({recipe.train.steps})")
     if recipe.model.max_length < 8:
         bad("model.max_length", "must be at least 8")
-    needs_pairs = set(recipe.loss.resolved_weights()) - {"simcse", "mntp"}
-    if needs_pairs & {"dpo", "kl", "distill"} and recipe.data.negatives_per_query < 1:
-        bad("data.negatives_per_query", "must be at least 1 for dpo, kl and distill")
+    needing = names_needing("negatives")
+    if needing & set(recipe.loss.resolved_weights()) and recipe.data.negatives_per_query < 1:
+        bad("data.negatives_per_query", f"must be at least 1 for {', '.join(sorted(needing))}")
     if recipe.data.train and recipe.data.sources:
         bad("data.train", "and data.sources do not mix: name one file as data.train, or several as data.sources")
     if not recipe.data.train and not recipe.data.sources:
@@ -351,6 +347,8 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     if isinstance(values.get("data"), list):  # `data:` as a list of sources
         values["data"] = {"sources": values["data"]}
     values = apply_overrides(values, overrides or [], path)
+    if isinstance(values.get("model"), dict) and "template" in values["model"]:
+        values["model"] = with_template(values["model"], path)
     recipe = _validate(_build(Recipe, values, path), path)
     recipe.data.train = _relative_to_recipe(recipe.data.train, p)
     recipe.data.sources = [{**entry, "path": _relative_to_recipe(entry["path"], p)} if isinstance(entry, dict) and isinstance(entry.get("path"), str)
@@ -359,6 +357,15 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     recipe.eval.sts = _relative_to_recipe(recipe.eval.sts, p)
     recipe.source = str(p)
     return recipe
+
+
+def with_template(model: dict, source: str) -> dict:
+    """The recipe's `model:` with its named `template` expanded (model_setup.TEMPLATES): the template's
+    fields, then the recipe's own, which win."""
+    name = model["template"]
+    if name not in TEMPLATES:
+        raise UllmeError(f"{source}: 'model.template' must be one of {', '.join(TEMPLATES)}, got {name!r}")
+    return {**TEMPLATES[name], **{k: v for k, v in model.items() if k != "template"}}
 
 
 def _relative_to_recipe(value: str, recipe_path: Path) -> str:

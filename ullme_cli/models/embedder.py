@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,6 +131,10 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         embedder.base_record = adapter_record(folder)
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
+    if runtime.compile is None:
+        from ullme_cli.models.compile_policy import auto_policy
+
+        embedder.compile_policy = auto_policy(model, embedder.device.type, embedder.compute_dtype)
     return embedder.compile() if runtime.compile else embedder
 
 
@@ -156,6 +161,8 @@ class Embedder:
         self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
         self.training: dict | None = None  # what finetune records (recipe, data, steps, eval); None: the source's
         self.compiled_embed = None  # set by compile(): what encode runs instead of embed
+        self.compile_policy = None  # the automatic decision (compile_policy.py), when neither --compile nor --no-compile
+        self._compile_timer = False  # the next compiled batch pays the compile: time it for the policy's record
         # The weights an adapter sits on: {"model": source, "fingerprint": ...}, set when a plain model loads;
         # an adapter-only save names it instead of copying it.
         self.base_record: dict | None = None
@@ -183,13 +190,14 @@ class Embedder:
         device: str = "auto",
         trust_remote_code: bool = False,
         verify: bool = True,
-        compile: bool = False,
+        compile: bool | None = None,
         **overrides,
     ) -> "Embedder":
         """Load an Embedder folder, a plain model folder, a .gguf file, a bundled name or a hub id.
 
         `overrides` set ModelSetup fields (pooling, attention, instructions, ...); None means keep.
-        `compile` encodes through `torch.compile` (see `compile()`).
+        `compile` True encodes through `torch.compile` (see `compile()`), False never; None lets the policy of
+        `compile_policy.py` decide from the CPU, the dtype and the size of each `encode` call.
         """
         return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code, compile), verify)
 
@@ -199,15 +207,20 @@ class Embedder:
         on short texts: docs/benchmarks.md).
 
         It fuses the elementwise work that transformers runs unfused (RMSNorm, rotary, SiLU gating, residual
-        adds). On a 2-core AMD EPYC in fp32, where the matmuls take most of the time, that gave only 1.04–1.15x
-        on the demo corpus (within that machine's run-to-run noise), vectors within 1e-5 of eager; where bf16
-        matmuls are fast the elementwise share is larger (about 40% on an AMX Xeon), but that was not measured.
-        The first batches pay the compile, 2–4 minutes on 2 cores, so it is opt-in, for long jobs. Training
-        never runs the compiled function.
+        adds): 1.2x on a 2-core EPYC with AVX512-BF16 in bf16, within noise on fp32-only CPUs, vectors within
+        1e-5 of eager in fp32. The first batch pays the compile (minutes cold on 2 cores, less from inductor's
+        on-disk cache), so by default `compile_policy.py` decides when it pays. Training never runs the
+        compiled function.
         """
-        log.info("encoding through torch.compile: the first batches compile (minutes on a CPU)")
+        log.info("encoding through torch.compile: the first batch compiles (minutes on a CPU, less when inductor's cache has this model)")
         self.compiled_embed = torch.compile(self.embed, dynamic=True)
+        self._compile_timer = True
         return self
+
+    def plan(self, tokens: int) -> None:
+        """Announce an encode job of `tokens` padded tokens, so the compile policy can weigh its cost."""
+        if self.compile_policy is not None:
+            self.compile_policy.plan(tokens)
 
     @property
     def compute_dtype(self) -> str:
@@ -367,12 +380,22 @@ class Embedder:
         batch = self.collate(items)
         if self.compiled_embed is not None:
             try:
-                return self.compiled_embed(batch).float().cpu().numpy()
+                started = time.perf_counter()
+                vectors = self.compiled_embed(batch).float().cpu().numpy()
+                if self._compile_timer and self.compile_policy is not None:
+                    self.compile_policy.compiled(time.perf_counter() - started)
+                self._compile_timer = False
+                return vectors
             except torch._dynamo.exc.TorchDynamoException as error:  # no C++ compiler, an op inductor cannot lower, ...
                 reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
                 log.warning(f"torch.compile failed ({reason}); encoding without it")
                 self.compiled_embed = None
-        return self.embed(batch).float().cpu().numpy()
+        started = time.perf_counter()
+        vectors = self.embed(batch).float().cpu().numpy()
+        policy = self.compile_policy
+        if policy is not None and not policy.decided and policy.observe(batch.input_ids.numel(), time.perf_counter() - started):
+            self.compile()
+        return vectors
 
     def encode_batch(self, items: Sequence[Tokenized]) -> np.ndarray:
         """`encode_tokenized` in pieces of at most `row_cap` rows. A GPU out-of-memory error halves the cap
@@ -423,6 +446,7 @@ class Embedder:
         tokenized = self.tokenize(texts, kind, instruction)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         batches = plan_batches([len(t.ids) for t in tokenized], token_budget or self.default_token_budget, batch_size or 512)
+        self.plan(sum(len(b) * max(len(tokenized[i].ids) for i in b) for b in batches))
         log.debug(f"encode: {len(texts)} texts in {len(batches)} batches, token budget {token_budget or self.default_token_budget}")
         with progress_bar("encode", total=len(texts), enabled=show_progress_bar) as advance:
             for batch in batches:

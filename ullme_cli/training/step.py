@@ -25,14 +25,15 @@ import torch
 
 from ullme_cli.data import TrainingExample
 from ullme_cli.errors import UllmeError
-from ullme_cli.losses import DistillationLoss, DPOLoss, InfoNCELoss, MatryoshkaLoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
+from ullme_cli.losses import MatryoshkaLoss, mask_tokens
 from ullme_cli.losses.kl import candidate_scores
+from ullme_cli.losses.table import LOSS_TABLE, names_needing
 from ullme_cli.models.bidirectional import lm_logits
 from ullme_cli.recipes import LossSection
 
-EMBEDDING_TERMS = {"contrastive", "kl", "simcse", "distill"}
-PAIR_TERMS = {"contrastive", "kl", "distill"}  # the terms that embed queries, positives and negatives
-GENERATION_TERMS = {"dpo", "sft", "kl"}
+EMBEDDING_TERMS = {name for name, c in LOSS_TABLE.items() if c.embeds}
+PAIR_TERMS = names_needing("pairs")  # the terms that embed queries, positives and negatives
+GENERATION_TERMS = names_needing("generation")
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -58,15 +59,10 @@ class StepLoss:
         self.weights = loss.resolved_weights()
         self.negatives_per_query = negatives_per_query
         self.chunk_size = chunk_size
-        self.info_nce = InfoNCELoss(loss.temperature)
-        self.simcse = SimCSELoss(loss.temperature)
-        self.mntp = MNTPLoss()
-        self.sft = SFTLoss()
-        self.dpo = DPOLoss(loss.beta, loss.dpo_variant, loss.reference_free, loss.dpo_label_smoothing)
+        self.terms = {name: LOSS_TABLE[name].build(loss) for name in self.weights}  # the recipe's components (losses/table.py)
         # IPO's 1/(2β) margin is meant for token means (TRL, the ULLME code); sigmoid and hinge use sums.
         self.dpo_score = loss.dpo_logprob if loss.dpo_logprob != "auto" else ("mean" if loss.dpo_variant == "ipo" else "sum")
-        self.kl = RelevanceKLLoss(loss.tau_kl, loss.tau_gen, loss.kl_direction)
-        self.distill = DistillationLoss(loss.temperature, loss.teacher_temperature)
+        self.reference_free = loss.reference_free
         self.mask_probability = loss.mask_probability
         dims = loss.matryoshka()
         too_large = [d for d in dims if d is not None and d > embedder.dim]
@@ -79,6 +75,14 @@ class StepLoss:
         e = self.embedder
         items = [e.tokenize([t], kind, i)[0] for t, i in zip(texts, instructions)] if instructions else e.tokenize(texts, kind)
         return e.embed(e.collate(items))
+
+    def passage_instructions(self, batch: list[TrainingExample], per_row: int = 1) -> list[str | None] | None:
+        """Each passage's instruction, `per_row` passages per row: the row's own instruction where the setup's
+        passage_template gives passages the task's instruction (`model.template: ullme-paper`); else None,
+        the setup's passage instruction for all."""
+        if not self.embedder.setup.passage_template:
+            return None
+        return [ex.instruction for ex in batch for _ in range(per_row)]
 
     def candidates(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[list[str], list[list[str]]]:
         """One positive and `negatives_per_query` hard negatives per example, drawn afresh each step.
@@ -113,7 +117,7 @@ class StepLoss:
         return {k: v.reshape(len(batch), -1) for k, v in scores.items()}
 
     def reference_scores(self, batch, chosen, rejected):
-        if self.dpo.reference_free:
+        if self.reference_free:
             return None, None
         e = self.embedder
         prompts = self.prompts(batch)
@@ -147,30 +151,30 @@ class StepLoss:
         return torch.tensor(flags, device=self.embedder.device) if any(flags) else None
 
     def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None, own_only=None, teacher=None) -> dict[str, torch.Tensor]:
-        w, parts = self.weights, {}
+        w, t, parts = self.weights, self.terms, {}
 
         def on_trained_sizes(term, *embeddings):  # Matryoshka: the term on each trained size, weighted
             return self.matryoshka(term, *embeddings) if self.matryoshka else term(*embeddings)
 
         if "contrastive" in w:
-            parts["contrastive"] = on_trained_sizes(lambda q, p, n: self.info_nce(q, p, n.reshape(-1, n.shape[-1]), groups, own_only), q, p, neg)
+            parts["contrastive"] = on_trained_sizes(lambda q, p, n: t["contrastive"](q, p, n.reshape(-1, n.shape[-1]), groups, own_only), q, p, neg)
         if "distill" in w:
-            parts["distill"] = on_trained_sizes(lambda q, p, n: self.distill(candidate_scores(q, p, n), teacher), q, p, neg)
+            parts["distill"] = on_trained_sizes(lambda q, p, n: t["distill"](candidate_scores(q, p, n), teacher), q, p, neg)
         if "kl" in w:
-            parts["kl"] = self.kl(candidate_scores(q, p, neg), generation_means)
+            parts["kl"] = t["kl"](candidate_scores(q, p, neg), generation_means)
         if "simcse" in w:
-            parts["simcse"] = self.simcse(*simcse_views)
+            parts["simcse"] = t["simcse"](*simcse_views)
         return parts
 
     def generation_terms(self, batch, positives, negatives, generation, sft_tokens=None) -> dict[str, torch.Tensor]:
         """`sft_tokens`: the whole batch's positive-token count, when `batch` is one chunk of it."""
-        w, parts = self.weights, {}
+        w, t, parts = self.weights, self.terms, {}
         if "sft" in w:
-            parts["sft"] = self.sft(generation["sum"][:, 0], generation["tokens"][:, 0] if sft_tokens is None else sft_tokens)
+            parts["sft"] = t["sft"](generation["sum"][:, 0], generation["tokens"][:, 0] if sft_tokens is None else sft_tokens)
         if "dpo" in w:
             reference = self.reference_scores(batch, positives, [row[0] for row in negatives])
             policy = generation[self.dpo_score]
-            parts["dpo"] = self.dpo(policy[:, 0], policy[:, 1], *reference)
+            parts["dpo"] = t["dpo"](policy[:, 0], policy[:, 1], *reference)
         return parts
 
     def mntp_loss(self, texts: list[str], generator: torch.Generator) -> torch.Tensor:
@@ -178,7 +182,7 @@ class StepLoss:
         batch = e.collate(e.tokenize(texts, "passage"))
         mask_id = e.tokenizer.mask_token_id if e.tokenizer.mask_token_id is not None else e.tokenizer.pad_token_id
         masked, labels = mask_tokens(batch.input_ids, batch.attention_mask, mask_id, self.mask_probability, generator)
-        return self.mntp(lm_logits(e.model, masked, batch.attention_mask, "bidirectional"), labels)
+        return self.terms["mntp"](lm_logits(e.model, masked, batch.attention_mask, "bidirectional"), labels)
 
     # ------------------------------------------------------------------ the step
     def backward(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[float, dict[str, float]]:
@@ -196,8 +200,9 @@ class StepLoss:
             q = p = neg = views = None
             if PAIR_TERMS & set(w):
                 q = self.embed([ex.query for ex in batch], "query", [ex.instruction for ex in batch])
-                p = self.embed(positives, "passage")
-                neg = self.embed([t for row in negatives for t in row], "passage").reshape(len(batch), len(negatives[0]), -1)
+                p = self.embed(positives, "passage", self.passage_instructions(batch))
+                neg = self.embed([t for row in negatives for t in row], "passage", self.passage_instructions(batch, len(negatives[0])))
+                neg = neg.reshape(len(batch), len(negatives[0]), -1)
             if "simcse" in w:
                 texts = [ex.query for ex in batch] + positives
                 views = (self.embed(texts, "passage"), self.embed(texts, "passage"))
@@ -211,14 +216,15 @@ class StepLoss:
 
     def _backward_grad_cache(self, batch, generator) -> tuple[float, dict[str, float]]:
         w, e = self.weights, self.embedder
-        if {"simcse", "mntp"} & set(w):
-            raise NotImplementedError("GradCache covers contrastive, kl, dpo and sft; set train.grad_cache_chunk: 0")
+        not_cached = [name for name in w if not LOSS_TABLE[name].grad_cache]
+        if not_cached:  # recipes.py refuses this first; a StepLoss built by hand gets the same answer
+            raise NotImplementedError(f"GradCache does not cover {' or '.join(not_cached)}; set train.grad_cache_chunk: 0")
         positives, negatives = self.candidates(batch, generator)
         n = len(negatives[0])
         roles = {
             "q": ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),
-            "p": (positives, "passage", None),
-            "neg": ([t for row in negatives for t in row], "passage", None),
+            "p": (positives, "passage", self.passage_instructions(batch)),
+            "neg": ([t for row in negatives for t in row], "passage", self.passage_instructions(batch, n)),
         } if EMBEDDING_TERMS & set(w) else {}  # fmt: skip
         chunks = {role: self._chunks(len(texts)) for role, (texts, _, _) in roles.items()}
         # 1. Embed every chunk without gradients, remembering the RNG state each chunk started from.

@@ -20,6 +20,7 @@ import shutil
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ullme_cli.fingerprints import json_fingerprint, tensors_fingerprint
 from ullme_cli.model_setup import Runtime
 from ullme_cli.models.model_card import last_eval_metrics
 from ullme_cli.progress import progress_bar
-from ullme_cli.recipes import Recipe, dump_recipe
+from ullme_cli.recipes import Recipe, TrainSection, dump_recipe
 
 log = logging.getLogger(__name__)
 
@@ -296,24 +297,73 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
         return _finetune_locked(recipe, out, resume, show_progress)
 
 
+@dataclass
+class Run:
+    """What one training run holds from `prepare` to `finish`."""
+
+    recipe: Recipe
+    out: Path
+    train: TrainSection  # the recipe's, with accelerate's FSDP options applied
+    sources: list
+    mixture: object  # training/mixture.py's Mixture: the rows of every source
+    eval_tasks: dict
+    tracking: dict
+    accelerator: object
+    embedder: object
+    base_fingerprint: str  # the loaded model's, before training changes its weights
+    inputs: dict  # what a checkpoint records it was trained from (run_inputs)
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    loss_fn: object  # training/step.py's StepLoss
+    batching: object = None
+    scheduler: object = None
+    step: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.train.distributed == "fsdp"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / METRICS
+
+
 def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: bool) -> dict:
+    run = prepare(recipe, out)
+    resume_run(run, resume)
+    with progress_bar("finetune", total=run.train.steps, enabled=show_progress and run.accelerator.is_main_process) as advance:
+        advance(run.step)
+        first_step, training_seconds = run.step, 0.0
+        while run.step < run.train.steps:
+            started = time.perf_counter()
+            loss, parts, grad_norm = train_step(run)
+            training_seconds += time.perf_counter() - started
+            record = {"step": run.step, "loss": loss, **parts, "lr": run.scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "steps_per_s": (run.step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
+            log_and_checkpoint(run, record)
+            advance(1, loss=loss, **parts)
+    return finish(run)
+
+
+def prepare(recipe: Recipe, out: Path) -> Run:
+    """Read the data and eval sets, load the model, add LoRA, build the optimiser and the step's loss.
+    Nothing is written: a recipe the data or model cannot take fails here."""
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
 
     from ullme_cli.models.embedder import load_embedder
+    from ullme_cli.training.mixture import read_mixture
     from ullme_cli.training.step import StepLoss
 
     t = recipe.train
-    from ullme_cli.training.mixture import Batching, read_mixture
-
     sources = recipe.data.source_list()
     mixture = read_mixture(sources, recipe.data.skip_bad_rows, t.seed)
-    examples, skipped = mixture.examples, mixture.skipped
+    examples = mixture.examples
     if "distill" in recipe.loss.resolved_weights() and not any("pos_scores" in ex.extra or "neg_scores" in ex.extra for ex in examples):
         raise UllmeError("loss.weights.distill: no training row carries pos_scores or neg_scores (teacher scores); write them with "
                          "`ullme mine ... --teacher MODEL`")  # fmt: skip
-    if skipped:
-        log.warning(f"skipped {skipped} malformed rows of {', '.join(s.path for s in sources)}")
+    if mixture.skipped:
+        log.warning(f"skipped {mixture.skipped} malformed rows of {', '.join(s.path for s in sources)}")
     if len(sources) > 1:
         log.info("sources: " + ", ".join(f"{s.name} {stop - start} rows" for s, (start, stop) in zip(sources, mixture.ranges)))
 
@@ -326,7 +376,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         from ullme_cli.evaluation.local_tasks import sts_task
 
         eval_tasks["sts"] = sts_task(recipe.eval.sts)
-    # Autocast is ours (below), so accelerate runs without a precision of its own.
+    # Autocast is ours (train_step), so accelerate runs without a precision of its own.
     tracking = {}
     if t.report_to == "tensorboard":  # accelerate's tracker, written locally under output_dir
         from accelerate.utils import ProjectConfiguration
@@ -346,7 +396,6 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
         t = options_from_accelerate(accelerator.state.fsdp_plugin, t)
         if eval_tasks:
             raise UllmeError("eval.task_dir and eval.sts are not run under FSDP yet; evaluate the final model with `ullme evaluate`")
-    sharded = t.distributed == "fsdp"
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
     base_fingerprint = embedder.setup.fingerprint
@@ -357,7 +406,7 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     if t.gradient_checkpointing:
         embedder.enable_gradient_checkpointing()
     embedder.model.train()
-    if sharded:
+    if t.distributed == "fsdp":
         from ullme_cli.training.sharding import shard_model
 
         shard_model(embedder, t, accelerator.device)
@@ -365,100 +414,119 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
-    # Before anything is written: a recipe the model cannot take (a Matryoshka size above its own) is refused here.
+    # A recipe the model cannot take (a Matryoshka size above its own) is refused here, before anything is written.
     loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
-    step = 0
+    return Run(recipe, out, t, sources, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn)
+
+
+def resume_run(run: Run, resume: bool) -> None:
+    """Load the newest complete checkpoint when resuming (after checking it was trained from the same
+    inputs), set up batching and the schedule at that step, and start the run's files in output_dir."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ullme_cli.training.mixture import Batching
+
+    t, accelerator, out = run.train, run.accelerator, run.out
     if resume and accelerator.is_main_process:
         remove_staging_leftovers(out)
     accelerator.wait_for_everyone()
-    found = newest_complete_checkpoint(out, sharded) if resume else None
+    found = newest_complete_checkpoint(out, run.sharded) if resume else None
     if found is not None:
         checkpoint, tensors, scalars = found
-        check_inputs(checkpoint, scalars.get("inputs"), inputs)
-        step = load_checkpoint(checkpoint, tensors, scalars, params, optimizer, scaler, embedder.model if sharded else None)
-        for group in optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
+        check_inputs(checkpoint, scalars.get("inputs"), run.inputs)
+        run.step = load_checkpoint(checkpoint, tensors, scalars, run.params, run.optimizer, run.scaler, run.embedder.model if run.sharded else None)
+        for group in run.optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
             group["lr"] = group["initial_lr"] = t.learning_rate
-        log.info(f"resuming from {checkpoint} (step {step})")
-    batching = Batching(mixture, t.batch_size, t.seed, t.batching, accelerator.num_processes)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps, last_epoch=-1)
+        log.info(f"resuming from {checkpoint} (step {run.step})")
+    run.batching = Batching(run.mixture, t.batch_size, t.seed, t.batching, accelerator.num_processes)
+    run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        for _ in range(step):
-            scheduler.step()
+        for _ in range(run.step):
+            run.scheduler.step()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
-    if tracking:
-        accelerator.init_trackers("finetune", config=flat_config(recipe))
-    metrics_path = out / METRICS
-    _truncate_metrics(metrics_path, step)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    atomic_write_text(out / "recipe.yaml", dump_recipe(run.recipe))
+    if run.tracking:
+        accelerator.init_trackers("finetune", config=flat_config(run.recipe))
+    _truncate_metrics(run.metrics_path, run.step)
 
-    with progress_bar("finetune", total=t.steps, enabled=show_progress and accelerator.is_main_process) as advance:
-        advance(step)
-        first_step, training_seconds = step, 0.0
-        while step < t.steps:
-            started = time.perf_counter()
-            batch: list[TrainingExample] = [examples[i] for i in batching.indices(step, accelerator.process_index)]
-            optimizer.zero_grad(set_to_none=True)
-            seed = step_seed(t.seed, step, accelerator.process_index)
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
-            with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, parts = loss_fn.backward(batch, generator)
-            if accelerator.num_processes > 1:  # DDP by hand (FSDP reduces its own gradients)
-                for p in params.values() if not sharded else ():
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                reduced = accelerator.reduce(torch.tensor([loss, *parts.values()], device=accelerator.device), reduction="mean")
-                loss, parts = float(reduced[0]), dict(zip(parts, reduced[1:].tolist()))  # log the global means
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            if scaler is not None:
-                scaler.step(optimizer)  # skips the step when a gradient overflowed, and shrinks the scale
-                scaler.update()
-            else:
-                optimizer.step()
-            with warnings.catch_warnings():  # a scaler's skipped step is not a misordered scheduler
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                scheduler.step()
-            step += 1
-            training_seconds += time.perf_counter() - started
-            record = {"step": step, "loss": loss, **parts, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "steps_per_s": (step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
-            if batching.same_source:
-                record["source"] = sources[batching.source_at(step - 1)].name
-            evaluate_now = bool(eval_tasks) and (step == t.steps or (recipe.eval.every and step % recipe.eval.every == 0))
-            if evaluate_now and accelerator.is_main_process:
-                weights = tensors_fingerprint(params.items(), salt=base_fingerprint)
-                record.update(evaluate_during_training(embedder, eval_tasks, out, step, weights))
-            if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps or evaluate_now):
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if tracking:
-                    accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
-            advance(1, loss=record["loss"], **parts)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                if sharded:  # every process writes its shards
-                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler, sharded_model=embedder.model, inputs=inputs)
-                elif accelerator.is_main_process:
-                    save_checkpoint(out, step, params, optimizer, t.keep_checkpoints, scaler, inputs=inputs)
+
+def train_step(run: Run) -> tuple[float, dict[str, float], float]:
+    """One optimiser step: the step's batch and seeded draws, the loss and its backward pass, gradients and
+    logged losses averaged across processes, clipping, the optimiser and the schedule. Returns the loss, its
+    components (global means) and the gradient norm."""
+    t, accelerator, params = run.train, run.accelerator, run.params
+    batch: list[TrainingExample] = [run.mixture.examples[i] for i in run.batching.indices(run.step, accelerator.process_index)]
+    run.optimizer.zero_grad(set_to_none=True)
+    seed = step_seed(t.seed, run.step, accelerator.process_index)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss, parts = run.loss_fn.backward(batch, generator)
+    if accelerator.num_processes > 1:  # DDP by hand (FSDP reduces its own gradients)
+        for p in params.values() if not run.sharded else ():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        reduced = accelerator.reduce(torch.tensor([loss, *parts.values()], device=accelerator.device), reduction="mean")
+        loss, parts = float(reduced[0]), dict(zip(parts, reduced[1:].tolist()))  # log the global means
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skips the step when a gradient overflowed, and shrinks the scale
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    with warnings.catch_warnings():  # a scaler's skipped step is not a misordered scheduler
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        run.scheduler.step()
+    run.step += 1
+    return loss, parts, float(grad_norm)
+
+
+def log_and_checkpoint(run: Run, record: dict) -> None:
+    """After a step: its source, the eval sets when due, a line of metrics.jsonl (and the tracker), and a
+    checkpoint every train.checkpoint_every steps and after the last."""
+    t, accelerator, step = run.train, run.accelerator, run.step
+    if run.batching.same_source:
+        record["source"] = run.sources[run.batching.source_at(step - 1)].name
+    evaluate_now = bool(run.eval_tasks) and (step == t.steps or (run.recipe.eval.every and step % run.recipe.eval.every == 0))
+    if evaluate_now and accelerator.is_main_process:
+        weights = tensors_fingerprint(run.params.items(), salt=run.base_fingerprint)
+        record.update(evaluate_during_training(run.embedder, run.eval_tasks, run.out, step, weights))
+    if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps or evaluate_now):
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.tracking:
+            accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+    if step % t.checkpoint_every == 0 or step == t.steps:
+        if run.sharded:  # every process writes its shards
+            save_checkpoint(run.out, step, run.params, run.optimizer, t.keep_checkpoints, run.scaler, sharded_model=run.embedder.model, inputs=run.inputs)
+        elif accelerator.is_main_process:
+            save_checkpoint(run.out, step, run.params, run.optimizer, t.keep_checkpoints, run.scaler, inputs=run.inputs)
+
+
+def finish(run: Run) -> dict:
+    """Save the final model (gathered from the shards under FSDP) with its training record, and draw the curves."""
+    recipe, accelerator, embedder, out = run.recipe, run.accelerator, run.embedder, run.out
     embedder.model.eval()
-    if sharded:  # gathered on rank 0 (a collective), which saves a plain copy
+    if run.sharded:  # gathered on rank 0 (a collective), which saves a plain copy
         from ullme_cli.training.sharding import gather_full_weights, unsharded_copy
 
         weights = gather_full_weights(embedder.model, trainable_only=recipe.lora.enabled)
         embedder = unsharded_copy(recipe, weights) if accelerator.is_main_process else embedder
     if accelerator.is_main_process:
+        sources = [s.path for s in run.sources]
         embedder.training = {
-            "recipe": dump_recipe(recipe), "data": {"train": ", ".join(s.path for s in sources), "sources": [s.path for s in sources], "rows": len(examples), "skipped": skipped},
-            "steps": step, "eval": last_eval_metrics(metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
+            "recipe": dump_recipe(recipe), "data": {"train": ", ".join(sources), "sources": sources, "rows": len(run.mixture.examples), "skipped": run.mixture.skipped},
+            "steps": run.step, "eval": last_eval_metrics(run.metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
         }  # fmt: skip
         embedder.matryoshka_dims = recipe.loss.matryoshka() or None
         embedder.save(out / FINAL, merge_lora=recipe.lora.merge, reference_base=True)  # a LoRA run: the adapter, not a copy of the base
         draw_curves(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group before exit; gloo aborts at teardown otherwise
-    return {"steps": step, "output": str(out / FINAL), "examples": len(examples)}
+    return {"steps": run.step, "output": str(out / FINAL), "examples": len(run.mixture.examples)}

@@ -1,0 +1,78 @@
+"""The automatic torch.compile decision (issue 29 §1): where it may compile, when a job is long enough, the
+compile time it remembers, and an encode that switches to the compiled function mid-job with the same vectors."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import numpy as np
+import pytest
+
+from ullme_cli.models import compile_policy
+from ullme_cli.models.compile_policy import CompilePolicy, CompileTimes, ineligible, shape_key
+
+
+def test_only_a_cpu_computing_in_fast_bf16_is_eligible():
+    assert ineligible("cpu", "bfloat16", fast_bf16=True) is None
+    assert "no gain" in ineligible("cpu", "float32", fast_bf16=True)
+    assert "no fast bf16" in ineligible("cpu", "bfloat16", fast_bf16=False)
+    assert "not measured on cuda" in ineligible("cuda", "bfloat16", fast_bf16=True)
+
+
+def test_it_compiles_when_compiling_is_under_a_tenth_of_the_eager_time_left(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ullme_cli")
+    times = CompileTimes(tmp_path)
+    policy = CompilePolicy(None, "k", layers=30, times=times)
+    policy.plan(1_000_000)
+    assert policy.observe(10_000, 1.0) is False and not policy.decided, "under MIN_EAGER_SECONDS: keep measuring"
+    # 20,000 tokens took 2 s: 980,000 left is about 98 s; a cold compile of 30 layers (105 s) is not under 9.8 s.
+    assert policy.observe(10_000, 1.0) is False and policy.decided
+    assert "compile: off (about 98 s of eager encoding left; compiling takes about 105 s (a cold estimate for 30 layers)" in caplog.text
+    times.put("k", 5.0)  # a warm cache: the last compile of this shape took 5 s
+    again = CompilePolicy(None, "k", layers=30, times=times)
+    again.plan(1_000_000)
+    assert again.observe(20_000, 2.0) is True and again.observe(20_000, 2.0) is False, "decided once"
+    assert "its last compile of this model shape here" in caplog.text
+    short = CompilePolicy(None, "k", layers=30, times=times)
+    short.plan(100_000)  # about 8 s left: 5 s of compiling is not under 0.8 s
+    assert short.observe(20_000, 2.0) is False
+    never = CompilePolicy("fp32 here", "k", layers=30, times=times)
+    never.plan(10**9)
+    assert never.observe(20_000, 2.0) is False and "compile: off (fp32 here)" in caplog.text
+
+
+def test_compile_times_survive_a_broken_file_and_key_by_shape_not_weights(tmp_path):
+    (tmp_path / "ullme-compile-times.json").write_text("{not json")
+    times = CompileTimes(tmp_path)
+    assert times.get("k") is None
+    times.put("k", 12.34)
+    assert CompileTimes(tmp_path).get("k") == 12.3
+    from transformers import LlamaConfig
+
+    a = types.SimpleNamespace(config=LlamaConfig(hidden_size=32, num_hidden_layers=2, _name_or_path="/one"))
+    b = types.SimpleNamespace(config=LlamaConfig(hidden_size=32, num_hidden_layers=2, _name_or_path="/other"))
+    c = types.SimpleNamespace(config=LlamaConfig(hidden_size=64, num_hidden_layers=2))
+    assert shape_key(a, "bfloat16") == shape_key(b, "bfloat16") != shape_key(c, "bfloat16") and shape_key(a, "float32") != shape_key(a, "bfloat16")
+
+
+@pytest.mark.slow
+def test_a_long_enough_job_switches_to_the_compiled_function_with_the_same_vectors(tiny_llama, tmp_path, monkeypatch, caplog):
+    from conftest import demo_texts
+
+    from ullme_cli.models.embedder import Embedder
+
+    caplog.set_level(logging.INFO, logger="ullme_cli")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(compile_policy, "MIN_EAGER_SECONDS", 0.0)  # decide on the first batch
+    texts = demo_texts(48)
+    eager = Embedder.load(str(tiny_llama), dtype="float32", device="cpu", compile=False).encode(texts, token_budget=256)
+    embedder = Embedder.load(str(tiny_llama), dtype="float32", device="cpu")
+    assert embedder.compile_policy is not None and embedder.compiled_embed is None
+    times = CompileTimes(tmp_path)
+    times.put(embedder.compile_policy.key, 0.0)  # as if compiled before: eligible jobs of any length compile
+    embedder.compile_policy = CompilePolicy(None, embedder.compile_policy.key, 2, times)  # eligible here (fp32 is not, by policy)
+    vectors = embedder.encode(texts, token_budget=256)
+    assert embedder.compiled_embed is not None and "compile: on" in caplog.text
+    np.testing.assert_allclose(vectors, eager, atol=1e-5)
+    assert times.get(embedder.compile_policy.key) > 0, "the compile's time is recorded for the next run"
