@@ -9,7 +9,12 @@ backend in fp32 (`--build-openvino-venv`: benchmarks/.openvino-venv), and LLM2Ve
 side environment (`--build-llm2vec-venv` makes one in benchmarks/.llm2vec-venv from the package registry);
 without one the row is skipped with the reason.
 
-`--compile` adds ullme with `torch.compile` (its compile, the first pass over the corpus, is printed apart).
+The compile policy (ullme_cli/models/compile_policy.py) is asked what it would choose for a corpus of
+`--large-job` texts (100,000) of this corpus's lengths, at the eager rate measured here. Where it chooses
+to compile, the compiled encoder is a row ("ullme default, large job"), timed in its steady state, and its
+one-time cost is printed on a line of its own: the first pass over the corpus in a fresh interpreter with an
+empty inductor cache, then again in another fresh interpreter with that cache (what a second run pays).
+`--compile` adds the compiled row whatever the policy chooses.
 Each ullme row also shows its vectors' cosine to fp32 vectors of the same setup (mean and 1st percentile).
 The last line is `speedup vs sentence-transformers fp32: X.XXx` for ullme's default. The matmul peak is
 the median of single timed 2048² matmuls; "% shapes" is against the rate of the model's own linear layers
@@ -17,7 +22,8 @@ at 1536 tokens, timed alone (`model_shape_peak`), which the 2048² figure someti
 
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128] [--limit N]
        [--repeats 3] [--build-llm2vec-venv] [--llm2vec-python PATH] [--int8-dynamic] [--build-onnx-venv]
-       [--build-openvino-venv] [--compile]
+       [--build-openvino-venv] [--compile] [--large-job 100000]
+       python benchmarks/encode.py --first-pass CACHE_DIR   (internal: one compiled first pass, in JSON)
 """
 
 import argparse
@@ -236,6 +242,34 @@ def causal_fp32(args, texts: list[str]) -> np.ndarray:
     return causal_fp32.vectors
 
 
+def first_pass(args) -> None:
+    """One compiled encoder's first pass over the corpus in this fresh interpreter, and a second pass: JSON."""
+    from ullme_cli.models.embedder import Embedder
+
+    texts = read_texts(args)
+    embedder = Embedder.load(args.model, dtype="auto", max_length=args.max_length, compile=True)
+    start = time.perf_counter()
+    embedder.encode(texts)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    embedder.encode(texts)
+    print(json.dumps({"first": first, "second": time.perf_counter() - start}))
+
+
+def compile_cost(args) -> tuple[float, float, float]:
+    """(cold first pass, warm-cache first pass, steady pass) seconds, each first pass in a fresh interpreter;
+    the cold one with an empty inductor cache, the warm one with the cache the cold one filled."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        command = [sys.executable, __file__, "--first-pass", cache, "--model", args.model, "--texts", args.texts,
+                   "--max-length", str(args.max_length), "--limit", str(args.limit)]  # fmt: skip
+        runs = []
+        for _ in range(2):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return runs[0]["first"], runs[1]["first"], min(r["second"] for r in runs)
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
@@ -245,12 +279,16 @@ def main() -> None:
     parser.add_argument("--build-llm2vec-venv", action="store_true", help="create benchmarks/.llm2vec-venv first")
     parser.add_argument("--int8-dynamic", action="store_true", help="also time torch's dynamic int8 quantization, plain and after SmoothQuant (levers, not the default)")
     parser.add_argument("--compile", action="store_true", help="also time ullme with --compile (torch.compile, dynamic shapes)")
+    parser.add_argument("--large-job", type=int, default=100_000, help="the corpus size whose default (the compile policy's choice) is timed")
+    parser.add_argument("--first-pass", metavar="CACHE_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--onnx-python", default=str(ONNX_VENV / "bin" / "python"))
     parser.add_argument("--build-onnx-venv", action="store_true", help="create benchmarks/.onnx-venv (sentence-transformers[onnx]) first")
     parser.add_argument("--onnx-quantization", default="avx2", help="export_dynamic_quantized_onnx_model's config: avx2, avx512, avx512_vnni, arm64")
     parser.add_argument("--openvino-python", default=str(OPENVINO_VENV / "bin" / "python"))
     parser.add_argument("--build-openvino-venv", action="store_true", help="create benchmarks/.openvino-venv (sentence-transformers[openvino]) first")
     args = parser.parse_args()
+    if args.first_pass:
+        return first_pass(args)
     if args.build_llm2vec_venv and not LLM2VEC_VENV.exists():
         build_llm2vec_venv()
     if args.build_onnx_venv and not ONNX_VENV.exists():
@@ -274,7 +312,17 @@ def main() -> None:
     encoders = [("ullme (bidirectional)", compute, lambda: ours.encode(texts))]
     causal = Embedder.load(args.model, dtype="auto", max_length=args.max_length, attention="causal")
     encoders.append(("ullme (causal)", compute, lambda: causal.encode(texts)))
-    if args.compile:
+    # The policy's choice for a large job of these texts, from the eager rate of one pass measured here.
+    policy = ours.compile_policy
+    start = time.perf_counter()
+    Embedder.load(args.model, dtype="auto", max_length=args.max_length, compile=False).encode(texts)
+    eager_rate = len(texts) / (time.perf_counter() - start)
+    large_compiles, expected, source = policy.verdict(args.large_job / eager_rate)
+    policy_line = (f"compile policy for {args.large_job} texts (about {args.large_job / eager_rate:.0f} s eager): "
+                   f"{'compile' if large_compiles else 'eager'}" + (f" ({policy.reason_not})" if policy.reason_not else
+                                                                     f"; compiling expected to take {expected:.0f} s ({source})"))  # fmt: skip
+    if args.compile or large_compiles:
+        cold, warm, steady = compile_cost(args)
         compiled = Embedder.load(args.model, dtype="auto", max_length=args.max_length, compile=True)
         encoders.append(("ullme --compile", compute, lambda: compiled.encode(texts)))
     if args.int8_dynamic:
@@ -302,7 +350,7 @@ def main() -> None:
         st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean")], device="cpu")
         encoders.append((f"sentence-transformers {str(dtype).replace('torch.', '')}", dtype,
                          lambda st=st: st.encode(texts, batch_size=32, normalize_embeddings=True)))  # fmt: skip
-    rows, first_pass = interleaved(encoders, args.repeats)
+    rows, _ = interleaved(encoders, args.repeats)
     vectors, causal_vectors = rows[0][3], rows[1][3]
     fp32 = vectors if compute == torch.float32 else Embedder.load(args.model, dtype="float32", max_length=args.max_length).encode(texts)
     side_notes, side_references = {}, {}
@@ -338,17 +386,19 @@ def main() -> None:
               f"{100 * flops / peaks[dtype]:>10.1f}%{100 * flops / shape_peaks[dtype]:>9.1f}%{cos:>11.4f}{cos_causal:>12.4f}{accuracy}")  # fmt: skip
     st_fp32 = next(seconds for name, _, seconds, _ in rows if name == "sentence-transformers float32")
     fastest_st = min((seconds, name) for name, _, seconds, _ in rows if name.startswith("sentence-transformers"))
-    print(f"vs the fastest sentence-transformers route ({fastest_st[1]}): {fastest_st[0] / base:.2f}x")
+    print(f"ullme eager vs the fastest sentence-transformers route ({fastest_st[1]}): {fastest_st[0] / base:.2f}x")
+    print(policy_line)
+    large = next(seconds for name, _, seconds, _ in rows if name == "ullme --compile") if large_compiles else base
+    if args.compile or large_compiles:
+        print(f"one-time compile cost: first pass {cold:.1f} s with an empty inductor cache, {warm:.1f} s with a warm one, "
+              f"against {steady:.1f} s for a compiled pass (fresh interpreters)")  # fmt: skip
     for backend, note in side_notes.items():
         if note:
             print(f"{backend}: {note}")
     print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
-    if args.compile:
-        compiled_row = next(n for n, (name, *_) in enumerate(rows) if name == "ullme --compile")
-        compiled_seconds = rows[compiled_row][2]
-        print(f"ullme --compile: its first pass over the corpus took {first_pass[compiled_row]:.0f} s (compiling), not counted in its row")
-        print(f"speedup vs sentence-transformers fp32 with --compile: {st_fp32 / compiled_seconds:.2f}x; "
-              f"vs the fastest sentence-transformers route: {fastest_st[0] / compiled_seconds:.2f}x")  # fmt: skip
+    print(f"large-job default ({'compiled' if large_compiles else 'eager'}): {len(texts) / large:.1f} texts/s, "
+          f"{100 * 2 * params * tokens / large / shape_peaks[compute]:.1f}% of the model-shape rate")  # fmt: skip
+    print(f"speedup vs the fastest sentence-transformers route: {fastest_st[0] / large:.2f}x")
     if llm2vec_note:
         print(f"LLM2Vec: {llm2vec_note}")
 

@@ -96,16 +96,23 @@ def finetune(
     set_values: list[str] = typer.Option([], "--set", help="Override a recipe value: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read the data and the model's config (no weights), trace one step on fake tensors, print rows per source, tokens, FLOPs and memory per process, and exit."),
+    processes: int = typer.Option(1, "--processes", min=1, help="With --dry-run: the process count to budget for (GPUs in all)."),
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Fine-tune an embedder (LoRA or full) with contrastive, SimCSE, MNTP, SFT, DPO or GRL losses."""
+    """Fine-tune an embedder (LoRA or full) with contrastive, SimCSE, MNTP, SFT, DPO, GRL or distillation losses."""
     show_progress = _output(quiet, verbose)
     from ullme_cli.recipes import dump_recipe, load_recipe
 
     resolved = load_recipe(recipe, set_values)
     if print_recipe:
         typer.echo(dump_recipe(resolved), nl=False)
+        return
+    if dry_run:
+        from ullme_cli.training.dry_run import dry_run as budget_of, report
+
+        typer.echo(report(budget_of(resolved, processes), resolved, processes))
         return
     from ullme_cli.training.trainer import finetune as run_finetune
 

@@ -95,7 +95,7 @@ class TrainSection:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 50

@@ -132,7 +132,8 @@ def _run_body(model: nn.Module, body: nn.Module, **inputs) -> torch.Tensor:
 def sliding_window(config) -> int | None:
     """The shortest attention window a config names, or None."""
     windows = [getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size")]
-    return min((w for w in windows if isinstance(w, int) and w > 0), default=None)
+    windows = [w for w in windows if isinstance(w, int) and w > 0]
+    return min(windows) if windows else None  # not min(..., default=): torch.compile breaks its graph there
 
 
 def config_switch_honoured(model: nn.Module) -> bool:

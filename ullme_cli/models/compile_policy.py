@@ -110,6 +110,12 @@ class CompilePolicy:
             return recorded, "its last compile of this model shape here"
         return COLD_SECONDS_PER_LAYER * self.layers, f"a cold estimate for {self.layers} layers"
 
+    def verdict(self, eager_seconds_left: float) -> tuple[bool, float, str]:
+        """Whether to compile a job with this much eager work left, the expected compile seconds, and where
+        that expectation comes from."""
+        expected, source = self.expected_seconds
+        return self.reason_not is None and expected < MAX_SHARE * eager_seconds_left, expected, source
+
     def plan(self, tokens: int) -> None:
         """The job ahead: this many tokens (padded) to encode."""
         self.remaining_tokens = tokens
@@ -126,8 +132,7 @@ class CompilePolicy:
             log.info(f"compile: off ({self.reason_not})")
             return False
         left = self.remaining_tokens * self.eager_seconds / max(self.eager_tokens, 1)
-        expected, source = self.expected_seconds
-        verdict = expected < MAX_SHARE * left
+        verdict, expected, source = self.verdict(left)
         log.info(f"compile: {'on' if verdict else 'off'} (about {left:.0f} s of eager encoding left; compiling takes about {expected:.0f} s "
                  f"({source}), {'under' if verdict else 'not under'} {MAX_SHARE:.0%} of it; --compile/--no-compile decide instead)")  # fmt: skip
         return verdict

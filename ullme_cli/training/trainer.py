@@ -472,7 +472,8 @@ def train_step(run: Run) -> tuple[float, dict[str, float], float]:
         loss, parts = float(reduced[0]), dict(zip(parts, reduced[1:].tolist()))  # log the global means
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm)
+    # max_grad_norm 0 means no clipping (the norm is still logged); clipping to 0 would zero every gradient.
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
     if run.scaler is not None:
