@@ -5,6 +5,7 @@ Every reader reports a bad row as `file:line: reason` (`file: row N` for a table
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,24 +130,72 @@ def read_training_examples(path: str, skip_bad_rows: bool = False) -> tuple[list
     skipped = 0
     for where, row in iter_rows(path):
         try:
-            query = string_field(where, row, QUERY_FIELDS)
-            positives = passage_list(where, row, POSITIVE_FIELDS, required=True)
-            negatives = passage_list(where, row, NEGATIVE_FIELDS, required=False)
-            instruction = string_field(where, row, "instruction", required=False)
-            generation_instruction = string_field(where, row, "generation_instruction", required=False)
-            extra = {k: v for k, v in row.items() if k not in TRAINING_FIELDS and not _numbered(k)}
-            for key, passages in (("pos_scores", positives), ("neg_scores", negatives)):
-                if extra.get(key) is not None:
-                    extra[key] = teacher_scores(where, extra[key], key, len(passages))
+            examples.append(training_example(where, row))
         except UllmeError:
             if not skip_bad_rows:
                 raise
             skipped += 1
-            continue
-        examples.append(TrainingExample(query, positives, negatives, instruction, generation_instruction, extra))
     if not examples:
         raise located(name, None, "no training examples found")
     return examples, skipped
+
+
+def training_example(where, row: dict) -> TrainingExample:
+    """One training row as a TrainingExample (`read_training_examples` gives the fields); UllmeError naming
+    `where` and the field when the row is bad."""
+    query = string_field(where, row, QUERY_FIELDS)
+    positives = passage_list(where, row, POSITIVE_FIELDS, required=True)
+    negatives = passage_list(where, row, NEGATIVE_FIELDS, required=False)
+    instruction = string_field(where, row, "instruction", required=False)
+    generation_instruction = string_field(where, row, "generation_instruction", required=False)
+    extra = {k: v for k, v in row.items() if k not in TRAINING_FIELDS and not _numbered(k)}
+    for key, passages in (("pos_scores", positives), ("neg_scores", negatives)):
+        if extra.get(key) is not None:
+            extra[key] = teacher_scores(where, extra[key], key, len(passages))
+    return TrainingExample(query, positives, negatives, instruction, generation_instruction, extra)
+
+
+class StreamedExamples:
+    """A jsonl file of training rows read as a stream: one pass checks every row (as `read_training_examples`
+    does) and keeps only each row's byte offset and line number, its cluster's hash (for caps) and a content
+    hash of the rows; a row is parsed again when a step asks for it. Memory: 16 bytes a row plus 8 for the
+    cluster, whatever the rows hold."""
+
+    def __init__(self, path: str, skip_bad_rows: bool = False):
+        import hashlib
+        from array import array
+
+        from ullme_cli.io.rows import iter_jsonl_lines
+
+        self.path = path
+        self.offsets, self.lines, self.clusters = array("q"), array("q"), array("q")
+        self.skipped, self.has_teacher_scores = 0, False
+        digest = hashlib.sha256()
+        for where, offset, row in iter_jsonl_lines(path):
+            try:
+                example = training_example(where, row)
+            except UllmeError:
+                if not skip_bad_rows:
+                    raise
+                self.skipped += 1
+                continue
+            self.offsets.append(offset)
+            self.lines.append(int(where.position.split()[1]))
+            cluster = example.extra.get("cluster")
+            self.clusters.append(0 if cluster is None else int(hashlib.sha256(str(cluster).encode()).hexdigest()[:15], 16))
+            self.has_teacher_scores = self.has_teacher_scores or "pos_scores" in example.extra or "neg_scores" in example.extra
+            digest.update(json.dumps(example.to_json(), sort_keys=True).encode() + b"\n")
+        if not self.offsets:
+            raise located(display_name(path), None, "no training examples found")
+        self.fingerprint = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> TrainingExample:
+        from ullme_cli.io.rows import read_jsonl_line
+
+        return training_example(*read_jsonl_line(self.path, self.offsets[index], self.lines[index]))
 
 
 def teacher_scores(where, value, key: str, count: int) -> list[float]:

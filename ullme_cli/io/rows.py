@@ -88,6 +88,37 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
+def iter_jsonl_lines(path: str) -> Iterator[tuple[Where, int, dict]]:
+    """A jsonl file's rows one line at a time, never the whole file: (where, byte offset of the line, row),
+    for sources read as streams (training/mixture.py). Same rules as `iter_rows` for jsonl."""
+    name = display_name(path)
+    if not Path(path).is_file():
+        raise located(path, None, "file not found" if not Path(path).exists() else "is a folder, expected a file")
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
+            line = decode_line(name, number, raw[3:] if number == 1 and raw.startswith(BOM.encode()) else raw)
+            if line.strip():
+                yield Where(name, number), start, parse_json_line(Where(name, number), line)
+
+
+def read_jsonl_line(path: str, offset: int, number: int) -> tuple[Where, dict]:
+    """The row of line `number` of a jsonl file, which starts at byte `offset` (`iter_jsonl_lines`)."""
+    where = Where(display_name(path), number)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        raw = handle.readline()
+    return where, parse_json_line(where, decode_line(display_name(path), number, raw[3:] if offset == 0 and raw.startswith(BOM.encode()) else raw))
+
+
+def decode_line(name: str, number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise located(name, number, f"not valid UTF-8 (byte {e.start} of the line)") from None
+
+
 def detect_format(path: str, first_line: str | None = None) -> str:
     if path.startswith(HUB_PREFIX) or (path != STDIN and Path(path).is_dir()):
         return "dataset"

@@ -16,17 +16,22 @@ Batching (`train.batching`):
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.data import TrainingExample, read_training_examples
+from ullme_cli.data import StreamedExamples, TrainingExample, read_training_examples
 from ullme_cli.errors import UllmeError
 
-SOURCE_KEYS = ("path", "max_rows", "weight", "instruction", "generation_instruction", "in_batch_negatives")
+SOURCE_KEYS = ("path", "max_rows", "weight", "instruction", "generation_instruction", "in_batch_negatives", "stream")
+# A jsonl source this large is read as a stream (data.StreamedExamples) unless its `stream` says otherwise.
+STREAM_BYTES = 256 * 2**20
 BATCHINGS = ("auto", "same-source", "mixed")
 
 
@@ -38,6 +43,23 @@ class Source:
     instruction: str | None = None
     generation_instruction: str | None = None
     in_batch_negatives: bool = True
+    stream: bool | None = None  # None: stream a jsonl file of STREAM_BYTES or more
+
+    @property
+    def streamed(self) -> bool:
+        if self.stream is not None:
+            return self.stream
+        path = Path(self.path)
+        return path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file() and path.stat().st_size >= STREAM_BYTES
+
+    def with_defaults(self, ex: TrainingExample) -> TrainingExample:
+        """The source's instructions where the row has none of its own, and its in_batch_negatives."""
+        if ex.instruction is None:
+            ex.instruction = self.instruction
+        if ex.generation_instruction is None:
+            ex.generation_instruction = self.generation_instruction
+        ex.in_batch_negatives = self.in_batch_negatives
+        return ex
 
     @property
     def name(self) -> str:
@@ -66,6 +88,7 @@ def parse_sources(values, where: str) -> list[Source]:
             "instruction": lambda v: v is None or isinstance(v, str),
             "generation_instruction": lambda v: v is None or isinstance(v, str),
             "in_batch_negatives": lambda v: isinstance(v, bool),
+            "stream": lambda v: v is None or isinstance(v, bool),
         }  # fmt: skip
         for name, ok in checks.items():
             if name in entry and not ok(entry[name]):
@@ -77,48 +100,115 @@ def parse_sources(values, where: str) -> list[Source]:
     return sources
 
 
-def cap_evenly(examples: list[TrainingExample], max_rows: int | None, seed: int) -> list[TrainingExample]:
-    """At most `max_rows` rows, drawn evenly across the rows' `cluster` values (round robin over clusters in
-    a seeded order, rows within a cluster shuffled), or a seeded sample where rows have no cluster."""
-    if max_rows is None or len(examples) <= max_rows:
-        return examples
+def cluster_key(value) -> int:
+    """A row's cluster as a stable integer (0: none), the same whether its source is streamed or not."""
+    return 0 if value is None else int(hashlib.sha256(str(value).encode()).hexdigest()[:15], 16)
+
+
+def cap_indices(clusters, max_rows: int | None, seed: int) -> list[int] | None:
+    """Which rows to keep, at most `max_rows`, drawn evenly across `clusters` (each row's `cluster_key`):
+    round robin over clusters in a seeded order, rows within a cluster shuffled, as the original ULLME caps
+    its datasets; a seeded sample where rows have no cluster. None: keep every row."""
+    if max_rows is None or len(clusters) <= max_rows:
+        return None
     rng = np.random.default_rng(seed)
-    clusters: dict[str, list[int]] = {}
-    for n, ex in enumerate(examples):
-        clusters.setdefault(str(ex.extra.get("cluster", "")), []).append(n)
-    queues = [list(rng.permutation(rows)) for _, rows in sorted(clusters.items())]
+    by_cluster: dict[int, list[int]] = {}
+    for n, key in enumerate(clusters):
+        by_cluster.setdefault(key, []).append(n)
+    queues = [list(rng.permutation(rows)) for _, rows in sorted(by_cluster.items())]
     order = rng.permutation(len(queues))
     chosen: list[int] = []
     while len(chosen) < max_rows:
         for q in order:
             if queues[q] and len(chosen) < max_rows:
                 chosen.append(int(queues[q].pop()))
-    return [examples[i] for i in sorted(chosen)]
+    return sorted(chosen)
+
+
+def cap_evenly(examples: list[TrainingExample], max_rows: int | None, seed: int) -> list[TrainingExample]:
+    """`cap_indices` applied to rows in memory."""
+    chosen = cap_indices([cluster_key(ex.extra.get("cluster")) for ex in examples], max_rows, seed)
+    return examples if chosen is None else [examples[i] for i in chosen]
+
+
+class StreamedSource:
+    """A streamed source's rows after its cap: parsed when asked for, with the source's defaults."""
+
+    def __init__(self, source: Source, rows: StreamedExamples, chosen: list[int] | None):
+        self.source, self.rows = source, rows
+        self.chosen = None if chosen is None else np.asarray(chosen, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.chosen is None else len(self.chosen)
+
+    def __getitem__(self, index: int) -> TrainingExample:
+        return self.source.with_defaults(self.rows[int(self.chosen[index]) if self.chosen is not None else index])
+
+
+class Rows:
+    """Every source's rows as one sequence: lists in memory and streamed sources side by side."""
+
+    def __init__(self):
+        self.parts: list = []
+        self.starts: list[int] = []
+        self.length = 0
+
+    def add(self, part) -> None:
+        self.parts.append(part)
+        self.starts.append(self.length)
+        self.length += len(part)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> TrainingExample:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        k = bisect.bisect_right(self.starts, index) - 1
+        return self.parts[k][index - self.starts[k]]
+
+    def __iter__(self):
+        for part in self.parts:
+            yield from (part[i] for i in range(len(part)))
 
 
 @dataclass
 class Mixture:
-    """Every source's rows, in one list, with each source's range in it."""
+    """Every source's rows, as one sequence (`Rows`), with each source's range in it."""
 
     sources: list[Source]
-    examples: list[TrainingExample]
+    examples: Rows
     ranges: list[tuple[int, int]] = field(default_factory=list)
     skipped: int = 0
+    has_teacher_scores: bool = False
+    fingerprint: str = ""  # of the rows trained on, by content (run_inputs)
 
 
 def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixture:
-    mixture = Mixture(sources, [])
+    """Read, cap and join the sources. A streamed source keeps no rows in memory (data.StreamedExamples)."""
+    from ullme_cli.fingerprints import json_fingerprint
+
+    mixture = Mixture(sources, Rows())
+    streams = []
     for k, source in enumerate(sources):
-        examples, skipped = read_training_examples(source.path, skip_bad_rows)
-        for ex in examples:  # the source's instructions, where a row has none of its own
-            ex.instruction = ex.instruction if ex.instruction is not None else source.instruction
-            if ex.generation_instruction is None:
-                ex.generation_instruction = source.generation_instruction
-            ex.in_batch_negatives = source.in_batch_negatives
-        examples = cap_evenly(examples, source.max_rows, seed + 7919 * k)
-        mixture.ranges.append((len(mixture.examples), len(mixture.examples) + len(examples)))
-        mixture.examples += examples
+        if source.streamed:
+            rows = StreamedExamples(source.path, skip_bad_rows)
+            chosen = cap_indices(rows.clusters, source.max_rows, seed + 7919 * k)
+            part, skipped = StreamedSource(source, rows, chosen), rows.skipped
+            mixture.has_teacher_scores |= rows.has_teacher_scores
+            streams.append([k, rows.fingerprint, None if chosen is None else json_fingerprint(chosen)])
+        else:
+            examples, skipped = read_training_examples(source.path, skip_bad_rows)
+            part = cap_evenly([source.with_defaults(ex) for ex in examples], source.max_rows, seed + 7919 * k)
+            mixture.has_teacher_scores |= any("pos_scores" in ex.extra or "neg_scores" in ex.extra for ex in part)
+        mixture.ranges.append((len(mixture.examples), len(mixture.examples) + len(part)))
+        mixture.examples.add(part)
         mixture.skipped += skipped
+    if not streams:  # every row in memory: the fingerprint checkpoints have always recorded
+        mixture.fingerprint = json_fingerprint(e.to_json() for e in mixture.examples)
+    else:  # streamed rows by their file's content and the cap's choice; in-memory sources by their rows
+        kept = [json_fingerprint(e.to_json() for e in part) for part in mixture.examples.parts if not isinstance(part, StreamedSource)]
+        mixture.fingerprint = json_fingerprint([streams, kept, [dataclasses.asdict(s) for s in sources]])
     return mixture
 
 

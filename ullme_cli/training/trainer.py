@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ullme_cli.io.outputs import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, guard_output, output_lock
 from ullme_cli.data import TrainingExample
 from ullme_cli.errors import UllmeError
-from ullme_cli.fingerprints import json_fingerprint, tensors_fingerprint
+from ullme_cli.fingerprints import tensors_fingerprint
 from ullme_cli.model_setup import Runtime
 from ullme_cli.models.model_card import last_eval_metrics
 from ullme_cli.progress import progress_bar
@@ -72,13 +72,14 @@ RESUME_FREE_SETTINGS = {"log_every", "checkpoint_every", "keep_checkpoints", "re
                         "grad_cache_chunk", "distributed", "fsdp_reshard_after_forward", "fsdp_cpu_offload"}  # fmt: skip
 
 
-def run_inputs(recipe: Recipe, base_fingerprint: str, examples: list[TrainingExample], processes: int = 1) -> dict:
+def run_inputs(recipe: Recipe, base_fingerprint: str, data_fingerprint: str, processes: int = 1) -> dict:
     """What a checkpoint was trained from, by content: the base model (its setup and weights fingerprint),
-    the parsed training rows, and every setting that changes a step. A resume compares them (`check_inputs`)."""
+    the training rows (the mixture's fingerprint), and every setting that changes a step. A resume compares
+    them (`check_inputs`)."""
     settings = dataclasses.asdict(recipe)
     return json.loads(json.dumps({
         "base_model": base_fingerprint, "model_dtype": recipe.model.dtype,
-        "data": json_fingerprint(e.to_json() for e in examples), "negatives_per_query": recipe.data.negatives_per_query,
+        "data": data_fingerprint, "negatives_per_query": recipe.data.negatives_per_query,
         **({"sources": settings["data"]["sources"]} if recipe.data.sources else {}),
         "lora": {k: v for k, v in settings["lora"].items() if k != "merge"}, "loss": settings["loss"],
         "train": {k: v for k, v in settings["train"].items() if k not in RESUME_FREE_SETTINGS | {"batch_size"}},
@@ -358,8 +359,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     t = recipe.train
     sources = recipe.data.source_list()
     mixture = read_mixture(sources, recipe.data.skip_bad_rows, t.seed)
-    examples = mixture.examples
-    if "distill" in recipe.loss.resolved_weights() and not any("pos_scores" in ex.extra or "neg_scores" in ex.extra for ex in examples):
+    if "distill" in recipe.loss.resolved_weights() and not mixture.has_teacher_scores:
         raise UllmeError("loss.weights.distill: no training row carries pos_scores or neg_scores (teacher scores); write them with "
                          "`ullme mine ... --teacher MODEL`")  # fmt: skip
     if mixture.skipped:
@@ -399,7 +399,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
     base_fingerprint = embedder.setup.fingerprint
-    inputs = run_inputs(recipe, base_fingerprint, examples, accelerator.num_processes)
+    inputs = run_inputs(recipe, base_fingerprint, mixture.fingerprint, accelerator.num_processes)
     embedder.weights_changed()
     if recipe.lora.enabled:
         embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
