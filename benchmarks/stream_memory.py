@@ -3,7 +3,7 @@
 Generates jsonl sources of --small and --large rows (~0.3 KB each), then, in a fresh process per case,
 reads the source through `read_mixture` (streamed, and whole for the small one and with --whole for the
 large one), draws --steps batches of 32 and fetches their rows, and prints the peak resident set
-(ru_maxrss) with the read and batch times. glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so that
+(VmHWM; not ru_maxrss, which Linux carries across fork and exec) with the read and batch times. glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so that
 freed blocks leave the resident set.
 
 Usage: python benchmarks/stream_memory.py [--small 10000] [--large 2000000] [--steps 1000] [--whole]
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 CASE = """
-import json, resource, sys, time
+import json, sys, time
 from ullme_cli.training.mixture import Batching, Source, read_mixture
 start = time.perf_counter()
 mixture = read_mixture([Source(sys.argv[1], stream=sys.argv[2] == "stream")], False, 0)
@@ -27,7 +27,7 @@ read = time.perf_counter() - start
 batching, start = Batching(mixture, 32, 0), time.perf_counter()
 rows = sum(len(mixture.examples[i].query) > 0 for step in range(int(sys.argv[3])) for i in batching.indices(step))
 print(json.dumps({"rows": len(mixture.examples), "read_s": read, "batches_s": time.perf_counter() - start,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mib": next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))}))
 """
 
 

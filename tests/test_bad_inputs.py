@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli, write_corpus
+from conftest import RESOURCES, demo_texts, run_cli, write_corpus
 from tiny_models import save_tiny
 
 from ullme_cli.artifacts import save_embeddings

@@ -7,7 +7,6 @@ import logging
 import types
 
 import numpy as np
-import pytest
 
 from ullme_cli.models import compile_policy
 from ullme_cli.models.compile_policy import CompilePolicy, CompileTimes, ineligible, shape_key
@@ -56,23 +55,37 @@ def test_compile_times_survive_a_broken_file_and_key_by_shape_not_weights(tmp_pa
     assert shape_key(a, "bfloat16") == shape_key(b, "bfloat16") != shape_key(c, "bfloat16") and shape_key(a, "float32") != shape_key(a, "bfloat16")
 
 
-@pytest.mark.slow
-def test_a_long_enough_job_switches_to_the_compiled_function_with_the_same_vectors(tiny_llama, tmp_path, monkeypatch, caplog):
+def test_a_long_enough_job_switches_to_the_compiled_function_and_records_its_time(tiny_llama, tmp_path, monkeypatch, caplog):
+    """The switch itself, with torch.compile replaced by a recording stand-in (that compiling gives the
+    eager vectors is tests/test_cli_encode.py's slow compile test)."""
+    import torch
     from conftest import demo_texts
 
     from ullme_cli.models.embedder import Embedder
 
     caplog.set_level(logging.INFO, logger="ullme_cli")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setattr(compile_policy, "MIN_EAGER_SECONDS", 0.0)  # decide on the first batch
+    compiled_calls = []
+
+    def stand_in(fn, dynamic):
+        assert dynamic is True
+        return lambda batch: compiled_calls.append(len(batch.input_ids)) or fn(batch)
+
+    monkeypatch.setattr(torch, "compile", stand_in)
     texts = demo_texts(48)
     eager = Embedder.load(str(tiny_llama), dtype="float32", device="cpu", compile=False).encode(texts, token_budget=256)
     embedder = Embedder.load(str(tiny_llama), dtype="float32", device="cpu")
     assert embedder.compile_policy is not None and embedder.compiled_embed is None
+    assert embedder.compile_policy.reason_not is not None, "fp32: never compiled by the policy"
     times = CompileTimes(tmp_path)
     times.put(embedder.compile_policy.key, 0.0)  # as if compiled before: eligible jobs of any length compile
-    embedder.compile_policy = CompilePolicy(None, embedder.compile_policy.key, 2, times)  # eligible here (fp32 is not, by policy)
+    embedder.compile_policy = CompilePolicy(None, embedder.compile_policy.key, 2, times)  # made eligible for the test
+    recorded = []
+    monkeypatch.setattr(times, "put", lambda key, seconds: recorded.append((key, seconds)))
     vectors = embedder.encode(texts, token_budget=256)
-    assert embedder.compiled_embed is not None and "compile: on" in caplog.text
-    np.testing.assert_allclose(vectors, eager, atol=1e-5)
-    assert times.get(embedder.compile_policy.key) > 0, "the compile's time is recorded for the next run"
+    assert "compile: on" in caplog.text and embedder.compiled_embed is not None
+    assert 0 < sum(compiled_calls) < len(texts), "the first batch ran eagerly, the rest compiled"
+    np.testing.assert_allclose(vectors, eager, atol=1e-6)
+    assert len(recorded) == 1 and recorded[0][0] == embedder.compile_policy.key and recorded[0][1] > 0, "the first compiled batch's time, once"
+    short = Embedder.load(str(tiny_llama), dtype="float32", device="cpu", compile=False)
+    assert short.compile_policy is None, "--no-compile: no policy"

@@ -61,7 +61,6 @@ def test_predicted_step_memory_is_within_a_quarter_of_the_measured_peak(tmp_path
                                   capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})  # fmt: skip
         assert measured.returncode == 0, measured.stderr[-2000:]
         memory = json.loads(measured.stdout.strip().splitlines()[-1])
-        assert memory["peak"] > memory["loaded_peak"], "the step's peak must rise above loading's to be measured"
         step = memory["peak"] - memory["before"]
         predicted = dry_run(load_recipe(str(recipe))).memory
         expected = predicted["gradients"] + predicted["optimizer"] + predicted["activations"] + predicted["transient"]

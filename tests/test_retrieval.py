@@ -161,7 +161,7 @@ def test_query_instruction_travels_from_encode_to_search(tiny_llama, tmp_path):
     from ullme_cli.models.embedder import Embedder
 
     instruction = "Given a question, retrieve sentences that answer it"
-    assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "e.npy", "--model", tiny_llama, "--query-instruction", instruction, "-q").returncode == 0
+    assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "e.npy", "--model", tiny_llama, "--query-instruction", instruction, "--dtype", "float32", "-q").returncode == 0
     assert run_cli("index", tmp_path / "e.npy", "-o", tmp_path / "idx").returncode == 0
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["query_instruction"] == instruction
     hits = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, dtype="float32", show_progress=False))

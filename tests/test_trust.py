@@ -16,7 +16,6 @@ import pytest
 import yaml
 from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli, write_corpus
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny
 
 from ullme_cli.artifacts import load_embeddings
 from ullme_cli.fingerprints import folder_fingerprint

@@ -9,6 +9,8 @@
    upper bound) for one process's batch: the embedding pass (queries, positives, negatives; one GradCache
    chunk when GradCache is on) and, for dpo/kl/sft, the causal pass with its logits. `FlopCounterMode`
    counts its FLOPs; a saved-tensors hook adds up the activations that autograd keeps for the backward pass.
+   The decoder layers are all alike, so models of 1 and 2 layers are traced and the difference is extended
+   to every layer (parameters too): the same figures as tracing them all, in a tenth of the time.
 4. Memory per process: parameters, gradients and AdamW's two moments of the trainable ones (divided by the
    process count under FSDP), plus the traced activations and the largest transient (the logits).
 """
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +88,17 @@ def read_sources(recipe: Recipe) -> list[SourceReport]:
     return reports
 
 
-def fake_model(config, recipe: Recipe, mode):
+def fake_model(config, recipe: Recipe, mode, layers: int | None = None):
     """The recipe's model with fake parameters of FakeTensorMode `mode` (shapes, no storage): built on the
     meta device, its LoRA adapters added there (peft cannot move fake parameters), then every parameter and
     buffer replaced by a fake CPU tensor of its shape and dtype; gradient checkpointing on if asked."""
     from transformers import AutoModelForCausalLM
 
+    if layers is not None:  # a copy of the model with this many decoder layers
+        config.num_hidden_layers = layers
+        for key in ("layer_types",):  # per-layer lists some configs carry
+            if isinstance(getattr(config, key, None), list):
+                setattr(config, key, getattr(config, key)[:layers])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
     if recipe.lora.enabled:
@@ -197,17 +205,25 @@ def dry_run(recipe: Recipe, processes: int = 1) -> Budget:
     # Fake tensors have shapes and no storage (an 8B model costs nothing), and transformers recognises them as
     # tracing, so it skips the data-dependent checks (padding, packing) that tensors without data cannot answer.
     mode = FakeTensorMode()
-    model = fake_model(config, recipe, mode)
-    with mode:
-        flops, activations, transient, tokens = trace_step(model, recipe)
-    parameters = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    budget = Budget(config_from, parameters, sum(p.numel() for p in trainable), sources)
+    # Every decoder layer is the same: models of 1 and 2 layers are traced and their difference extended to
+    # all the layers (exact for identical layers; tracing 32 layers through the counting modes took 10x longer).
+    measured = []
+    for count in (1, 2):
+        small = fake_model(copy.deepcopy(config), recipe, mode, layers=count)
+        with mode:
+            flops, activations, transient, tokens = trace_step(small, recipe)
+        params = list(small.parameters())
+        measured.append((sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                         sum(p.numel() * p.element_size() for p in params), flops, activations))  # fmt: skip
+    parameters, trainable, parameter_bytes, flops, activations = (
+        int(one + (two - one) * (config.num_hidden_layers - 1)) for one, two in zip(*measured)
+    )
+    budget = Budget(config_from, parameters, trainable, sources)
     weight_bytes = DTYPE_BYTES[recipe.model.dtype]
     shards = processes if recipe.train.distributed == "fsdp" else 1
     budget.tokens_per_step, budget.flops_per_step = tokens, flops
     budget.memory = {
-        "parameters": sum(p.numel() * p.element_size() for p in model.parameters()) // shards,
+        "parameters": parameter_bytes // shards,
         "gradients": budget.trainable * weight_bytes // shards,
         "optimizer": 2 * budget.trainable * weight_bytes // shards,  # AdamW's two moments, in the weights' dtype
         "activations": activations,
