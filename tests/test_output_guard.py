@@ -219,3 +219,16 @@ def test_every_command_has_guard_rows():
     assert set(commands) - WRITES_NOTHING <= {c[0] for c in CASES}, sorted(set(commands) - WRITES_NOTHING - {c[0] for c in CASES})
     for name in WRITES_NOTHING:
         assert not {"output", "output_dir", "overwrite"} & set(inspect.signature(commands[name]).parameters), f"{name} writes: give it guard rows"
+
+
+def test_an_unset_input_is_not_the_working_folder(tmp_path, monkeypatch):
+    """A recipe's empty eval.task_dir is no input: an output_dir under the working folder is fine (it was
+    refused as lying inside the input '', which resolved to the working folder)."""
+    from ullme_cli.errors import UllmeError
+    from ullme_cli.io.outputs import guard_output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    guard_output([tmp_path / "runs" / "a"], ["", None, str(tmp_path / "train.jsonl")], folder=True, exists_ok=True)
+    with pytest.raises(UllmeError, match="inside the input"):
+        guard_output([tmp_path / "runs" / "a"], [str(tmp_path)], folder=True, exists_ok=True)

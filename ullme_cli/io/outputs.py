@@ -47,7 +47,7 @@ def local_input(name: str | Path | None) -> Path | None:
     if name is None:
         return None
     text = str(name)
-    if text == STDIO:
+    if text in (STDIO, ""):  # "": an unset input (a recipe's empty eval.task_dir), not the working folder
         return None
     if text.startswith(HUB_PREFIX):
         text = text[len(HUB_PREFIX) :].rsplit(":", 1)[0] if not Path(text[len(HUB_PREFIX) :]).exists() else text[len(HUB_PREFIX) :]
