@@ -5,7 +5,7 @@ Every reader reports a bad row as `file:line: reason` (`file: row N` for a table
 
 from __future__ import annotations
 
-import json
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,10 @@ class TrainingExample:
     generation_instruction: str | None = None  # this row's GRL/DPO/SFT prompt prefix; None: the recipe's
     extra: dict = field(default_factory=dict)  # fields ullme does not read (FlagEmbedding's prompt, scores, ...), kept
     in_batch_negatives: bool = True  # its source's setting (training/mixture.py); False: scored against its own candidates only
+
+    @property
+    def has_teacher_scores(self) -> bool:
+        return "pos_scores" in self.extra or "neg_scores" in self.extra
 
     def to_json(self) -> dict:
         row = {**self.extra, "query": self.query, "positive": self.positives, "negative": self.negatives}
@@ -155,6 +159,11 @@ def training_example(where, row: dict) -> TrainingExample:
     return TrainingExample(query, positives, negatives, instruction, generation_instruction, extra)
 
 
+def cluster_key(value) -> int:
+    """A row's cluster as a stable integer (0: none), the same whether its source is streamed or not."""
+    return 0 if value is None else int(hashlib.sha256(str(value).encode()).hexdigest()[:15], 16)
+
+
 class StreamedExamples:
     """A jsonl file of training rows read as a stream: one pass checks every row (as `read_training_examples`
     does) and keeps only each row's byte offset and line number, its cluster's hash (for caps) and a content
@@ -162,15 +171,15 @@ class StreamedExamples:
     cluster, whatever the rows hold."""
 
     def __init__(self, path: str, skip_bad_rows: bool = False):
-        import hashlib
         from array import array
 
+        from ullme_cli.fingerprints import JsonDigest
         from ullme_cli.io.rows import iter_jsonl_lines
 
         self.path = path
         self.offsets, self.lines, self.clusters = array("q"), array("q"), array("q")
         self.skipped, self.has_teacher_scores = 0, False
-        digest = hashlib.sha256()
+        digest = JsonDigest()
         for where, offset, row in iter_jsonl_lines(path):
             try:
                 example = training_example(where, row)
@@ -180,11 +189,10 @@ class StreamedExamples:
                 self.skipped += 1
                 continue
             self.offsets.append(offset)
-            self.lines.append(int(where.position.split()[1]))
-            cluster = example.extra.get("cluster")
-            self.clusters.append(0 if cluster is None else int(hashlib.sha256(str(cluster).encode()).hexdigest()[:15], 16))
-            self.has_teacher_scores = self.has_teacher_scores or "pos_scores" in example.extra or "neg_scores" in example.extra
-            digest.update(json.dumps(example.to_json(), sort_keys=True).encode() + b"\n")
+            self.lines.append(where.number)
+            self.clusters.append(cluster_key(example.extra.get("cluster")))
+            self.has_teacher_scores = self.has_teacher_scores or example.has_teacher_scores
+            digest.update(example.to_json())
         if not self.offsets:
             raise located(display_name(path), None, "no training examples found")
         self.fingerprint = digest.hexdigest()

@@ -126,7 +126,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         if not records:
             raise UllmeError(f"--shard {shard[0]}/{shard[1]}: the shard is empty ({total} texts for {shard[1]} shards)")
 
-    from ullme_cli.models.embedder import load_embedder, plan_batches
+    from ullme_cli.models.embedder import load_embedder, padded_tokens, plan_batches
 
     embedder = embedder or load_embedder(setup, runtime)
     if options.truncate_dim is not None and options.truncate_dim > embedder.dim:
@@ -137,7 +137,8 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     # Resolved here, so a resume on another device with another default never mixes two batchings.
     options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
     tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)
-    batches = plan_batches([len(t.ids) for t in tokenized], options.token_budget)
+    lengths = [len(t.ids) for t in tokenized]
+    batches = plan_batches(lengths, options.token_budget)
     chunks: list[list[list[int]]] = [[]]
     for batch in batches:
         if sum(len(b) for b in chunks[-1]) >= CHUNK_TEXTS:
@@ -165,9 +166,8 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         done = sum((partial / f"chunk-{n:06d}.npy").exists() for n in range(len(chunks)))
         if done:
             log.info(f"resuming {output}: {done} of {len(chunks)} chunks already encoded")
-    padded = lambda batch: len(batch) * max(len(tokenized[i].ids) for i in batch)  # noqa: E731
-    embedder.plan(sum(padded(batch) for number, chunk in enumerate(chunks) for batch in chunk
-                      if partial is None or not (partial / f"chunk-{number:06d}.npy").exists()))  # fmt: skip
+    embedder.plan(padded_tokens((batch for number, chunk in enumerate(chunks) for batch in chunk
+                                 if partial is None or not (partial / f"chunk-{number:06d}.npy").exists()), lengths))  # fmt: skip
     with progress_bar("encode", total=len(records), enabled=show_progress) as advance:
         for number, chunk in enumerate(chunks):
             rows = [i for batch in chunk for i in batch]

@@ -90,12 +90,25 @@ def corpus_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+class JsonDigest:
+    """SHA-256 over JSON values fed one at a time (sorted keys): `json_fingerprint` for a stream of rows."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+
+    def update(self, value) -> None:
+        self._digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def json_fingerprint(values: Iterable) -> str:
     """SHA-256 over JSON values in order (sorted keys): the fingerprint of parsed rows, whatever file format
     or dataset they were read from."""
-    digest = hashlib.sha256()
+    digest = JsonDigest()
     for value in values:
-        digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        digest.update(value)
     return digest.hexdigest()
 
 

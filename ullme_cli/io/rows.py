@@ -48,7 +48,7 @@ class Where(str):
 
     def __new__(cls, name: str, number: int, unit: str = "line"):
         where = super().__new__(cls, f"{name}:{number}" if unit == "line" else f"{name}: row {number}")
-        where.position = f"{unit} {number}"
+        where.position, where.number = f"{unit} {number}", number
         return where
 
     def error(self, message: str) -> UllmeError:
@@ -98,7 +98,7 @@ def iter_jsonl_lines(path: str) -> Iterator[tuple[Where, int, dict]]:
         offset = 0
         for number, raw in enumerate(handle, start=1):
             start, offset = offset, offset + len(raw)
-            line = decode_line(name, number, raw[3:] if number == 1 and raw.startswith(BOM.encode()) else raw)
+            line = decode_line(name, number, raw)
             if line.strip():
                 yield Where(name, number), start, parse_json_line(Where(name, number), line)
 
@@ -109,12 +109,14 @@ def read_jsonl_line(path: str, offset: int, number: int) -> tuple[Where, dict]:
     with open(path, "rb") as handle:
         handle.seek(offset)
         raw = handle.readline()
-    return where, parse_json_line(where, decode_line(display_name(path), number, raw[3:] if offset == 0 and raw.startswith(BOM.encode()) else raw))
+    return where, parse_json_line(where, decode_line(display_name(path), number, raw))
 
 
 def decode_line(name: str, number: int, raw: bytes) -> str:
+    """One line of a file as text, without its line end, nor a byte-order mark on line 1."""
     try:
-        return raw.decode("utf-8").rstrip("\r\n")
+        line = raw.decode("utf-8").rstrip("\r\n")
+        return line[1:] if number == 1 and line.startswith(BOM) else line
     except UnicodeDecodeError as e:
         raise located(name, number, f"not valid UTF-8 (byte {e.start} of the line)") from None
 

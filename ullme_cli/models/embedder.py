@@ -75,6 +75,11 @@ class Batch:
     content_mask: torch.Tensor
 
 
+def padded_tokens(batches: Iterable[list[int]], lengths: Sequence[int]) -> int:
+    """The tokens `batches` of `plan_batches` hold with their padding: what encoding them costs."""
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+
 def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int = 512) -> list[list[int]]:
     """Group indices longest-first so that each padded batch stays within `token_budget` tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -445,8 +450,9 @@ class Embedder:
         texts = [texts] if single else list(texts)
         tokenized = self.tokenize(texts, kind, instruction)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        batches = plan_batches([len(t.ids) for t in tokenized], token_budget or self.default_token_budget, batch_size or 512)
-        self.plan(sum(len(b) * max(len(tokenized[i].ids) for i in b) for b in batches))
+        lengths = [len(t.ids) for t in tokenized]
+        batches = plan_batches(lengths, token_budget or self.default_token_budget, batch_size or 512)
+        self.plan(padded_tokens(batches, lengths))
         log.debug(f"encode: {len(texts)} texts in {len(batches)} batches, token budget {token_budget or self.default_token_budget}")
         with progress_bar("encode", total=len(texts), enabled=show_progress_bar) as advance:
             for batch in batches:

@@ -96,9 +96,8 @@ def fake_model(config, recipe: Recipe, mode, layers: int | None = None):
 
     if layers is not None:  # a copy of the model with this many decoder layers
         config.num_hidden_layers = layers
-        for key in ("layer_types",):  # per-layer lists some configs carry
-            if isinstance(getattr(config, key, None), list):
-                setattr(config, key, getattr(config, key)[:layers])
+        if isinstance(getattr(config, "layer_types", None), list):  # the per-layer list some configs carry
+            config.layer_types = config.layer_types[:layers]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
     if recipe.lora.enabled:

@@ -19,14 +19,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.data import StreamedExamples, TrainingExample, read_training_examples
+from ullme_cli.data import StreamedExamples, TrainingExample, cluster_key, read_training_examples
 from ullme_cli.errors import UllmeError
 
 SOURCE_KEYS = ("path", "max_rows", "weight", "instruction", "generation_instruction", "in_batch_negatives", "stream")
@@ -98,11 +97,6 @@ def parse_sources(values, where: str) -> list[Source]:
     if len(set(names)) < len(names):
         raise UllmeError(f"{where}: two sources share the name '{next(n for n in names if names.count(n) > 1)}'; name each data file once")
     return sources
-
-
-def cluster_key(value) -> int:
-    """A row's cluster as a stable integer (0: none), the same whether its source is streamed or not."""
-    return 0 if value is None else int(hashlib.sha256(str(value).encode()).hexdigest()[:15], 16)
 
 
 def cap_indices(clusters, max_rows: int | None, seed: int) -> list[int] | None:
@@ -200,7 +194,7 @@ def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixtu
         else:
             examples, skipped = read_training_examples(source.path, skip_bad_rows)
             part = cap_evenly([source.with_defaults(ex) for ex in examples], source.max_rows, seed + 7919 * k)
-            mixture.has_teacher_scores |= any("pos_scores" in ex.extra or "neg_scores" in ex.extra for ex in part)
+            mixture.has_teacher_scores |= any(ex.has_teacher_scores for ex in part)
         mixture.ranges.append((len(mixture.examples), len(mixture.examples) + len(part)))
         mixture.examples.add(part)
         mixture.skipped += skipped

@@ -62,7 +62,6 @@ class StepLoss:
         self.terms = {name: LOSS_TABLE[name].build(loss) for name in self.weights}  # the recipe's components (losses/table.py)
         # IPO's 1/(2β) margin is meant for token means (TRL, the ULLME code); sigmoid and hinge use sums.
         self.dpo_score = loss.dpo_logprob if loss.dpo_logprob != "auto" else ("mean" if loss.dpo_variant == "ipo" else "sum")
-        self.reference_free = loss.reference_free
         self.mask_probability = loss.mask_probability
         dims = loss.matryoshka()
         too_large = [d for d in dims if d is not None and d > embedder.dim]
@@ -117,7 +116,7 @@ class StepLoss:
         return {k: v.reshape(len(batch), -1) for k, v in scores.items()}
 
     def reference_scores(self, batch, chosen, rejected):
-        if self.reference_free:
+        if self.terms["dpo"].reference_free:
             return None, None
         e = self.embedder
         prompts = self.prompts(batch)

@@ -305,8 +305,7 @@ class Run:
     recipe: Recipe
     out: Path
     train: TrainSection  # the recipe's, with accelerate's FSDP options applied
-    sources: list
-    mixture: object  # training/mixture.py's Mixture: the rows of every source
+    mixture: object  # training/mixture.py's Mixture: the rows of every source, and the sources
     eval_tasks: dict
     tracking: dict
     accelerator: object
@@ -416,7 +415,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
     # A recipe the model cannot take (a Matryoshka size above its own) is refused here, before anything is written.
     loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
-    return Run(recipe, out, t, sources, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn)
+    return Run(recipe, out, t, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn)
 
 
 def resume_run(run: Run, resume: bool) -> None:
@@ -493,7 +492,7 @@ def log_and_checkpoint(run: Run, record: dict) -> None:
     checkpoint every train.checkpoint_every steps and after the last."""
     t, accelerator, step = run.train, run.accelerator, run.step
     if run.batching.same_source:
-        record["source"] = run.sources[run.batching.source_at(step - 1)].name
+        record["source"] = run.mixture.sources[run.batching.source_at(step - 1)].name
     evaluate_now = bool(run.eval_tasks) and (step == t.steps or (run.recipe.eval.every and step % run.recipe.eval.every == 0))
     if evaluate_now and accelerator.is_main_process:
         weights = tensors_fingerprint(run.params.items(), salt=run.base_fingerprint)
@@ -520,7 +519,7 @@ def finish(run: Run) -> dict:
         weights = gather_full_weights(embedder.model, trainable_only=recipe.lora.enabled)
         embedder = unsharded_copy(recipe, weights) if accelerator.is_main_process else embedder
     if accelerator.is_main_process:
-        sources = [s.path for s in run.sources]
+        sources = [s.path for s in run.mixture.sources]
         embedder.training = {
             "recipe": dump_recipe(recipe), "data": {"train": ", ".join(sources), "sources": sources, "rows": len(run.mixture.examples), "skipped": run.mixture.skipped},
             "steps": run.step, "eval": last_eval_metrics(run.metrics_path), "eval_task": ", ".join(filter(None, (recipe.eval.task_dir, recipe.eval.sts))) or None,
