@@ -14,7 +14,10 @@ Rows, per shape:
 - a LoRA (r16, all-linear) contrastive step and a GRL step (contrastive + DPO + KL), each with and without
   gradient checkpointing: step time, tokens/s, MFU with model FLOPs = 4 · N · tokens (forward 2N, backward
   through frozen weights 2N; recomputation not counted), and peak memory.
-Padding-free batches (§2) are not implemented yet; their rows are not here.
+- padding-free batches (§2, `Embedder.packing`): encode, and the two steps without checkpointing, with each
+  batch's texts packed end to end in rows (a block-diagonal 4-D mask through SDPA). Where the GPU's SDPA
+  takes no flash kernel with an arbitrary mask, the attention part may run slower while the linear layers
+  skip the padding: the rows measure the sum.
 
 Texts are random words of a made-up vocabulary, tokenized by a word-level tokenizer built in memory, with
 lengths spread over 16-512 tokens: every step runs ullme's real tokenize → collate → embed path.
@@ -141,7 +144,7 @@ def st_rate(embedder, texts: list[str], batch_size: int = 128) -> dict:
     return {"seconds": seconds}
 
 
-def step_rate(embedder, texts: list[str], weights: dict, batch: int, checkpointing: bool, steps: int = 3) -> dict:
+def step_rate(embedder, texts: list[str], weights: dict, batch: int, checkpointing: bool, steps: int = 3, packing: bool = False) -> dict:
     from ullme_cli.data import TrainingExample
     from ullme_cli.recipes import LossSection
     from ullme_cli.training.step import StepLoss
@@ -149,6 +152,7 @@ def step_rate(embedder, texts: list[str], weights: dict, batch: int, checkpointi
     device = embedder.device
     if checkpointing:
         embedder.enable_gradient_checkpointing()
+    embedder.packing = packing
     embedder.model.train()
     rows = [TrainingExample(texts[i], [texts[i + 1]], [texts[i + 2]]) for i in range(0, 3 * batch, 3)]
     loss = StepLoss(embedder, LossSection(weights=weights), negatives_per_query=1)
@@ -174,6 +178,7 @@ def step_rate(embedder, texts: list[str], weights: dict, batch: int, checkpointi
         model = embedder.model.get_base_model() if hasattr(embedder.model, "get_base_model") else embedder.model
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     embedder.model.eval()
+    embedder.packing = False
     return {"seconds": statistics.median(times), "tokens": tokens, "peak_gib": peak}
 
 
@@ -207,6 +212,12 @@ def main() -> None:
         row["encode"] = {"tokens_per_s": rate, "mfu": 2 * n * rate / peak}
         print(f"\n{shape}: {n / 1e9:.2f} B non-embedding parameters")
         print(f"  encode ullme: {rate:,.0f} tokens/s, {len(texts) / encoded['seconds']:.1f} texts/s, MFU {100 * row['encode']['mfu']:.1f}%")
+        embedder.packing = True
+        packed = encode_rate(embedder, texts)
+        embedder.packing = False
+        row["encode+packing"] = {"tokens_per_s": packed["tokens"] / packed["seconds"], "mfu": 2 * n * packed["tokens"] / packed["seconds"] / peak}
+        print(f"  encode ullme, padding-free: {row['encode+packing']['tokens_per_s']:,.0f} tokens/s, MFU {100 * row['encode+packing']['mfu']:.1f}%, "
+              f"{encoded['seconds'] / packed['seconds']:.2f}x the padded encode")  # fmt: skip
         weights_gb = sum(p.numel() for p in embedder.model.parameters()) * 2 / 1e9
         if weights_gb <= args.st_max_gb:
             st = st_rate(embedder, texts)
@@ -217,20 +228,22 @@ def main() -> None:
             print(f"  sentence-transformers anchor: not run ({weights_gb:.1f} GB of bf16 weights to save and reload; --st-max-gb {args.st_max_gb:g})")
         embedder.add_lora(r=16, alpha=32, dropout=0.0)
         for label, weights in (("contrastive", {"contrastive": 1.0}), ("grl", {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0})):
-            for checkpointing in (False, True):
+            for checkpointing, packing in ((False, False), (True, False), (False, True)):
+                variant = "".join(("+checkpointing" if checkpointing else "", "+packing" if packing else ""))
+                words = "".join((", gradient checkpointing" if checkpointing else "", ", padding-free" if packing else ""))
                 if time.monotonic() - started > args.max_seconds:
-                    print(f"  {label} step (checkpointing {checkpointing}): skipped, past --max-seconds")
+                    print(f"  {label} step{words}: skipped, past --max-seconds")
                     continue
                 try:
-                    measured = step_rate(embedder, texts, weights, args.batch, checkpointing)
+                    measured = step_rate(embedder, texts, weights, args.batch, checkpointing, packing=packing)
                 except torch.OutOfMemoryError:
-                    print(f"  {label} step, batch {args.batch}, checkpointing {checkpointing}: out of memory")
+                    print(f"  {label} step, batch {args.batch}{words}: out of memory")
                     torch.cuda.empty_cache()
                     continue
                 step_tokens = measured["tokens"] / measured["seconds"]
                 mfu = 4 * n * step_tokens / peak
-                row[f"{label}{'+checkpointing' if checkpointing else ''}"] = {**measured, "mfu": mfu}
-                print(f"  LoRA {label} step, batch {args.batch}{', gradient checkpointing' if checkpointing else ''}: {measured['seconds']:.3f} s, "
+                row[f"{label}{variant}"] = {**measured, "mfu": mfu}
+                print(f"  LoRA {label} step, batch {args.batch}{words}: {measured['seconds']:.3f} s, "
                       f"{step_tokens:,.0f} tokens/s, MFU {100 * mfu:.1f}% (4N per token), peak {measured['peak_gib']:.1f} GiB")  # fmt: skip
         del embedder
         gc.collect()

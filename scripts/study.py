@@ -58,18 +58,20 @@ def finetune(recipe: str, run_dir: Path, seed: int, steps: int | None, model: st
 
 
 def finetune_recipe(recipe: Path, run_dir: Path, seed: int, steps: int | None = None, model: str | None = None, extra: list[str] = ()) -> float:
-    """Train one run unless its model is already there; return its wall-clock seconds, or 0 where the run
-    was resumed (its time covers only the last part) or its time was not recorded. `extra`: more --set
-    overrides."""
+    """Train one run, or continue it; return its wall-clock seconds, or 0 where the run was resumed (its time
+    covers only the last part) or its time was not recorded. `extra`: more --set overrides. A run folder that
+    is there already is passed to `ullme finetune --resume`, which checks by content that its checkpoints
+    were trained from this recipe's model, data and settings (and does nothing for a finished one)."""
     timing = run_dir / "study_seconds.json"
-    if (run_dir / "model" / "ullme.json").exists():
-        recorded = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "resumed": True}
-        return 0.0 if recorded["resumed"] else recorded["seconds"]
     overrides = ["--set", f"output_dir={run_dir}", "--set", f"train.seed={seed}", *extra]
     if steps:
         overrides += ["--set", f"train.steps={steps}", "--set", f"train.warmup_steps={max(1, steps // 10)}"]
     if model:
         overrides += ["--set", f"model.name={model}"]
+    if (run_dir / "model" / "ullme.json").exists():
+        ullme("finetune", recipe, *overrides, "--resume", "-q")  # the same inputs, or exit with the difference named
+        recorded = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "resumed": True}
+        return 0.0 if recorded["resumed"] else recorded["seconds"]
     resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
     started = time.perf_counter()
     ullme("finetune", recipe, *overrides, *resume)

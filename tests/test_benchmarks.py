@@ -16,5 +16,6 @@ def test_gpu_benchmark_runs_end_to_end_at_a_tiny_shape_on_cpu():
     out = result.stdout
     assert "encode ullme:" in out and "sentence-transformers float32 (batch 128)" in out, out
     for row in ("LoRA contrastive step, batch 2:", "LoRA contrastive step, batch 2, gradient checkpointing:", "LoRA grl step, batch 2:",
-                "LoRA grl step, batch 2, gradient checkpointing:"):  # fmt: skip
+                "LoRA grl step, batch 2, gradient checkpointing:", "LoRA contrastive step, batch 2, padding-free:",
+                "LoRA grl step, batch 2, padding-free:", "encode ullme, padding-free:"):  # fmt: skip
         assert row in out, out

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,48 @@ def test_resume_refuses_checkpoints_trained_from_other_data_or_settings(tiny_lla
     assert refused.returncode == 2 and b"(train.learning_rate differ)" in refused.stderr, refused.stderr.decode()
     same = run_cli("finetune", recipe, "--resume")
     assert same.returncode == 0 and b"resuming from" in same.stderr, same.stderr.decode()
+
+
+def test_resume_of_a_finished_run_checks_its_inputs_and_writes_nothing(tiny_llama, tmp_path):
+    """`--resume` on a finished run is a no-op when its last checkpoint was trained from the same inputs, is
+    refused when they differ (same path, other rows), and never replaces a finished model it cannot check."""
+    from ullme_cli.fingerprints import folder_fingerprint
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(TRAIN.read_text())
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": str(data)}, train={"steps": 2, "checkpoint_every": 2})
+    assert run_cli("finetune", recipe, "-q").returncode == 0
+    model = tmp_path / "run" / "model"
+    before = folder_fingerprint(str(model)), model.stat().st_mtime_ns
+    same = run_cli("finetune", recipe, "--resume")
+    assert same.returncode == 0 and b"nothing to do" in same.stderr, same.stderr.decode()
+    assert (folder_fingerprint(str(model)), model.stat().st_mtime_ns) == before
+    rows = TRAIN.read_text().splitlines()
+    data.write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")
+    other = run_cli("finetune", recipe, "--resume")
+    assert other.returncode == 2 and b"(data differ)" in other.stderr, other.stderr.decode()
+    data.write_text(TRAIN.read_text())
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    unchecked = run_cli("finetune", recipe, "--resume")
+    assert unchecked.returncode == 2 and b"no checkpoint that says what it was trained from" in unchecked.stderr
+    assert folder_fingerprint(str(model)) == before[0]
+
+
+def test_packed_training_follows_the_padded_run(tiny_llama, tmp_path):
+    """`train.packing: true` (padding-free batches) trains the same run: the same losses step by step, to
+    float32 noise, and a resume may switch it (it does not change what a step computes)."""
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        recipe = write_recipe(tmp_path, tiny_llama, f"p{packing}.yaml", output_dir=str(out), model={"name": str(tiny_llama), "max_length": 48, "dtype": "float32"},
+                              lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, train={"steps": 4, "packing": packing})  # fmt: skip
+        result = run_cli("finetune", recipe, "-q")
+        assert result.returncode == 0, result.stderr.decode()
+        runs[packing] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for padded, packed in zip(runs[False], runs[True]):
+        for key in ("loss", "contrastive", "dpo", "kl"):
+            assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), (key, padded, packed)
+    assert "packing" in __import__("ullme_cli.training.trainer", fromlist=["x"]).RESUME_FREE_SETTINGS
 
 
 def write_beir(folder, passages: dict[str, str], queries: dict[str, str], qrels: dict[str, str]):

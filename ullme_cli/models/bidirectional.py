@@ -194,6 +194,32 @@ def hidden_states(
         return _run_body(model, body, **inputs)
 
 
+def segment_mask(segments: torch.Tensor, dtype: torch.dtype, causal: bool) -> torch.Tensor:
+    """A (rows, 1, C, C) additive mask for packed rows (`segments`: 0 for padding, k > 0 for the row's k-th
+    text): a token sees the tokens of its own text only (the earlier ones only, when `causal`). A padding
+    position sees itself, so that no softmax row is empty."""
+    same = segments[:, :, None] == segments[:, None, :]
+    allowed = same & (segments[:, None, :] > 0)
+    if causal:
+        allowed &= torch.ones(segments.shape[-1], segments.shape[-1], dtype=torch.bool, device=segments.device).tril()
+    allowed |= torch.eye(segments.shape[-1], dtype=torch.bool, device=segments.device)
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def packed_hidden_states(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor, mode: AttentionMode) -> torch.Tensor:
+    """Last-layer hidden states (rows, C, d) of packed rows: several texts end to end in each row, each text
+    with its own positions from 0 and attention only within itself (`segment_mask`), so every text gets the
+    states it gets alone in a padded batch. Always ullme's 4-D mask route: transformers' `is_causal` flag
+    cannot express a block-diagonal mask, so the attention modules' causal flags are cleared for the call."""
+    if mode not in ATTENTION_MODES:
+        raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
+    body = decoder_of(model)
+    mask = segment_mask(segments, mask_dtype(model), causal=mode == "causal")
+    with non_causal_modules(body):
+        return _run_body(model, body, input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
+
+
 def lm_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode, keep: torch.Tensor | None = None,
     route: str | None = None,

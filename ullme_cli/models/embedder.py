@@ -25,7 +25,7 @@ from ullme_cli.io.outputs import atomic_folder, guarded, real_path
 from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import BASE_KEY, MATRYOSHKA_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, read_setup_file, resolve_setup
-from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, verify_bidirectional
+from ullme_cli.models.bidirectional import decoder_of, hidden_states, lm_logits, packed_hidden_states, sliding_window, verify_bidirectional
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
     adapter_base,
@@ -69,10 +69,47 @@ class Tokenized:
 
 
 @dataclass
+class Packing:
+    """A batch's texts laid end to end in rows (a padding-free batch): positions restart at 0 for each text
+    and `segments` (0: padding, k > 0: the row's k-th text) keeps each text's attention to itself."""
+
+    input_ids: torch.Tensor  # (rows, capacity)
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    gather: torch.Tensor  # (texts, length): where each token of the padded layout sits in the flattened rows
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     content_mask: torch.Tensor
+    packing: Packing | None = None  # set: `embed` runs the packed rows instead of the padded batch
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: texts (by index) into rows of at most `capacity` tokens, longest first."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def packed_share(batches: Iterable[list[int]], lengths: Sequence[int]) -> tuple[int, int, int]:
+    """(real tokens, tokens as padded batches, tokens as packed rows) of `batches`: what packing saves."""
+    real = padded = packed = 0
+    for batch in batches:
+        sizes = [lengths[i] for i in batch]
+        real, padded = real + sum(sizes), padded + len(sizes) * max(sizes)
+        packed += len(pack_rows(sizes, max(sizes))) * max(sizes)
+    return real, padded, packed
 
 
 def padded_tokens(batches: Iterable[list[int]], lengths: Sequence[int]) -> int:
@@ -166,6 +203,7 @@ class Embedder:
         self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
         self.training: dict | None = None  # what finetune records (recipe, data, steps, eval); None: the source's
         self.compiled_embed = None  # set by compile(): what encode runs instead of embed
+        self.packing = False  # run batches padding-free (`Packing`): texts end to end in rows, the same vectors
         self.compile_policy = None  # the automatic decision (compile_policy.py), when neither --compile nor --no-compile
         self._compile_timer = False  # the next compiled batch pays the compile: time it for the policy's record
         # The weights an adapter sits on: {"model": source, "fingerprint": ...}, set when a plain model loads;
@@ -359,7 +397,9 @@ class Embedder:
             result.append(Tokenized(list(ids), n_instruction))
         return result
 
-    def collate(self, items: Sequence[Tokenized]) -> Batch:
+    def collate(self, items: Sequence[Tokenized], packed: bool = False) -> Batch:
+        """A padded batch; with `packed`, also the same texts packed into rows as long as the longest text
+        (`pack_rows`), which `embed` then runs instead: fewer padding tokens, the same vectors."""
         length = max(len(t.ids) for t in items)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(items), length), pad, dtype=torch.long)
@@ -371,18 +411,45 @@ class Embedder:
             ids[row, start : start + n] = torch.tensor(t.ids)
             mask[row, start : start + n] = 1
             content[row, start + min(t.instruction_tokens, n) : start + n] = 1
-        return Batch(ids.to(self.device), mask.to(self.device), content.to(self.device))
+        packing = self.pack(items, length) if packed else None
+        return Batch(ids.to(self.device), mask.to(self.device), content.to(self.device), packing)
+
+    def pack(self, items: Sequence[Tokenized], capacity: int) -> Packing:
+        rows = pack_rows([len(t.ids) for t in items], capacity)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), capacity), pad, dtype=torch.long)
+        positions = torch.zeros((len(rows), capacity), dtype=torch.long)
+        segments = torch.zeros((len(rows), capacity), dtype=torch.long)
+        gather = torch.zeros((len(items), capacity), dtype=torch.long)
+        for r, row in enumerate(rows):
+            offset = 0
+            for k, i in enumerate(row, start=1):
+                n = len(items[i].ids)
+                ids[r, offset : offset + n] = torch.tensor(items[i].ids)
+                positions[r, offset : offset + n] = torch.arange(n)
+                segments[r, offset : offset + n] = k
+                start = capacity - n if self.setup.padding_side == "left" else 0  # the text's place in the padded layout
+                gather[i, start : start + n] = torch.arange(r * capacity + offset, r * capacity + offset + n)
+                offset += n
+        return Packing(ids.to(self.device), positions.to(self.device), segments.to(self.device), gather.to(self.device))
 
     # ---------------------------------------------------------------- embedding
     def embed(self, batch: Batch, mode: str | None = None) -> torch.Tensor:
         """Pooled (and normalized, per config) vectors; differentiable, so training uses it too."""
-        states = hidden_states(self.model, batch.input_ids, batch.attention_mask, mode or self.setup.attention)
+        mode = mode or self.setup.attention
+        # A causal model with a sliding window clips attention per layer type, which one packed mask cannot say.
+        if batch.packing is not None and (mode == "bidirectional" or sliding_window(decoder_of(self.model).config) is None):
+            p = batch.packing
+            rows = packed_hidden_states(self.model, p.input_ids, p.position_ids, p.segments, mode)
+            states = rows.flatten(0, 1)[p.gather]  # back to the padded layout, which pooling reads
+        else:
+            states = hidden_states(self.model, batch.input_ids, batch.attention_mask, mode)
         pooled = self.pooler(states.float(), batch.attention_mask, batch.content_mask)
         return F.normalize(pooled, dim=-1) if self.setup.normalize else pooled
 
     @torch.inference_mode()
     def encode_tokenized(self, items: Sequence[Tokenized]) -> np.ndarray:
-        batch = self.collate(items)
+        batch = self.collate(items, packed=self.packing)
         if self.compiled_embed is not None:
             try:
                 started = time.perf_counter()

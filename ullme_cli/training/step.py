@@ -73,7 +73,7 @@ class StepLoss:
     def embed(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> torch.Tensor:
         e = self.embedder
         items = [e.tokenize([t], kind, i)[0] for t, i in zip(texts, instructions)] if instructions else e.tokenize(texts, kind)
-        return e.embed(e.collate(items))
+        return e.embed(e.collate(items, packed=e.packing))
 
     def passage_instructions(self, batch: list[TrainingExample], per_row: int = 1) -> list[str | None] | None:
         """Each passage's instruction, `per_row` passages per row: the row's own instruction where the setup's

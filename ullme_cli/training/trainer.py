@@ -68,7 +68,7 @@ def trainable_parameters(embedder) -> dict[str, torch.nn.Parameter]:
 
 
 # Train settings that do not change what a step computes: a resume may differ in them.
-RESUME_FREE_SETTINGS = {"log_every", "checkpoint_every", "keep_checkpoints", "report_to", "gradient_checkpointing",
+RESUME_FREE_SETTINGS = {"log_every", "checkpoint_every", "keep_checkpoints", "report_to", "gradient_checkpointing", "packing",
                         "grad_cache_chunk", "distributed", "fsdp_reshard_after_forward", "fsdp_cpu_offload"}  # fmt: skip
 
 
@@ -332,6 +332,9 @@ class Run:
 def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: bool) -> dict:
     run = prepare(recipe, out)
     resume_run(run, resume)
+    if (out / FINAL).exists():  # resume_run found its last checkpoint trained from these same inputs
+        log.info(f"{out / FINAL}: already trained from this recipe's model, data and settings (step {run.step}); nothing to do")
+        return {"steps": run.step, "output": str(out / FINAL), "examples": len(run.mixture.examples), "already_finished": True}
     with progress_bar("finetune", total=run.train.steps, enabled=show_progress and run.accelerator.is_main_process) as advance:
         advance(run.step)
         first_step, training_seconds = run.step, 0.0
@@ -404,6 +407,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
         embedder.add_lora(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
     if t.gradient_checkpointing:
         embedder.enable_gradient_checkpointing()
+    embedder.packing = t.packing
     embedder.model.train()
     if t.distributed == "fsdp":
         from ullme_cli.training.sharding import shard_model
@@ -420,7 +424,9 @@ def prepare(recipe: Recipe, out: Path) -> Run:
 
 def resume_run(run: Run, resume: bool) -> None:
     """Load the newest complete checkpoint when resuming (after checking it was trained from the same
-    inputs), set up batching and the schedule at that step, and start the run's files in output_dir."""
+    inputs), set up batching and the schedule at that step, and start the run's files in output_dir. A run
+    whose finished model is there already and whose last checkpoint has the same inputs is left as it is
+    (`--resume` of a finished run does nothing); a finished model with nothing to check it against is an error."""
     from transformers import get_cosine_schedule_with_warmup
 
     from ullme_cli.training.mixture import Batching
@@ -430,9 +436,16 @@ def resume_run(run: Run, resume: bool) -> None:
         remove_staging_leftovers(out)
     accelerator.wait_for_everyone()
     found = newest_complete_checkpoint(out, run.sharded) if resume else None
+    if found is None and (out / FINAL).exists():  # nothing to check the finished model against: never replace it
+        raise UllmeError(f"{out / FINAL}: holds a finished model and no checkpoint that says what it was trained from; pick another output_dir")
     if found is not None:
         checkpoint, tensors, scalars = found
         check_inputs(checkpoint, scalars.get("inputs"), run.inputs)
+        if (out / FINAL).exists():  # finished from these same inputs: nothing to train, nothing to write
+            if scalars["step"] < t.steps:
+                raise UllmeError(f"{out / FINAL}: a finished model beside a checkpoint of step {scalars['step']} of {t.steps}; pick another output_dir")
+            run.step = scalars["step"]
+            return
         run.step = load_checkpoint(checkpoint, tensors, scalars, run.params, run.optimizer, run.scaler, run.embedder.model if run.sharded else None)
         for group in run.optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
             group["lr"] = group["initial_lr"] = t.learning_rate
