@@ -2,7 +2,7 @@
 and how much of the gap to all-MiniLM-L6-v2 does distilling from it close?
 
 Six arms from the same start (the bundled default model), 60 steps of batch 8, LoRA r=16, lr 2e-4, bf16
-autocast, seeds 0–2, on the multi-task study's rows (`scripts/build_study_data.py`):
+autocast, padded batches (train.packing false), seeds 0–2, on the multi-task study's rows (`scripts/build_study_data.py`):
 
     contrastive, mixed           recipes/multitask/contrastive.yaml on study-data/train.jsonl (one shuffled file)
     contrastive, same-source     the same rows as three sources (train-{trecqa,sick,msrp}.jsonl), weighted by
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help="labels of the arms to run (default: all)")
+    parser.add_argument("--control-seeds", type=int, nargs="+", help="run the mined control arm for these seeds only (default: every seed)")
     parser.add_argument("--data", default=str(REPO / "study-data"))
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "batching"))
@@ -130,6 +131,8 @@ def main() -> None:
     seconds: dict[str, dict[int, float]] = {}
     for seed in args.seeds:  # seed-major: a partial study has every arm at the same number of seeds
         for label in args.arms:
+            if label == "contrastive, mined" and args.control_seeds is not None and seed not in args.control_seeds:
+                continue
             recipe, prefix, extra = ARMS[label]
             run_dir = root / f"{prefix}-seed{seed}"
             if args.report_only:
@@ -137,7 +140,8 @@ def main() -> None:
                 if not (run_dir / "model" / "ullme.json").exists() or not cached.exists():
                     continue
             else:
-                overrides = data_overrides(label, data, mined) + ["--set", "train.mixed_precision=bf16", *extra]
+                # Padded batches as in the earlier studies' runs (train.packing became the default during this one).
+                overrides = data_overrides(label, data, mined) + ["--set", "train.mixed_precision=bf16", "--set", "train.packing=false", *extra]
                 seconds.setdefault(label, {})[seed] = finetune_recipe(RECIPES / f"{recipe}.yaml", run_dir, seed=seed, steps=args.steps, extra=overrides)
             results.setdefault(label, {})[seed] = evaluate(f"{prefix}-seed{seed}", str(run_dir / "model"), sets, cache)
             timing = run_dir / "study_seconds.json"
@@ -150,9 +154,11 @@ def main() -> None:
 
 def report(args, sets, base, reference, results, seconds, cpu: str) -> str:
     seeds_done = sorted({seed for runs in results.values() for seed in runs})
+    control = "" if args.control_seeds is None else " --control-seeds " + " ".join(map(str, args.control_seeds))
     lines = ["## Same-source batching and distillation (issue 28 §10)", "",
-             f"Made by `python scripts/batching_study.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}` on {cpu}, "
-             f"{time.strftime('%Y-%m-%d')}; seeds finished: {', '.join(map(str, seeds_done)) or 'none'}. Every arm starts from the bundled "
+             f"Made by `python scripts/batching_study.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}{control}` on {cpu}, "
+             f"{time.strftime('%Y-%m-%d')}; seeds finished: {', '.join(map(str, seeds_done)) or 'none'}"
+             f"{'' if args.control_seeds is None else '; the mined control for seed ' + ', '.join(map(str, args.control_seeds)) + ' only'}. Every arm starts from the bundled "
              f"default model and trains {args.steps} steps of batch 8 (LoRA r=16, lr 2e-4, bf16 autocast) on the multi-task "
              "study's rows; the arms are described in the script's docstring. The mixed arms are the multi-task study's "
              "contrastive and GRL arms, rerun in bf16 (the earlier fp32 runs' per-item values are not kept, and a paired "

@@ -104,7 +104,7 @@ class TrainSection:
     batching: str = "auto"  # same-source | mixed | auto (same-source with several data sources)
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward passes (fp16 with a loss scaler)
     gradient_checkpointing: bool = False  # recompute decoder activations in the backward pass: less memory, ~1/3 more compute
-    packing: bool = False  # padding-free batches: each embedding forward packs its texts end to end in rows (same vectors)
+    packing: bool = True  # padding-free batches: each embedding forward packs its texts end to end in rows (same vectors, 1.3-1.6x CPU steps)
     report_to: str = "none"  # none | tensorboard: metrics also to <output_dir>/tensorboard through accelerate's trackers
     distributed: str = "ddp"  # ddp: every process holds the whole model | fsdp: fully_shard per decoder layer (FSDP2)
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (less communication)
