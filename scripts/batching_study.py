@@ -35,8 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multitask_study import RECIPES, as_arrays, evaluate, held_out_sets, minilm_folder, paired_bootstrap, sample_line, spread  # noqa: E402
 from study import REPO, finetune_recipe, ullme, write_section  # noqa: E402
