@@ -44,9 +44,10 @@ RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_10", "mrr_at_10")
 TEST_SET = REPO / "ullme_cli" / "resources" / "trecqa-test"
 
 
-def ullme(*args: str, capture: bool = False) -> str:
+def ullme(*args: str, capture: bool = False, echo: bool = True) -> str:
     command = [sys.executable, "-m", "ullme_cli", *map(str, args)]
-    print("$ ullme " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    if echo:
+        print("$ ullme " + " ".join(map(str, args)), file=sys.stderr, flush=True)
     result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE if capture else None, text=True)
     if result.returncode != 0:
         sys.exit(f"study: `ullme {args[0]}` failed (exit {result.returncode}); rerun this script to resume")
@@ -69,7 +70,7 @@ def finetune_recipe(recipe: Path, run_dir: Path, seed: int, steps: int | None = 
     if model:
         overrides += ["--set", f"model.name={model}"]
     if (run_dir / "model" / "ullme.json").exists():
-        ullme("finetune", recipe, *overrides, "--resume", "-q")  # the same inputs, or exit with the difference named
+        ullme("finetune", recipe, *overrides, "--resume", "-q", echo=False)  # the same inputs, or exit naming the difference
         recorded = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "resumed": True}
         return 0.0 if recorded["resumed"] else recorded["seconds"]
     resume = ["--resume"] if (run_dir / "checkpoints").exists() else []

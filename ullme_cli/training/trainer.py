@@ -332,7 +332,7 @@ class Run:
 def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: bool) -> dict:
     run = prepare(recipe, out)
     resume_run(run, resume)
-    if (out / FINAL).exists():  # resume_run found its last checkpoint trained from these same inputs
+    if (out / FINAL).exists() and run.step >= run.train.steps:  # resume_run found the last checkpoint, of these same inputs
         log.info(f"{out / FINAL}: already trained from this recipe's model, data and settings (step {run.step}); nothing to do")
         return {"steps": run.step, "output": str(out / FINAL), "examples": len(run.mixture.examples), "already_finished": True}
     with progress_bar("finetune", total=run.train.steps, enabled=show_progress and run.accelerator.is_main_process) as advance:
@@ -426,7 +426,9 @@ def resume_run(run: Run, resume: bool) -> None:
     """Load the newest complete checkpoint when resuming (after checking it was trained from the same
     inputs), set up batching and the schedule at that step, and start the run's files in output_dir. A run
     whose finished model is there already and whose last checkpoint has the same inputs is left as it is
-    (`--resume` of a finished run does nothing); a finished model with nothing to check it against is an error."""
+    (`--resume` of a finished run does nothing); one whose last checkpoint is broken trains again from the
+    newest good one, of the same inputs, and saves the same model. A finished model with nothing to check it
+    against is an error."""
     from transformers import get_cosine_schedule_with_warmup
 
     from ullme_cli.training.mixture import Batching
@@ -441,9 +443,7 @@ def resume_run(run: Run, resume: bool) -> None:
     if found is not None:
         checkpoint, tensors, scalars = found
         check_inputs(checkpoint, scalars.get("inputs"), run.inputs)
-        if (out / FINAL).exists():  # finished from these same inputs: nothing to train, nothing to write
-            if scalars["step"] < t.steps:
-                raise UllmeError(f"{out / FINAL}: a finished model beside a checkpoint of step {scalars['step']} of {t.steps}; pick another output_dir")
+        if (out / FINAL).exists() and scalars["step"] >= t.steps:  # finished from these same inputs: nothing to do
             run.step = scalars["step"]
             return
         run.step = load_checkpoint(checkpoint, tensors, scalars, run.params, run.optimizer, run.scaler, run.embedder.model if run.sharded else None)
