@@ -57,18 +57,17 @@ def training_batches(rows: int, steps: int, batch: int, seed: int = 0) -> list[l
 
 def token_report(embedder) -> None:
     from ullme_cli.data import read_training_examples
-    from ullme_cli.models.embedder import padded_tokens, plan_batches
+    from ullme_cli.models.embedder import plan_batches
 
     demo = [json.loads(line)["text"] for line in (RESOURCES / "demo" / "corpus.jsonl").read_text().splitlines()]
     mixed = mixed_passages(embedder.tokenizer)
     for name, texts, max_length in (("demo corpus", demo, None), ("2,000 mixed passages", mixed, 512)):
         lengths = [len(t.ids) for t in embedder.tokenize(texts, "passage", max_length=max_length)]
         batches = plan_batches(lengths, embedder.default_token_budget)
-        assert padded_tokens(batches, lengths) == sum(len(b) * max(lengths[i] for i in b) for b in batches)
         print(shares(f"encode, {name} ({len(texts)} texts, {len(batches)} batches)", batches, lengths))
         print(shares(f"training, {name} (100 random batches of 8 texts)", training_batches(len(texts), 100, 8), lengths))
     examples, _ = read_training_examples(str(RESOURCES / "trecqa-train" / "train.jsonl"))
-    for max_length in (64, 512):
+    for max_length in (64,):  # TREC QA's rows are under 64 tokens but for a few positives: 512 gives the same lines
         queries = [len(t.ids) for t in embedder.tokenize([e.query for e in examples], "query", max_length=max_length)]
         passages = [len(t.ids) for t in embedder.tokenize([e.positives[0] for e in examples], "passage", max_length=max_length)]
         steps = training_batches(len(examples), 100, 8)

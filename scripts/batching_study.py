@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multitask_study import RECIPES, as_arrays, evaluate, held_out_sets, minilm_folder, paired_bootstrap, sample_line, spread  # noqa: E402
 from study import REPO, finetune_recipe, ullme, write_section  # noqa: E402
 
+from ullme_cli.io.outputs import atomic_write_text  # noqa: E402
+
 SOURCES = ("trecqa", "sick", "msrp")
 ARMS = {  # label: (recipe, run folder prefix, what the arm sets beyond the data)
     "contrastive, mixed": ("contrastive", "contrastive-mixed", []),
@@ -67,8 +69,6 @@ def training_passages(train: Path, out: Path) -> None:
             value = row.get(key) or []
             for text in [value] if isinstance(value, str) else value:
                 seen.setdefault(text, len(seen))
-    from ullme_cli.io.outputs import atomic_write_text
-
     atomic_write_text(out, "".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for t, i in seen.items()))
 
 
@@ -76,10 +76,12 @@ def mined_rows(data: Path, root: Path, teacher: str) -> Path:
     """The training rows with mined negatives and teacher scores, made once; reused only when the rows,
     the teacher and the mining settings are those recorded beside it."""
     from ullme_cli.fingerprints import folder_fingerprint
+    from ullme_cli.models.loading import model_fingerprint, resolve_model_source
 
     mined, record = root / "mined.jsonl", root / "mined.inputs.json"
     mining = ["--model", "smollm2-135m", "--max-length", "64", "--negatives", "3", "--range", "10:", "--keep-existing"]
-    inputs = {"train": sha256_of(data / "train.jsonl"), "teacher": folder_fingerprint(teacher), "options": mining}
+    inputs = {"train": sha256_of(data / "train.jsonl"), "miner": model_fingerprint(resolve_model_source(mining[1])),
+              "teacher": folder_fingerprint(teacher), "options": mining}  # fmt: skip
     if mined.exists():
         if record.exists() and json.loads(record.read_text()) == inputs:
             return mined
@@ -88,8 +90,6 @@ def mined_rows(data: Path, root: Path, teacher: str) -> Path:
     corpus = root / "passages.jsonl"
     training_passages(data / "train.jsonl", corpus)
     ullme("mine", data / "train.jsonl", "--corpus", corpus, *mining, "--teacher", teacher, "-o", mined)
-    from ullme_cli.io.outputs import atomic_write_text
-
     atomic_write_text(record, json.dumps(inputs))
     return mined
 

@@ -104,12 +104,10 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def packed_share(batches: Iterable[list[int]], lengths: Sequence[int]) -> tuple[int, int, int]:
     """(real tokens, tokens as padded batches, tokens as packed rows) of `batches`: what packing saves."""
-    real = padded = packed = 0
-    for batch in batches:
-        sizes = [lengths[i] for i in batch]
-        real, padded = real + sum(sizes), padded + len(sizes) * max(sizes)
-        packed += len(pack_rows(sizes, max(sizes))) * max(sizes)
-    return real, padded, packed
+    batches = list(batches)
+    real = sum(lengths[i] for batch in batches for i in batch)
+    packed = sum(len(pack_rows(sizes, max(sizes))) * max(sizes) for sizes in ([lengths[i] for i in batch] for batch in batches))
+    return real, padded_tokens(batches, lengths), packed
 
 
 def padded_tokens(batches: Iterable[list[int]], lengths: Sequence[int]) -> int:
