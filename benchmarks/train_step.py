@@ -8,7 +8,9 @@ with their ratio to the contrastive step's: the part of the time ratio that is t
 step's FLOP rate as a share of the matmul peak in its compute dtype (benchmarks/encode.py's median of
 single 2048² matmuls, taken in the same run before the steps).
 Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3] [--mixed-precision bf16]
-       [--lora-dropout 0.05] [--model-dtype bfloat16] [--gradient-checkpointing] [--device cuda]
+       [--lora-dropout 0.05] [--model-dtype bfloat16] [--gradient-checkpointing] [--device cuda] [--no-packing]
+       [--configs contrastive grl]
+Batches are padding-free as training runs them by default (train.packing); --no-packing pads them.
 
 `--memory` measures instead what the memory levers save, as the step's own memory (peak minus what the
 loaded model holds; CPU: peak RSS, CUDA: peak allocated), each configuration in its own process:
@@ -49,6 +51,7 @@ def run_one(args: argparse.Namespace, weights: dict, chunk: int) -> dict:
     embedder = Embedder.load(args.model, dtype=args.model_dtype, device=args.device, max_length=args.max_length,
                              generation_instruction="Answer the question: ")  # fmt: skip
     embedder.add_lora(r=8, alpha=16, dropout=args.lora_dropout)
+    embedder.packing = args.packing  # as the trainer sets it from train.packing
     if args.gradient_checkpointing:
         embedder.enable_gradient_checkpointing()
     embedder.model.train()
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype (LoRA stays fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in the backward pass")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-packing", dest="packing", action="store_false", help="padded batches (train.packing: false); default: padding-free, as training runs")
+    parser.add_argument("--configs", nargs="+", choices=[c[0] for c in CONFIGS], help="only these steps (default: all)")
     parser.add_argument("--memory", action="store_true", help="the memory tables (gradient checkpointing, GradCache) instead")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,16 +151,19 @@ def main() -> None:
         memory_tables(args)
         return
     print(f"model {args.model}, batch {args.batch}, {args.negatives} hard negative(s), max_length {args.max_length}, LoRA r=8 (dropout {args.lora_dropout}), "
-          f"{args.model_dtype} weights, {'no autocast' if args.mixed_precision == 'no' else 'bf16 autocast'}, {args.device}")  # fmt: skip
+          f"{args.model_dtype} weights, {'no autocast' if args.mixed_precision == 'no' else 'bf16 autocast'}, "
+          f"{'padding-free' if args.packing else 'padded'} batches, {args.device}")  # fmt: skip
     peak = compute_peak(args)
     print(f"{'step':<24}{'s/step':>9}{'peak MB':>9}{'vs contrastive':>16}{'GFLOP':>9}{'FLOPs vs contrastive':>22}{'% of peak':>11}")
     base = base_flops = None
     for name, weights, chunk in CONFIGS:
+        if args.configs and name not in args.configs:
+            continue
         result = child(args, name, weights, chunk)
         base, base_flops = base or result["seconds"], base_flops or result["gflops"]
         share = f"{100 * result['gflops'] * 1e9 / result['seconds'] / peak:>10.1f}%" if peak else f"{'-':>11}"
         print(f"{name:<24}{result['seconds']:>9.2f}{result['peak_mb']:>9.0f}{result['seconds'] / base:>15.2f}x"
-              f"{result['gflops']:>9.0f}{result['gflops'] / base_flops:>21.2f}x{share}")  # fmt: skip
+              f"{result['gflops']:>9.1f}{result['gflops'] / base_flops:>21.2f}x{share}")  # fmt: skip
 
 
 def compute_peak(args: argparse.Namespace) -> float | None:

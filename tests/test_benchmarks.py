@@ -19,3 +19,17 @@ def test_gpu_benchmark_runs_end_to_end_at_a_tiny_shape_on_cpu():
                 "LoRA grl step, batch 2, gradient checkpointing:", "LoRA contrastive step, batch 2, padding-free:",
                 "LoRA grl step, batch 2, padding-free:", "encode ullme, padding-free:"):  # fmt: skip
         assert row in out, out
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_times_the_chosen_steps_padding_free_by_default():
+    command = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--model", "small-random", "--steps", "1", "--batch", "4", "--configs", "contrastive", "grl"]
+    runs = {}
+    for extra in ([], ["--no-packing"]):
+        result = subprocess.run(command + extra, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split() and line.split()[0] in ("contrastive", "dpo", "grl")}
+        assert set(rows) == {"contrastive", "grl"}, result.stdout
+        assert ("padding-free batches" if not extra else "padded batches") in result.stdout
+        runs[bool(extra)] = {name: float(row[4]) for name, row in rows.items()}  # GFLOP
+    assert runs[False]["contrastive"] < runs[True]["contrastive"], "packed rows run fewer FLOPs than padded ones"

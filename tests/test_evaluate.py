@@ -53,6 +53,17 @@ def test_cached_results_are_reused_on_a_rerun(tiny_llama, trecqa_result):
     assert again.scores["ndcg_at_10"] == 0.12345
 
 
+def test_a_fresh_evaluation_reports_what_a_rerun_will_read(tiny_llama, tmp_path):
+    """mteb rounds the scores it saves: the first run reports the saved values too, so a rerun from the cache
+    prints the same numbers."""
+    first = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(tmp_path), runtime=Runtime("float32"), show_progress=False)[0]
+    (path,) = tmp_path.glob("results/*/*/trecqa-test.json")
+    saved = json.loads(path.read_text())["scores"]["test"][0]
+    assert {m: first.scores[m] for m in ("ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_100")} == {m: saved[m] for m in ("ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_100")}
+    again = evaluate(str(tiny_llama), [], [str(TRECQA)], [], str(tmp_path), runtime=Runtime("float32"), show_progress=False)[0]
+    assert again.scores == first.scores
+
+
 def test_another_setup_of_the_same_model_is_evaluated_not_taken_from_the_cache(tiny_llama, trecqa_result):
     from ullme_cli.models.embedder import Embedder
 

@@ -183,7 +183,11 @@ def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instructio
     for task in tasks:
         encoder = MtebEncoder(embedder, instruction_table, model_name, _revision(embedder.setup, task, instruction_table, weights))
         result = mteb.evaluate(encoder, [task], cache=cache, overwrite_strategy="only-missing", show_progress_bar=show_progress)
-        for task_result in result.task_results:
+        saved = cached_result_path(output_dir, embedder.setup, model_name, task, instruction_table, weights)
+        # One reader for fresh and reused results: mteb rounds what it saves, so a rerun must not print
+        # 0.9 where the first run printed 0.8999999999999998.
+        task_results = [mteb.TaskResult.from_disk(saved)] if saved.exists() else result.task_results
+        for task_result in task_results:
             scores = task_result.scores["test"][0] if "test" in task_result.scores else next(iter(task_result.scores.values()))[0]
             reports.append(TaskResult(task_result.task_name, task.metadata.type, task.metadata.main_score, scores))
     return reports
