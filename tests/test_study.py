@@ -27,16 +27,15 @@ def test_study_script_writes_the_report_and_plot_and_resumes(tiny_llama, tmp_pat
     assert "GRL − contrastive, nDCG@10:" in text and "STS-2099-tiny" in text and "### Limits of this study" in text
     assert (report.parent / "study_curves.png").stat().st_size > 10_000
     assert first.stderr.count("$ ullme finetune") == 3 and first.stderr.count("$ ullme evaluate") == 5
-    # A second run reuses every fine-tune, and every evaluation through `ullme evaluate`'s own fingerprinted cache.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "$ ullme finetune" not in again.stderr and report.read_text() == text
-    # A summary left beside the results is not trusted by its path: a wrong score in it is replaced by the real one.
-    summary = sorted((tmp_path / "runs").rglob("summary.json"))[0]
+    # A second run reuses every fine-tune, and every evaluation through `ullme evaluate`'s own fingerprinted
+    # cache: a summary left beside the results is not trusted by its path, so a wrong score in it is replaced.
+    summary = tmp_path / "runs" / "eval" / "bidirectional-grl-seed0" / "summary.json"
     right = json.loads(summary.read_text())["tasks"]
     wrong = json.loads(summary.read_text())
     for task in wrong["tasks"].values():
         for metric in [m for m, v in task.items() if isinstance(v, float)]:
             task[metric] = 0.123456
     summary.write_text(json.dumps(wrong))
-    third = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and json.loads(summary.read_text())["tasks"] == right and "0.123456" not in report.read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "$ ullme finetune" not in again.stderr, again.stderr[-3000:]
+    assert report.read_text() == text and json.loads(summary.read_text())["tasks"] == right
