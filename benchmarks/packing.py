@@ -67,12 +67,12 @@ def token_report(embedder) -> None:
         print(shares(f"encode, {name} ({len(texts)} texts, {len(batches)} batches)", batches, lengths))
         print(shares(f"training, {name} (100 random batches of 8 texts)", training_batches(len(texts), 100, 8), lengths))
     examples, _ = read_training_examples(str(RESOURCES / "trecqa-train" / "train.jsonl"))
-    for max_length in (64,):  # TREC QA's rows are under 64 tokens but for a few positives: 512 gives the same lines
-        queries = [len(t.ids) for t in embedder.tokenize([e.query for e in examples], "query", max_length=max_length)]
-        passages = [len(t.ids) for t in embedder.tokenize([e.positives[0] for e in examples], "passage", max_length=max_length)]
-        steps = training_batches(len(examples), 100, 8)
-        for name, lengths in (("queries", queries), ("positives", passages)):
-            print(shares(f"training, TREC QA rows' {name} at max_length {max_length} (100 random batches of 8)", steps, lengths))
+    max_length = 64  # TREC QA's rows are under 64 tokens but for a few positives: 512 gives the same lines
+    queries = [len(t.ids) for t in embedder.tokenize([e.query for e in examples], "query", max_length=max_length)]
+    passages = [len(t.ids) for t in embedder.tokenize([e.positives[0] for e in examples], "passage", max_length=max_length)]
+    steps = training_batches(len(examples), 100, 8)
+    for name, lengths in (("queries", queries), ("positives", passages)):
+        print(shares(f"training, TREC QA rows' {name} at max_length {max_length} (100 random batches of 8)", steps, lengths))
 
 
 def encode_speed(embedder, texts: list[str]) -> None:

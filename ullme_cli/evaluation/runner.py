@@ -159,11 +159,15 @@ def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
 
 
 def cached_result_path(output_dir: str, setup, model_name: str, task, instruction_table: dict, weights: str | None = None) -> Path:
+    return result_path(output_dir, model_name, task, _revision(setup, task, instruction_table, weights))
+
+
+def result_path(output_dir: str, model_name: str, task, revision: str) -> Path:
+    """Where mteb's cache files this task's result under its result key."""
     from mteb import ResultCache
 
     from ullme_cli.evaluation.mteb_adapter import mteb_model_name
 
-    revision = _revision(setup, task, instruction_table, weights)
     name = mteb_model_name(model_name).replace("/", "__").replace(" ", "_")
     return ResultCache(cache_path=str(Path(output_dir))).get_task_result_path(task.metadata.name, name, revision)
 
@@ -181,9 +185,10 @@ def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instructio
     cache = mteb.ResultCache(cache_path=str(Path(output_dir)))
     reports = []
     for task in tasks:
-        encoder = MtebEncoder(embedder, instruction_table, model_name, _revision(embedder.setup, task, instruction_table, weights))
+        revision = _revision(embedder.setup, task, instruction_table, weights)
+        encoder = MtebEncoder(embedder, instruction_table, model_name, revision)
         result = mteb.evaluate(encoder, [task], cache=cache, overwrite_strategy="only-missing", show_progress_bar=show_progress)
-        saved = cached_result_path(output_dir, embedder.setup, model_name, task, instruction_table, weights)
+        saved = result_path(output_dir, model_name, task, revision)
         # One reader for fresh and reused results: mteb rounds what it saves, so a rerun must not print
         # 0.9 where the first run printed 0.8999999999999998.
         task_results = [mteb.TaskResult.from_disk(saved)] if saved.exists() else result.task_results

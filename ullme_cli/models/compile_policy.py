@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 MAX_SHARE = 0.10  # compile only when it costs under this share of the eager time left
 MIN_EAGER_SECONDS = 2.0  # eager work to measure the rate on before deciding
-# Cold compile (dynamo + inductor, empty cache) of a 30-layer 135M model on a 2-core AMD EPYC Zen 5 in bf16
-# took about 50 s once each layer became a nested compile region (89 s before, 141 s with the float
-# retrace): a per-layer estimate, on the safe side, for models never compiled on this machine.
+# Cold compile (dynamo + inductor, empty cache) of a 30-layer 135M model on a 2-core AMD EPYC with
+# avx512_bf16, in bf16: about 41 s over a compiled first pass, measured alone (docs/benchmarks.md; 120 s
+# before one trace and nested layer regions): a per-layer estimate, on the safe side, for models never
+# compiled on this machine.
 COLD_SECONDS_PER_LAYER = 2.0
 
 

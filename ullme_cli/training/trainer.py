@@ -331,8 +331,7 @@ class Run:
 
 def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: bool) -> dict:
     run = prepare(recipe, out)
-    resume_run(run, resume)
-    if (out / FINAL).exists() and run.step >= run.train.steps:  # resume_run found the last checkpoint, of these same inputs
+    if resume_run(run, resume):
         log.info(f"{out / FINAL}: already trained from this recipe's model, data and settings (step {run.step}); nothing to do")
         return {"steps": run.step, "output": str(out / FINAL), "examples": len(run.mixture.examples), "already_finished": True}
     with progress_bar("finetune", total=run.train.steps, enabled=show_progress and run.accelerator.is_main_process) as advance:
@@ -422,13 +421,13 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     return Run(recipe, out, t, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn)
 
 
-def resume_run(run: Run, resume: bool) -> None:
+def resume_run(run: Run, resume: bool) -> bool:
     """Load the newest complete checkpoint when resuming (after checking it was trained from the same
     inputs), set up batching and the schedule at that step, and start the run's files in output_dir. A run
     whose finished model is there already and whose last checkpoint has the same inputs is left as it is
     (`--resume` of a finished run does nothing); one whose last checkpoint is broken trains again from the
     newest good one, of the same inputs, and saves the same model. A finished model with nothing to check it
-    against is an error."""
+    against is an error. Returns whether the run is finished already (nothing to train or write)."""
     from transformers import get_cosine_schedule_with_warmup
 
     from ullme_cli.training.mixture import Batching
@@ -445,7 +444,7 @@ def resume_run(run: Run, resume: bool) -> None:
         check_inputs(checkpoint, scalars.get("inputs"), run.inputs)
         if (out / FINAL).exists() and scalars["step"] >= t.steps:  # finished from these same inputs: nothing to do
             run.step = scalars["step"]
-            return
+            return True
         run.step = load_checkpoint(checkpoint, tensors, scalars, run.params, run.optimizer, run.scaler, run.embedder.model if run.sharded else None)
         for group in run.optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
             group["lr"] = group["initial_lr"] = t.learning_rate
@@ -461,6 +460,7 @@ def resume_run(run: Run, resume: bool) -> None:
     if run.tracking:
         accelerator.init_trackers("finetune", config=flat_config(run.recipe))
     _truncate_metrics(run.metrics_path, run.step)
+    return False
 
 
 def train_step(run: Run) -> tuple[float, dict[str, float], float]:
