@@ -17,7 +17,7 @@ empty inductor cache, then again in another fresh interpreter with that cache (w
 `--compile` adds the compiled row whatever the policy chooses.
 Each ullme row also shows its vectors' cosine to fp32 vectors of the same setup (mean and 1st percentile).
 The last line is `speedup vs sentence-transformers fp32: X.XXx` for ullme's default. The matmul peak is
-the median of single timed 2048² matmuls; "% shapes" is against the rate of the model's own linear layers
+the fastest of 15 single timed 2048² matmuls; "% shapes" is against the rate of the model's own linear layers
 at 1536 tokens, timed alone (`model_shape_peak`), which the 2048² figure sometimes falls below.
 
 Usage: python benchmarks/encode.py [--texts ullme_cli/resources/demo/corpus.jsonl] [--max-length 128] [--limit N]
@@ -56,9 +56,8 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return [record.text for record in read_corpus(args.texts)][: args.limit or None]
 
 
-def median_seconds(fn, repeats: int = 15) -> float:
-    """The median time of `repeats` single calls of `fn` after three warm-ups. One timed loop of matmuls
-    moved between 73 and 111 GFLOP/s from run to run on the 2-core EPYC; the median of single ones is steadier."""
+def call_seconds(fn, repeats: int = 15) -> list[float]:
+    """The times of `repeats` single calls of `fn` after three warm-ups."""
     for _ in range(3):
         fn()
     times = []
@@ -66,13 +65,21 @@ def median_seconds(fn, repeats: int = 15) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_seconds(fn, repeats: int = 15) -> float:
+    """The median time of single calls (`call_seconds`). One timed loop of matmuls moved between 73 and 111
+    GFLOP/s from run to run on the 2-core EPYC; the median of single ones is steadier."""
+    return float(np.median(call_seconds(fn, repeats)))
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 15) -> float:
-    """FLOP/s of one size² matmul (`median_seconds`)."""
+    """FLOP/s of the fastest of `repeats` single size² matmuls. A peak is the best the hardware gives: a stall
+    of the shared host only slows a call down, and the median once read 201 GFLOP/s against 360-395 in the
+    runs around it (2026-12-03, the EPYC with avx512_bf16), which doubled a step's share of the "peak"."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats)
+    return 2 * size**3 / min(call_seconds(lambda: a @ b, repeats))
 
 
 def model_shape_peak(model, dtype: torch.dtype, tokens: int = 1536, repeats: int = 15) -> float:

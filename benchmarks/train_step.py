@@ -5,7 +5,7 @@ Each configuration runs in its own process so that its peak resident memory (ru_
 Prints seconds per step (median of --steps after one warm-up step), peak RSS, the ratio to the
 contrastive step, and the step's FLOPs (torch's FlopCounterMode, forward and backward, padding included)
 with their ratio to the contrastive step's: the part of the time ratio that is the work itself, and the
-step's FLOP rate as a share of the matmul peak in its compute dtype (benchmarks/encode.py's median of
+step's FLOP rate as a share of the matmul peak in its compute dtype (benchmarks/encode.py's fastest of
 single 2048² matmuls, taken in the same run before the steps).
 Usage: python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--steps 3] [--mixed-precision bf16]
        [--lora-dropout 0.05] [--model-dtype bfloat16] [--gradient-checkpointing] [--device cuda] [--no-packing]
@@ -176,7 +176,7 @@ def compute_peak(args: argparse.Namespace) -> float | None:
 
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" or args.model_dtype == "bfloat16" else torch.float32
     peak = matmul_peak(dtype)
-    print(f"matmul peak: {str(dtype).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s (median of single 2048² matmuls)")
+    print(f"matmul peak: {str(dtype).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s (the fastest of single 2048² matmuls)")
     return peak
 
 

@@ -33,3 +33,11 @@ def test_train_step_benchmark_times_the_chosen_steps_padding_free_by_default():
         assert ("padding-free batches" if not extra else "padded batches") in result.stdout
         runs[bool(extra)] = {name: float(row[4]) for name, row in rows.items()}  # GFLOP
     assert runs[False]["contrastive"] < runs[True]["contrastive"], "packed rows run fewer FLOPs than padded ones"
+
+
+def test_attention_route_benchmark_prints_both_routes_per_length():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_route.py"), "--lengths", "16", "32", "--tokens", "64", "--repeats", "1",
+                             "--dtype", "float32"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["16", "32"] and all(len(row) == 7 and row[-1].endswith("x") for row in rows), result.stdout

@@ -148,3 +148,37 @@ def test_a_batch_as_long_as_a_sliding_window_takes_the_mask_that_does_not_clip()
     with torch.no_grad():
         first = [hidden_states(model, x, torch.ones_like(x), "bidirectional")[0, 0] for x in (ids, changed)]
     assert not torch.allclose(*first), "the last of 8 tokens must reach the first through a window of 4"
+
+
+
+def attention_ops(model, ids: torch.Tensor, grad: bool) -> tuple[set[str], torch.Tensor | None]:
+    """The SDPA ops a forward (and, with `grad`, backward) pass ran, and the embeddings' gradient."""
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile() as profile, torch.set_grad_enabled(grad):
+        states = hidden_states(model, ids, torch.ones_like(ids), "bidirectional")
+        if grad:
+            states.square().sum().backward()
+    ops = {e.name for e in profile.events() if "scaled_dot_product" in e.name}
+    return ops, model.get_input_embeddings().weight.grad.clone() if grad else None
+
+
+def test_a_short_cpu_training_pass_takes_the_math_attention_route():
+    """`attention_kernel`: on CPU, a differentiated pass over rows of ≤ 128 tokens runs SDPA's math route
+    (CPU flash attention's backward is the slow part of a short training step); inference, longer rows and
+    gradient checkpointing keep SDPA's own choice. The gradients agree either way."""
+    from ullme_cli.models.bidirectional import MATH_ATTENTION_MAX_TOKENS
+
+    math, flash_backward = "aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
+    model = tiny_model("llama")
+    short, long = (torch.randint(3, 300, (2, n)) for n in (16, MATH_ATTENTION_MAX_TOKENS + 1))
+    ops, grad = attention_ops(model, short, grad=True)
+    assert math in ops and flash_backward not in ops, ops
+    assert math not in attention_ops(model, short, grad=False)[0]
+    ops = attention_ops(model, long, grad=True)[0]
+    assert math not in ops and flash_backward in ops, ops
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ops, checkpointed = attention_ops(model, short, grad=True)
+    assert math not in ops and flash_backward in ops, ops
+    # float32 rounding of two kernels through two layers: 7e-5 at most, on gradients up to 2.5 here
+    torch.testing.assert_close(checkpointed, grad, atol=1e-4 * grad.abs().max().item(), rtol=1e-4)

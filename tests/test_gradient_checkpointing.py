@@ -35,5 +35,7 @@ def test_gradients_are_the_same_with_checkpointing(tiny_llama, lora, weights, ch
     plain = gradients(tiny_llama, lora, weights, chunk, checkpointing=False)
     checkpointed = gradients(tiny_llama, lora, weights, chunk, checkpointing=True)
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    # 1e-5, not 1e-6: without checkpointing a CPU step takes the math attention route on short rows, with it
+    # SDPA's own kernel (`attention_kernel`), so float32 rounding differs between the two.
     for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4)

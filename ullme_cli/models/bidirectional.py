@@ -183,6 +183,27 @@ def _switched_inputs(model: nn.Module, attention_mask: torch.Tensor, mode: Atten
     return {"attention_mask": bidirectional_mask(attention_mask, mask_dtype(model))}, True
 
 
+# CPU flash attention's backward pass costs 3-5x its forward on short rows. The math route (matmul, softmax,
+# matmul, differentiated op by op) made a bf16 training step 8% (contrastive) to 15% (GRL) faster at 64
+# tokens; flash wins past about 192 tokens (docs/benchmarks.md, 2026-12-03, the EPYC with avx512_bf16).
+MATH_ATTENTION_MAX_TOKENS = 128
+
+
+def attention_kernel(model: nn.Module, input_ids: torch.Tensor):
+    """The math SDPA route for a CPU pass that will be differentiated, on rows of at most
+    MATH_ATTENTION_MAX_TOKENS tokens; else SDPA's own choice. The same attention either way (equal to
+    float32 rounding). Not under gradient checkpointing: its recomputation in the backward pass runs outside
+    this context, and a route that saves other tensors than the forward's fails its check."""
+    if (
+        input_ids.device.type == "cpu" and torch.is_grad_enabled() and input_ids.shape[-1] <= MATH_ATTENTION_MAX_TOKENS
+        and not any(getattr(m, "gradient_checkpointing", False) for m in decoder_of(model).modules())
+    ):  # fmt: skip
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
+
+
 def hidden_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: AttentionMode, route: str | None = None
 ) -> torch.Tensor:
@@ -190,7 +211,7 @@ def hidden_states(
     body = decoder_of(model)
     inputs, clear_flags = _switched_inputs(model, attention_mask, mode, route)
     inputs.update(input_ids=input_ids, position_ids=position_ids_for(attention_mask))
-    with non_causal_modules(body) if clear_flags else nullcontext():
+    with non_causal_modules(body) if clear_flags else nullcontext(), attention_kernel(model, input_ids):
         return _run_body(model, body, **inputs)
 
 
@@ -216,7 +237,7 @@ def packed_hidden_states(model: nn.Module, input_ids: torch.Tensor, position_ids
         raise UllmeError(f"unknown attention mode '{mode}' (choose from {', '.join(ATTENTION_MODES)})")
     body = decoder_of(model)
     mask = segment_mask(segments, mask_dtype(model), causal=mode == "causal")
-    with non_causal_modules(body):
+    with non_causal_modules(body), attention_kernel(model, input_ids):
         return _run_body(model, body, input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
 
 
@@ -232,7 +253,7 @@ def lm_logits(
     """
     inputs, clear_flags = _switched_inputs(model, attention_mask, mode, route)
     kwargs = dict(input_ids=input_ids, position_ids=position_ids_for(attention_mask), logits_to_keep=keep if keep is not None else 0, use_cache=False)
-    with non_causal_modules(decoder_of(model)) if clear_flags else nullcontext():
+    with non_causal_modules(decoder_of(model)) if clear_flags else nullcontext(), attention_kernel(model, input_ids):
         return model(**inputs, **kwargs).logits
 
 

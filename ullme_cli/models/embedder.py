@@ -437,8 +437,13 @@ class Embedder:
             ids[row, start : start + n] = torch.tensor(t.ids)
             mask[row, start : start + n] = 1
             content[row, start + min(t.instruction_tokens, n) : start + n] = 1
-        packing = self.pack(items, length) if packed else None
+        packing = self.pack(items, length) if packed and self.can_pack() else None
         return Batch(ids.to(self.device), mask.to(self.device), content.to(self.device), packing)
+
+    def can_pack(self, mode: str | None = None) -> bool:
+        """Whether `embed` can run packed rows in this attention mode. A causal model with a sliding window
+        clips attention per layer type, which one packed mask cannot say: it stays padded."""
+        return (mode or self.setup.attention) == "bidirectional" or sliding_window(decoder_of(self.model).config) is None
 
     def pack(self, items: Sequence[Tokenized], capacity: int) -> Packing:
         rows = pack_rows([len(t.ids) for t in items], capacity)
@@ -463,8 +468,7 @@ class Embedder:
     def embed(self, batch: Batch, mode: str | None = None) -> torch.Tensor:
         """Pooled (and normalized, per config) vectors; differentiable, so training uses it too."""
         mode = mode or self.setup.attention
-        # A causal model with a sliding window clips attention per layer type, which one packed mask cannot say.
-        if batch.packing is not None and (mode == "bidirectional" or sliding_window(decoder_of(self.model).config) is None):
+        if batch.packing is not None and self.can_pack(mode):
             p = batch.packing
             rows = packed_hidden_states(self.model, p.input_ids, p.position_ids, p.segments, mode)
             states = rows.flatten(0, 1)[p.gather]  # back to the padded layout, which pooling reads
