@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 from conftest import REPO, demo_texts, run_cli
@@ -23,7 +24,10 @@ PUBLISHED = {"mistral-7b-instruct": 7.24e9, "phi-1_5": 1.42e9}
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_paper_recipes_budget_offline_from_their_shipped_configs(name):
     recipe = load_recipe(str(PAPER / f"{name}.yaml"))
-    budget = dry_run(recipe, processes=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        budget = dry_run(recipe, processes=8)
+    assert recipe.train.gradient_checkpointing and not [w for w in caught if w.category is FutureWarning], [str(w.message) for w in caught]
     assert budget.config_from.endswith(f"{name}.config.json"), "the Hub is not reachable here: the shipped config is read"
     assert budget.parameters - budget.trainable == pytest.approx(PUBLISHED[name], rel=0.01)
     assert budget.trainable < 0.01 * budget.parameters, "LoRA r=16 trains well under 1% of the weights"

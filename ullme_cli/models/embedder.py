@@ -56,12 +56,22 @@ GPU_TOKEN_BUDGET = 16384
 
 
 @contextmanager
-def _peft_deprecations_silenced():
+def peft_deprecations_silenced():
     """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
     on every LoRA load: noise for our users, and nothing they can act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' own per-layer checkpointing, non-reentrant, on a model or on the model under a peft
+    wrapper: what the trainer and the dry run's memory trace both enable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @dataclass
@@ -152,7 +162,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     model = load_causal_lm(base or source, dtype, runtime.trust_remote_code)
     adapter = adapter_files(folder)
     if adapter is not None:
-        with _peft_deprecations_silenced():
+        with peft_deprecations_silenced():
             model = load_adapter(model, adapter)
     model.to(device).eval()
     tokenizer = load_tokenizer(source, runtime.trust_remote_code)
@@ -310,7 +320,7 @@ class Embedder:
 
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-        with _peft_deprecations_silenced():
+        with peft_deprecations_silenced():
             self.model = get_peft_model(self.model, lora)
         return self
 
@@ -319,11 +329,7 @@ class Embedder:
         activation memory grows with the number of layers instead of their contents. transformers' own
         per-layer checkpointing, so it applies in both attention modes (the mask is a layer input); the
         non-reentrant form replays dropout's RNG, so gradients are unchanged."""
-        model = self.model.get_base_model() if self.has_adapter else self.model
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(self.model)
         return self
 
     @property

@@ -27,6 +27,7 @@ import torch
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.losses.table import LOSS_TABLE
+from ullme_cli.models.embedder import enable_activation_checkpointing, peft_deprecations_silenced
 from ullme_cli.recipes import Recipe
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -105,7 +106,8 @@ def fake_model(config, recipe: Recipe, mode, layers: int | None = None):
 
         targets = recipe.lora.target_modules if isinstance(recipe.lora.target_modules, str) else list(recipe.lora.target_modules)
         lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        with peft_deprecations_silenced():
+            model = get_peft_model(model, lora)
     with mode:
         for module in model.modules():
             for name, param in module._parameters.items():
@@ -115,7 +117,7 @@ def fake_model(config, recipe: Recipe, mode, layers: int | None = None):
                 if buffer is not None:
                     module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu")
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     return model
 
