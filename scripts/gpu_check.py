@@ -137,6 +137,7 @@ def check_fsdp(folder: Path, work: Path) -> str:
     from safetensors.torch import load_file
 
     from ullme_cli.recipes import load_recipe
+    from ullme_cli.training.curves import read_metrics
     from ullme_cli.training.trainer import finetune
 
     def run(name: str, steps: int = 4, **train) -> Path:
@@ -151,7 +152,7 @@ def check_fsdp(folder: Path, work: Path) -> str:
         return work / name
 
     def losses(folder: Path) -> list[float]:
-        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in read_metrics(folder) if "loss" in r]
 
     def adapter(folder: Path) -> dict:
         return load_file(folder / "model" / "adapter" / "adapter_model.safetensors")

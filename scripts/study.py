@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from ullme_cli.io.outputs import atomic_write_text
+from ullme_cli.training.curves import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -123,10 +124,6 @@ def scores(summary: dict) -> dict[str, float]:
     return row
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def plot_curves(runs: dict[str, dict[int, Path]], path: Path, window: int = 10) -> None:
     """One panel per loss component; a line per run, smoothed over `window` steps (raw values faint)."""
     import matplotlib
@@ -138,10 +135,11 @@ def plot_curves(runs: dict[str, dict[int, Path]], path: Path, window: int = 10) 
     components = ("contrastive", "dpo", "kl")
     colors = dict(zip(runs, ("tab:blue", "tab:red", "tab:gray")))
     fig, axes = plt.subplots(1, len(components), figsize=(5.2 * len(components), 3.8))
+    records = {run_dir: read_metrics(run_dir) for seeds in runs.values() for run_dir in seeds.values()}  # each file read once
     for ax, component in zip(axes, components):
         for config, seeds in runs.items():
             for seed, run_dir in seeds.items():
-                rows = [r for r in read_metrics(run_dir) if component in r]
+                rows = [r for r in records[run_dir] if component in r]
                 if not rows:
                     continue
                 steps = np.array([r["step"] for r in rows])

@@ -53,9 +53,27 @@ def test_by_source_draws_one_line_per_run_and_source(tmp_path, monkeypatch):
     assert set(curves.split_by_source("mix", curves.read_metrics(run))) == {"mix · qa.jsonl", "mix · nli.jsonl", "mix"}
     drawn = []
     real = curves.plot_runs
-    monkeypatch.setattr(curves, "plot_runs", lambda runs, output, labels=None, by_source=False: drawn.append(by_source) or real(runs, output, labels, by_source))
+    monkeypatch.setattr(curves, "plot_runs", lambda series, output, by_source=False: drawn.append(by_source) or real(series, output, by_source))
     assert curves.write_plot([str(run)], str(tmp_path / "s.png"), by_source=True) == ["loss", "contrastive", "eval_ndcg_at_10"]
     assert drawn == [True] and (tmp_path / "s.png").read_bytes()[:8] == PNG
     single = fake_run(tmp_path / "single", 0.1)
     refused = run_cli("plot", single, "-o", tmp_path / "x.png", "--by-source")
     assert refused.returncode == 2 and b"no step of these runs recorded a data source" in refused.stderr
+
+
+def test_plot_reads_each_run_once_and_a_card_reads_the_same_records(tmp_path, monkeypatch):
+    """`ullme plot --by-source` checks, labels and draws from one read of each metrics.jsonl (it read each
+    2-3 times), and the model card's last evaluation comes through the same reader."""
+    from ullme_cli.training import curves
+
+    run = tmp_path / "mix"
+    run.mkdir()
+    steps = [{"step": s, "loss": 1.0 / s, "source": "a.jsonl" if s % 2 else "b.jsonl"} for s in range(1, 5)]
+    steps += [{"step": 2, "eval_ndcg_at_10": 0.3}, {"step": 4, "eval_ndcg_at_10": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 5, "lo')  # a torn last line
+    reads = []
+    real = curves.metric_records
+    monkeypatch.setattr(curves, "metric_records", lambda path: reads.append(path) or real(path))
+    curves.write_plot([str(run)], str(tmp_path / "p.png"), by_source=True)
+    assert len(reads) == 1
+    assert curves.last_eval_metrics(run / "metrics.jsonl") == {"step": 4, "ndcg_at_10": 0.5} and len(reads) == 2

@@ -58,20 +58,6 @@ def read_training(folder: Path) -> dict | None:
     return read_json_object(path) if path.is_file() else None
 
 
-def last_eval_metrics(metrics_path: Path) -> dict:
-    """The newest `eval_*` values in finetune's metrics.jsonl, with their step."""
-    last: dict = {}
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a torn last line of a killed run
-                continue
-            if isinstance(record, dict) and "step" in record and any(k.startswith("eval_") for k in record):
-                last = {"step": record["step"], **{k[len("eval_") :]: v for k, v in record.items() if k.startswith("eval_")}}
-    return last
-
-
 def _front_matter(embedder, origin: dict, training: dict | None):
     from huggingface_hub import ModelCardData
 

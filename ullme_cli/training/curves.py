@@ -18,10 +18,22 @@ NOT_PLOTTED = ("step", "steps_per_s")
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    """The records of a run folder's metrics.jsonl (or of that file itself); a torn last line is skipped."""
+    """The records of a run folder's metrics.jsonl (or of that file itself) to plot: `metric_records`, with
+    at least one step and one metric."""
     path = Path(run) / METRICS_FILE if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise located(str(path), None, "not found (a finetune output_dir holds metrics.jsonl)")
+    records = metric_records(path)
+    if not records:
+        raise located(str(path), None, "holds no steps yet")
+    if not any(isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_PLOTTED for r in records for k, v in r.items()):
+        raise located(str(path), None, "holds steps but no metric to plot (only 'step')")
+    return records
+
+
+def metric_records(path: Path) -> list[dict]:
+    """Every step's record in a metrics.jsonl, the one reader of that file; a torn last line (a killed run's)
+    is skipped, any other bad line is an error naming it."""
     records = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -41,11 +53,13 @@ def read_metrics(run: str | Path) -> list[dict]:
         if not isinstance(record.get("step"), (int, float)) or isinstance(record.get("step"), bool):
             raise located(str(path), number, "field 'step' is missing or not a number")
         records.append(record)
-    if not records:
-        raise located(str(path), None, "holds no steps yet")
-    if not any(isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_PLOTTED for r in records for k, v in r.items()):
-        raise located(str(path), None, "holds steps but no metric to plot (only 'step')")
     return records
+
+
+def last_eval_metrics(path: Path) -> dict:
+    """The newest `eval_*` values in a run's metrics.jsonl, with their step; {} when it has none."""
+    evaluated = [r for r in (metric_records(path) if path.is_file() else []) if any(k.startswith("eval_") for k in r)]
+    return {"step": evaluated[-1]["step"], **{k[len("eval_") :]: v for k, v in evaluated[-1].items() if k.startswith("eval_")}} if evaluated else {}
 
 
 def panel_order(keys: set[str]) -> list[str]:
@@ -65,12 +79,21 @@ def split_by_source(label: str, records: list[dict]) -> dict[str, list[dict]]:
     return series
 
 
-def sources_of(run: str | Path) -> set[str]:
-    return {r["source"] for r in read_metrics(run) if isinstance(r.get("source"), str)}
+def sources_in(records: list[dict]) -> set[str]:
+    return {r["source"] for r in records if isinstance(r.get("source"), str)}
 
 
-def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None, by_source: bool = False) -> list[str]:
-    """Draw every run's metrics into one PNG at `output` (a path or a binary file); return the panel names."""
+def read_runs(runs: list[str | Path]) -> dict[str, list[dict]]:
+    """Each run's records (`read_metrics`, each file read once, every bad run reported before anything is
+    drawn) under its label: the run folder's name, or the full paths when names repeat."""
+    labels = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
+    labels = labels if len(set(labels)) == len(labels) else [str(r) for r in runs]
+    return {label: read_metrics(run) for run, label in zip(runs, labels)}
+
+
+def plot_runs(series: dict[str, list[dict]], output, by_source: bool = False) -> list[str]:
+    """Draw each labelled run's records (`read_runs`) into one PNG at `output` (a path or a binary file);
+    return the panel names."""
     try:
         import matplotlib
 
@@ -78,10 +101,6 @@ def plot_runs(runs: list[str | Path], output, labels: list[str] | None = None, b
         import matplotlib.pyplot as plt
     except ImportError:
         raise UllmeError("plotting needs matplotlib: pip install 'ullme[plot]'") from None
-    if labels is None:
-        labels = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
-        labels = labels if len(set(labels)) == len(labels) else [str(r) for r in runs]  # same names: full paths
-    series = {label: read_metrics(run) for run, label in zip(runs, labels)}
     if by_source:
         series = {name: part for label, records in series.items() for name, part in split_by_source(label, records).items()}
     keys = {k for records in series.values() for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in NOT_PLOTTED}
@@ -113,11 +132,10 @@ def write_plot(runs: list[str], output: str, overwrite: bool = False, by_source:
 
     from ullme_cli.io.outputs import atomic_path, guarded
 
-    for run in runs:
-        read_metrics(run)  # every bad run is reported before anything is drawn or written
-    if by_source and not any(sources_of(run) for run in runs):
+    series = read_runs(runs)
+    if by_source and not any(sources_in(records) for records in series.values()):
         raise UllmeError("--by-source: no step of these runs recorded a data source (runs from one data.train file have none)")
     if output == "-":
-        return plot_runs(runs, sys.stdout.buffer, by_source=by_source)
+        return plot_runs(series, sys.stdout.buffer, by_source=by_source)
     with guarded([output], [str(Path(r) / METRICS_FILE) if Path(r).is_dir() else r for r in runs], overwrite), atomic_path(output) as tmp:
-        return plot_runs(runs, tmp, by_source=by_source)
+        return plot_runs(series, tmp, by_source=by_source)

@@ -32,14 +32,13 @@ from ullme_cli.data import TrainingExample
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import tensors_fingerprint
 from ullme_cli.model_setup import Runtime
-from ullme_cli.models.model_card import last_eval_metrics
 from ullme_cli.progress import progress_bar
 from ullme_cli.recipes import Recipe, TrainSection, dump_recipe
+from ullme_cli.training.curves import METRICS_FILE, last_eval_metrics
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
 FINAL = "model"
 CURVES = "curves.png"
 
@@ -271,11 +270,12 @@ def flat_config(recipe: Recipe) -> dict:
 
 def draw_curves(out: Path) -> None:
     """<output_dir>/curves.png from metrics.jsonl; without matplotlib, say how to get it and go on."""
-    from ullme_cli.training.curves import plot_runs, sources_of
+    from ullme_cli.training.curves import plot_runs, read_runs, sources_in
 
     try:
+        series = read_runs([out])
         with atomic_path(out / CURVES) as tmp:
-            plot_runs([out], tmp, by_source=len(sources_of(out)) > 1)  # a mixture: loss per source
+            plot_runs(series, tmp, by_source=len(sources_in(*series.values())) > 1)  # a mixture: loss per source
     except UllmeError as e:
         log.info(f"no {CURVES}: {e}")
 
@@ -326,7 +326,7 @@ class Run:
 
     @property
     def metrics_path(self) -> Path:
-        return self.out / METRICS
+        return self.out / METRICS_FILE
 
 
 def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: bool) -> dict:
