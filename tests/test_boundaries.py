@@ -192,8 +192,11 @@ def test_a_model_folder_records_its_format_and_a_newer_one_is_refused(tiny_llama
         resolve_setup(str(tmp_path / "m"))
     setup_file.write_text(json.dumps({**values, "rope_trick": True}))
     with caplog.at_level(logging.WARNING, logger="ullme_cli"):
+        Embedder.load(str(tmp_path / "m"), dtype="float32", device="cpu")  # reads ullme.json in three places
+    assert caplog.text.count("ignoring keys this ullme does not know: rope_trick") == 1, caplog.text
+    setup_file.write_text(json.dumps({**values, "ullme_format": SETUP_FORMAT + 1}))  # new content: checked again
+    with pytest.raises(UllmeError, match="upgrade ullme"):
         resolve_setup(str(tmp_path / "m"))
-    assert "ignoring keys this ullme does not know: rope_trick" in caplog.text
 
 
 def test_a_setup_naming_a_missing_latent_head_is_an_error(tiny_llama, tmp_path):

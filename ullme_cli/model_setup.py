@@ -12,7 +12,9 @@ This module imports nothing heavy, so the CLI and readers of meta files can use 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -143,12 +145,19 @@ def resolve_setup(model: str = DEFAULT_MODEL, **overrides) -> ModelSetup:
 
 
 def read_setup_file(path: Path) -> dict:
-    """An Embedder folder's ullme.json: a newer layout is refused, keys this ullme does not know are named."""
+    """An Embedder folder's ullme.json: a newer layout is refused, keys this ullme does not know are named.
+    One load reads it in several places (the setup, the adapter's base, the Matryoshka sizes); the checks
+    and their warning run once per content."""
+    return copy.deepcopy(_checked_setup_file(str(path), Path(path).read_bytes()))
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_setup_file(path: str, data: bytes) -> dict:
     import logging
 
-    from ullme_cli.io.rows import read_json_object
+    from ullme_cli.io.rows import parse_json_object
 
-    values = read_json_object(path)
+    values = parse_json_object(path, data)
     version = values.get("ullme_format", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version > SETUP_FORMAT:
         raise UllmeError(f"{path}: field 'ullme_format' is {version!r}; this ullme reads up to {SETUP_FORMAT}: upgrade ullme to load this model")

@@ -251,8 +251,13 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
 
 def read_json_object(path: str | Path) -> dict:
     """A JSON file that must hold one object (a meta file, a manifest, ullme.json); errors name the file."""
+    return parse_json_object(str(path), Path(path).read_bytes())
+
+
+def parse_json_object(path: str, data: bytes) -> dict:
+    """`read_json_object` on bytes already read from `path`."""
     try:
-        value = json.loads(decode(str(path), Path(path).read_bytes()))
+        value = json.loads(decode(path, data))
     except ValueError as e:
         raise located(str(path), None, f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
