@@ -78,7 +78,7 @@ class StepLoss:
 
         Padding-free, every role runs in one forward pass: a small batch's three passes (queries, positives,
         negatives) become one with three times the rows per matmul and a third of the per-layer overhead;
-        1.6x faster per contrastive step on a bf16 CPU (docs/benchmarks.md). Padded, each role keeps its own
+        1.45x faster per contrastive step on a bf16 CPU (docs/benchmarks.md). Padded, each role keeps its own
         pass, so short queries are not padded to the passages' length."""
         e = self.embedder
         tokenized = [
