@@ -35,6 +35,39 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama", demo_texts())
 
 
+def lora_step_gradients(model_folder: Path, weights: dict, chunk: int = 0, packing: bool = False) -> tuple[float, dict, dict, int]:
+    """One StepLoss backward on 6 TREC QA rows (2 negatives each) with LoRA adapters that matter (random
+    lora_B, so a DPO reference differs from the policy): (loss, its parts, each trainable parameter's
+    gradient, how many decoder passes ran)."""
+    import torch
+
+    from ullme_cli.data import read_training_examples
+    from ullme_cli.models.bidirectional import decoder_of
+    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.recipes import LossSection
+    from ullme_cli.training.step import StepLoss
+    from ullme_cli.training.trainer import trainable_parameters
+
+    torch.manual_seed(0)
+    embedder = Embedder.load(str(model_folder), dtype="float32", max_length=48, generation_instruction="Answer: ")
+    embedder.add_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in embedder.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    embedder.packing = packing
+    examples, _ = read_training_examples(str(RESOURCES / "trecqa-train" / "train.jsonl"))
+    passes = []
+    hook = decoder_of(embedder.model).register_forward_hook(lambda *_: passes.append(1))
+    try:
+        step = StepLoss(embedder, LossSection(weights=weights), negatives_per_query=2, chunk_size=chunk)
+        loss, parts = step.backward(examples[:6], torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in trainable_parameters(embedder).items() if p.grad is not None}
+    return loss, parts, grads, len(passes)
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ULLME_CACHE", str(tmp_path / "cache"))

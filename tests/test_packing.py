@@ -3,16 +3,12 @@ give the padded path's vectors (cosine ≥ 0.9999 in float32) and the same train
 
 import pytest
 import torch
-from conftest import RESOURCES
+from conftest import lora_step_gradients
 from tiny_models import tiny_model, tiny_tokenizer
 
-from ullme_cli.data import read_training_examples
 from ullme_cli.model_setup import ModelSetup
-from ullme_cli.models.bidirectional import TESTED_MODEL_TYPES, decoder_of
+from ullme_cli.models.bidirectional import TESTED_MODEL_TYPES
 from ullme_cli.models.embedder import Embedder, pack_rows, packed_share
-from ullme_cli.recipes import LossSection
-from ullme_cli.training.step import StepLoss
-from ullme_cli.training.trainer import trainable_parameters
 
 TEXTS = [
     "what is the capital of France",
@@ -92,23 +88,7 @@ def test_a_padding_free_step_embeds_every_role_in_one_pass_with_the_padded_gradi
     """Padding-free, a step embeds queries, positives and negatives in one forward pass instead of three
     (issue 29 §4: a small batch's passes cost more in overhead than in matmuls), with the padded step's
     loss and gradients to 1e-5."""
-    runs = {}
-    for packing in (False, True):
-        torch.manual_seed(0)
-        embedder = Embedder.load(str(tiny_llama), dtype="float32", max_length=48, generation_instruction="Answer: ")
-        embedder.add_lora(r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for name, p in embedder.model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
-        embedder.packing = packing
-        passes = []
-        hook = decoder_of(embedder.model).register_forward_hook(lambda *_: passes.append(1))
-        examples, _ = read_training_examples(str(RESOURCES / "trecqa-train" / "train.jsonl"))
-        loss, parts = StepLoss(embedder, LossSection(weights=weights), negatives_per_query=2).backward(examples[:6], torch.Generator().manual_seed(0))
-        hook.remove()
-        grads = {n: p.grad.clone() for n, p in trainable_parameters(embedder).items() if p.grad is not None}
-        runs[packing] = loss, parts, grads, len(passes)
+    runs = {packing: lora_step_gradients(tiny_llama, weights, packing=packing) for packing in (False, True)}
     (loss, parts, padded, padded_passes), (packed_loss, packed_parts, packed, packed_passes) = runs[False], runs[True]
     assert packed_passes == padded_passes - 2  # three embedding passes became one; generation passes unchanged
     assert packed_loss == pytest.approx(loss, abs=1e-5) and packed_parts == pytest.approx(parts, abs=1e-5)
