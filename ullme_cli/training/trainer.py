@@ -274,8 +274,9 @@ def draw_curves(out: Path) -> None:
 
     try:
         series = read_runs([out])
+        (records,) = series.values()
         with atomic_path(out / CURVES) as tmp:
-            plot_runs(series, tmp, by_source=len(sources_in(*series.values())) > 1)  # a mixture: loss per source
+            plot_runs(series, tmp, by_source=len(sources_in(records)) > 1)  # a mixture: loss per source
     except UllmeError as e:
         log.info(f"no {CURVES}: {e}")
 
