@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ullme_cli.models.bidirectional import segment_mask
+
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M, the bundled default
 
 
@@ -46,8 +48,8 @@ def main() -> None:
         rows = max(1, args.tokens // length)
         q = torch.randn(rows, HEADS, length, HEAD_DIM, dtype=dtype)
         k, v = (torch.randn(rows, KV_HEADS, length, HEAD_DIM, dtype=dtype) for _ in range(2))
-        segments = torch.randint(0, 3, (rows, length)).sort(-1).values  # three texts a row
-        mask = torch.zeros(rows, 1, length, length, dtype=dtype).masked_fill(segments[:, None, :, None] != segments[:, None, None, :], torch.finfo(dtype).min)
+        segments = torch.randint(1, 4, (rows, length)).sort(-1).values  # three texts a row, no padding
+        mask = segment_mask(segments, dtype, causal=False)  # the mask packed training rows carry
         medians = {}
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
             timed_pass(backend, q, k, v, mask)  # warm-up
