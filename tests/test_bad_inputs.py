@@ -108,7 +108,7 @@ def recipe_text(d: Path, shared: Path, **changes) -> str:
 
     recipe = {
         "output_dir": str(d / "run"),
-        "model": {"name": str(shared / "model"), "max_length": 32},
+        "model": {"name": str(shared / "model"), "max_length": 64},  # room for the default query instruction (51 tiny tokens)
         "data": {"train": str(shared / "train.jsonl")},
         "train": {"steps": 2, "batch_size": 2, "warmup_steps": 0},
     }
@@ -195,6 +195,31 @@ def run_folder(lines: list[str] | bytes):
         (d / "run" / "metrics.jsonl").write_bytes(lines if isinstance(lines, bytes) else "".join(line + "\n" for line in lines).encode())
 
     return prepare
+
+
+def empty_parquet(d: Path, shared: Path) -> None:
+    """A valid parquet file with a text column and no rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), str(d / "c.parquet"))
+
+
+def symlink_loop(d: Path, shared: Path) -> None:
+    (d / "loop").symlink_to(d / "loop")
+
+
+def streamed_csv(d: Path, shared: Path) -> None:
+    (d / "t.csv").write_text("query,positive\nq,p\nr,s\n")
+    (d / "recipe.yaml").write_text(recipe_text(d, shared).replace(f"train: {shared / 'train.jsonl'}", f"sources: [{{path: {d / 't.csv'}, stream: true}}]"))
+
+
+def adapter_on_missing_base(d: Path, shared: Path) -> None:
+    """An adapter-only folder whose base was moved away after training."""
+    folder = d / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(d / "moved-base")}))
+    (folder / "ullme.json").write_text(json.dumps({"ullme_format": 1, "base": {"model": str(d / "moved-base"), "fingerprint": "0123456789abcdef" * 4}}))
 
 
 def beir_folder(qrels: str, queries: str = '{"_id": "q1", "text": "x"}\n'):
@@ -451,6 +476,39 @@ CASES = [
     ("finetune-data-alias-clash", ["finetune", "{d}/recipe.yaml", "--set", "data.train={d}/t.jsonl"], lambda d, s: (recipe()(d, s), write("t.jsonl", '{"query": "q", "question": "r", "positive": "p"}\n')(d, s)), "fields 'query' and 'question'"),
     ("finetune-output-holds-a-source", ["finetune", "{d}/recipe.yaml"], lambda d, s: (write("run/src.jsonl", (s / "train.jsonl").read_text())(d, s),
      (d / "recipe.yaml").write_text(recipe_text(d, s).replace(f"train: {s / 'train.jsonl'}", f"sources: [{d / 'run' / 'src.jsonl'}]"))), "holds the input"),
+    # ---------------------------------------------------------------- numbers that are not finite (design.md §9)
+    ("finetune-learning-rate-inf", ["finetune", "{d}/recipe.yaml", "--set", "train.learning_rate=.inf"], recipe(), "'train.learning_rate': must be a finite number, got inf"),
+    ("finetune-dry-run-learning-rate-nan", ["finetune", "{d}/recipe.yaml", "--dry-run", "--set", "train.learning_rate=.nan"], recipe(), "'train.learning_rate': must be a finite number, got nan"),
+    ("finetune-temperature-nan", ["finetune", "{d}/recipe.yaml"], recipe(loss__temperature=float("nan")), "'loss.temperature': must be a finite number, got nan"),
+    ("finetune-weight-inf", ["finetune", "{d}/recipe.yaml", "--set", "loss.weights.contrastive=.inf"], recipe(), "'loss.weights.contrastive': must be a finite number"),
+    ("finetune-matryoshka-weight-nan", ["finetune", "{d}/recipe.yaml", "--set", "loss.matryoshka_dims=[8, full]", "--set", "loss.matryoshka_weights=[1, .nan]"], recipe(),
+     "'loss.matryoshka_weights[1]': must be a finite number"),
+    ("finetune-teacher-score-infinity", ["finetune", "{d}/recipe.yaml"], recipe_over('{"query": "q", "positive": "p", "pos_scores": [Infinity]}', loss__weights={"distill": 1.0}),
+     "t.jsonl:1: field 'pos_scores'[0] is inf; teacher scores must be finite"),
+    ("finetune-teacher-score-nan", ["finetune", "{d}/recipe.yaml"], recipe_over('{"query": "q", "positive": "p", "negative": ["n"], "neg_scores": [NaN]}', loss__weights={"distill": 1.0}),
+     "t.jsonl:1: field 'neg_scores'[0] is nan"),
+    ("finetune-teacher-score-overflow", ["finetune", "{d}/recipe.yaml"], recipe_over('{"query": "q", "positive": "p", "pos_scores": [1e400]}', loss__weights={"distill": 1.0}),
+     "field 'pos_scores'[0] is inf"),
+    ("serve-timeout-nan", ["serve", "{model}", "--timeout", "nan"], nothing, "--timeout must be above 0 and at most 86400, got nan"),
+    ("serve-timeout-inf", ["serve", "{model}", "--timeout", "inf"], nothing, "--timeout must be above 0 and at most 86400, got inf"),
+    ("serve-max-wait-nan", ["serve", "{model}", "--max-wait-ms", "nan"], nothing, "--max-wait-ms must be 0 or more"),
+    # ---------------------------------------------------------------- text cut away or duplicated without a word
+    ("encode-instruction-fills-max-length", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{model}", "--kind", "query", "--max-length", "32",
+     "--query-instruction", "Given a question about the world and its history " * 6], nothing, "leaving"),
+    ("search-instruction-fills-max-length", ["search", "{idx}", "{d}/q.jsonl", "--instruction", "Given a question about the world and its history " * 20],
+     write("q.jsonl", '{"id": "q1", "text": "hello"}\n'), "raise --max-length or shorten the instruction"),
+    ("finetune-source-smaller-than-batch", ["finetune", "{d}/recipe.yaml"], recipe_over('{"query": "q", "positive": "p"}'), "1 training row(s), fewer than train.batch_size 2"),
+    ("search-trec-query-id-with-space", ["search", "{idx}", "{d}/q.jsonl", "--format", "trec", "-o", "{d}/run.trec"], write("q.jsonl", '{"id": "q 1", "text": "hello"}\n'),
+     "query id 'q 1' is empty or holds whitespace"),
+    # ---------------------------------------------------------------- the rest of the audit's list
+    ("encode-lone-surrogate", ["encode", "{d}/c.jsonl", "-o", "{d}/e.npy", "-m", "{model}"], write("c.jsonl", '{"id": "a", "text": "ok"}\n{"id": "b", "text": "bad \\ud800"}\n'),
+     "c.jsonl:2: field 'text' holds a lone surrogate (U+D800 at character 4)"),
+    ("encode-empty-output", ["encode", "{corpus}", "-o", "", "-m", "{model}"], nothing, "the output path is empty"),
+    ("encode-output-symlink-loop", ["encode", "{corpus}", "-o", "{d}/loop", "-m", "{model}"], symlink_loop, "symbolic links form a loop"),
+    ("encode-zero-row-parquet", ["encode", "{d}/c.parquet", "-o", "{d}/e.npy", "-m", "{model}"], empty_parquet, "no texts found"),
+    ("finetune-stream-csv", ["finetune", "{d}/recipe.yaml"], streamed_csv, "streaming reads jsonl files only"),
+    ("encode-adapter-base-moved", ["encode", "{corpus}", "-o", "{d}/e.npy", "-m", "{d}/adapter"], adapter_on_missing_base,
+     "this adapter-only folder's base model"),
     ("finetune-dcp-checkpoint-under-ddp", ["finetune", "{d}/recipe.yaml", "--resume"], lambda d, s: (recipe()(d, s), (d / "run" / "checkpoints" / "step-0000001" / "dcp").mkdir(parents=True)), "written with train.distributed: fsdp"),
 ]
 

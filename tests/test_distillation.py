@@ -19,8 +19,9 @@ from ullme_cli.losses import DistillationLoss, InfoNCELoss, MatryoshkaLoss
 
 def test_distillation_is_the_kl_of_the_teacher_to_the_student_over_scored_candidates():
     student = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.5]])
-    teacher = torch.tensor([[0.8, 0.2, float("nan")], [0.1, 0.6, 0.4]])
-    loss = DistillationLoss(temperature=0.1, teacher_temperature=0.5)(student, teacher)
+    teacher = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.6, 0.4]])
+    scored = torch.tensor([[True, True, False], [True, True, True]])
+    loss = DistillationLoss(temperature=0.1, teacher_temperature=0.5)(student, teacher, scored)
 
     def kl(s, t):
         p_t = [math.exp(x / 0.5) for x in t]
@@ -31,8 +32,20 @@ def test_distillation_is_the_kl_of_the_teacher_to_the_student_over_scored_candid
 
     expected = (kl([0.9, 0.1], [0.8, 0.2]) + kl([0.2, 0.8, 0.5], [0.1, 0.6, 0.4])) / 2  # the unscored candidate leaves both softmaxes
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    nothing = DistillationLoss()(student.requires_grad_(), torch.full_like(student, float("nan")))
+    nothing = DistillationLoss()(student.requires_grad_(), torch.zeros_like(student), torch.zeros_like(student, dtype=torch.bool))
     assert nothing.item() == 0 and nothing.requires_grad
+
+
+def test_distillation_stays_finite_for_the_largest_finite_teacher_scores():
+    """design.md §4: scores of ±1e308 over τ_t 0.05 overflow a plain softmax to NaN; the loss shifts each
+    row by its largest score first, so the teacher puts all its mass on the top candidate."""
+    student = torch.tensor([[0.9, 0.1, 0.3]], requires_grad=True)
+    scored = torch.ones(1, 3, dtype=torch.bool)
+    loss = DistillationLoss(temperature=0.1, teacher_temperature=0.05)(student, torch.tensor([[1e308, -1e308, 0.0]], dtype=torch.float64), scored)
+    loss.backward()
+    log_s = torch.log_softmax(torch.tensor([0.9, 0.1, 0.3]) / 0.1, -1)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(-log_s[0].item(), rel=1e-5)
+    assert torch.isfinite(student.grad).all()
 
 
 def test_matryoshka_is_the_weighted_sum_over_renormalised_prefixes():
@@ -55,10 +68,11 @@ def test_teacher_scores_follow_the_drawn_candidates_and_borrowed_ones_have_none(
     rows = [TrainingExample("q0", ["a", "b"], ["x", "y", "z"], extra={"pos_scores": [0.9, 0.8], "neg_scores": [0.1, 0.2, 0.3]}),
             TrainingExample("q1", ["c"], [], extra={"pos_scores": [0.7]})]  # fmt: skip
     positives, negatives = step.candidates(rows, torch.Generator().manual_seed(3))
-    scores = step.teacher_scores(rows, positives, negatives)
+    scores, scored = step.teacher_scores(rows, positives, negatives)
     table = {"a": 0.9, "b": 0.8, "x": 0.1, "y": 0.2, "z": 0.3}
     assert scores[0].tolist() == pytest.approx([table[positives[0]]] + [table[t] for t in negatives[0]])
-    assert scores[1, 0].item() == pytest.approx(0.7) and torch.isnan(scores[1, 1:]).all(), "q1 borrowed q0's positive: no teacher score"
+    assert scored[0].all() and scores[1, 0].item() == pytest.approx(0.7)
+    assert scored[1, 0] and not scored[1, 1:].any(), "q1 borrowed q0's positive: no teacher score"
     with pytest.raises(Exception, match="matryoshka_dims: 64 is above the model's 32"):
         StepLoss(step.embedder, LossSection(matryoshka_dims=[16, 64]), 1)
 

@@ -128,6 +128,7 @@ def test_search_equals_ullme_search_on_trec_qa(served):
     ("dimensions-above-the-model", {"input": "a", "dimensions": 100000}, None, 400, "invalid_value"),
     ("dimensions-zero", {"input": "a", "dimensions": 0}, None, 400, "invalid_value"),
     ("unknown-model", {"input": "a", "model": "gpt-nothing"}, None, 404, "model_not_found"),
+    ("lone-surrogate", b'{"input": ["ok", "\\ud800"]}', None, 400, "invalid_value"),
 ])  # fmt: skip
 def test_bad_requests_get_a_4xx_with_openais_error_shape(served, case, body, headers, status, code):
     server = served[0]
@@ -143,6 +144,8 @@ def test_bad_requests_get_a_4xx_with_openais_error_shape(served, case, body, hea
         assert error["code"] == code, error
     if case == "wrong-type":
         assert "input" in error["message"]
+    if case == "lone-surrogate":
+        assert "'input'[1]" in error["message"] and "U+D800" in error["message"]
 
 
 def test_health_models_and_metrics(served):
@@ -217,6 +220,103 @@ def test_overload_answers_503_and_sigterm_finishes_every_accepted_request(tiny_l
         assert server.process.wait(60) == 0
     finally:
         server.stop()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+MEMORY_BOUND = 1536 * 2**20  # the server's resident memory under the flood below (it idles at ~0.45 GB with a tiny model)
+
+
+@pytest.mark.slow
+def test_no_request_takes_the_server_past_its_memory_bound_and_health_stays_fast(tiny_llama):
+    """design.md §9: a chunked body far past the 8 MB limit, then 24 maximal requests (8 MB, 2048 inputs) from
+    12 concurrent clients. The server's RSS stays under MEMORY_BOUND, /health answers within 1 s throughout,
+    and the server keeps serving. It runs under RLIMIT_AS of 4 GB, so a bound that fails cannot take the
+    machine down; every loop here is bounded in count and time, and talks only to loopback."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ullme_cli", "serve", str(tiny_llama), "--port", str(port), "-q", "--dtype", "float32",
+                                "--truncate"], preexec_fn=limited, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    peak, slowest, stop = [0], [0.0], threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+        def watch():
+            while not stop.is_set() and process.poll() is None:
+                peak[0] = max(peak[0], rss_bytes(process.pid))
+                started = time.monotonic()
+                try:
+                    httpx.get(f"{url}/health", timeout=5)
+                except httpx.TransportError:
+                    pass
+                slowest[0] = max(slowest[0], time.monotonic() - started)
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        # 1. A chunked body with no Content-Length: 64 MB offered in 1 MB chunks; the server stops it at 8 MB.
+        status = None
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b'{"input": ["' + b"x" * (2**20 - 12)
+            try:
+                for _ in range(64):
+                    s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    chunk = b"y" * 2**20
+            except OSError:
+                pass  # the server answered and closed: what a bound looks like from here
+            try:
+                status = s.recv(64).split(b" ")[1]
+            except (OSError, IndexError):
+                pass
+        assert status in (None, b"413"), status
+        # 2. A flood of maximal requests from concurrent clients: each one 413, 503 or answered, none crashes the server.
+        body = json.dumps({"input": ["w " * 1900] * 2048}).encode()
+        assert len(body) < 8 * 2**20
+        answers = []
+
+        def flood():
+            for _ in range(2):
+                try:
+                    answers.append(httpx.post(f"{url}/v1/embeddings", content=body, headers={"Content-Type": "application/json"}, timeout=120).status_code)
+                except httpx.TransportError as e:
+                    answers.append(type(e).__name__)
+
+        clients = [threading.Thread(target=flood) for _ in range(12)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(180)
+        stop.set()
+        watcher.join(10)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert set(answers) <= {200, 503} and 200 in answers, answers
+        assert peak[0] < MEMORY_BOUND, f"server RSS reached {peak[0] / 2**20:.0f} MiB"
+        assert slowest[0] < 1.0, f"/health took {slowest[0]:.2f} s under load"
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": ["after"]}, timeout=30).status_code == 200
+    finally:
+        stop.set()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 # ---------------------------------------------------------------- the batcher alone (no model, no HTTP)

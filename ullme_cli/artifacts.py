@@ -22,7 +22,7 @@ import numpy as np
 from ullme_cli.constants import OUT_DTYPES
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.fingerprints import array_checksum
-from ullme_cli.io.outputs import STDIO, atomic_path, atomic_write_text
+from ullme_cli.io.outputs import STDIO, atomic_path, atomic_write_text, require_output_path
 from ullme_cli.io.rows import read_json_object
 
 INT8_SCALE = 127.0  # unit vectors have |x_i| <= 1, so x * 127 never clips and shards share one scale
@@ -42,7 +42,7 @@ def sidecars(path: str | Path) -> tuple[Path, Path]:
 
 def embedding_files(path: str) -> list[Path]:
     """Every file that writing embeddings to `path` creates (none for stdout)."""
-    return [] if path == STDIO else [Path(path), *sidecars(path)]
+    return [] if path == STDIO else [Path(require_output_path(path)), *sidecars(path)]
 
 
 def quantize(matrix: np.ndarray, out_dtype: str) -> np.ndarray:

@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, faiss, mteb) are imported inside the comma
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Optional
 
@@ -198,18 +199,17 @@ def serve(
     """Serve embeddings (OpenAI-compatible /v1/embeddings) and search (/v1/search) over HTTP until SIGTERM."""
     _output(quiet, verbose)
     from ullme_cli.model_setup import Runtime, resolve_setup
-    from ullme_cli.serving.server import Limits, serve as run_server
+    from ullme_cli.serving.limits import Limits
+    from ullme_cli.serving.server import serve as run_server
 
     if not 0 < port < 65536:
         raise UllmeError(f"--port must be between 1 and 65535, got {port}")
     for name, value in (("--max-inputs", max_inputs), ("--max-queue", max_queue)):
         if value < 1:
             raise UllmeError(f"{name} must be at least 1, got {value}")
-    for name, value in (("--timeout", timeout), ("--max-request-mb", max_request_mb)):
-        if value <= 0:
-            raise UllmeError(f"{name} must be above 0, got {value:g}")
-    if max_wait_ms < 0:
-        raise UllmeError(f"--max-wait-ms must be 0 or more, got {max_wait_ms:g}")
+    for name, value, low, high in (("--timeout", timeout, 0, 86400), ("--max-request-mb", max_request_mb, 0, 1024), ("--max-wait-ms", max_wait_ms, None, 10000)):
+        if not math.isfinite(value) or not (value > low if low is not None else value >= 0) or value > high:
+            raise UllmeError(f"{name} must be {'above 0' if low is not None else '0 or more'} and at most {high:g}, got {value:g}")
     limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), truncate=truncate, timeout=timeout,
                     max_queue=max_queue, max_wait=max_wait_ms / 1000)  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
@@ -302,7 +302,7 @@ def search(
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
     inputs = search_inputs(folders, queries, embeddings)
-    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction)
+    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction, fmt)
     count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":
         log.info(f"wrote {count} queries' hits to {output}")

@@ -6,6 +6,7 @@ Every reader reports a bad row as `file:line: reason` (`file: row N` for a table
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,6 +214,9 @@ def teacher_scores(where, value, key: str, count: int) -> list[float]:
         raise where.error(f"field '{key}' must be a list of numbers, got {value!r}"[:300])
     if len(value) != count:
         raise where.error(f"field '{key}' has {len(value)} scores for {count} {'positives' if key == 'pos_scores' else 'negatives'}")
+    for position, v in enumerate(value):  # JSON readers accept NaN and Infinity; a teacher score must be a number
+        if not math.isfinite(v):
+            raise where.error(f"field '{key}'[{position}] is {v}; teacher scores must be finite numbers")
     return [float(v) for v in value]
 
 

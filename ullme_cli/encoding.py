@@ -186,6 +186,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     meta["processes"] = 1
     if shard is not None:
         meta["shard"] = {"index": shard[0], "count": shard[1], "start": shard_slice(total, *shard)[0], "total": total}
+    embedder.report_truncation("encode")
     final = quantize(truncate(matrix, options.truncate_dim, embedder.setup.normalize), options.out_dtype)
     meta = save_embeddings(output, final, [r.id for r in records], meta)
     if partial is not None:

@@ -7,6 +7,7 @@ name the key and the file. `--set section.key=value` overrides a value (parsed a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,19 @@ def _check_type(value, annotation, where: str):
     raise UllmeError(f"{where}: expected {annotation}, got {type(value).__name__} {value!r}")
 
 
+def _refuse_non_finite(value, where: str) -> None:
+    """Every number a recipe holds, however deep (weights, Matryoshka weights, a source's weight), is finite:
+    a NaN slips past every range check (all its comparisons are false) and an infinity trains to NaN weights."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UllmeError(f"{where}: must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(item, f"{where[:-1]}.{key}'" if where.endswith("'") else f"{where}.{key}")
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            _refuse_non_finite(item, f"{where[:-1]}[{position}]'" if where.endswith("'") else f"{where}[{position}]")
+
+
 def _build(cls, values: dict, source: str, prefix: str = ""):
     if not isinstance(values, dict):
         raise UllmeError(f"{source}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
@@ -173,6 +187,7 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
         if nested is not None:
             kwargs[name] = _build(nested, value or {}, source, f"{prefix}{name}.")
         else:
+            _refuse_non_finite(value, f"{source}: '{prefix}{name}'")
             kwargs[name] = _check_type(value, str(f.type), f"{source}: '{prefix}{name}'")
     if cls is ModelSection and "name" in kwargs:
         kwargs["model"] = kwargs.pop("name")
@@ -303,6 +318,35 @@ RecipeLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2's core schema for numbers: `1e-3` is a float (YAML 1.1, PyYAML's default, wants `1.0e-3` and read
+# it as a string), and 1.1's sexagesimal `1:30`, `0b1` and `1_000` are strings, as YAML 1.2 reads them.
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in RecipeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
+)
+
+
+def _construct_int(loader, node):
+    """YAML 1.2 integers: decimal, 0o octal, 0x hex (PyYAML's own reads 1.1's forms, and `010` as octal)."""
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 16) if text.startswith("0x") else int(text, 10)
+
+
+def _construct_float(loader, node):
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def read_yaml(text: str):

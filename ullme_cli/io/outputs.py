@@ -38,7 +38,44 @@ def current_umask() -> int:
 
 def real_path(path: str | Path) -> Path:
     """The path with `~` expanded and every symlink resolved, the last component included."""
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:  # Python before 3.13 raises this for a loop; later ones an OSError (ELOOP)
+        raise UllmeError(f"{path}: its symbolic links form a loop; remove the link or name another path") from None
+    except OSError as e:
+        raise UllmeError(f"{path}: cannot resolve this path ({e.strerror or e})") from None
+
+
+def require_output_path(path: str | Path) -> str | Path:
+    """An output path that names something: `-o ''` would otherwise mean the working folder."""
+    if not str(path).strip():
+        raise UllmeError("the output path is empty; name a file or folder (or - for stdout where the command writes one)")
+    return path
+
+
+def disk_full(error: BaseException, folder: Path) -> str | None:
+    """Why a write into `folder` failed for lack of space, or None when it did not: ENOSPC/EDQUOT, or any
+    write error (numpy's "N requested and M written", faiss's RuntimeError) while the filesystem has no
+    free block left. Asked before the failed write's partial file is removed."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return error.strerror or "no space left on device"
+    if isinstance(error, (OSError, RuntimeError)):
+        try:
+            if os.statvfs(folder).f_bavail == 0:
+                return "no space left on device"
+        except OSError:
+            return None
+    return None
+
+
+def _cleanup_and_raise(error: BaseException, target: Path, folder: Path, cleanup) -> None:
+    """Remove a failed write's partial output; a full disk becomes one line that names the output."""
+    full = disk_full(error, folder)
+    cleanup()
+    if full is not None:
+        raise UllmeError(f"{target}: could not be written: {full}; nothing was left behind (free some space and run again)") from None
 
 
 def local_input(name: str | Path | None) -> Path | None:
@@ -86,7 +123,7 @@ def guard_output(
     for out in outputs:
         if str(out) == STDIO:
             continue
-        target = real_path(out)
+        target = real_path(require_output_path(out))
         for name, source in sources:
             relation = _relation(target, source)
             if relation == "holds the input" and may_hold_inputs:
@@ -156,8 +193,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         _apply_umask(Path(tmp))
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        _cleanup_and_raise(error, target, target.parent, lambda: Path(tmp).unlink(missing_ok=True))
         raise
 
 
@@ -171,8 +208,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     try:
         yield staging
         commit_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        _cleanup_and_raise(error, target, target.parent, lambda: shutil.rmtree(staging, ignore_errors=True))
         raise
 
 

@@ -20,6 +20,7 @@ import csv
 import io
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -236,6 +237,8 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
         else:
             if not Path(path).is_file():
                 raise located(path, None, "file not found")
+            if fmt == "parquet" and _parquet_rows(path) == 0:
+                return  # a valid file with no rows: the caller says "no texts found" (datasets cannot load one)
             table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except UllmeError:
         raise
@@ -247,6 +250,16 @@ def _table_rows(path: str, fmt: str) -> Iterator[tuple[Where, dict]]:
         raise UllmeError(f"{path}: cannot read it as {fmt} ({reason})") from None
     for number, row in enumerate(table, start=1):
         yield Where(path, number, "row"), row
+
+
+def _parquet_rows(path: str) -> int | None:
+    """The row count a parquet file's footer states; None when the footer cannot be read (datasets then says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - not parquet: the load below reports it in one line
+        return None
 
 
 def read_json_object(path: str | Path) -> dict:
@@ -272,7 +285,27 @@ def parse_json_line(where: str, line: str) -> dict:
         raise UllmeError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
         raise UllmeError(f"{where}: expected a JSON object")
+    if SURROGATE_ESCAPE.search(line):  # only a \uD800-\uDFFF escape can put a lone surrogate into a parsed row
+        for key, value in row.items():
+            if (position := lone_surrogate(value)) is not None:
+                raise UllmeError(f"{where}: field '{key}' holds a lone surrogate ({position}), which is not Unicode text")
     return row
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(value) -> str | None:
+    """Where a string (or the strings of a list or mapping) holds a surrogate code point with no partner, as
+    `U+D800 at character 3`; None when it holds none. JSON's escapes can spell one; no encoder can write it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"U+{ord(value[e.start]):04X} at character {e.start}"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for item in items if (found := lone_surrogate(item)) is not None), None)
 
 
 def missing(value) -> bool:

@@ -14,20 +14,27 @@ class DistillationLoss(nn.Module):
     negative borrowed from another row's positive, when the row had too few of its own) is left out of both
     softmaxes; a row with fewer than two scored candidates contributes nothing.
 
-    Inputs: student_scores (B, U), teacher_scores (B, U) with NaN where there is no teacher score.
-    Returns a scalar, the mean over the rows that have at least two scored candidates (0 when none does).
+    Inputs: student_scores (B, U); teacher_scores (B, U), finite (the readers refuse others); scored (B, U),
+    True where the candidate has a teacher score (its teacher_scores entry is ignored elsewhere). A score is
+    never its own "missing" marker: a NaN teacher score would otherwise drop out in silence.
+    The teacher's softmax runs in float64 after subtracting each row's largest score, so scores as large as
+    ±1e308 give a finite loss. Returns a scalar, the mean over the rows that have at least two scored
+    candidates (0 when none does).
     """
 
     def __init__(self, temperature: float = 0.05, teacher_temperature: float = 0.05):
         super().__init__()
         self.temperature, self.teacher_temperature = temperature, teacher_temperature
 
-    def forward(self, student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
-        scored = ~torch.isnan(teacher_scores)
+    def forward(self, student_scores: torch.Tensor, teacher_scores: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         rows = scored.sum(-1) >= 2
         if not bool(rows.any()):
             return student_scores.sum() * 0.0  # keeps the graph, so every process still backpropagates
         log_s = (student_scores.float() / self.temperature).masked_fill(~scored, float("-inf")).log_softmax(-1)
-        log_t = (teacher_scores.float().nan_to_num(0.0) / self.teacher_temperature).masked_fill(~scored, float("-inf")).log_softmax(-1)
-        per_candidate = torch.where(scored, log_t.exp() * (log_t - log_s), torch.zeros_like(log_s))
-        return per_candidate.sum(-1)[rows].mean()
+        teacher = teacher_scores.double().masked_fill(~scored, float("-inf"))
+        shifted = (teacher - teacher.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)) / self.teacher_temperature
+        log_t = shifted.masked_fill(~scored, float("-inf")).log_softmax(-1)
+        p_t = log_t.exp()
+        kept = scored & (p_t > 0)  # a candidate the teacher gives no mass adds nothing (not 0 * -inf)
+        per_candidate = torch.where(kept, p_t * (log_t - log_s.double()), torch.zeros_like(p_t))
+        return per_candidate.sum(-1)[rows].mean().to(student_scores.dtype if student_scores.is_floating_point() else torch.float32)

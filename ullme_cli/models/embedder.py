@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # Padded tokens per encode batch. On a 2-core CPU, 1536 encoded the demo corpus about 1.4x faster than
 # 8192 and 5% faster than 2048, and was as fast as any on 180-token texts (docs/benchmarks.md). GPUs want
 # big batches; 16384 is a guess that no GPU has checked yet.
+# The fewest tokens an instruction must leave for the text within max_length: a query instruction that
+# fills max_length would cut every text away and give every query the same vector.
+MIN_TEXT_TOKENS = 8
 CPU_TOKEN_BUDGET = 1536
 GPU_TOKEN_BUDGET = 16384
 
@@ -181,6 +184,9 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         embedder.base_record = {"model": str(local.resolve()) if local.exists() else setup.model, "fingerprint": fingerprint}
     elif base:  # an adapter-only folder trained further references the same base
         embedder.base_record = adapter_record(folder)
+    for kind in ("query", "passage"):  # an instruction that leaves no room for the text fails before any work
+        if prefix := embedder.instruction_prefix(kind):
+            embedder.require_room_for_text(prefix)
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     if runtime.compile is None:
@@ -237,6 +243,10 @@ class Embedder:
         self.base_record: dict | None = None
         # The sizes a Matryoshka run trained its vectors to work at (None: the full size); None: not such a run.
         self.matryoshka_dims: list[int | None] | None = None
+        # Texts cut at max_length by this embedder's tokenizer, and the tokens cut: every command reports them.
+        self.cut_texts = 0
+        self.cut_tokens = 0
+        self._prefix_tokens: dict[str, int] = {}
 
     def untrained_size(self, dim: int | None) -> str | None:
         """Why vectors cut to `dim` were not trained to work at that size (None: they were, or no cut)."""
@@ -406,6 +416,8 @@ class Embedder:
         cut at `max_length` tokens (default: the setup's); a larger limit lets a caller see which are over."""
         add_eos = self.setup.pooling == "last-token"
         eos = self.tokenizer.eos_token_id
+        if prefix:
+            self.require_room_for_text(prefix)
         max_length = (max_length or self.setup.max_length) - (1 if add_eos else 0)
         encoded = self.tokenizer(
             [prefix + t for t in texts],
@@ -427,7 +439,31 @@ class Embedder:
             if add_eos and (not ids or ids[-1] != eos):
                 ids = ids + [eos]  # some tokenizers stop appending EOS; last-token pooling needs it
             result.append(Tokenized(list(ids), n_instruction))
+        for encoding in getattr(encoded, "encodings", None) or ():  # a fast tokenizer keeps what truncation cut
+            if encoding.overflowing:
+                self.cut_texts += 1
+                self.cut_tokens += sum(len(o.ids) - sum(o.special_tokens_mask) for o in encoding.overflowing)
         return result
+
+    def require_room_for_text(self, prefix: str) -> None:
+        """Refuse an instruction that leaves fewer than MIN_TEXT_TOKENS of max_length for the text."""
+        if prefix not in self._prefix_tokens:
+            alone = self.tokenizer(prefix, add_special_tokens=True)["input_ids"]
+            special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+            self._prefix_tokens[prefix] = len(alone) - (1 if alone and alone[-1] in special and len(alone) > 1 else 0)
+        used = self._prefix_tokens[prefix] + (1 if self.setup.pooling == "last-token" else 0)
+        if self.setup.max_length - used < MIN_TEXT_TOKENS:
+            raise UllmeError(f"the instruction {prefix[:60]!r}{'...' if len(prefix) > 60 else ''} takes {used} of max_length "
+                             f"{self.setup.max_length} tokens, leaving {self.setup.max_length - used} for the text (at least "
+                             f"{MIN_TEXT_TOKENS} are needed): raise --max-length or shorten the instruction")  # fmt: skip
+
+    def report_truncation(self, command: str) -> None:
+        """A command's summary line of what max_length cut: a warning when it cut anything (a text's end is
+        then invisible to its vector), an info line otherwise."""
+        if self.cut_texts:
+            log.warning(f"{command}: {self.cut_texts} text(s) cut at max_length {self.setup.max_length} ({self.cut_tokens} tokens dropped)")
+        else:
+            log.info(f"{command}: no text was cut at max_length {self.setup.max_length}")
 
     def collate(self, items: Sequence[Tokenized], packed: bool = False) -> Batch:
         """A padded batch; with `packed`, also the same texts packed into rows as long as the longest text

@@ -217,7 +217,12 @@ def adapter_base(folder: Path) -> str | None:
         return None
     if adapter_files(folder) is None:
         raise UllmeError(f"{Path(folder) / 'adapter_config.json'}: missing: {folder} names a base model, so it must hold its LoRA adapter")
-    source = resolve_model_source(record["model"])
+    try:
+        source = resolve_model_source(record["model"])
+    except UllmeError as e:
+        raise UllmeError(f"{folder}: this adapter-only folder's base model {record['model']} cannot be loaded ({str(e).removeprefix(record['model'] + ': ')}); "
+                         f"restore that base (weights fingerprint {record['fingerprint'][:12]}) at that path, or use a merged export "
+                         "(`ullme export --merge`)") from None  # fmt: skip
     found = model_fingerprint(source)
     if found != record["fingerprint"]:
         raise UllmeError(f"{folder}: its adapter was trained on {record['model']} with weights fingerprint {record['fingerprint'][:12]}, "

@@ -196,6 +196,7 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
         short += len(chosen) < options.negatives
         example.negatives = kept + chosen
         example.extra = {k: v for k, v in example.extra.items() if k not in STALE_FIELDS}
+    embedder.report_truncation("mine")
     if options.teacher:
         del embedder  # one model in memory at a time
         # mining scored these candidates with its own model; the teacher's scores are what distill reads

@@ -119,11 +119,14 @@ def require_query_agreement(embedder, manifest: dict, what: str) -> None:
                       "the index's queries", SAME_VECTORS)  # fmt: skip
 
 
-def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool):
-    """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says."""
+def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool,
+                  check_ids=lambda ids, source: None):  # fmt: skip
+    """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says. `check_ids`
+    sees the query ids (and where they come from) before any query is encoded."""
     expected = index_query_record(manifest)
     if embeddings is not None:
         matrix, qids, meta = load_embeddings(embeddings)
+        check_ids(qids, embeddings)
         require_agreement(meta, expected, embeddings, "the index's queries", SAME_VECTORS)
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
@@ -132,6 +135,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     from ullme_cli.models.embedder import load_embedder
 
     records = read_corpus(queries, input_format)
+    check_ids([r.id for r in records], queries)
     # The manifest's setup, fingerprint included: a model whose files changed since indexing is refused. The
     # queries are encoded in the dtype the passages were, unless the user names one (then it must agree).
     embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(manifest["compute_dtype"] if dtype == "auto" else dtype, device))
@@ -142,6 +146,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
         for start in range(0, len(texts), QUERY_BATCH):
             parts.append(embedder.encode(texts[start : start + QUERY_BATCH], kind="query"))
             advance(len(parts[-1]))
+    embedder.report_truncation("search")
     return [r.id for r in records], as_index_queries(np.concatenate(parts), manifest)
 
 
@@ -170,13 +175,19 @@ def search(
     device: str = "auto",
     show_progress: bool = True,
     instruction: str | None = None,
+    fmt: str = "jsonl",
 ) -> Iterator[tuple[str, list[tuple[str, float]]]]:
-    """Yield (query id, [(doc id, score), ...]) in query order. `instruction` overrides the manifest's."""
+    """Yield (query id, [(doc id, score), ...]) in query order. `instruction` overrides the manifest's.
+    For `fmt` trec, every query and document id is checked before the first query is searched."""
     if k < 1:
         raise UllmeError(f"-k must be at least 1, got {k}")
     opened = open_indexes(index_folders, mmap)
     manifest = opened[0].manifest if instruction is None else {**opened[0].manifest, "query_instruction": instruction}
-    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress)
+    if fmt == "trec":
+        for o in opened:
+            refuse_trec_ids(o.ids, "document", o.folder)
+    check_ids = (lambda ids, source: refuse_trec_ids(ids, "query", source)) if fmt == "trec" else (lambda ids, source: None)
+    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress, check_ids)
     yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress)
 
 
@@ -207,6 +218,15 @@ def search_opened(
                 ]
                 yield qids[start + row], hits
             advance(len(batch))
+
+
+def refuse_trec_ids(ids, what: str, source) -> None:
+    """A TREC run is split on whitespace: an id holding any (or an empty one) would shift the columns that
+    trec_eval reads, so it is refused by name rather than written."""
+    for value in ids:
+        if not value or any(c.isspace() for c in value):
+            raise UllmeError(f"{source}: {what} id {value!r} is empty or holds whitespace, which a TREC run cannot carry "
+                             "(its columns are split on whitespace); use --format jsonl, or ids without spaces")  # fmt: skip
 
 
 def format_hits(qid: str, hits: list[tuple[str, float]], fmt: str, tag: str = "ullme") -> str:

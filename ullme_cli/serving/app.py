@@ -9,6 +9,12 @@ Endpoints (docs/guide.md "Serve"):
 
 Every error has OpenAI's shape, `{"error": {"message", "type", "code"}}`, with a 4xx status for bad input;
 an unexpected failure is a 500 whose body holds no traceback (it goes to the server's log).
+
+Bounded under any request (serving/limits.py): `BodyLimit` counts a body's bytes as they arrive, whatever
+the framing, and holds at most `max_buffered_bytes` over all requests; texts are counted and checked before
+they are tokenized, and tokenized off the event loop, one request at a time, with at most
+`max_tokenizing_chars` waiting, so /health answers while a large request is cut into tokens. A request
+that has entered the app before SIGTERM finishes: shutdown waits for it before the batcher closes.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import base64
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Literal, Union
 
 import numpy as np
 
 from ullme_cli.errors import UllmeError
+from ullme_cli.io.rows import lone_surrogate
 from ullme_cli.serving.batcher import Batcher, Closed, Overloaded
-from ullme_cli.serving.server import Limits
+from ullme_cli.serving.limits import Limits
 
 try:
     from fastapi import FastAPI, Request
@@ -49,6 +57,57 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "code": code, "param": None}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: reads each request's body as it arrives and counts its bytes, so a chunked body is
+    bounded exactly as one with a Content-Length. Past `limit` bytes it answers 413 and reads no more; when
+    the bodies held over all requests would pass `budget` bytes, 503. The app reads the body from memory."""
+
+    def __init__(self, app, limit: int, budget: int, retry_after: int):
+        self.app, self.limit, self.budget, self.retry_after = app, limit, budget, retry_after
+        self.held = 0  # bytes of bodies being read or handled now, over all requests
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(scope, receive, send, 413, f"request body of {int(declared)} bytes is over the limit of {self.limit}", "request_too_large")
+        chunks, size = [], 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body = message.get("body", b"")
+                if size + len(body) > self.limit:
+                    return await self.refuse(scope, receive, send, 413, f"request body is over the limit of {self.limit} bytes", "request_too_large")
+                if self.held + len(body) > self.budget:
+                    return await self.refuse(scope, receive, send, 503, "too many request bodies in memory at once; retry later", "overloaded",
+                                             {"Retry-After": str(self.retry_after)})  # fmt: skip
+                self.held += len(body)
+                size += len(body)
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+            whole, chunks = b"".join(chunks), None
+            delivered = False
+
+            async def replay():
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": whole, "more_body": False}
+                return await receive()  # then the disconnect, when the client goes away
+
+            await self.app(scope, replay, send)
+        finally:
+            self.held -= size
+
+    @staticmethod
+    async def refuse(scope, receive, send, status: int, message: str, code: str, headers: dict | None = None) -> None:
+        await error_response(status, message, "server_error" if status >= 500 else "invalid_request_error", code, headers)(scope, receive, send)
 
 
 class EmbeddingRequest(BaseModel):
@@ -102,7 +161,13 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
     from ullme_cli.artifacts import truncate
 
     indexes = indexes or []
-    state: dict = {}
+    state: dict = {"in_flight": 0, "tokenizing_chars": 0}
+    # One thread tokenizes: a fast tokenizer's truncation settings are shared state, and the event loop stays free.
+    tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ullme-tokenize")
+    # An upper bound of the characters one token covers: a text longer than max_length times this (with room
+    # for normalizers that compose characters) is over max_length without being tokenized.
+    longest_token = max((len(t) for t in embedder.tokenizer.get_vocab()), default=1)
+    surely_over = embedder.setup.max_length * longest_token * 4
 
     @asynccontextmanager
     async def lifespan(app):
@@ -110,23 +175,33 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
                                    on_batch=lambda texts, tokens: metrics.batch(texts, tokens))  # fmt: skip
         try:
             yield
-        finally:  # uvicorn has finished the requests in flight; the queue is empty by now
+        finally:
+            # Every request that entered the app before the signal finishes first (bounded by the timeout),
+            # whatever uvicorn's own wait covered; then the batcher takes no more and drains.
+            deadline = time.monotonic() + limits.timeout
+            while state["in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             await asyncio.get_running_loop().run_in_executor(None, state["batcher"].close)
+            tokenizer_thread.shutdown(wait=False)
 
     metrics = Metrics(lambda: state["batcher"].depth if "batcher" in state else 0)
     app = FastAPI(title="ullme", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     open_paths = {"/health"}
 
+    # Added first, so it runs inside `guard`: a request is keyed before its body is read, and counted.
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes, budget=limits.max_buffered_bytes, retry_after=limits.retry_after)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         started, endpoint = time.perf_counter(), request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
-            response = error_response(413, f"request body of {length} bytes is over the limit of {limits.max_request_bytes}", code="request_too_large")
-        elif api_key is not None and endpoint not in open_paths and not _key_matches(request.headers.get("authorization"), api_key):
+        if api_key is not None and endpoint not in open_paths and not _key_matches(request.headers.get("authorization"), api_key):
             response = error_response(401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key")
         else:
-            response = await call_next(request)
+            state["in_flight"] += 1
+            try:
+                response = await call_next(request)
+            finally:
+                state["in_flight"] -= 1
         known = endpoint if endpoint in ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics") else "other"
         metrics.requests.labels(known, str(response.status_code)).inc()
         metrics.latency.labels(known).observe(time.perf_counter() - started)
@@ -164,15 +239,13 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
             raise ApiError(400, "field 'input': the list is empty")
         if len(texts) > limits.max_inputs:
             raise ApiError(413, f"{len(texts)} inputs in one request; at most {limits.max_inputs}", code="too_many_inputs")
-        items = embedder.tokenize(texts, kind, max_length=embedder.setup.max_length + 1)
-        over = [i for i, item in enumerate(items) if len(item.ids) > embedder.setup.max_length]
-        if over and not limits.truncate:
-            raise ApiError(413, f"input {over[0]} is longer than the model's {embedder.setup.max_length} tokens "
-                                f"({len(over)} input(s) over; the server was started without --truncate)", code="input_too_long")  # fmt: skip
-        if over:
-            cut = embedder.tokenize([texts[i] for i in over], kind)
-            for i, item in zip(over, cut):
-                items[i] = item
+        for i, text in enumerate(texts):
+            if (where := lone_surrogate(text)) is not None:
+                raise ApiError(400, f"field 'input'[{i}] holds a lone surrogate ({where}), which is not Unicode text", code="invalid_value")
+            if not limits.truncate and len(text) > surely_over:
+                raise ApiError(413, f"input {i} is longer than the model's {embedder.setup.max_length} tokens "
+                                    "(the server was started without --truncate)", code="input_too_long")  # fmt: skip
+        items = await tokenized(texts, kind)
         task = asyncio.ensure_future(state["batcher"].embed(items))
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
@@ -191,6 +264,29 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
                            headers={"Retry-After": str(limits.retry_after)}) from None  # fmt: skip
         except Closed as e:
             raise ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": str(limits.retry_after)}) from None
+
+    async def tokenized(texts: list[str], kind: str) -> list:
+        """The texts' tokens, computed on the tokenizer thread; an over-long text is a 413 unless --truncate."""
+        size = sum(len(t) for t in texts)
+        if state["tokenizing_chars"] + size > limits.max_tokenizing_chars:
+            raise ApiError(503, "too much text waiting to be tokenized; retry later", type="server_error", code="overloaded",
+                           headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
+        state["tokenizing_chars"] += size
+        try:
+            return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, tokenize_within_limits, texts, kind)
+        finally:
+            state["tokenizing_chars"] -= size
+
+    def tokenize_within_limits(texts: list[str], kind: str) -> list:
+        items = embedder.tokenize(texts, kind, max_length=embedder.setup.max_length + 1)
+        over = [i for i, item in enumerate(items) if len(item.ids) > embedder.setup.max_length]
+        if over and not limits.truncate:
+            raise ApiError(413, f"input {over[0]} is longer than the model's {embedder.setup.max_length} tokens "
+                                f"({len(over)} input(s) over; the server was started without --truncate)", code="input_too_long")  # fmt: skip
+        if over:
+            for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
+                items[i] = item
+        return items
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):

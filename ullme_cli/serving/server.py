@@ -11,23 +11,12 @@ import ipaddress
 import logging
 import os
 import signal
-from dataclasses import dataclass
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import ModelSetup, Runtime
+from ullme_cli.serving.limits import Limits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_inputs: int = 2048  # texts per request (OpenAI's limit)
-    max_request_bytes: int = 8 * 2**20
-    truncate: bool = False  # over-long inputs: 413, or cut to the model's max_length as `ullme encode` does
-    timeout: float = 60.0  # seconds a request may wait for its vectors
-    max_queue: int = 8192  # texts waiting for a batch, over all requests
-    max_wait: float = 0.005  # seconds the first text of a batch waits for others
-    retry_after: int = 1  # seconds, in the 503 answer to overload
 
 
 def is_loopback(host: str) -> bool:
@@ -91,7 +80,8 @@ def serve(
     app = build_app(embedder, name, opened, limits, api_key, token_budget)
     timeout = limits.timeout
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=int(timeout) + 5, server_header=False)  # fmt: skip
+                            timeout_graceful_shutdown=int(timeout) + 5, server_header=False,
+                            limit_concurrency=limits.max_connections)  # fmt: skip
     log.info(f"serving {name} on http://{host}:{port} (POST /v1/embeddings{', /v1/search' if opened else ''}; GET /health, /v1/models, /metrics)")
     # uvicorn raises the signal again once its graceful shutdown is over, through the handler that was in
     # place before it: for SIGTERM that is this one, so a server stopped cleanly exits 0, not -15.

@@ -27,6 +27,7 @@ import numpy as np
 
 from ullme_cli.data import StreamedExamples, TrainingExample, cluster_key, read_training_examples
 from ullme_cli.errors import UllmeError
+from ullme_cli.io.rows import detect_format
 
 SOURCE_KEYS = ("path", "max_rows", "weight", "instruction", "generation_instruction", "in_batch_negatives", "stream")
 # A jsonl source this large is read as a stream (data.StreamedExamples) unless its `stream` says otherwise.
@@ -92,6 +93,9 @@ def parse_sources(values, where: str) -> list[Source]:
         for name, ok in checks.items():
             if name in entry and not ok(entry[name]):
                 raise UllmeError(f"{where}: '{key}.{name}' has an invalid value {entry[name]!r}")
+        if entry.get("stream") and (kind := detect_format(entry["path"])) in ("tsv", "text", "csv", "parquet", "dataset"):
+            raise UllmeError(f"{where}: '{key}.stream' is true, but streaming reads jsonl files only and {entry['path']} is {kind}; "
+                             "drop `stream` (the source is then read into memory) or convert it to jsonl")  # fmt: skip
         sources.append(Source(**{k: entry[k] for k in SOURCE_KEYS if k in entry}))
     names = [s.name for s in sources]
     if len(set(names)) < len(names):
@@ -220,6 +224,17 @@ class Batching:
             raise UllmeError(f"train.batching must be one of {', '.join(BATCHINGS)}, got '{mode}'")
         self.mixture, self.batch_size, self.seed, self.world = mixture, batch_size, seed, world
         self.same_source = mode == "same-source" or (mode == "auto" and len(mixture.sources) > 1)
+        # A batch drawn from fewer rows than it holds repeats rows, and each copy is the others' in-batch
+        # negative: the loss then pushes a text away from itself. Refused rather than trained on in silence.
+        needed = batch_size * world
+        sizes = [(s.name, stop - start) for s, (start, stop) in zip(mixture.sources, mixture.ranges)] if self.same_source \
+            else [(", ".join(s.name for s in mixture.sources), len(mixture.examples))]  # fmt: skip
+        for name, rows in sizes:
+            if rows < needed:
+                per = f"train.batch_size {batch_size} x {world} processes" if world > 1 else f"train.batch_size {batch_size}"
+                how = "each batch is drawn from one source" if self.same_source and len(mixture.sources) > 1 else "a batch holds distinct rows"
+                raise UllmeError(f"data source {name}: {rows} training row(s), fewer than {per} ({how}); "
+                                 "add rows or lower train.batch_size")  # fmt: skip
         weights = np.array([s.weight for s in mixture.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
         self._drawn: list[int] = []  # the source of steps 0, 1, ... (drawn once, then reused)

@@ -148,16 +148,20 @@ class StepLoss:
         ids = [-1 if v is None else int(hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:15], 16) for v in values]
         return torch.tensor(ids, dtype=torch.long, device=self.embedder.device)
 
-    def teacher_scores(self, batch: list[TrainingExample], positives: list[str], negatives: list[list[str]]) -> torch.Tensor:
+    def teacher_scores(self, batch: list[TrainingExample], positives: list[str], negatives: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's score of each row's drawn candidates (positive first), from the row's `pos_scores`
-        and `neg_scores`; NaN where there is none (a borrowed negative, a row without scores)."""
-        rows = []
+        and `neg_scores`, and a mask of the candidates that have one (not a borrowed negative, not a row
+        without scores). Missing is the mask's word, never a value: a score is any finite number."""
+        rows, scored = [], []
         for ex, positive, row in zip(batch, positives, negatives):
             known = dict(zip(ex.negatives, ex.extra.get("neg_scores") or []))
             known.update(zip(ex.positives, ex.extra.get("pos_scores") or []))
             borrowed = set(row) - set(ex.negatives)  # other rows' positives, standing in for missing negatives
-            rows.append([known.get(positive, float("nan"))] + [float("nan") if t in borrowed else known.get(t, float("nan")) for t in row])
-        return torch.tensor(rows, dtype=torch.float32, device=self.embedder.device)
+            candidates = [(positive, positive in known)] + [(t, t not in borrowed and t in known) for t in row]
+            rows.append([known[t] if has else 0.0 for t, has in candidates])
+            scored.append([has for _, has in candidates])
+        device = self.embedder.device
+        return torch.tensor(rows, dtype=torch.float64, device=device), torch.tensor(scored, dtype=torch.bool, device=device)
 
     def own_only(self, batch: list[TrainingExample]) -> torch.Tensor | None:
         """Rows whose source has `in_batch_negatives: false`; None when every row takes in-batch negatives."""
@@ -173,7 +177,7 @@ class StepLoss:
         if "contrastive" in w:
             parts["contrastive"] = on_trained_sizes(lambda q, p, n: t["contrastive"](q, p, n.reshape(-1, n.shape[-1]), groups, own_only), q, p, neg)
         if "distill" in w:
-            parts["distill"] = on_trained_sizes(lambda q, p, n: t["distill"](candidate_scores(q, p, n), teacher), q, p, neg)
+            parts["distill"] = on_trained_sizes(lambda q, p, n: t["distill"](candidate_scores(q, p, n), *teacher), q, p, neg)
         if "kl" in w:
             parts["kl"] = t["kl"](candidate_scores(q, p, neg), generation_means)
         if "simcse" in w:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -320,6 +321,7 @@ class Run:
     batching: object = None
     scheduler: object = None
     step: int = 0
+    skipped_steps: int = 0  # fp16: steps the loss scaler skipped for a gradient that overflowed
 
     @property
     def sharded(self) -> bool:
@@ -344,6 +346,8 @@ def _finetune_locked(recipe: Recipe, out: Path, resume: bool, show_progress: boo
             training_seconds += time.perf_counter() - started
             record = {"step": run.step, "loss": loss, **parts, "lr": run.scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "steps_per_s": (run.step - first_step) / max(training_seconds, 1e-9)}  # fmt: skip
+            if run.scaler is not None:
+                record["skipped_steps"] = run.skipped_steps
             log_and_checkpoint(run, record)
             advance(1, loss=loss, **parts)
     return finish(run)
@@ -355,7 +359,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     from accelerate import Accelerator
 
     from ullme_cli.models.embedder import load_embedder
-    from ullme_cli.training.mixture import read_mixture
+    from ullme_cli.training.mixture import Batching, read_mixture
     from ullme_cli.training.step import StepLoss
 
     t = recipe.train
@@ -398,6 +402,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
         t = options_from_accelerate(accelerator.state.fsdp_plugin, t)
         if eval_tasks:
             raise UllmeError("eval.task_dir and eval.sts are not run under FSDP yet; evaluate the final model with `ullme evaluate`")
+    batching = Batching(mixture, t.batch_size, t.seed, t.batching, accelerator.num_processes)  # refuses a source smaller than a batch
     torch.manual_seed(t.seed)
     embedder = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device=str(accelerator.device)))
     base_fingerprint = embedder.setup.fingerprint
@@ -419,7 +424,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
     # A recipe the model cannot take (a Matryoshka size above its own) is refused here, before anything is written.
     loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
-    return Run(recipe, out, t, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn)
+    return Run(recipe, out, t, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn, batching)
 
 
 def resume_run(run: Run, resume: bool) -> bool:
@@ -430,8 +435,6 @@ def resume_run(run: Run, resume: bool) -> bool:
     newest good one, of the same inputs, and saves the same model. A finished model with nothing to check it
     against is an error. Returns whether the run is finished already (nothing to train or write)."""
     from transformers import get_cosine_schedule_with_warmup
-
-    from ullme_cli.training.mixture import Batching
 
     t, accelerator, out = run.train, run.accelerator, run.out
     if resume and accelerator.is_main_process:
@@ -450,7 +453,6 @@ def resume_run(run: Run, resume: bool) -> bool:
         for group in run.optimizer.param_groups:  # the schedule below is replayed from the start: it needs the base lr
             group["lr"] = group["initial_lr"] = t.learning_rate
         log.info(f"resuming from {checkpoint} (step {run.step})")
-    run.batching = Batching(run.mixture, t.batch_size, t.seed, t.batching, accelerator.num_processes)
     run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, t.warmup_steps, t.steps, last_epoch=-1)
     with warnings.catch_warnings():  # fast-forwarding a fresh scheduler to the resumed step is not a misuse
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -483,22 +485,50 @@ def train_step(run: Run) -> tuple[float, dict[str, float], float]:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
         reduced = accelerator.reduce(torch.tensor([loss, *parts.values()], device=accelerator.device), reduction="mean")
         loss, parts = float(reduced[0]), dict(zip(parts, reduced[1:].tolist()))  # log the global means
+    refuse_non_finite_loss(run.step + 1, loss, parts)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     # max_grad_norm 0 means no clipping (the norm is still logged); clipping to 0 would zero every gradient.
     grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
+    if not math.isfinite(float(grad_norm)):
+        if run.scaler is None:
+            raise UllmeError(f"step {run.step + 1}: the gradient is not finite (norm {float(grad_norm)}; loss {loss:.6g}, "
+                             f"{', '.join(f'{k} {v:.6g}' for k, v in parts.items())}); stopped before the optimizer step, so the "
+                             "last checkpoint stays as it was and no model is saved")  # fmt: skip
+        run.skipped_steps += 1  # fp16: the scaler skips this step and shrinks its scale (counted in metrics.jsonl)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)  # skips the step when a gradient overflowed, and shrinks the scale
         run.scaler.update()
     else:
         run.optimizer.step()
+    if not all_finite(params.values(), accelerator):
+        raise UllmeError(f"step {run.step + 1}: the optimizer step left weights that are not finite (train.learning_rate "
+                         f"{t.learning_rate:g}); the last checkpoint stays as it was and no model is saved")  # fmt: skip
     with warnings.catch_warnings():  # a scaler's skipped step is not a misordered scheduler
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         run.scheduler.step()
     run.step += 1
     return loss, parts, float(grad_norm)
+
+
+def refuse_non_finite_loss(step: int, loss: float, parts: dict[str, float]) -> None:
+    """A NaN or infinite loss stops the run, naming the step and the components that are not finite,
+    before its gradients reach the weights."""
+    bad = {name: value for name, value in parts.items() if not math.isfinite(value)}
+    if bad or not math.isfinite(loss):
+        named = ", ".join(f"{name} = {value}" for name, value in bad.items()) or f"loss = {loss}"
+        raise UllmeError(f"step {step}: the loss is not finite ({named}); stopped before the optimizer step, so the last "
+                         "checkpoint stays as it was and no model is saved")  # fmt: skip
+
+
+def all_finite(tensors, accelerator) -> bool:
+    """Whether every element of `tensors` is finite, on every process (an FSDP shard checks its own part)."""
+    bad = sum(int((~torch.isfinite(getattr(p, "to_local", lambda: p)().detach())).sum()) for p in tensors)
+    if accelerator.num_processes > 1:
+        bad = int(accelerator.reduce(torch.tensor([bad], device=accelerator.device), reduction="sum")[0])
+    return bad == 0
 
 
 def log_and_checkpoint(run: Run, record: dict) -> None:
@@ -526,6 +556,8 @@ def log_and_checkpoint(run: Run, record: dict) -> None:
 def finish(run: Run) -> dict:
     """Save the final model (gathered from the shards under FSDP) with its training record, and draw the curves."""
     recipe, accelerator, embedder, out = run.recipe, run.accelerator, run.embedder, run.out
+    if accelerator.is_main_process:
+        embedder.report_truncation("finetune")
     embedder.model.eval()
     if run.sharded:  # gathered on rank 0 (a collective), which saves a plain copy
         from ullme_cli.training.sharding import gather_full_weights, unsharded_copy
