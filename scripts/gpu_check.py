@@ -108,7 +108,7 @@ def check_fp16_resume(folder: Path, work: Path) -> str:
     from ullme_cli.training.trainer import finetune
 
     recipe = {
-        "output_dir": str(work / "run"), "model": {"name": str(folder), "max_length": 32},
+        "output_dir": str(work / "run"), "model": {"name": str(folder), "max_length": 64},
         "lora": {"r": 2, "alpha": 4, "dropout": 0.1}, "data": {"train": str(REPO / "ullme_cli/resources/trecqa-train/train.jsonl")},
         "loss": {"strategy": "grl"},
         "train": {"steps": 10, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 1, "keep_checkpoints": 10,
@@ -142,7 +142,7 @@ def check_fsdp(folder: Path, work: Path) -> str:
 
     def run(name: str, steps: int = 4, **train) -> Path:
         recipe = {
-            "output_dir": str(work / name), "model": {"name": str(folder), "max_length": 32},
+            "output_dir": str(work / name), "model": {"name": str(folder), "max_length": 64},
             "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"train": str(REPO / "ullme_cli/resources/trecqa-train/train.jsonl")},
             "loss": {"strategy": "grl"},
             "train": {"steps": steps, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 2, "keep_checkpoints": 5, "learning_rate": 1e-3, **train},

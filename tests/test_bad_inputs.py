@@ -476,7 +476,7 @@ CASES = [
     ("finetune-data-alias-clash", ["finetune", "{d}/recipe.yaml", "--set", "data.train={d}/t.jsonl"], lambda d, s: (recipe()(d, s), write("t.jsonl", '{"query": "q", "question": "r", "positive": "p"}\n')(d, s)), "fields 'query' and 'question'"),
     ("finetune-output-holds-a-source", ["finetune", "{d}/recipe.yaml"], lambda d, s: (write("run/src.jsonl", (s / "train.jsonl").read_text())(d, s),
      (d / "recipe.yaml").write_text(recipe_text(d, s).replace(f"train: {s / 'train.jsonl'}", f"sources: [{d / 'run' / 'src.jsonl'}]"))), "holds the input"),
-    # ---------------------------------------------------------------- numbers that are not finite (design.md §9)
+    # ---------------------------------------------------------------- numbers that are not finite (design.md §11)
     ("finetune-learning-rate-inf", ["finetune", "{d}/recipe.yaml", "--set", "train.learning_rate=.inf"], recipe(), "'train.learning_rate': must be a finite number, got inf"),
     ("finetune-dry-run-learning-rate-nan", ["finetune", "{d}/recipe.yaml", "--dry-run", "--set", "train.learning_rate=.nan"], recipe(), "'train.learning_rate': must be a finite number, got nan"),
     ("finetune-temperature-nan", ["finetune", "{d}/recipe.yaml"], recipe(loss__temperature=float("nan")), "'loss.temperature': must be a finite number, got nan"),

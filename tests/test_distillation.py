@@ -102,7 +102,7 @@ def test_mine_teacher_then_a_matryoshka_distill_run_records_its_sizes(tiny_llama
         np.testing.assert_allclose(row["pos_scores"], pos, atol=2e-5)
         np.testing.assert_allclose(row["neg_scores"], neg, atol=2e-5)
 
-    recipe = {"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 32},
+    recipe = {"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 64},
               "data": {"train": str(tmp_path / "mined.jsonl"), "negatives_per_query": 2},
               "loss": {"weights": {"contrastive": 1.0, "distill": 1.0}, "matryoshka_dims": [16, "full"]},
               "train": {"steps": 2, "batch_size": 4, "warmup_steps": 0}}  # fmt: skip

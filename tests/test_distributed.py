@@ -79,7 +79,7 @@ def test_two_process_finetune_equals_one_process_with_the_global_batch(tiny_llam
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
             "output_dir": str(tmp_path / name),
-            "model": {"name": str(tiny_llama), "max_length": 48},
+            "model": {"name": str(tiny_llama), "max_length": 64},
             "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
             "data": {"train": str(train), "negatives_per_query": 1},
             "loss": {"strategy": "grl"},
@@ -192,7 +192,7 @@ def fsdp_recipe(tmp_path, tiny, name: str, batch_size: int, distributed: str, lo
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / name),
-        "model": {"name": str(tiny), "max_length": 48},
+        "model": {"name": str(tiny), "max_length": 64},
         "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": str(forced_rows(tmp_path)), "negatives_per_query": 1},
         "loss": {"strategy": "grl", **({} if lora else {"reference_free": True})},

@@ -22,7 +22,7 @@ TRAIN = RESOURCES / "trecqa-train" / "train.jsonl"
 def write_recipe(tmp_path, model_name, name="r.yaml", **sections):
     recipe = {
         "output_dir": str(tmp_path / "run"),
-        "model": {"name": str(model_name), "max_length": 48},
+        "model": {"name": str(model_name), "max_length": 64},
         "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"train": str(TRAIN), "negatives_per_query": 2},
         "loss": {"strategy": "grl"},
@@ -218,7 +218,7 @@ def test_packed_training_follows_the_padded_run(tiny_llama, tmp_path):
     runs = {}
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"
-        recipe = write_recipe(tmp_path, tiny_llama, f"p{packing}.yaml", output_dir=str(out), model={"name": str(tiny_llama), "max_length": 48, "dtype": "float32"},
+        recipe = write_recipe(tmp_path, tiny_llama, f"p{packing}.yaml", output_dir=str(out), model={"name": str(tiny_llama), "max_length": 64, "dtype": "float32"},
                               lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, train={"steps": 4, "packing": packing})  # fmt: skip
         result = run_cli("finetune", recipe, "-q")
         assert result.returncode == 0, result.stderr.decode()

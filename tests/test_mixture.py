@@ -111,7 +111,7 @@ def test_a_two_source_finetune_logs_each_steps_source(tiny_llama, tmp_path):
     for name, prefix in (("qa", "who"), ("nli", "a man")):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"query": f"{prefix} {i}", "positive": f"{prefix} answer {i}"}) + "\n"
                                                         for i in range(12)))  # fmt: skip
-    recipe = {"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 32},
+    recipe = {"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 64},
               "data": [{"path": "qa.jsonl", "instruction": "Answer"}, {"path": "nli.jsonl", "in_batch_negatives": False, "weight": 2}],
               "train": {"steps": 6, "batch_size": 2, "warmup_steps": 0, "log_every": 1}}  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))

@@ -31,7 +31,7 @@ def test_a_saved_model_has_a_card_the_hub_client_reads(tiny_llama, tmp_path):
 def test_finetune_and_export_write_the_recipe_data_and_last_metrics(tiny_llama, tmp_path):
     """Also: the same run reports to TensorBoard and draws curves.png (the same numbers as metrics.jsonl)."""
     recipe = {
-        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 48},
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 64},
         "lora": {"enabled": True, "r": 4, "alpha": 8}, "data": {"train": str(TRAIN), "negatives_per_query": 1},
         "loss": {"strategy": "contrastive"}, "train": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "report_to": "tensorboard"},
         "eval": {"task_dir": str(TRECQA), "every": 0},

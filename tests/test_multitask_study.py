@@ -12,7 +12,9 @@ from conftest import REPO, RESOURCES, run_cli
 
 SICK = [("4.8", "A man is playing a guitar .", "A man plays the guitar ."), ("1.2", "A cat sleeps .", "Stocks fell sharply today ."),
         ("2.5", "A woman is cooking .", "A woman is eating ."), ("3.6", "Kids play soccer .", "Children are playing football ."),
-        ("1.0", "The sun is hot .", "He bought a new car ."), ("4.1", "A dog runs .", "A dog is running .")]  # fmt: skip
+        ("1.0", "The sun is hot .", "He bought a new car ."), ("4.1", "A dog runs .", "A dog is running ."),
+        ("3.9", "A boy reads a book .", "A child is reading ."), ("0.8", "The lake is calm .", "A man sells fruit ."),
+        ("4.5", "Two men are talking .", "Two men are having a talk .")]  # fmt: skip (9 rows: a batch of 8 holds distinct rows)
 MSRP = [("1", "He said no .", "He refused ."), ("0", "Prices rose .", "The team won ."), ("1", "It rained .", "There was rain ."),
         ("0", "She left early .", "Birds can fly ."), ("1", "They agreed .", "They reached a deal .")]  # fmt: skip
 

@@ -101,7 +101,7 @@ def recipe(output_dir: str, at: str = "recipe.yaml", data: str = "{s}/train.json
     def prepare(d: Path, s: Path) -> None:
         import yaml
 
-        values = {"output_dir": output_dir.format(d=d, s=s), "model": {"name": model.format(d=d, s=s), "max_length": 32},
+        values = {"output_dir": output_dir.format(d=d, s=s), "model": {"name": model.format(d=d, s=s), "max_length": 64},
                   "data": {"train": data.format(d=d, s=s)}, "train": {"steps": 1, "batch_size": 2, "warmup_steps": 0}}  # fmt: skip
         (d / at).parent.mkdir(parents=True, exist_ok=True)
         (d / at).write_text(yaml.safe_dump(values))

@@ -25,7 +25,7 @@ COMBINATIONS = list(itertools.product(STRATEGIES, (0, 2), ("no", "bf16"), (True,
 def test_each_combination_trains_two_steps_or_is_refused_up_front(tiny_llama, tmp_path, strategy, chunk, precision, lora):
     recipe = {
         "output_dir": str(tmp_path / "run"),
-        "model": {"name": str(tiny_llama), "max_length": 32},
+        "model": {"name": str(tiny_llama), "max_length": 64},
         "lora": {"enabled": lora, "r": 2, "alpha": 4, "dropout": 0.1},
         "data": {"train": str(RESOURCES / "trecqa-train" / "train.jsonl"), "negatives_per_query": 1},
         "loss": {"strategy": strategy},

@@ -234,7 +234,7 @@ MEMORY_BOUND = 1536 * 2**20  # the server's resident memory under the flood belo
 
 @pytest.mark.slow
 def test_no_request_takes_the_server_past_its_memory_bound_and_health_stays_fast(tiny_llama):
-    """design.md §9: a chunked body far past the 8 MB limit, then 24 maximal requests (8 MB, 2048 inputs) from
+    """design.md §11: a chunked body far past the 8 MB limit, then 24 maximal requests (8 MB, 2048 inputs) from
     12 concurrent clients. The server's RSS stays under MEMORY_BOUND, /health answers within 1 s throughout,
     and the server keeps serving. It runs under RLIMIT_AS of 4 GB, so a bound that fails cannot take the
     machine down; every loop here is bounded in count and time, and talks only to loopback."""

@@ -202,7 +202,7 @@ def current_umask() -> int:
 
 def test_resume_falls_back_past_a_broken_checkpoint_and_tolerates_a_torn_metrics_line(tiny_llama, tmp_path):
     recipe = {
-        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 32},
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 64},
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"train": str(RESOURCES / "trecqa-train" / "train.jsonl")},
         "train": {"steps": 4, "batch_size": 2, "warmup_steps": 0, "checkpoint_every": 1, "keep_checkpoints": 3},
     }  # fmt: skip
@@ -229,7 +229,7 @@ def test_fp16_trains_with_a_loss_scaler_whose_state_makes_resume_exact(tiny_llam
     """fp16 autocast runs on CPU here, so the scaler's logic (skipped overflow steps, the scale in the
     checkpoint) is tested for real; a GPU run is the same code with device 'cuda'."""
     recipe = {
-        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 32},
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_llama), "max_length": 64},
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"train": str(RESOURCES / "trecqa-train" / "train.jsonl")},
         "loss": {"strategy": "grl"},
         "train": {"steps": 8, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 1, "keep_checkpoints": 8,

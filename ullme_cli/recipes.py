@@ -282,8 +282,12 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("train.mixed_precision", "must be no, bf16 or fp16")
     if recipe.eval.every < 0:
         bad("eval.every", "must be 0 (after the last step only) or a step interval")
-    if recipe.train.learning_rate <= 0:
-        bad("train.learning_rate", "must be positive")
+    # Upper bounds where torch itself fails: AdamW turns lr (and 1 - lr * weight_decay) into a float32
+    # scalar, and a value past float32's range is a RuntimeError there, not a NaN the step guard could name.
+    if not 0 < recipe.train.learning_rate <= 10:
+        bad("train.learning_rate", f"must be above 0 and at most 10, got {recipe.train.learning_rate:g}")
+    if recipe.train.weight_decay > 10:
+        bad("train.weight_decay", f"must be at most 10, got {recipe.train.weight_decay:g}")
     if recipe.train.warmup_steps < 0 or recipe.train.warmup_steps > recipe.train.steps:
         bad("train.warmup_steps", f"must be between 0 and train.steps ({recipe.train.steps})")
     if recipe.model.max_length < 8:

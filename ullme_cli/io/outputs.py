@@ -75,7 +75,7 @@ def _cleanup_and_raise(error: BaseException, target: Path, folder: Path, cleanup
     full = disk_full(error, folder)
     cleanup()
     if full is not None:
-        raise UllmeError(f"{target}: could not be written: {full}; nothing was left behind (free some space and run again)") from None
+        raise UllmeError(f"{target}: could not be written: {full}; the partial file was removed (free some space and run again)") from None
 
 
 def local_input(name: str | Path | None) -> Path | None:
