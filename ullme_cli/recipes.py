@@ -155,17 +155,14 @@ def _check_type(value, annotation, where: str):
     raise UllmeError(f"{where}: expected {annotation}, got {type(value).__name__} {value!r}")
 
 
-def _refuse_non_finite(value, where: str) -> None:
+def _refuse_non_finite(value, source: str, key: str) -> None:
     """Every number a recipe holds, however deep (weights, Matryoshka weights, a source's weight), is finite:
     a NaN slips past every range check (all its comparisons are false) and an infinity trains to NaN weights."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise UllmeError(f"{where}: must be a finite number, got {value}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _refuse_non_finite(item, f"{where[:-1]}.{key}'" if where.endswith("'") else f"{where}.{key}")
-    elif isinstance(value, list):
-        for position, item in enumerate(value):
-            _refuse_non_finite(item, f"{where[:-1]}[{position}]'" if where.endswith("'") else f"{where}[{position}]")
+        raise UllmeError(f"{source}: '{key}': must be a finite number, got {value}")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        _refuse_non_finite(item, source, f"{key}[{name}]" if isinstance(value, list) else f"{key}.{name}")
 
 
 def _build(cls, values: dict, source: str, prefix: str = ""):
@@ -187,7 +184,7 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
         if nested is not None:
             kwargs[name] = _build(nested, value or {}, source, f"{prefix}{name}.")
         else:
-            _refuse_non_finite(value, f"{source}: '{prefix}{name}'")
+            _refuse_non_finite(value, source, f"{prefix}{name}")
             kwargs[name] = _check_type(value, str(f.type), f"{source}: '{prefix}{name}'")
     if cls is ModelSection and "name" in kwargs:
         kwargs["model"] = kwargs.pop("name")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -57,8 +58,6 @@ def disk_full(error: BaseException, folder: Path) -> str | None:
     """Why a write into `folder` failed for lack of space, or None when it did not: ENOSPC/EDQUOT, or any
     write error (numpy's "N requested and M written", faiss's RuntimeError) while the filesystem has no
     free block left. Asked before the failed write's partial file is removed."""
-    import errno
-
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return error.strerror or "no space left on device"
     if isinstance(error, (OSError, RuntimeError)):
@@ -70,8 +69,9 @@ def disk_full(error: BaseException, folder: Path) -> str | None:
     return None
 
 
-def _cleanup_and_raise(error: BaseException, target: Path, folder: Path, cleanup) -> None:
-    """Remove a failed write's partial output; a full disk becomes one line that names the output."""
+def _discard_partial(error: BaseException, target: Path, folder: Path, cleanup) -> None:
+    """Remove a failed write's partial output (`cleanup`); when the disk was full, raise that as one line
+    that names the output, else return for the caller to re-raise `error`."""
     full = disk_full(error, folder)
     cleanup()
     if full is not None:
@@ -194,7 +194,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _apply_umask(Path(tmp))
         os.replace(tmp, target)
     except BaseException as error:
-        _cleanup_and_raise(error, target, target.parent, lambda: Path(tmp).unlink(missing_ok=True))
+        _discard_partial(error, target, target.parent, lambda: Path(tmp).unlink(missing_ok=True))
         raise
 
 
@@ -209,7 +209,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         yield staging
         commit_folder(staging, target)
     except BaseException as error:
-        _cleanup_and_raise(error, target, target.parent, lambda: shutil.rmtree(staging, ignore_errors=True))
+        _discard_partial(error, target, target.parent, lambda: shutil.rmtree(staging, ignore_errors=True))
         raise
 
 

@@ -32,9 +32,11 @@ class DistillationLoss(nn.Module):
             return student_scores.sum() * 0.0  # keeps the graph, so every process still backpropagates
         log_s = (student_scores.float() / self.temperature).masked_fill(~scored, float("-inf")).log_softmax(-1)
         teacher = teacher_scores.double().masked_fill(~scored, float("-inf"))
-        shifted = (teacher - teacher.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)) / self.teacher_temperature
+        # The row's top score, finite even for a row with none scored (-inf - -inf would be NaN there).
+        top = teacher.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)
+        shifted = (teacher - top) / self.teacher_temperature
         log_t = shifted.masked_fill(~scored, float("-inf")).log_softmax(-1)
         p_t = log_t.exp()
         kept = scored & (p_t > 0)  # a candidate the teacher gives no mass adds nothing (not 0 * -inf)
         per_candidate = torch.where(kept, p_t * (log_t - log_s.double()), torch.zeros_like(p_t))
-        return per_candidate.sum(-1)[rows].mean().to(student_scores.dtype if student_scores.is_floating_point() else torch.float32)
+        return per_candidate.sum(-1)[rows].mean().float()

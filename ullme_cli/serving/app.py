@@ -243,8 +243,7 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
             if (where := lone_surrogate(text)) is not None:
                 raise ApiError(400, f"field 'input'[{i}] holds a lone surrogate ({where}), which is not Unicode text", code="invalid_value")
             if not limits.truncate and len(text) > surely_over:
-                raise ApiError(413, f"input {i} is longer than the model's {embedder.setup.max_length} tokens "
-                                    "(the server was started without --truncate)", code="input_too_long")  # fmt: skip
+                raise too_long(i)
         items = await tokenized(texts, kind)
         task = asyncio.ensure_future(state["batcher"].embed(items))
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -277,12 +276,16 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
         finally:
             state["tokenizing_chars"] -= size
 
+    def too_long(first: int, count: int | None = None) -> ApiError:
+        over = f"{count} input(s) over; " if count else ""
+        return ApiError(413, f"input {first} is longer than the model's {embedder.setup.max_length} tokens "
+                             f"({over}the server was started without --truncate)", code="input_too_long")  # fmt: skip
+
     def tokenize_within_limits(texts: list[str], kind: str) -> list:
         items = embedder.tokenize(texts, kind, max_length=embedder.setup.max_length + 1)
         over = [i for i, item in enumerate(items) if len(item.ids) > embedder.setup.max_length]
         if over and not limits.truncate:
-            raise ApiError(413, f"input {over[0]} is longer than the model's {embedder.setup.max_length} tokens "
-                                f"({len(over)} input(s) over; the server was started without --truncate)", code="input_too_long")  # fmt: skip
+            raise too_long(over[0], len(over))
         if over:
             for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
                 items[i] = item
