@@ -7,8 +7,10 @@ Two routes, chosen per model when the folder is written (docs/guide.md "Outside 
   sentence-transformers' own `Transformer`, `Pooling` (with `include_prompt: false`, so instruction tokens
   are not pooled) and `Normalize`, in the legacy layout that sentence-transformers 3-6 and
   text-embeddings-inference read. `SentenceTransformer(folder)` loads it without `trust_remote_code`.
-  An adapter-only LoRA folder is stock too: peft's files at its root name the base, and
-  `sentence_bert_config.json` passes `is_causal: false` to the base's config.
+  An adapter-only LoRA folder is stock too when its base's config keeps `is_causal: false`: peft's files at
+  its root name the base, and `sentence_bert_config.json` passes `is_causal: false` to the base's config.
+  transformers drops that keyword for a config that does not define it (every plain Hub or
+  `save_pretrained` base), and the model would then attend causally; such a folder keeps ullme's module.
 - **ullme module**: what stock parts cannot express (a latent-attention head, an adapter kept beside a
   full copy of its base weights,
   weighted-mean pooling under an instruction, a tokenizer whose instruction tokens merge with the text's
@@ -95,6 +97,8 @@ def stock_blocker(embedder, adapter_layout: str | None = None) -> str | None:
         return "the adapter's target names do not map onto the model body that sentence-transformers loads"
     if embedder.has_adapter and adapter_layout is None:
         return "the LoRA adapter is kept unmerged beside the base weights (`ullme export --merge` writes a stock folder)"
+    if adapter_layout == "stock" and setup.attention == "bidirectional" and (why := base_config_drops_is_causal(embedder.base_record["model"])):
+        return why
     if setup.padding_side != "right":
         return "ullme pads on the left for this setup; sentence-transformers keeps the tokenizer's padding, and positions would shift"
     prefixes = {kind: embedder.instruction_prefix(kind) for kind in ("query", "passage")}
@@ -103,21 +107,63 @@ def stock_blocker(embedder, adapter_layout: str | None = None) -> str | None:
     if setup.pooling == "cls" and any(prefixes.values()):
         return "cls under an instruction: ullme takes the first token, sentence-transformers the first token after the instruction"
     tokenizer = embedder.tokenizer
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for kind, prefix in prefixes.items():
         for text in PROBE_TEXTS:
             ours = embedder.tokenize_prefixed([text], prefix)[0]
             theirs = tokenizer(prefix + text, add_special_tokens=True, truncation=True, max_length=setup.max_length)["input_ids"]
             if list(ours.ids) != list(theirs):
                 return f"ullme's {kind} tokens differ from the tokenizer's own (ullme appends EOS for last-token pooling where the tokenizer does not)"
-            if prefix and setup.pooling in ("mean", "weighted-mean"):
-                alone = tokenizer(prefix, add_special_tokens=True)["input_ids"]
-                prompt_length = len(alone) - (1 if alone and alone[-1] in special else 0)
-                if prompt_length != ours.instruction_tokens:
-                    return (f"the {kind} instruction's last token merges with the text's first under this tokenizer, so "
-                            "sentence-transformers (which counts the instruction tokenized alone) would pool other tokens")  # fmt: skip
+        if prefix and setup.pooling in ("mean", "weighted-mean") and (first := merging_start(embedder, prefix)) is not None:
+            return (f"the {kind} instruction's last token merges with the first token of a text such as {first!r} under this "
+                    "tokenizer, so sentence-transformers (which counts the instruction tokenized alone) would pool other tokens; "
+                    "an instruction template that ends in a newline usually does not merge")  # fmt: skip
     if setup.attention == "bidirectional":
         return config_switch_blocker(embedder.model, setup.max_length)
+    return None
+
+
+def merging_start(embedder, prefix: str) -> str | None:
+    """A text start whose first token would straddle the end of `prefix` (None: no text's can).
+
+    sentence-transformers leaves out of pooling as many tokens as the prompt has alone; ullme leaves out the
+    tokens that end inside the prefix. They differ exactly when a token of `prefix + text` straddles the
+    boundary ("Query: " + "the" -> ... ":", " the"). Such a token is a vocabulary entry that begins with the
+    end of the prefix, so every entry is tried as a text start: its surface string, that string without
+    leading spaces, and whatever follows the part of it that the prefix ends with. The decision so holds for
+    every text, not for sample texts only."""
+    tokenizer = embedder.tokenizer
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    alone = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+    prompt_length = len(alone) - (1 if alone and alone[-1] in special else 0)
+    surfaces = tokenizer.batch_decode([[i] for i in range(len(tokenizer)) if i not in special])
+    starts = set(PROBE_TEXTS)
+    for surface in surfaces:
+        starts.update((surface, surface.lstrip()))
+        starts.update(surface[k:] for k in range(1, min(len(surface), len(prefix)) + 1) if surface[:k] == prefix[-k:])
+    starts = sorted(s for s in starts if s and "\ufffd" not in s)
+    for begin in range(0, len(starts), 4096):
+        chunk = starts[begin : begin + 4096]
+        for text, tokens in zip(chunk, embedder.tokenize_prefixed(chunk, prefix)):
+            if tokens.instruction_tokens != prompt_length:
+                return text
+    return None
+
+
+def base_config_drops_is_causal(base: str) -> str | None:
+    """Why sentence-transformers would load an adapter-only folder's base causally (None: it would not).
+
+    It reads the base's config as `AutoConfig.from_pretrained(base, is_causal=False)`, and transformers sets
+    a keyword only where the config already defines it, so the same call is asked here."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base, is_causal=False, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a base transformers cannot read here cannot be checked
+        return f"transformers could not read the base's config ({base}) to check that it keeps `is_causal: false` ({type(e).__name__})"
+    if getattr(config, "is_causal", True) is not False:
+        return ("the base's config.json does not define `is_causal`, so transformers drops the `is_causal: false` that "
+                "sentence-transformers passes for an adapter-only folder and the model would attend causally; "
+                "`ullme export --merge` writes a folder that stock sentence-transformers loads")  # fmt: skip
     return None
 
 
