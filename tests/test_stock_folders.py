@@ -294,3 +294,40 @@ def test_an_adapter_whose_targets_do_not_map_onto_the_body_keeps_ullmes_module(t
     loaded = Embedder.load(str(folder), dtype="float32", device="cpu")
     np.testing.assert_allclose(loaded.encode(TEXTS[:4]), trained.encode(TEXTS[:4]), atol=1e-6)
     assert_same_vectors(loaded, SentenceTransformer(str(folder), device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32}), padded_check=False)
+
+
+# ---------------------------------------------------------------- the keys other engines read
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "qwen2", "gemma3_text"])
+def test_a_stock_folder_carries_the_bidirectional_key_each_engine_reads(family, tmp_path):
+    """transformers (and vLLM, text-embeddings-inference for qwen2) read `is_causal`; text-embeddings-inference
+    reads `use_bidirectional_attention` for llama, mistral and qwen3 (docs/design.md §2). That key is written
+    only where transformers' own config for the family does not define it, so it changes nothing there;
+    gemma3's transformers and TEI read it as a half-window on sliding layers, which is not ullme's attention."""
+    from transformers import AutoConfig
+
+    from ullme_cli.models.st_export import TEI_BIDIRECTIONAL_FAMILIES, TEI_BIDIRECTIONAL_KEY
+
+    embedder, folder = build(tmp_path / "m", family)
+    config = json.loads((folder / "config.json").read_text())
+    assert route(folder) == "stock" and config["is_causal"] is False
+    if family in TEI_BIDIRECTIONAL_FAMILIES:
+        assert config[TEI_BIDIRECTIONAL_KEY] is True and TEI_BIDIRECTIONAL_KEY not in AutoConfig.for_model(family).to_dict()
+    else:
+        assert not config.get(TEI_BIDIRECTIONAL_KEY)  # gemma3's config defines it (False), and ullme leaves it so
+    assert_same_vectors(embedder, stock_load(folder), padded_check=False)  # the key changed nothing in transformers
+
+
+def test_a_matryoshka_run_writes_its_sizes_where_vllm_reads_them(tmp_path):
+    """vLLM refuses a request's `dimensions` unless the config has `matryoshka_dimensions` or `is_matryoshka`."""
+    from transformers import AutoConfig
+
+    model = tiny_model("llama")
+    setup = ModelSetup(model="x", pooling="mean", query_instruction=INSTRUCTION, instruction_template=TEMPLATE)
+    embedder = Embedder(model, tiny_tokenizer(demo_texts()), setup, torch.device("cpu"))
+    embedder.matryoshka_dims = [16, 8, None]
+    folder = embedder.save(tmp_path / "m")
+    config = AutoConfig.from_pretrained(folder)
+    assert config.matryoshka_dimensions == [8, 16, 32] and config.is_matryoshka is True
+    assert Embedder.load(str(folder), dtype="float32", device="cpu").matryoshka_dims == [16, 8, None]
+    _, plain = build(tmp_path / "plain")
+    assert "matryoshka_dimensions" not in json.loads((plain / "config.json").read_text())

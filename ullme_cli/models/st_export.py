@@ -43,6 +43,11 @@ POOLING_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_
 # Texts whose first character a byte-level BPE would merge with a preceding space, and others.
 PROBE_TEXTS = ("Who wrote Hamlet?", "hamlet", "3 apples and 4 pears", "Ünïcödé, naïve café", "x")
 STOCK, MODULE = "stock", "ullme-module"
+# text-embeddings-inference reads its own bidirectional switch for these families, beside transformers'
+# `is_causal` (docs/design.md §2 cites the lines). Written only where transformers leaves the key alone:
+# gemma's families read it too, with another meaning (a half-window on sliding layers).
+TEI_BIDIRECTIONAL_KEY = "use_bidirectional_attention"
+TEI_BIDIRECTIONAL_FAMILIES = ("llama", "mistral", "qwen3")
 
 
 def write_sentence_transformers_files(folder: Path, embedder, adapter_layout: str | None = None) -> tuple[str, str]:
@@ -53,6 +58,8 @@ def write_sentence_transformers_files(folder: Path, embedder, adapter_layout: st
     `adapter_layout`: None for a folder with its own base weights; for an adapter-only folder "stock" or
     "module", as `portable_adapter_config` could write its targets for the body sentence-transformers loads."""
     adapter_only = adapter_layout is not None
+    if embedder.matryoshka_dims and not adapter_only:
+        add_config_keys(folder, matryoshka_keys(embedder))
     blocker = stock_blocker(embedder, adapter_layout)
     prompts = {"query": embedder.instruction_prefix("query"), "document": embedder.instruction_prefix("passage")}
     config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}
@@ -67,9 +74,7 @@ def write_sentence_transformers_files(folder: Path, embedder, adapter_layout: st
     if setup.attention == "bidirectional" and adapter_only:
         transformer_config["config_kwargs"] = {"is_causal": False}
     elif setup.attention == "bidirectional":
-        config_path = folder / "config.json"
-        values = json.loads(config_path.read_text())
-        config_path.write_text(json.dumps({**values, "is_causal": False}, indent=2) + "\n")
+        add_config_keys(folder, bidirectional_keys(json.loads((folder / "config.json").read_text()).get("model_type")))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
     if setup.normalize:
@@ -85,6 +90,23 @@ def write_sentence_transformers_files(folder: Path, embedder, adapter_layout: st
     how = f"bidirectional through `is_causal: false` in {where}" if setup.attention == "bidirectional" else "causal"
     adapter = ", the LoRA adapter in peft's layout on the base its adapter config names" if adapter_only else ""
     return STOCK, f"stock transformers and sentence-transformers parts express this setup ({how}, {setup.pooling} pooling{adapter})"
+
+
+def add_config_keys(folder: Path, keys: dict) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **keys}, indent=2) + "\n")
+
+
+def bidirectional_keys(model_type: str | None) -> dict:
+    """What engines read to attend bidirectionally: transformers' `is_causal` (vLLM and text-embeddings-inference
+    read it for some families too), and text-embeddings-inference's own switch where it reads that instead."""
+    return {"is_causal": False, **({TEI_BIDIRECTIONAL_KEY: True} if model_type in TEI_BIDIRECTIONAL_FAMILIES else {})}
+
+
+def matryoshka_keys(embedder) -> dict:
+    """The sizes a Matryoshka run trained, where vLLM looks before it accepts `dimensions` in a request
+    (ModelConfig.is_matryoshka / matryoshka_dimensions read the model's config)."""
+    return {"matryoshka_dimensions": sorted({d or embedder.dim for d in embedder.matryoshka_dims}), "is_matryoshka": True}
 
 
 def stock_blocker(embedder, adapter_layout: str | None = None) -> str | None:
