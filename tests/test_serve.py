@@ -328,7 +328,7 @@ def test_batcher_packs_under_the_budget_withdraws_cancelled_texts_and_drains_on_
 
     batches, release = [], threading.Event()
 
-    def encode(items):  # each vector is its text's length; the first batch waits until released
+    def encode(model, items):  # each vector is its text's length; the first batch waits until released
         if not batches:
             release.wait(10)
         batches.append([len(t.ids) for t in items])
@@ -371,3 +371,125 @@ def test_padding_groups_sort_by_length_and_keep_padding_low():
         padded = max(lengths[i] for i in group) * len(group)
         assert len(group) == 1 or 1 - sum(lengths[i] for i in group) / padded <= 0.2 or sum(lengths[i] for i in group[:-1]) < 10
     assert padding_groups([8] * 40, min_tokens=128) == [list(range(40))], "equal lengths never split"
+
+
+# ---------------------------------------------------------------- many adapters on one base; batch invariance
+def make_adapter(base, folder, seed: int, **setup):
+    """An adapter-only folder trained (here: randomised) on `base`, as finetune writes it by default."""
+    import torch
+
+    from ullme_cli.models.embedder import Embedder
+
+    torch.manual_seed(seed)
+    embedder = Embedder.load(str(base), dtype="float32", device="cpu", **setup).add_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in embedder.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return embedder.save(folder, reference_base=True)
+
+
+def embeddings(url: str, texts, model: str | None = None, input_type: str = "document") -> np.ndarray:
+    body = {"input": texts, "input_type": input_type, **({"model": model} if model else {})}
+    response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == (model or response.json()["model"])
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def adapters_served(tiny_llama, tmp_path_factory):
+    """The tiny base served with two adapters on it: `a` in the base's setup, `b` with a query instruction."""
+    root = tmp_path_factory.mktemp("adapters")
+    folders = {"a": make_adapter(tiny_llama, root / "a", 1),
+               "b": make_adapter(tiny_llama, root / "b", 2, query_instruction="Given a question, retrieve passages that answer it")}  # fmt: skip
+    server = Server(tiny_llama, "--dtype", "float32", "--served-model-name", "base", *[f"--adapter={n}={f}" for n, f in folders.items()])
+    yield server, root, folders
+    assert server.stop() == 0
+
+
+def test_each_adapter_gives_ullme_encode_vectors_with_that_adapter(adapters_served, tiny_llama):
+    server, root, folders = adapters_served
+    listed = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in listed] == ["base", "a", "b"] and [m.get("parent") for m in listed] == [None, "base", "base"]
+    texts = demo_texts(12)
+    corpus = write_corpus(root / "c.jsonl", texts)
+    for model, folder in {"base": tiny_llama, **folders}.items():
+        for kind, input_type in (("passage", "document"), ("query", "query")):
+            out = root / f"{model}-{kind}.npy"
+            result = run_cli("encode", corpus, "-o", out, "-m", folder, "--kind", kind, "--dtype", "float32", "-q")
+            assert result.returncode == 0, result.stderr.decode()
+            assert cosine(embeddings(server.url, texts, model, input_type), np.load(out)).min() >= 0.9999, (model, kind)
+    differ = cosine(np.load(root / "a-query.npy"), np.load(root / "b-query.npy")).max()
+    assert differ < 0.999, "the adapters must give other vectors, or this test proves nothing"
+    missing = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x", "model": "c"}, timeout=10)
+    assert missing.status_code == 404 and "'base', 'a', 'b'" in missing.json()["error"]["message"]
+
+
+def test_a_text_gets_the_same_vector_alone_and_in_concurrent_mixed_batches(adapters_served):
+    """One text alone, then inside requests of 32 mixed-length texts from concurrent clients, some of them
+    for other adapters (batches never mix adapters): cosine >= 0.99999 in float32."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, _, _ = adapters_served
+    pool = demo_texts(60)
+    probes = pool[:8]
+    alone = {(model, t): embeddings(server.url, [t], model)[0] for model in ("base", "a") for t in probes}
+
+    def client(seed: int):
+        rng = random.Random(seed)
+        model = ("base", "a", "b", "base", "a", "base")[seed]
+        texts = rng.sample(pool[8:], 28) + probes[:4] if seed % 2 else probes[4:] + rng.sample(pool[8:], 28)
+        rng.shuffle(texts)
+        return model, texts, embeddings(server.url, texts, model)
+
+    with ThreadPoolExecutor(6) as threads:
+        results = list(threads.map(client, range(6)))
+    checked = 0
+    for model, texts, matrix in results:
+        for text, vector in zip(texts, matrix):
+            if (model, text) in alone:
+                reference = alone[(model, text)]
+                assert float(vector @ reference / np.linalg.norm(vector) / np.linalg.norm(reference)) >= 0.99999, (model, text[:40])
+                checked += 1
+    assert checked >= 16
+
+
+def test_serve_refuses_an_adapter_trained_on_another_base(tiny_llama, tmp_path):
+    from tiny_models import save_tiny
+
+    other = save_tiny(tmp_path / "other", "llama", demo_texts(), seed=7)
+    foreign = make_adapter(other, tmp_path / "foreign", 3)
+    result = run_cli("serve", tiny_llama, "--adapter", f"x={foreign}", "--port", str(free_port()))
+    assert result.returncode == 2 and b"--adapter x=" in result.stderr and b"weights fingerprint" in result.stderr
+    assert len(result.stderr.decode().strip().splitlines()) == 1
+    bad = run_cli("serve", tiny_llama, "--adapter", "nameonly", "--port", str(free_port()))
+    assert bad.returncode == 2 and b"expected NAME=PATH" in bad.stderr
+    full = run_cli("serve", tiny_llama, "--adapter", f"x={tiny_llama}", "--port", str(free_port()))
+    assert full.returncode == 2 and b"not an adapter-only folder" in full.stderr
+
+
+def test_the_batcher_never_mixes_models_in_a_batch():
+    import asyncio
+
+    from ullme_cli.models.embedder import Tokenized
+    from ullme_cli.serving.batcher import Batcher
+
+    seen = []
+
+    def encode(model, items):
+        seen.append((model, len(items)))
+        return np.array([[float(len(t.ids)), ord(model)] for t in items])
+
+    batcher = Batcher(encode, token_budget=10_000, max_queue=100, max_wait=0.1, max_batch=64)
+    text = lambda n: Tokenized(list(range(n)), 0)  # noqa: E731
+
+    async def scenario():
+        jobs = [batcher.embed([text(3), text(4)], model) for model in "abab"]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(scenario())
+    batcher.close(10)
+    assert [r[:, 1].tolist() for r in results] == [[97, 97], [98, 98], [97, 97], [98, 98]]
+    assert sorted(seen) == [("a", 4), ("b", 4)], "texts for one model wait together; no batch holds two"

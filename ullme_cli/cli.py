@@ -179,6 +179,7 @@ def serve(
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the bearer key every request but /health must send."),
     insecure_public: bool = typer.Option(False, "--insecure-public", help="Bind a non-loopback host without a key."),
     served_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model id in answers and /v1/models (default: MODEL as given)."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH: also serve the adapter-only folder PATH, trained on MODEL, as model NAME (repeatable; the base weights are loaded once)."),
     pooling: Optional[str] = PoolingOption,
     attention: Optional[str] = AttentionOption,
     query_instruction: Optional[str] = typer.Option(None, "--query-instruction", help="Instruction for input_type=query (default: the model's)."),
@@ -212,9 +213,15 @@ def serve(
             raise UllmeError(f"{name} must be {'above 0' if low is not None else '0 or more'} and at most {high:g}, got {value:g}")
     limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), truncate=truncate, timeout=timeout,
                     max_queue=max_queue, max_wait=max_wait_ms / 1000)  # fmt: skip
+    adapters = {}
+    for given in adapter:
+        adapter_name, _, path = given.partition("=")
+        if not adapter_name.strip() or not path.strip():
+            raise UllmeError(f"--adapter {given}: expected NAME=PATH")
+        adapters[adapter_name.strip()] = path.strip()
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
     run_server(setup, Runtime(dtype, device, trust_remote_code), index, host, port, api_key_env, insecure_public, limits,
-               served_name or model, token_budget, access_log=verbose)  # fmt: skip
+               served_name or model, token_budget, access_log=verbose, adapters=adapters)  # fmt: skip
 
 
 @app.command()

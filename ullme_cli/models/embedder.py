@@ -168,7 +168,27 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
         with peft_deprecations_silenced():
             model = load_adapter(model, adapter)
     model.to(device).eval()
-    tokenizer = load_tokenizer(source, runtime.trust_remote_code)
+    embedder = embedder_over(model, setup, source, device, runtime.trust_remote_code)
+    if adapter is None:  # plain weights: what an adapter trained on them would reference
+        local = Path(setup.model).expanduser()
+        embedder.base_record = {"model": str(local.resolve()) if local.exists() else setup.model, "fingerprint": fingerprint}
+    elif base:  # an adapter-only folder trained further references the same base
+        embedder.base_record = adapter_record(folder)
+    if verify and setup.attention == "bidirectional":
+        verify_bidirectional(model)
+    if runtime.compile is None:
+        from ullme_cli.models.compile_policy import auto_policy
+
+        embedder.compile_policy = auto_policy(model, embedder.device.type, embedder.compute_dtype)
+    return embedder.compile() if runtime.compile else embedder
+
+
+def embedder_over(model, setup: ModelSetup, source: str, device: torch.device, trust_remote_code: bool = False) -> "Embedder":
+    """An Embedder of `setup` over a loaded `model`, with what the folder `source` holds beside the weights:
+    the tokenizer, a trained latent head, the Matryoshka sizes. An instruction that leaves no room for the
+    text fails here, before any work."""
+    folder = Path(source)
+    tokenizer = load_tokenizer(source, trust_remote_code)
     latent = None
     if setup.pooling.startswith("latent-attention") and (folder / SETUP_FILE).is_file():
         # A saved setup that names a trained head must have it: an untrained one would give other vectors.
@@ -179,21 +199,10 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     embedder.source = source
     if (folder / SETUP_FILE).is_file():
         embedder.matryoshka_dims = read_setup_file(folder / SETUP_FILE).get(MATRYOSHKA_KEY)
-    if adapter is None:  # plain weights: what an adapter trained on them would reference
-        local = Path(setup.model).expanduser()
-        embedder.base_record = {"model": str(local.resolve()) if local.exists() else setup.model, "fingerprint": fingerprint}
-    elif base:  # an adapter-only folder trained further references the same base
-        embedder.base_record = adapter_record(folder)
-    for kind in ("query", "passage"):  # an instruction that leaves no room for the text fails before any work
+    for kind in ("query", "passage"):
         if prefix := embedder.instruction_prefix(kind):
             embedder.require_room_for_text(prefix)
-    if verify and setup.attention == "bidirectional":
-        verify_bidirectional(model)
-    if runtime.compile is None:
-        from ullme_cli.models.compile_policy import auto_policy
-
-        embedder.compile_policy = auto_policy(model, embedder.device.type, embedder.compute_dtype)
-    return embedder.compile() if runtime.compile else embedder
+    return embedder
 
 
 def export_model(source: str, output: str, merge: bool = False, overwrite: bool = False) -> Path:

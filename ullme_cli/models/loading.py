@@ -283,8 +283,9 @@ def portable_adapter_config(folder: Path, model, base: str) -> bool:
     return portable
 
 
-def load_adapter(model, folder: Path):
-    """A LoRA adapter from safetensors; a pickled `adapter_model.bin` is refused with the way out."""
+def load_adapter(model, folder: Path, name: str | None = None):
+    """A LoRA adapter from safetensors; a pickled `adapter_model.bin` is refused with the way out. With
+    `name`, the adapter is added under that name (to a model that may hold others already)."""
     from peft import PeftModel
 
     if not (folder / "adapter_model.safetensors").exists():
@@ -296,7 +297,12 @@ def load_adapter(model, folder: Path):
             )
         raise UllmeError(f"{folder}: adapter folder without adapter_model.safetensors")
     try:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        if name is None:
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            return model
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
     except Exception as e:  # noqa: BLE001 - peft and safetensors raise many kinds for a broken adapter
         raise _load_error(str(folder), e, "adapter") from None
 

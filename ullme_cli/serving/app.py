@@ -2,7 +2,8 @@
 
 Endpoints (docs/guide.md "Serve"):
 - POST /v1/embeddings: OpenAI's request and response, plus `input_type: query|document` (ullme's
-  instruction for that side; document by default).
+  instruction for that side; document by default). `model` picks one of the served models: the base, or
+  an adapter served beside it (`--adapter NAME=PATH`); absent, the base.
 - POST /v1/search: `{"query": str | [str], "k": int}` over the loaded indexes, merged as `ullme search`
   merges them; the model must agree with the indexes' queries (the one agreement check).
 - GET /health, GET /v1/models, GET /metrics (Prometheus text).
@@ -154,24 +155,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def build_app(embedder, name: str, indexes: list | None = None, limits: Limits = Limits(), api_key: str | None = None,
+def build_app(served, indexes: list | None = None, limits: Limits = Limits(), api_key: str | None = None,
               token_budget: int | None = None) -> FastAPI:  # fmt: skip
-    """The ASGI app around one loaded Embedder (and the open indexes it must agree with). A batch holds at
-    most `token_budget` padded tokens (default: ullme's, as `ullme encode` uses)."""
+    """The ASGI app around the served models (`models.adapters.Adapters`: a base, and adapters on it) and the
+    open indexes the base must agree with. A batch holds one model's texts, at most `token_budget` padded
+    tokens (default: ullme's, as `ullme encode` uses)."""
     from ullme_cli.artifacts import truncate
 
     indexes = indexes or []
+    name = served.base_name
     state: dict = {"in_flight": 0, "tokenizing_chars": 0}
     # One thread tokenizes: a fast tokenizer's truncation settings are shared state, and the event loop stays free.
     tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ullme-tokenize")
     # An upper bound of the characters one token covers: a text longer than max_length times this (with room
     # for normalizers that compose characters) is over max_length without being tokenized.
-    longest_token = max((len(t) for t in embedder.tokenizer.get_vocab()), default=1)
-    surely_over = embedder.setup.max_length * longest_token * 4
+    surely_over = {model: served[model].setup.max_length * max((len(t) for t in served[model].tokenizer.get_vocab()), default=1) * 4
+                   for model in served.names}  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(embedder.encode_batch, token_budget or embedder.default_token_budget, limits.max_queue, limits.max_wait,
+        state["batcher"] = Batcher(served.encode_batch, token_budget or served[name].default_token_budget, limits.max_queue, limits.max_wait,
                                    on_batch=lambda texts, tokens: metrics.batch(texts, tokens))  # fmt: skip
         try:
             yield
@@ -228,11 +231,16 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
         log.error(f"{request.url.path}: {type(error).__name__}: {error}", exc_info=error)
         return error_response(500, "internal error; the server log has the details", type="server_error")
 
-    def check_model(requested: str | None) -> None:
-        if requested is not None and requested != name:
-            raise ApiError(404, f"model '{requested}' is not served here; this server serves '{name}'", code="model_not_found")
+    def check_model(requested: str | None) -> str:
+        """The served model a request names (the base when it names none)."""
+        if requested is None:
+            return name
+        if requested not in served.names:
+            raise ApiError(404, f"model '{requested}' is not served here; this server serves {', '.join(repr(m) for m in served.names)}",
+                           code="model_not_found")  # fmt: skip
+        return requested
 
-    async def vectors(request: Request, texts: list[str], kind: str) -> tuple[np.ndarray, int]:
+    async def vectors(request: Request, texts: list[str], kind: str, model: str) -> tuple[np.ndarray, int]:
         """Vectors for `texts` from the shared batches, and the tokens they took; waits no longer than the
         timeout, and withdraws the texts when the client goes away."""
         if not texts:
@@ -242,10 +250,10 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
         for i, text in enumerate(texts):
             if (where := lone_surrogate(text)) is not None:
                 raise ApiError(400, f"field 'input'[{i}] holds a lone surrogate ({where}), which is not Unicode text", code="invalid_value")
-            if not limits.truncate and len(text) > surely_over:
-                raise too_long(i)
-        items = await tokenized(texts, kind)
-        task = asyncio.ensure_future(state["batcher"].embed(items))
+            if not limits.truncate and len(text) > surely_over[model]:
+                raise too_long(served[model], i)
+        items = await tokenized(texts, kind, served[model])
+        task = asyncio.ensure_future(state["batcher"].embed(items, model))
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({task, watcher}, timeout=limits.timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -264,7 +272,7 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
         except Closed as e:
             raise ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": str(limits.retry_after)}) from None
 
-    async def tokenized(texts: list[str], kind: str) -> list:
+    async def tokenized(texts: list[str], kind: str, embedder) -> list:
         """The texts' tokens, computed on the tokenizer thread; an over-long text is a 413 unless --truncate."""
         size = sum(len(t) for t in texts)
         if state["tokenizing_chars"] + size > limits.max_tokenizing_chars:
@@ -272,20 +280,20 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
                            headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
         state["tokenizing_chars"] += size
         try:
-            return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, tokenize_within_limits, texts, kind)
+            return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, tokenize_within_limits, texts, kind, embedder)
         finally:
             state["tokenizing_chars"] -= size
 
-    def too_long(first: int, count: int | None = None) -> ApiError:
+    def too_long(embedder, first: int, count: int | None = None) -> ApiError:
         over = f"{count} input(s) over; " if count else ""
         return ApiError(413, f"input {first} is longer than the model's {embedder.setup.max_length} tokens "
                              f"({over}the server was started without --truncate)", code="input_too_long")  # fmt: skip
 
-    def tokenize_within_limits(texts: list[str], kind: str) -> list:
+    def tokenize_within_limits(texts: list[str], kind: str, embedder) -> list:
         items = embedder.tokenize(texts, kind, max_length=embedder.setup.max_length + 1)
         over = [i for i, item in enumerate(items) if len(item.ids) > embedder.setup.max_length]
         if over and not limits.truncate:
-            raise too_long(over[0], len(over))
+            raise too_long(embedder, over[0], len(over))
         if over:
             for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
                 items[i] = item
@@ -293,15 +301,16 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
-        check_model(body.model)
+        model = check_model(body.model)
+        embedder = served[model]
         texts = [body.input] if isinstance(body.input, str) else body.input
         if body.dimensions is not None and body.dimensions > embedder.dim:
             raise ApiError(400, f"field 'dimensions': {body.dimensions} is above the model's {embedder.dim}", code="invalid_value")
-        matrix, tokens = await vectors(request, texts, INPUT_TYPES[body.input_type])
+        matrix, tokens = await vectors(request, texts, INPUT_TYPES[body.input_type], model)
         matrix = truncate(matrix.astype(np.float32), body.dimensions, embedder.setup.normalize).astype(np.float32)
         encode = (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64" else (lambda v: v.tolist())
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(matrix)]
-        return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return JSONResponse({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/v1/search")
     async def search(body: SearchRequest, request: Request):
@@ -309,11 +318,12 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
 
         from ullme_cli.retrieval.search import as_index_queries, search_opened
 
-        check_model(body.model)
+        if check_model(body.model) != name:
+            raise ApiError(400, f"field 'model': search runs with '{name}', the model the indexes were built with", code="invalid_value")
         if not indexes:
             raise ApiError(404, "no index is loaded (start the server with --index FOLDER)", code="no_index")
         queries = [body.query] if isinstance(body.query, str) else body.query
-        matrix, tokens = await vectors(request, queries, "query")
+        matrix, tokens = await vectors(request, queries, "query", name)
         matrix = as_index_queries(matrix, indexes[0].manifest)
         qids = [str(i) for i in range(len(queries))]
         found = await run_in_threadpool(lambda: list(search_opened(indexes, qids, matrix, body.k)))
@@ -322,12 +332,13 @@ def build_app(embedder, name: str, indexes: list | None = None, limits: Limits =
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queue": state["batcher"].depth if "batcher" in state else 0}
+        return {"status": "ok", "model": name, "models": served.names, "queue": state["batcher"].depth if "batcher" in state else 0}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ullme",
-                                            "dimensions": embedder.dim, "max_input_tokens": embedder.setup.max_length}]}  # fmt: skip
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "ullme", "dimensions": served[model].dim,
+                                            "max_input_tokens": served[model].setup.max_length, **({"parent": name} if model != name else {})}
+                                           for model in served.names]}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus():

@@ -2,7 +2,8 @@
 
 One worker thread owns the model. Requests put their tokenized texts in a bounded queue and await a
 future; the worker waits at most `max_wait` after the first text arrives for others to join, takes up to
-`token_budget` tokens (the oldest text first, then the waiting texts closest to its length), runs them in
+`token_budget` tokens (the oldest text first, then the waiting texts for the same model closest to its
+length: a batch never mixes models, such as two adapters on one base), runs them in
 length-sorted groups that pad little (`padding_groups`: one padded batch of mixed traffic ran at half the
 offline rate on a 2-core EPYC), and hands each vector back to its request.
 
@@ -40,6 +41,7 @@ class Closed(UllmeError):
 @dataclass(eq=False)
 class _Job:
     items: Sequence  # Tokenized
+    model: str  # which of the served models encodes them
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     vectors: list = field(default_factory=list)
@@ -65,11 +67,11 @@ class _Job:
 
 
 class Batcher:
-    """Batches texts from concurrent requests for one `encode_batch(items) -> (n, d)` function."""
+    """Batches texts from concurrent requests for one `encode_batch(model, items) -> (n, d)` function."""
 
     def __init__(
         self,
-        encode_batch: Callable[[Sequence], np.ndarray],
+        encode_batch: Callable[[str, Sequence], np.ndarray],
         token_budget: int,
         max_queue: int,
         max_wait: float = 0.005,
@@ -89,13 +91,13 @@ class Batcher:
         """Texts waiting for a batch."""
         return len(self._pending)
 
-    async def embed(self, items: Sequence) -> np.ndarray:
-        """The vectors of `items`, in order, computed in shared batches. Raises Overloaded or Closed at once
-        when the queue cannot take them; cancelling the awaiting task withdraws the waiting texts."""
+    async def embed(self, items: Sequence, model: str = "") -> np.ndarray:
+        """The vectors of `items` from `model`, in order, computed in shared batches. Raises Overloaded or
+        Closed at once when the queue cannot take them; cancelling the awaiting task withdraws the waiting texts."""
         if not items:
             raise ValueError("no texts to embed")
         loop = asyncio.get_running_loop()
-        job = _Job(items, loop, loop.create_future(), [None] * len(items), len(items))
+        job = _Job(items, model, loop, loop.create_future(), [None] * len(items), len(items))
         with self._lock:
             if self._closing:
                 raise Closed("the server is shutting down")
@@ -142,11 +144,11 @@ class Batcher:
         return len(self._pending) >= self.max_batch or sum(len(job.items[p].ids) for job, p in self._pending) >= self.token_budget
 
     def _take(self) -> list[tuple[_Job, int]]:
-        """The oldest waiting text, then the waiting texts closest to its length while their tokens fit the
-        budget (the oldest always goes, so no text waits behind shorter ones forever)."""
+        """The oldest waiting text, then the waiting texts for its model closest to its length while their
+        tokens fit the budget (the oldest always goes, so no text waits behind shorter ones forever)."""
         oldest = self._pending[0]
         size = lambda entry: len(entry[0].items[entry[1]].ids)  # noqa: E731
-        window = list(self._pending)[: 4 * self.max_batch]
+        window = [entry for entry in list(self._pending)[: 4 * self.max_batch] if entry[0].model == oldest[0].model]
         chosen, tokens = [oldest], size(oldest)
         for entry in sorted(window[1:], key=lambda e: abs(size(e) - size(oldest))):
             if len(chosen) == self.max_batch:
@@ -160,10 +162,11 @@ class Batcher:
 
     def _encode(self, batch: list[tuple[_Job, int]]) -> None:
         items = [job.items[position] for job, position in batch]
+        model = batch[0][0].model
         vectors: list = [None] * len(items)
         try:
             for group in padding_groups([len(item.ids) for item in items]):
-                for row, vector in zip(group, self.encode_batch([items[i] for i in group])):
+                for row, vector in zip(group, self.encode_batch(model, [items[i] for i in group])):
                     vectors[row] = vector
                 if self.on_batch is not None:
                     self.on_batch(len(group), max(len(items[i].ids) for i in group) * len(group))

@@ -57,8 +57,10 @@ def serve(
     name: str | None = None,
     token_budget: int | None = None,
     access_log: bool = False,
+    adapters: dict[str, str] | None = None,
 ) -> None:
-    """Serve one model (and optionally search over indexes built with it) until SIGTERM or Ctrl-C."""
+    """Serve one model, and the LoRA adapters in `adapters` (name -> adapter-only folder) on its weights, and
+    optionally search over indexes built with it, until SIGTERM or Ctrl-C."""
     api_key = read_api_key(api_key_env)
     check_binding(host, api_key, insecure_public)
     from ullme_cli.serving.app import build_app
@@ -67,6 +69,7 @@ def serve(
         import uvicorn
     except ImportError:
         raise UllmeError("ullme serve needs its extra: pip install 'ullme[serve]'") from None
+    from ullme_cli.models.adapters import load_adapters
     from ullme_cli.models.embedder import load_embedder
     from ullme_cli.retrieval.search import open_indexes, require_query_agreement
 
@@ -77,12 +80,13 @@ def serve(
     if opened:
         require_query_agreement(embedder, opened[0].manifest, f"the served model ({setup.model})")
     name = name or setup.model
-    app = build_app(embedder, name, opened, limits, api_key, token_budget)
+    served = load_adapters(name, embedder, adapters or {})
+    app = build_app(served, opened, limits, api_key, token_budget)
     timeout = limits.timeout
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=int(timeout) + 5, server_header=False,
                             limit_concurrency=limits.max_connections)  # fmt: skip
-    log.info(f"serving {name} on http://{host}:{port} (POST /v1/embeddings{', /v1/search' if opened else ''}; GET /health, /v1/models, /metrics)")
+    log.info(f"serving {', '.join(served.names)} on http://{host}:{port} (POST /v1/embeddings{', /v1/search' if opened else ''}; GET /health, /v1/models, /metrics)")
     # uvicorn raises the signal again once its graceful shutdown is over, through the handler that was in
     # place before it: for SIGTERM that is this one, so a server stopped cleanly exits 0, not -15.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: log.info("stopped by SIGTERM after finishing the requests in flight"))
