@@ -107,37 +107,6 @@ def int8_dynamic(embedder, skip=("down_proj", "lm_head")):
     return embedder
 
 
-def smooth_for_int8(embedder, calibration: list[str], alpha: float = 0.5):
-    """SmoothQuant (Xiao et al., 2023, arXiv:2211.10438): move activation outliers into the weights before
-    per-tensor int8. For each linear layer that reads a norm's output (q/k/v after input_layernorm,
-    gate/up after post_attention_layernorm), channel j gets s_j = max|X_j|^α / max|W_j|^(1-α), measured
-    on `calibration` texts; the norm's weight is divided by s and the layers' input columns multiplied by it,
-    so the fp32 model computes the same function. Llama-style RMSNorm only (out = w · x̂): Gemma's
-    (1 + w) norm would need another fold. A lever measured, not used."""
-    model = embedder.model
-    blocks = [m for m in model.modules() if all(hasattr(m, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"))]
-    pairs = [(b.input_layernorm, [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in blocks]
-    pairs += [(b.post_attention_layernorm, [b.mlp.gate_proj, b.mlp.up_proj]) for b in blocks]
-    seen = {}
-
-    def record(norm, _, output):
-        channel_max = output.detach().abs().reshape(-1, output.shape[-1]).amax(0).float()
-        seen[norm] = torch.maximum(seen[norm], channel_max) if norm in seen else channel_max
-
-    hooks = [norm.register_forward_hook(record) for norm, _ in pairs]
-    embedder.encode(calibration)
-    for hook in hooks:
-        hook.remove()
-    with torch.no_grad():
-        for norm, linears in pairs:
-            weight_max = torch.cat([linear.weight.abs() for linear in linears]).amax(0).float()
-            scale = seen[norm].clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)
-            norm.weight.div_(scale.to(norm.weight.dtype))
-            for linear in linears:
-                linear.weight.mul_(scale.to(linear.weight.dtype))
-    return embedder
-
-
 def interleaved(encoders, repeats: int) -> tuple[list, list[float]]:
     """[(name, dtype, seconds, vectors)] and each encoder's first-run seconds. The first run is the warm-up (a
     compiled encoder compiles there) and gives the vectors; then `repeats` rounds run every encoder once in
@@ -288,6 +257,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ullme with --compile (torch.compile, dynamic shapes)")
     parser.add_argument("--large-job", type=int, default=100_000, help="the corpus size whose default (the compile policy's choice) is timed")
     parser.add_argument("--first-pass", metavar="CACHE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--ullme-onnx", action="store_true", help="also time `ullme export --format onnx` folders (float32 and --quantize int8) in ONNX Runtime, beside ullme's torch float32")
     parser.add_argument("--onnx-python", default=str(ONNX_VENV / "bin" / "python"))
     parser.add_argument("--build-onnx-venv", action="store_true", help="create benchmarks/.onnx-venv (sentence-transformers[onnx]) first")
     parser.add_argument("--onnx-quantization", default="avx2", help="export_dynamic_quantized_onnx_model's config: avx2, avx512, avx512_vnni, arm64")
@@ -307,6 +277,7 @@ def main() -> None:
     from ullme_cli.data import read_training_examples
     from ullme_cli.models.embedder import Embedder
     from ullme_cli.models.loading import resolve_model_source
+    from ullme_cli.models.onnx_backend import smooth_for_int8
 
     texts = read_texts(args)
     ours = Embedder.load(args.model, dtype="auto", max_length=args.max_length)
@@ -340,8 +311,21 @@ def main() -> None:
         examples, _ = read_training_examples(str(train))
         calibration = [text for example in examples[:64] for text in (example.query, example.positives[0])]
         smoothed = Embedder.load(args.model, dtype="float32", max_length=args.max_length)
-        smoothed = int8_dynamic(smooth_for_int8(smoothed, calibration))
+        smooth_for_int8(smoothed, calibration)  # the fold `ullme export --format onnx --quantize int8` uses
+        smoothed = int8_dynamic(smoothed)
         encoders.append(("ullme int8 SmoothQuant (not the default)", torch.float32, lambda: smoothed.encode(texts)))
+
+    if args.ullme_onnx:  # the real export and backend: `ullme export --format onnx [--quantize int8]`, then `--backend onnx`
+        from ullme_cli.models.onnx_backend import export_onnx
+
+        if compute != torch.float32:
+            torch32 = Embedder.load(args.model, dtype="float32", max_length=args.max_length, compile=False)
+            encoders.append(("ullme float32 (torch)", torch.float32, lambda: torch32.encode(texts)))
+        exported = Path(tempfile.mkdtemp(prefix="ullme-onnx-"))
+        for quantize in (None, "int8"):
+            export_onnx(args.model, str(exported / (quantize or "float32")), quantize)
+            onnx_embedder = Embedder.load(str(exported / (quantize or "float32")), max_length=args.max_length, backend="onnx")
+            encoders.append((f"ullme ONNX {quantize or 'float32'}", torch.float32, lambda e=onnx_embedder: e.encode(texts)))
 
     source = resolve_model_source(args.model)
     for dtype in dict.fromkeys((torch.float32, compute)):  # one row when the compute dtype is fp32
@@ -403,6 +387,11 @@ def main() -> None:
         if note:
             print(f"{backend}: {note}")
     print(f"speedup vs sentence-transformers fp32: {st_fp32 / base:.2f}x")
+    if args.ullme_onnx:
+        seconds = {name: secs for name, _, secs, _ in rows}
+        torch32 = seconds.get("ullme float32 (torch)", base)
+        print(f"ullme ONNX int8 vs ullme torch float32: {torch32 / seconds['ullme ONNX int8']:.2f}x; ONNX float32 vs torch float32: "
+              f"{torch32 / seconds['ullme ONNX float32']:.2f}x; ONNX int8 vs ullme's default ({str(compute).replace('torch.', '')}): {base / seconds['ullme ONNX int8']:.2f}x")  # fmt: skip
     print(f"large-job default ({'compiled' if large_compiles else 'eager'}): {len(texts) / large:.1f} texts/s, "
           f"{100 * 2 * params * tokens / large / shape_peaks[compute]:.1f}% of the model-shape rate")  # fmt: skip
     print(f"speedup vs the fastest sentence-transformers route: {fastest_st[0] / large:.2f}x")

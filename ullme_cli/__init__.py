@@ -9,11 +9,13 @@
 __version__ = "0.1.0"
 
 
-def load(source: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, **setup):
-    """An Embedder from an ullme folder, a model folder, a .gguf file, a bundled name or a hub id.
+def load(source: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+         compile: bool | None = None, backend: str = "auto", **setup):  # fmt: skip
+    """An Embedder from an ullme folder, a model folder, an ONNX export, a .gguf file, a bundled name or a hub id.
 
-    `setup` sets ModelSetup fields (pooling, attention, query_instruction, max_length, ...); see model_setup.py.
+    The parameters are `Embedder.load`'s. `setup` sets ModelSetup fields (pooling, attention,
+    query_instruction, max_length, ...); see model_setup.py.
     """
     from ullme_cli.models.embedder import Embedder  # torch and transformers load only when a model does
 
-    return Embedder.load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, **setup)
+    return Embedder.load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, compile=compile, backend=backend, **setup)

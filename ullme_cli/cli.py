@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import COMPUTE_DTYPES, DEFAULT_MODEL, KINDS, OUT_DTYPES, POOLINGS
+from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, KINDS, OUT_DTYPES, POOLINGS
 from ullme_cli.errors import UllmeError
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ PoolingOption = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (de
 AttentionOption = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional).")
 MaxLengthOption = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default: the model's, else 512).")
 TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
+BackendOption = typer.Option("auto", "--backend", help="auto, torch or onnx: auto runs a folder `ullme export --format onnx` wrote in ONNX Runtime, any other in torch.")
 CompileOption = typer.Option(None, "--compile/--no-compile", help="Encode through torch.compile, or never. Default: compile where it pays (a bf16 CPU and a job long enough that compiling takes under 10% of it); the log says what was decided.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Warnings and errors only: no progress bar, no summary.")
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug messages too.")
@@ -66,6 +67,12 @@ def _report_error(message: str) -> None:
         except OSError:
             pass  # an unwritable temp folder: every process prints
     _err(f"ullme: error: {message}")
+
+
+def _backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise UllmeError(f"--backend must be one of {', '.join(BACKENDS)}, got '{name}'")
+    return name
 
 
 def _output(quiet: bool, verbose: bool) -> bool:
@@ -141,6 +148,7 @@ def encode(
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     compile: Optional[bool] = CompileOption,
+    backend: str = BackendOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -156,7 +164,7 @@ def encode(
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
                             token_budget=token_budget, input_format=input_format).validate()  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
-    runtime = Runtime(dtype, device, trust_remote_code, compile)
+    runtime = Runtime(dtype, device, trust_remote_code, compile, _backend(backend))
     launch = Launch.from_env()
     if launch.world > 1:
         if shard:
@@ -187,6 +195,7 @@ def serve(
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
+    backend: str = BackendOption,
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
     max_inputs: int = typer.Option(2048, "--max-inputs", help="Texts per request; more is a 413."),
     truncate: bool = typer.Option(False, "--truncate", help="Cut inputs longer than --max-length (as encode does) instead of answering 413."),
@@ -220,7 +229,7 @@ def serve(
             raise UllmeError(f"--adapter {given}: expected NAME=PATH")
         adapters[adapter_name.strip()] = path.strip()
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
-    run_server(setup, Runtime(dtype, device, trust_remote_code), index, host, port, api_key_env, insecure_public, limits,
+    run_server(setup, Runtime(dtype, device, trust_remote_code, backend=_backend(backend)), index, host, port, api_key_env, insecure_public, limits,
                served_name or model, token_budget, access_log=verbose, adapters=adapters)  # fmt: skip
 
 
@@ -229,12 +238,25 @@ def export(
     model: str = typer.Argument(..., help="An ullme model folder (the output of finetune or Embedder.save)."),
     output: str = typer.Option(..., "--output", "-o", help="The folder to write."),
     merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the weights (a self-contained folder)."),
+    format: str = typer.Option("folder", "--format", help=f"{' or '.join(EXPORT_FORMATS)}: a model folder (sentence-transformers, transformers), or an ONNX graph with pooling and normalisation inside (ONNX Runtime; the adapter is merged)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --format onnx: int8 (ONNX Runtime's dynamic quantization of every MatMul)."),
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Write a model folder for sentence-transformers (adapter merged with --merge)."""
+    """Write a model folder for sentence-transformers (adapter merged with --merge), or an ONNX graph."""
     _output(quiet, verbose)
+    if format not in EXPORT_FORMATS:
+        raise UllmeError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{format}'")
+    if quantize is not None and format != "onnx":
+        raise UllmeError("--quantize applies to --format onnx only")
+    if format == "onnx":
+        from ullme_cli.models.onnx_backend import export_onnx
+
+        check = export_onnx(model, output, quantize, overwrite)
+        log.info(f"exported {model} to {output} as ONNX ({quantize or 'float32'}; cosine to the torch model: mean {check['mean_cosine']:.6f}, "
+                 f"min {check['min_cosine']:.6f} on {check['texts']} probe texts)")  # fmt: skip
+        return
     from ullme_cli.models.embedder import export_model
 
     export_model(model, output, merge, overwrite)

@@ -28,7 +28,8 @@ SETUP_FORMAT = 1
 # An adapter-only folder's base: {"model": a bundled name, hub id or absolute folder, "fingerprint": ...}.
 BASE_KEY = "base"
 MATRYOSHKA_KEY = "matryoshka_dims"  # the sizes a Matryoshka run trained (None: the full size), for encode's check and the card
-SETUP_FILE_KEYS = ("ullme_format", BASE_KEY, MATRYOSHKA_KEY)
+ONNX_KEY = "onnx"  # an ONNX export's graph: file, quantization, inputs, dim and the export's own check (models/onnx_backend.py)
+SETUP_FILE_KEYS = ("ullme_format", BASE_KEY, MATRYOSHKA_KEY, ONNX_KEY)
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Runtime:
     device: str = "auto"
     trust_remote_code: bool = False
     compile: bool | None = None  # torch.compile for encoding: True always, False never, None when compile_policy.py finds it pays
+    backend: str = "auto"  # one of constants.BACKENDS
 
 
 SETUP_FIELDS = tuple(f.name for f in fields(ModelSetup))

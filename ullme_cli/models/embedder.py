@@ -152,13 +152,23 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     The model's files are fingerprinted first. A setup that carries a fingerprint (read from a manifest,
     say) must match the files found: vectors are never mixed across changed weights.
     """
-    device = resolve_device(runtime.device)
-    dtype = resolve_dtype(runtime.dtype, device)
     source = resolve_model_source(setup.model)
     fingerprint = model_fingerprint(source)
     if setup.fingerprint:
         require_agreement({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
     setup = setup.replace(fingerprint=fingerprint)
+    from ullme_cli.models.onnx_backend import is_onnx_folder, load_onnx_embedder  # onnxruntime loads only for an ONNX folder
+
+    onnx = is_onnx_folder(source)
+    if runtime.backend == "torch" and onnx:
+        raise UllmeError(f"{setup.model}: --backend torch cannot run this folder: it holds an ONNX graph (use --backend onnx or auto)")
+    if runtime.backend == "onnx" and not onnx:
+        raise UllmeError(f"{setup.model}: --backend onnx: this folder is not an ONNX export; write one with `ullme export MODEL --format onnx -o DIR`")
+    if onnx:
+        return load_onnx_embedder(setup, runtime, source)
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, device)
+    log.info(f"backend: torch ({str(dtype).removeprefix('torch.')}, {device})")
     log.debug(f"loading {setup.model} from {source} ({dtype}, {device}); fingerprint {fingerprint[:16]}")
     folder = Path(source)
     base = adapter_base(folder)  # an adapter-only folder: the base it names, checked by fingerprint
@@ -238,8 +248,8 @@ class Embedder:
         self.tokenizer = tokenizer
         self.setup = setup.validate()
         self.device = device
-        hidden_size = decoder_of(model).config.hidden_size
-        self.pooler = Pooler(setup.pooling, hidden_size, latent).to(device)
+        # No model: a subclass runs the forward elsewhere (onnx_backend.OnnxEmbedder) and keeps the rest.
+        self.pooler = Pooler(setup.pooling, decoder_of(model).config.hidden_size, latent).to(device) if model is not None else None
         self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
         self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
         self.training: dict | None = None  # what finetune records (recipe, data, steps, eval); None: the source's
@@ -279,15 +289,17 @@ class Embedder:
         trust_remote_code: bool = False,
         verify: bool = True,
         compile: bool | None = None,
+        backend: str = "auto",
         **overrides,
     ) -> "Embedder":
         """Load an Embedder folder, a plain model folder, a .gguf file, a bundled name or a hub id.
 
         `overrides` set ModelSetup fields (pooling, attention, instructions, ...); None means keep.
         `compile` True encodes through `torch.compile` (see `compile()`), False never; None lets the policy of
-        `compile_policy.py` decide from the CPU, the dtype and the size of each `encode` call.
+        `compile_policy.py` decide from the CPU, the dtype and the size of each `encode` call. `backend` "onnx"
+        runs a folder `ullme export --format onnx` wrote in ONNX Runtime ("auto": that folder's own backend).
         """
-        return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code, compile), verify)
+        return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code, compile, backend), verify)
 
     def compile(self) -> "Embedder":
         """Encode through `torch.compile` with dynamic shapes, so that one compile serves every batch size and

@@ -1,0 +1,323 @@
+"""ONNX: one graph from token ids to the finished vector, and an Embedder that runs it in ONNX Runtime.
+
+`export_onnx` traces ullme's own forward into `model.onnx`: the bidirectional 4-D mask (ullme's mask route,
+so nothing rests on a config flag another runtime may not read), the pooling and the normalisation. So ONNX
+Runtime gives `ullme encode`'s vectors with nothing of ours around the graph but the tokenizer;
+sentence-transformers' own ONNX export leaves pooling and normalisation outside its graph.
+
+- Inputs, int64 (batch, tokens): `input_ids`, `attention_mask`, and `pooling_mask`, the tokens pooled (ullme
+  leaves an instruction's tokens out). Output: `sentence_embedding`, float32 (batch, dim).
+- `quantize="int8"`: ONNX Runtime's dynamic quantization, the one lever left on CPUs whose float32 path is
+  at its ceiling: int8 weights per output channel for the projections (q, k, v, o, gate, up), activations
+  quantized per call. `down_proj` stays float32: its inputs carry the activation outliers (quantizing it
+  alone took smollm2-135m's mean cosine to 0.962). Before the trace, SmoothQuant (Xiao et al., 2023) moves
+  the outliers of the norms' outputs into the next projections' weights, calibrated on 128 TREC QA train
+  texts, α = 0.5; the float32 function is unchanged, which is checked (a norm it cannot fold, such as
+  Gemma's 1 + w, keeps its weights). On smollm2-135m this took the mean cosine from 0.988 to 0.993.
+- The export checks itself before the folder is moved into place: ONNX Runtime's vectors of probe queries
+  and documents, alone and in a padded batch, against the torch forward's. float32 must reach cosine 0.9999
+  everywhere, int8 0.99 on average; the measured values are kept in `ullme.json` under "onnx".
+
+The graph is traced by torch's TorchScript exporter (about a second on a tiny model), or, where that fails
+or its graph gives other vectors (it bakes some families' shapes in as constants), by torch's dynamo
+exporter (8 s on the smallest). `ullme.json` records which. A graph larger than protobuf's 2 GB (a float32
+model above about 500M parameters) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ullme_cli.errors import UllmeError
+from ullme_cli.io.outputs import atomic_folder, guarded
+from ullme_cli.model_setup import MATRYOSHKA_KEY, ONNX_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, read_setup_file, resolve_setup
+from ullme_cli.models.bidirectional import hidden_states
+from ullme_cli.models.embedder import Embedder, load_embedder
+from ullme_cli.models.loading import load_tokenizer, model_inputs
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+QUANTIZATIONS = ("int8",)
+INPUTS = ("input_ids", "attention_mask", "pooling_mask")
+OUTPUT = "sentence_embedding"
+# What the graph fixes: a setup that differs in these cannot run on it (the tokenizer side, instructions and
+# max_length, stays outside the graph and follows the setup).
+GRAPH_FIELDS = ("pooling", "attention", "normalize")
+FLOORS = {None: ("min", 0.9999), "int8": ("mean", 0.99)}
+PROBES = ("Who wrote Hamlet?", "A tiny probe.", "The quick brown fox jumps over the lazy dog, and then it runs far into the woods "
+          "where nobody can see it any more, past the river and the old mill.", "x", "3 apples and 4 pears", "Ünïcödé, naïve café")  # fmt: skip
+PROTOBUF_LIMIT = 2 * 2**30
+
+
+class EmbeddingGraph(nn.Module):
+    """What ONNX Runtime runs: the decoder in the setup's attention mode (through ullme's 4-D mask), the
+    pooling and the normalisation, as `Embedder.embed` does."""
+
+    def __init__(self, embedder: Embedder):
+        super().__init__()
+        self.model, self.pooler, self.setup = embedder.model, embedder.pooler, embedder.setup
+
+    def forward(self, input_ids, attention_mask, pooling_mask):
+        states = hidden_states(self.model, input_ids, attention_mask, self.setup.attention, route="mask")
+        pooled = self.pooler(states.float(), attention_mask, pooling_mask)
+        return F.normalize(pooled, dim=-1) if self.setup.normalize else pooled
+
+
+def is_onnx_folder(source: str) -> bool:
+    folder = Path(source)
+    return folder.is_dir() and (folder / ONNX_FILE).is_file() and (folder / SETUP_FILE).is_file()
+
+
+def export_onnx(source: str, output: str, quantize: str | None = None, overwrite: bool = False) -> dict:
+    """Write `output/` with model.onnx, the tokenizer and ullme.json; returns the check's record."""
+    if quantize not in (None, *QUANTIZATIONS):
+        raise UllmeError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got '{quantize}'")
+    with guarded([output], model_inputs(source), overwrite, folder=True):
+        embedder = load_embedder(resolve_setup(source), Runtime(dtype="float32", device="cpu", compile=False))
+        if embedder.has_adapter:  # the graph holds plain weights: LoRA merged, the same vectors up to rounding
+            embedder.model = embedder.model.merge_and_unload()
+        size = sum(p.numel() * p.element_size() for p in embedder.model.parameters())
+        if size > PROTOBUF_LIMIT:
+            raise UllmeError(f"{source}: {size / 2**30:.1f} GB of float32 weights is over ONNX's 2 GB protobuf limit for one graph; "
+                             "ullme exports models up to about 500M parameters")  # fmt: skip
+        with atomic_folder(output) as staging:
+            check = _write(embedder, staging, quantize)
+    return check
+
+
+def _write(embedder: Embedder, staging: Path, quantize: str | None) -> dict:
+    references = _probe_vectors(embedder)  # the torch model's, before any change of its weights
+    for module in embedder.model.modules():  # mixture-of-experts: the loop over the experts hit (histc) does not trace;
+        config = getattr(module, "config", None)  # transformers' batched_mm form of the same experts does
+        if getattr(config, "_experts_implementation", None) not in (None, "batched_mm"):
+            config._experts_implementation = "batched_mm"
+    smoothed = quantize == "int8" and smooth_for_int8(embedder, calibration_texts(), references)
+    traced = staging / ("float32.onnx" if quantize else ONNX_FILE)
+    exporter = _export_graph(embedder, traced, references)
+    if quantize == "int8":
+        _quantize_int8(traced, staging / ONNX_FILE)
+        traced.unlink()
+    embedder.tokenizer.save_pretrained(staging)
+    check = {**_check(embedder, _session(staging / ONNX_FILE), quantize, references), "exporter": exporter,
+             **({"smoothquant_alpha": SMOOTHQUANT_ALPHA} if smoothed else {})}  # fmt: skip
+    record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in embedder.setup.record().items() if k not in ("model", "fingerprint")},
+              ONNX_KEY: {"file": ONNX_FILE, "quantize": quantize, "inputs": list(INPUTS), "output": OUTPUT, "dim": embedder.dim, "check": check}}  # fmt: skip
+    if embedder.matryoshka_dims:
+        record[MATRYOSHKA_KEY] = embedder.matryoshka_dims
+    (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return check
+
+
+def _export_graph(embedder: Embedder, path: Path, references: np.ndarray) -> str:
+    """Trace the float32 graph to `path` with the first exporter whose graph gives the torch model's vectors
+    on the probes: the TorchScript tracer (a second per tiny model), else torch's dynamo exporter (which
+    follows what the tracer bakes in as constants: some families' reshapes, ops it lacks). Returns its name."""
+    graph = EmbeddingGraph(embedder).eval()
+    example = embedder.collate(embedder.tokenize(list(PROBES), "query"))
+    dynamic = {name: {0: "batch", 1: "tokens"} for name in INPUTS}
+    failures = []
+    for exporter in ("torchscript", "dynamo"):
+        try:
+            with torch.no_grad(), _quiet_tracer():
+                torch.onnx.export(graph, (example.input_ids, example.attention_mask, example.content_mask), str(path), input_names=list(INPUTS),
+                                  output_names=[OUTPUT], dynamic_axes={**dynamic, OUTPUT: {0: "batch"}}, opset_version=18,
+                                  dynamo=exporter == "dynamo", **({"verbose": False, "report": False} if exporter == "dynamo" else {}))  # fmt: skip
+            _check(embedder, _session(path), None, references)
+            return exporter
+        except Exception as e:  # noqa: BLE001 - an exporter that cannot trace this family, or whose graph runs wrong
+            failures.append(f"{exporter}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
+            path.unlink(missing_ok=True)
+            for extra in path.parent.glob(path.name + "*"):  # a dynamo export's external data
+                extra.unlink()
+    raise UllmeError(f"no ONNX exporter gave this model's vectors ({'; '.join(failures)})")
+
+
+def _probe_batches(embedder: Embedder) -> list:
+    """The probes as queries and as documents, in one padded batch and each alone."""
+    batches = []
+    for kind in ("query", "passage"):
+        items = embedder.tokenize(list(PROBES), kind)
+        batches += [items, *[[item] for item in items]]
+    return batches
+
+
+def _probe_vectors(embedder: Embedder) -> np.ndarray:
+    return np.concatenate([embedder.encode_tokenized(items) for items in _probe_batches(embedder)])
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _check(embedder: Embedder, session, quantize: str | None, references: np.ndarray) -> dict:
+    """ONNX Runtime against the torch forward (`references`, from before any change of the weights) on the
+    probes; refused below the floor of FLOORS."""
+    theirs = np.concatenate([_run(session, embedder.collate(items)) for items in _probe_batches(embedder)])
+    cosines = _cosines(references, theirs)
+    check = {"min_cosine": round(float(min(cosines)), 6), "mean_cosine": round(float(np.mean(cosines)), 6), "texts": len(cosines)}
+    statistic, floor = FLOORS[quantize]
+    if not check[f"{statistic}_cosine"] >= floor:  # NaN too
+        raise UllmeError(f"the ONNX graph's vectors differ from the torch model's ({statistic} cosine {check[f'{statistic}_cosine']:.6f} "
+                         f"< {floor} on {len(cosines)} probe texts); not written")  # fmt: skip
+    return check
+
+
+SMOOTHQUANT_ALPHA = 0.5  # the paper's default; not tuned here
+INT8_KEPT_FLOAT = ("down_proj",)  # the projections whose inputs carry the activation outliers
+
+
+def calibration_texts(rows: int = 64) -> list[str]:
+    """Questions and their first relevant sentences from the bundled TREC QA train split (never its test split)."""
+    from ullme_cli.data import read_training_examples
+
+    examples, _ = read_training_examples(str(Path(__file__).resolve().parent.parent / "resources" / "trecqa-train" / "train.jsonl"))
+    return [text for example in examples[:rows] for text in (example.query, example.positives[0])]
+
+
+def smooth_for_int8(embedder: Embedder, calibration: list[str], references: np.ndarray | None = None, alpha: float = SMOOTHQUANT_ALPHA) -> bool:
+    """SmoothQuant (Xiao et al., 2023, arXiv:2211.10438): move activation outliers into the weights before int8.
+
+    For each projection that reads a norm's output (q/k/v after input_layernorm, gate/up after
+    post_attention_layernorm), channel j gets s_j = max|X_j|^α / max|W_j|^(1-α), measured on `calibration`;
+    the norm's weight is divided by s and the projections' input columns multiplied by it. For a norm that
+    computes w · x̂ (Llama's RMSNorm) the float32 function is the same. With `references` (the probe
+    vectors before), that is checked, and the weights are put back where it does not hold; returns whether
+    the smoothing was kept."""
+    model = embedder.model
+    blocks = [m for m in model.modules() if all(hasattr(m, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"))]
+    try:
+        pairs = [(b.input_layernorm, [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in blocks]
+        pairs += [(b.post_attention_layernorm, [b.mlp.gate_proj, b.mlp.up_proj]) for b in blocks]
+    except AttributeError:  # another layout of the projections: quantized without smoothing
+        return False
+    if not pairs or not all(isinstance(getattr(norm, "weight", None), torch.Tensor) for norm, _ in pairs):
+        return False
+    seen: dict = {}
+
+    def record(norm, _, output):
+        channel_max = output.detach().abs().reshape(-1, output.shape[-1]).amax(0).float()
+        seen[norm] = torch.maximum(seen[norm], channel_max) if norm in seen else channel_max
+
+    hooks = [norm.register_forward_hook(record) for norm, _ in pairs]
+    try:
+        embedder.encode(calibration)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    saved = {id(t): t.detach().clone() for norm, linears in pairs for t in (norm.weight, *(linear.weight for linear in linears))}
+    with torch.no_grad():
+        for norm, linears in pairs:
+            weight_max = torch.cat([linear.weight.abs() for linear in linears]).amax(0).float()
+            scale = seen[norm].clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)
+            norm.weight.div_(scale.to(norm.weight.dtype))
+            for linear in linears:
+                linear.weight.mul_(scale.to(linear.weight.dtype))
+    if references is None or _cosines(references, _probe_vectors(embedder)).min() >= 0.99999:
+        return True
+    with torch.no_grad():  # this family's norm is not w · x̂: the fold changed the function
+        for norm, linears in pairs:
+            for t in (norm.weight, *(linear.weight for linear in linears)):
+                t.copy_(saved[id(t)])
+    log.info("SmoothQuant does not fold into this family's norms; quantizing without it")
+    return False
+
+
+def _quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 of the weight MatMuls but those in INT8_KEPT_FLOAT, per output channel."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    kept = [node.name for node in graph.node if node.op_type == "MatMul" and (node.input[1] not in weights or any(k in node.name for k in INT8_KEPT_FLOAT))]
+    logging.getLogger().disabled, quiet = True, logging.getLogger().disabled  # onnxruntime's advice to pre-process goes to the root logger
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=kept)
+    finally:
+        logging.getLogger().disabled = quiet
+
+
+def _session(path: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UllmeError("the ONNX backend needs its extra: pip install 'ullme[onnx]'") from None
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session, batch) -> np.ndarray:
+    feed = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy(), "pooling_mask": batch.content_mask.numpy()}
+    return session.run([OUTPUT], feed)[0]
+
+
+class _quiet_tracer:
+    """The tracer warns about every Python branch transformers takes on a shape; with ullme's explicit mask
+    they are constants of the graph, and the export's own check proves the vectors."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+
+    def __exit__(self, *exc):
+        return self._catch.__exit__(*exc)
+
+
+class OnnxEmbedder(Embedder):
+    """An Embedder whose forward is ONNX Runtime's run of an exported graph: tokenizing, batching, the
+    encode loop and every record are Embedder's own. It encodes; it does not train, save or score generations."""
+
+    def __init__(self, session, tokenizer, setup: ModelSetup, record: dict):
+        super().__init__(None, tokenizer, setup, torch.device("cpu"))
+        self.session, self.onnx = session, record
+
+    @property
+    def dim(self) -> int:
+        return int(self.onnx["dim"])
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.onnx.get("quantize") or "float32"
+
+    def encode_tokenized(self, items: Sequence) -> np.ndarray:
+        return _run(self.session, self.collate(items))
+
+    def embed(self, batch, mode=None):
+        raise UllmeError(f"{self.source}: an ONNX folder runs in ONNX Runtime only; training and torch forwards need the model folder it was exported from")
+
+    def save(self, folder, merge_lora=False, reference_base=False):
+        raise UllmeError(f"{self.source}: an ONNX folder is exported, not saved again; export from the model folder")
+
+
+def load_onnx_embedder(setup: ModelSetup, runtime: Runtime, source: str) -> OnnxEmbedder:
+    """The ONNX folder `source` (its fingerprint checked by load_embedder, which calls this), refused where
+    the runtime or the setup asks for what its graph does not hold."""
+    record = read_setup_file(Path(source) / SETUP_FILE)
+    onnx = record.get(ONNX_KEY) or {}
+    if runtime.device not in ("auto", "cpu"):
+        raise UllmeError(f"{source}: an ONNX folder runs on the CPU here (ONNX Runtime's CPU provider); --device {runtime.device} is not offered")
+    if runtime.dtype not in ("auto", onnx.get("quantize") or "float32"):
+        raise UllmeError(f"{source}: this ONNX graph computes in {onnx.get('quantize') or 'float32'}; --dtype {runtime.dtype} needs another export")
+    changed = [f"{field} {getattr(setup, field)!r} (the graph's: {record.get(field)!r})" for field in GRAPH_FIELDS if getattr(setup, field) != record.get(field)]
+    if changed:
+        raise UllmeError(f"{source}: the ONNX graph fixes pooling, attention and normalisation; asked for {', '.join(changed)}: export again with that setup")
+    embedder = OnnxEmbedder(_session(Path(source) / onnx.get("file", ONNX_FILE)), load_tokenizer(source), setup, onnx)
+    embedder.source = source
+    for kind in ("query", "passage"):
+        if prefix := embedder.instruction_prefix(kind):
+            embedder.require_room_for_text(prefix)
+    log.info(f"backend: ONNX Runtime ({onnx.get('quantize') or 'float32'}, {source}/{onnx.get('file', ONNX_FILE)})")
+    return embedder
