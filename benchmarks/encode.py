@@ -277,7 +277,7 @@ def main() -> None:
     from ullme_cli.data import read_training_examples
     from ullme_cli.models.embedder import Embedder
     from ullme_cli.models.loading import resolve_model_source
-    from ullme_cli.models.onnx_backend import smooth_for_int8
+    from ullme_cli.models.onnx_export import smooth_for_int8
 
     texts = read_texts(args)
     ours = Embedder.load(args.model, dtype="auto", max_length=args.max_length)
@@ -316,7 +316,7 @@ def main() -> None:
         encoders.append(("ullme int8 SmoothQuant (not the default)", torch.float32, lambda: smoothed.encode(texts)))
 
     if args.ullme_onnx:  # the real export and backend: `ullme export --format onnx [--quantize int8]`, then `--backend onnx`
-        from ullme_cli.models.onnx_backend import export_onnx
+        from ullme_cli.models.onnx_export import export_onnx
 
         if compute != torch.float32:
             torch32 = Embedder.load(args.model, dtype="float32", max_length=args.max_length, compile=False)

@@ -251,7 +251,7 @@ def export(
     if quantize is not None and format != "onnx":
         raise UllmeError("--quantize applies to --format onnx only")
     if format == "onnx":
-        from ullme_cli.models.onnx_backend import export_onnx
+        from ullme_cli.models.onnx_export import export_onnx
 
         check = export_onnx(model, output, quantize, overwrite)
         log.info(f"exported {model} to {output} as ONNX ({quantize or 'float32'}; cosine to the torch model: mean {check['mean_cosine']:.6f}, "

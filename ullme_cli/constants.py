@@ -14,6 +14,6 @@ def cache_root():
     from pathlib import Path
 
     return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))
-# auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_backend.py)
+# auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_graph.py)
 BACKENDS = ("auto", "torch", "onnx")
 EXPORT_FORMATS = ("folder", "onnx")  # `ullme export --format`

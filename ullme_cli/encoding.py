@@ -168,7 +168,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
             log.info(f"resuming {output}: {done} of {len(chunks)} chunks already encoded")
     embedder.plan(padded_tokens((batch for number, chunk in enumerate(chunks) for batch in chunk
                                  if partial is None or not (partial / f"chunk-{number:06d}.npy").exists()), lengths))  # fmt: skip
-    with progress_bar("encode", total=len(records), enabled=show_progress) as advance:
+    with progress_bar(f"encode ({embedder.backend})", total=len(records), enabled=show_progress) as advance:
         for number, chunk in enumerate(chunks):
             rows = [i for batch in chunk for i in batch]
             saved = partial / f"chunk-{number:06d}.npy" if partial is not None else None

@@ -28,7 +28,7 @@ SETUP_FORMAT = 1
 # An adapter-only folder's base: {"model": a bundled name, hub id or absolute folder, "fingerprint": ...}.
 BASE_KEY = "base"
 MATRYOSHKA_KEY = "matryoshka_dims"  # the sizes a Matryoshka run trained (None: the full size), for encode's check and the card
-ONNX_KEY = "onnx"  # an ONNX export's graph: file, quantization, inputs, dim and the export's own check (models/onnx_backend.py)
+ONNX_KEY = "onnx"  # an ONNX export's graph: file, quantization, inputs, dim and the export's own check (models/onnx_export.py writes it, models/onnx_graph.py runs it)
 SETUP_FILE_KEYS = ("ullme_format", BASE_KEY, MATRYOSHKA_KEY, ONNX_KEY)
 
 

@@ -43,6 +43,7 @@ from ullme_cli.models.loading import (
     resolve_model_source,
 )
 from ullme_cli.models.model_card import write_model_card
+from ullme_cli.models.onnx_graph import OnnxGraph, is_onnx_folder, open_graph
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
 from ullme_cli.progress import progress_bar
 
@@ -157,18 +158,15 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if setup.fingerprint:
         require_agreement({"fingerprint": fingerprint}, {"fingerprint": setup.fingerprint}, f"model {setup.model}", "the recorded setup", keys=("fingerprint",))
     setup = setup.replace(fingerprint=fingerprint)
-    from ullme_cli.models.onnx_backend import is_onnx_folder, load_onnx_embedder  # onnxruntime loads only for an ONNX folder
-
     onnx = is_onnx_folder(source)
     if runtime.backend == "torch" and onnx:
         raise UllmeError(f"{setup.model}: --backend torch cannot run this folder: it holds an ONNX graph (use --backend onnx or auto)")
     if runtime.backend == "onnx" and not onnx:
         raise UllmeError(f"{setup.model}: --backend onnx: this folder is not an ONNX export; write one with `ullme export MODEL --format onnx -o DIR`")
-    if onnx:
-        return load_onnx_embedder(setup, runtime, source)
+    if onnx:  # ONNX Runtime runs the exported graph; tokenizing, batching and every record stay this class's
+        return embedder_over(None, setup, source, torch.device("cpu"), graph=open_graph(source, setup, runtime))
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
-    log.info(f"backend: torch ({str(dtype).removeprefix('torch.')}, {device})")
     log.debug(f"loading {setup.model} from {source} ({dtype}, {device}); fingerprint {fingerprint[:16]}")
     folder = Path(source)
     base = adapter_base(folder)  # an adapter-only folder: the base it names, checked by fingerprint
@@ -193,19 +191,19 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     return embedder.compile() if runtime.compile else embedder
 
 
-def embedder_over(model, setup: ModelSetup, source: str, device: torch.device, trust_remote_code: bool = False) -> "Embedder":
-    """An Embedder of `setup` over a loaded `model`, with what the folder `source` holds beside the weights:
-    the tokenizer, a trained latent head, the Matryoshka sizes. An instruction that leaves no room for the
-    text fails here, before any work."""
+def embedder_over(model, setup: ModelSetup, source: str, device: torch.device, trust_remote_code: bool = False, graph=None) -> "Embedder":
+    """An Embedder of `setup` over a loaded `model` (or an ONNX `graph`), with what the folder `source` holds
+    beside the weights: the tokenizer, a trained latent head, the Matryoshka sizes. An instruction that leaves
+    no room for the text fails here, before any work."""
     folder = Path(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     latent = None
-    if setup.pooling.startswith("latent-attention") and (folder / SETUP_FILE).is_file():
+    if model is not None and setup.pooling.startswith("latent-attention") and (folder / SETUP_FILE).is_file():  # an ONNX graph holds its head
         # A saved setup that names a trained head must have it: an untrained one would give other vectors.
         if not (folder / LATENT_WEIGHTS).exists():
             raise UllmeError(f"{folder / LATENT_WEIGHTS}: missing: {folder / SETUP_FILE} names pooling '{setup.pooling}', whose trained head is this file")
         latent = LatentAttentionPooling.load(folder)
-    embedder = Embedder(model, tokenizer, setup, device, latent)
+    embedder = Embedder(model, tokenizer, setup, device, latent, graph)
     embedder.source = source
     if (folder / SETUP_FILE).is_file():
         embedder.matryoshka_dims = read_setup_file(folder / SETUP_FILE).get(MATRYOSHKA_KEY)
@@ -243,12 +241,13 @@ def compile_each_layer_once(model: nn.Module) -> None:
 
 
 class Embedder:
-    def __init__(self, model, tokenizer, setup: ModelSetup, device: torch.device, latent=None):
+    def __init__(self, model, tokenizer, setup: ModelSetup, device: torch.device, latent=None, graph: OnnxGraph | None = None):
         self.model = model
+        # An exported ONNX graph that runs in place of `model` (None: torch runs the model). It encodes only.
+        self.graph = graph
         self.tokenizer = tokenizer
         self.setup = setup.validate()
         self.device = device
-        # No model: a subclass runs the forward elsewhere (onnx_backend.OnnxEmbedder) and keeps the rest.
         self.pooler = Pooler(setup.pooling, decoder_of(model).config.hidden_size, latent).to(device) if model is not None else None
         self.row_cap: int | None = None  # set by a GPU out-of-memory error; later batches are split to fit
         self.source: str | None = None  # the folder or hub id loaded from; the model card reads its origin there
@@ -333,8 +332,13 @@ class Embedder:
             self.compile_policy.plan(tokens)
 
     @property
+    def backend(self) -> str:
+        """What runs the forward, for progress lines: "torch bfloat16", "ONNX Runtime int8"."""
+        return f"{'ONNX Runtime' if self.graph is not None else 'torch'} {self.compute_dtype}"
+
+    @property
     def compute_dtype(self) -> str:
-        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+        return self.graph.compute_dtype if self.graph is not None else str(next(self.model.parameters()).dtype).replace("torch.", "")
 
     def vector_record(self, kind: str, instruction: str | None = None, truncate_dim: int | None = None) -> dict:
         """What defines the vectors this embedder makes for `kind` (ModelSetup.vector_record, in its dtype)."""
@@ -381,6 +385,8 @@ class Embedder:
         The folder is assembled beside the target and renamed into place, so a crash leaves no half folder.
         An existing ullme model folder is replaced; any other non-empty folder is refused, never deleted.
         """
+        if self.graph is not None:
+            raise UllmeError(f"{self.source}: an ONNX folder is exported, not saved again; export from the model folder")
         target = real_path(folder)
         if self.source and Path(self.source).exists() and (target == real_path(self.source) or real_path(self.source) in target.parents):
             raise UllmeError(f"{folder}: is or lies inside the model it is saved from ({self.source}); save elsewhere")
@@ -530,6 +536,8 @@ class Embedder:
     # ---------------------------------------------------------------- embedding
     def embed(self, batch: Batch, mode: str | None = None) -> torch.Tensor:
         """Pooled (and normalized, per config) vectors; differentiable, so training uses it too."""
+        if self.graph is not None:
+            raise UllmeError(f"{self.source}: an ONNX folder runs in ONNX Runtime only; training and torch forwards need the model folder it was exported from")
         mode = mode or self.setup.attention
         if batch.packing is not None and self.can_pack(mode):
             p = batch.packing
@@ -542,6 +550,8 @@ class Embedder:
 
     @torch.inference_mode()
     def encode_tokenized(self, items: Sequence[Tokenized]) -> np.ndarray:
+        if self.graph is not None:
+            return self.graph.run(self.collate(items))
         batch = self.collate(items, packed=self.packing)
         if self.compiled_embed is not None:
             try:
@@ -614,7 +624,7 @@ class Embedder:
         batches = plan_batches(lengths, token_budget or self.default_token_budget, batch_size or 512)
         self.plan(padded_tokens(batches, lengths))
         log.debug(f"encode: {len(texts)} texts in {len(batches)} batches, token budget {token_budget or self.default_token_budget}")
-        with progress_bar("encode", total=len(texts), enabled=show_progress_bar) as advance:
+        with progress_bar(f"encode ({self.backend})", total=len(texts), enabled=show_progress_bar) as advance:
             for batch in batches:
                 out[batch] = self.encode_batch([tokenized[i] for i in batch])
                 advance(len(batch))
@@ -663,7 +673,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return decoder_of(self.model).config.hidden_size
+        return self.graph.dim if self.graph is not None else decoder_of(self.model).config.hidden_size
 
     # ---------------------------------------------------------------- generation scores (GRL)
     def generation_logprobs(

@@ -142,7 +142,7 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     require_query_agreement(embedder, manifest, f"queries encoded now (--dtype {dtype})")
     texts = [r.text for r in records]
     parts = []
-    with progress_bar("encode queries", total=len(texts), enabled=show_progress) as advance:
+    with progress_bar(f"encode queries ({embedder.backend})", total=len(texts), enabled=show_progress) as advance:
         for start in range(0, len(texts), QUERY_BATCH):
             parts.append(embedder.encode(texts[start : start + QUERY_BATCH], kind="query"))
             advance(len(parts[-1]))

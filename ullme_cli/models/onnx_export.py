@@ -1,12 +1,12 @@
-"""ONNX: one graph from token ids to the finished vector, and an Embedder that runs it in ONNX Runtime.
+"""`ullme export --format onnx`: one graph from token ids to the finished vector (models/onnx_graph.py runs it).
 
 `export_onnx` traces ullme's own forward into `model.onnx`: the bidirectional 4-D mask (ullme's mask route,
 so nothing rests on a config flag another runtime may not read), the pooling and the normalisation. So ONNX
 Runtime gives `ullme encode`'s vectors with nothing of ours around the graph but the tokenizer;
 sentence-transformers' own ONNX export leaves pooling and normalisation outside its graph.
 
-- Inputs, int64 (batch, tokens): `input_ids`, `attention_mask`, and `pooling_mask`, the tokens pooled (ullme
-  leaves an instruction's tokens out). Output: `sentence_embedding`, float32 (batch, dim).
+- Inputs and output: models/onnx_graph.py (`pooling_mask` holds the tokens pooled: ullme leaves an
+  instruction's tokens out).
 - `quantize="int8"`: ONNX Runtime's dynamic quantization, the one lever left on CPUs whose float32 path is
   at its ceiling: int8 weights per output channel for the projections (q, k, v, o, gate, up), activations
   quantized per call. `down_proj` stays float32: its inputs carry the activation outliers (quantizing it
@@ -38,20 +38,15 @@ from torch import nn
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.outputs import atomic_folder, guarded
-from ullme_cli.model_setup import MATRYOSHKA_KEY, ONNX_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, read_setup_file, resolve_setup
+from ullme_cli.model_setup import MATRYOSHKA_KEY, ONNX_KEY, SETUP_FILE, SETUP_FORMAT, Runtime, resolve_setup
 from ullme_cli.models.bidirectional import hidden_states
 from ullme_cli.models.embedder import Embedder, load_embedder
-from ullme_cli.models.loading import load_tokenizer, model_inputs
+from ullme_cli.models.loading import model_inputs
+from ullme_cli.models.onnx_graph import INPUTS, ONNX_FILE, OUTPUT, run, session
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
 QUANTIZATIONS = ("int8",)
-INPUTS = ("input_ids", "attention_mask", "pooling_mask")
-OUTPUT = "sentence_embedding"
-# What the graph fixes: a setup that differs in these cannot run on it (the tokenizer side, instructions and
-# max_length, stays outside the graph and follows the setup).
-GRAPH_FIELDS = ("pooling", "attention", "normalize")
 FLOORS = {None: ("min", 0.9999), "int8": ("mean", 0.99)}
 PROBES = ("Who wrote Hamlet?", "A tiny probe.", "The quick brown fox jumps over the lazy dog, and then it runs far into the woods "
           "where nobody can see it any more, past the river and the old mill.", "x", "3 apples and 4 pears", "Ünïcödé, naïve café")  # fmt: skip
@@ -70,11 +65,6 @@ class EmbeddingGraph(nn.Module):
         states = hidden_states(self.model, input_ids, attention_mask, self.setup.attention, route="mask")
         pooled = self.pooler(states.float(), attention_mask, pooling_mask)
         return F.normalize(pooled, dim=-1) if self.setup.normalize else pooled
-
-
-def is_onnx_folder(source: str) -> bool:
-    folder = Path(source)
-    return folder.is_dir() and (folder / ONNX_FILE).is_file() and (folder / SETUP_FILE).is_file()
 
 
 def export_onnx(source: str, output: str, quantize: str | None = None, overwrite: bool = False) -> dict:
@@ -107,7 +97,7 @@ def _write(embedder: Embedder, staging: Path, quantize: str | None) -> dict:
         _quantize_int8(traced, staging / ONNX_FILE)
         traced.unlink()
     embedder.tokenizer.save_pretrained(staging)
-    check = {**_check(embedder, _session(staging / ONNX_FILE), quantize, references), "exporter": exporter,
+    check = {**_check(embedder, session(staging / ONNX_FILE), quantize, references), "exporter": exporter,
              **({"smoothquant_alpha": SMOOTHQUANT_ALPHA} if smoothed else {})}  # fmt: skip
     record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in embedder.setup.record().items() if k not in ("model", "fingerprint")},
               ONNX_KEY: {"file": ONNX_FILE, "quantize": quantize, "inputs": list(INPUTS), "output": OUTPUT, "dim": embedder.dim, "check": check}}  # fmt: skip
@@ -131,7 +121,7 @@ def _export_graph(embedder: Embedder, path: Path, references: np.ndarray) -> str
                 torch.onnx.export(graph, (example.input_ids, example.attention_mask, example.content_mask), str(path), input_names=list(INPUTS),
                                   output_names=[OUTPUT], dynamic_axes={**dynamic, OUTPUT: {0: "batch"}}, opset_version=18,
                                   dynamo=exporter == "dynamo", **({"verbose": False, "report": False} if exporter == "dynamo" else {}))  # fmt: skip
-            _check(embedder, _session(path), None, references)
+            _check(embedder, session(path), None, references)
             return exporter
         except Exception as e:  # noqa: BLE001 - an exporter that cannot trace this family, or whose graph runs wrong
             failures.append(f"{exporter}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
@@ -158,10 +148,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def _check(embedder: Embedder, session, quantize: str | None, references: np.ndarray) -> dict:
+def _check(embedder: Embedder, graph_session, quantize: str | None, references: np.ndarray) -> dict:
     """ONNX Runtime against the torch forward (`references`, from before any change of the weights) on the
     probes; refused below the floor of FLOORS."""
-    theirs = np.concatenate([_run(session, embedder.collate(items)) for items in _probe_batches(embedder)])
+    theirs = np.concatenate([run(graph_session, embedder.collate(items)) for items in _probe_batches(embedder)])
     cosines = _cosines(references, theirs)
     check = {"min_cosine": round(float(min(cosines)), 6), "mean_cosine": round(float(np.mean(cosines)), 6), "texts": len(cosines)}
     statistic, floor = FLOORS[quantize]
@@ -246,19 +236,6 @@ def _quantize_int8(source: Path, target: Path) -> None:
         logging.getLogger().disabled = quiet
 
 
-def _session(path: Path):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UllmeError("the ONNX backend needs its extra: pip install 'ullme[onnx]'") from None
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _run(session, batch) -> np.ndarray:
-    feed = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy(), "pooling_mask": batch.content_mask.numpy()}
-    return session.run([OUTPUT], feed)[0]
-
-
 class _quiet_tracer:
     """The tracer warns about every Python branch transformers takes on a shape; with ullme's explicit mask
     they are constants of the graph, and the export's own check proves the vectors."""
@@ -274,50 +251,3 @@ class _quiet_tracer:
 
     def __exit__(self, *exc):
         return self._catch.__exit__(*exc)
-
-
-class OnnxEmbedder(Embedder):
-    """An Embedder whose forward is ONNX Runtime's run of an exported graph: tokenizing, batching, the
-    encode loop and every record are Embedder's own. It encodes; it does not train, save or score generations."""
-
-    def __init__(self, session, tokenizer, setup: ModelSetup, record: dict):
-        super().__init__(None, tokenizer, setup, torch.device("cpu"))
-        self.session, self.onnx = session, record
-
-    @property
-    def dim(self) -> int:
-        return int(self.onnx["dim"])
-
-    @property
-    def compute_dtype(self) -> str:
-        return self.onnx.get("quantize") or "float32"
-
-    def encode_tokenized(self, items: Sequence) -> np.ndarray:
-        return _run(self.session, self.collate(items))
-
-    def embed(self, batch, mode=None):
-        raise UllmeError(f"{self.source}: an ONNX folder runs in ONNX Runtime only; training and torch forwards need the model folder it was exported from")
-
-    def save(self, folder, merge_lora=False, reference_base=False):
-        raise UllmeError(f"{self.source}: an ONNX folder is exported, not saved again; export from the model folder")
-
-
-def load_onnx_embedder(setup: ModelSetup, runtime: Runtime, source: str) -> OnnxEmbedder:
-    """The ONNX folder `source` (its fingerprint checked by load_embedder, which calls this), refused where
-    the runtime or the setup asks for what its graph does not hold."""
-    record = read_setup_file(Path(source) / SETUP_FILE)
-    onnx = record.get(ONNX_KEY) or {}
-    if runtime.device not in ("auto", "cpu"):
-        raise UllmeError(f"{source}: an ONNX folder runs on the CPU here (ONNX Runtime's CPU provider); --device {runtime.device} is not offered")
-    if runtime.dtype not in ("auto", onnx.get("quantize") or "float32"):
-        raise UllmeError(f"{source}: this ONNX graph computes in {onnx.get('quantize') or 'float32'}; --dtype {runtime.dtype} needs another export")
-    changed = [f"{field} {getattr(setup, field)!r} (the graph's: {record.get(field)!r})" for field in GRAPH_FIELDS if getattr(setup, field) != record.get(field)]
-    if changed:
-        raise UllmeError(f"{source}: the ONNX graph fixes pooling, attention and normalisation; asked for {', '.join(changed)}: export again with that setup")
-    embedder = OnnxEmbedder(_session(Path(source) / onnx.get("file", ONNX_FILE)), load_tokenizer(source), setup, onnx)
-    embedder.source = source
-    for kind in ("query", "passage"):
-        if prefix := embedder.instruction_prefix(kind):
-            embedder.require_room_for_text(prefix)
-    log.info(f"backend: ONNX Runtime ({onnx.get('quantize') or 'float32'}, {source}/{onnx.get('file', ONNX_FILE)})")
-    return embedder
