@@ -178,7 +178,7 @@ def ullme_encoder(folder: str):
     """Texts → unit vectors, each task with the instruction table's instruction, as `ullme evaluate` does
     (queries and both sides of symmetric pairs take it; passages do not). Unique texts are encoded once."""
     import ullme_cli
-    from ullme_cli.evaluation.instructions import instruction_for, load_instruction_table
+    from ullme_cli.instructions import instruction_for, load_instruction_table
 
     embedder, table = ullme_cli.load(folder), load_instruction_table()
 

@@ -10,8 +10,10 @@ import sys
 import warnings
 
 import pytest
-from conftest import REPO, demo_texts, run_cli
+import torch
+from conftest import REPO, demo_texts, lora_step_gradients, run_cli
 
+from ullme_cli.losses.table import STRATEGIES
 from ullme_cli.recipes import load_recipe
 from ullme_cli.training.dry_run import dry_run
 
@@ -69,3 +71,35 @@ def test_predicted_step_memory_is_within_a_quarter_of_the_measured_peak(tmp_path
         predicted = dry_run(load_recipe(str(recipe))).memory
         expected = predicted["gradients"] + predicted["optimizer"] + predicted["activations"] + predicted["transient"]
         assert expected == pytest.approx(step, rel=0.25), f"{arm}: predicted {expected / 2**20:.0f} MiB, measured {step / 2**20:.0f} MiB"
+
+
+# distill reads teacher scores from its rows (the TREC QA rows have none); its passes are the pairs' passes.
+@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - {"distill"}))
+def test_the_dry_run_counts_the_texts_the_step_runs(strategy, tiny_llama, monkeypatch):
+    """The dry run's text counts come from `step.step_texts`, the step's own; here the step's real passes
+    are counted for every strategy: texts through the embedding forward, and through the LM head with a
+    graph. (The dry run counted SimCSE's two views of queries and positives as 2B texts: the step runs 4B.)"""
+    from ullme_cli.models import embedder as embedder_module
+    from ullme_cli.training import step as step_module
+    from ullme_cli.training.step import step_texts
+
+    embedded, through_lm = [], []
+    original_embed = embedder_module.Embedder.embed
+
+    def counting_embed(self, batch, mode=None):
+        embedded.append(batch.input_ids.shape[0])
+        return original_embed(self, batch, mode)
+
+    def counting(lm_logits):
+        def wrapped(model, ids, *args, **kwargs):
+            if torch.is_grad_enabled():
+                through_lm.append(ids.shape[0])
+            return lm_logits(model, ids, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(embedder_module.Embedder, "embed", counting_embed)
+    monkeypatch.setattr(embedder_module, "lm_logits", counting(embedder_module.lm_logits))
+    monkeypatch.setattr(step_module, "lm_logits", counting(step_module.lm_logits))
+    weights = STRATEGIES[strategy]
+    lora_step_gradients(tiny_llama, weights)
+    assert (sum(embedded), sum(through_lm)) == step_texts(weights, 6, 2), strategy

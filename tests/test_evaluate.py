@@ -8,7 +8,7 @@ from conftest import RESOURCES, SHARED_DATA, run_cli
 
 from ullme_cli.data import read_beir_folder
 from ullme_cli.errors import UllmeError
-from ullme_cli.evaluation.instructions import instruction_for, load_instruction_table
+from ullme_cli.instructions import instruction_for, load_instruction_table
 from ullme_cli.evaluation.runner import evaluate, resolve_tasks
 from ullme_cli.model_setup import Runtime
 
@@ -203,7 +203,7 @@ def test_mteb_evaluate_on_an_ullme_model_gives_the_ullme_evaluate_score(tiny_lla
 
     import ullme_cli as ullme
     from ullme_cli.evaluation.local_tasks import beir_retrieval_task
-    from ullme_cli.evaluation.mteb_adapter import MtebEncoder
+    from ullme_cli.models.mteb_face import MtebEncoder
 
     result, _ = trecqa_result
     embedder = ullme.load(str(tiny_llama), dtype="float32")
@@ -245,7 +245,7 @@ def test_the_mteb_model_meta_carries_what_the_leaderboard_reads(tiny_llama, tmp_
     assert meta.framework == ["Sentence Transformers", "PyTorch"] and meta.open_weights and meta.use_instructions
     assert meta.similarity_fn_name.value == "cosine" and meta.embed_dim == embedder.dim and meta.max_tokens == embedder.setup.max_length
     assert meta.reference is None and meta.training_datasets is None  # a local, untrained folder: nothing to name
-    from ullme_cli.evaluation.mteb_adapter import model_meta
+    from ullme_cli.models.mteb_face import model_meta
 
     embedder.training = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "data": {"train": "hf:sentence-transformers/msmarco:train"}}
     meta = model_meta(embedder)

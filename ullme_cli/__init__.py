@@ -6,7 +6,7 @@
     p = model.encode_document(["Hugo Young wrote the biography of Margaret Thatcher ."])
 """
 
-__version__ = "0.1.0"
+from ullme_cli.constants import __version__  # noqa: F401 - the package's version, where users look for it
 
 
 def load(source: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,

@@ -13,8 +13,9 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, KINDS, OUT_DTYPES, POOLINGS
+from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, OUT_DTYPES, POOLINGS
 from ullme_cli.errors import UllmeError
+from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -85,7 +86,7 @@ def _output(quiet: bool, verbose: bool) -> bool:
 
 def _version(value: bool) -> None:
     if value:
-        from ullme_cli import __version__
+        from ullme_cli.constants import __version__
 
         typer.echo(f"ullme {__version__}")
         raise typer.Exit()
@@ -197,12 +198,12 @@ def serve(
     trust_remote_code: bool = TrustOption,
     backend: str = BackendOption,
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
-    max_inputs: int = typer.Option(2048, "--max-inputs", help="Texts per request; more is a 413."),
+    max_inputs: int = typer.Option(Limits.max_inputs, "--max-inputs", help="Texts per request; more is a 413."),
     truncate: bool = typer.Option(False, "--truncate", help="Cut inputs longer than --max-length (as encode does) instead of answering 413."),
-    max_queue: int = typer.Option(8192, "--max-queue", help="Texts waiting for a batch, over all requests; past it requests get 503 with Retry-After."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long the first text of a batch waits for others to join."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds a request may wait for its vectors (then 504)."),
-    max_request_mb: float = typer.Option(8.0, "--max-request-mb", help="Largest request body; more is a 413."),
+    max_queue: int = typer.Option(Limits.max_queue, "--max-queue", help="Texts waiting for a batch, over all requests; past it requests get 503 with Retry-After."),
+    max_wait_ms: float = typer.Option(Limits.max_wait * 1000, "--max-wait-ms", help="How long the first text of a batch waits for others to join."),
+    timeout: float = typer.Option(Limits.timeout, "--timeout", help="Seconds a request may wait for its vectors (then 504)."),
+    max_request_mb: float = typer.Option(Limits.max_request_bytes / 2**20, "--max-request-mb", help="Largest request body; more is a 413."),
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
@@ -236,10 +237,11 @@ def serve(
 @app.command()
 def export(
     model: str = typer.Argument(..., help="An ullme model folder (the output of finetune or Embedder.save)."),
-    output: str = typer.Option(..., "--output", "-o", help="The folder to write."),
+    output: str = typer.Option(..., "--output", "-o", help="The folder to write (a .gguf file with --format gguf)."),
     merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the weights (a self-contained folder)."),
-    format: str = typer.Option("folder", "--format", help=f"{' or '.join(EXPORT_FORMATS)}: a model folder (sentence-transformers, transformers), or an ONNX graph with pooling and normalisation inside (ONNX Runtime; the adapter is merged)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --format onnx: int8 (ONNX Runtime's dynamic quantization of every MatMul)."),
+    format: str = typer.Option("folder", "--format", help=f"{', '.join(EXPORT_FORMATS)}: a model folder (sentence-transformers, transformers), an ONNX graph with pooling and normalisation inside (ONNX Runtime), or one GGUF file with ullme's attention and pooling (llama.cpp); the adapter is merged for onnx and gguf."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --format onnx: int8 (ONNX Runtime's dynamic quantization of the projections)."),
+    quant: str = typer.Option("f16", "--quant", help=f"With --format gguf: {', '.join(GGUF_QUANTS)} for the weight matrices."),
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -250,6 +252,15 @@ def export(
         raise UllmeError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{format}'")
     if quantize is not None and format != "onnx":
         raise UllmeError("--quantize applies to --format onnx only")
+    if quant != "f16" and format != "gguf":
+        raise UllmeError("--quant applies to --format gguf only")
+    if format == "gguf":
+        from ullme_cli.models.gguf_export import export_gguf
+
+        check = export_gguf(model, output, quant, overwrite)
+        measured = f"; cosine to the torch model: mean {check['mean_cosine']:.6f}, min {check['min_cosine']:.6f} on {check['texts']} probe texts" if check.get("checked") else ""
+        log.info(f"exported {model} to {output} as GGUF ({quant}{measured})")
+        return
     if format == "onnx":
         from ullme_cli.models.onnx_export import export_onnx
 

@@ -1,5 +1,6 @@
 """Names shared by the CLI and the core; importing this module loads no heavy library."""
 
+__version__ = "0.1.0"
 DEFAULT_MODEL = "smollm2-135m"
 POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention", "latent-attention-paper")
 ATTENTION_MODES = ("bidirectional", "causal")
@@ -16,4 +17,5 @@ def cache_root():
     return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))
 # auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_graph.py)
 BACKENDS = ("auto", "torch", "onnx")
-EXPORT_FORMATS = ("folder", "onnx")  # `ullme export --format`
+EXPORT_FORMATS = ("folder", "onnx", "gguf")  # `ullme export --format`
+GGUF_QUANTS = ("f16", "f32", "q8_0")  # `ullme export --format gguf --quant`

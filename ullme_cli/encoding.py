@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli import __version__
+from ullme_cli.constants import __version__
 from ullme_cli.artifacts import OUT_DTYPES, embedding_files, load_embeddings, quantize, save_embeddings, save_npy, truncate
 from ullme_cli.constants import KINDS
 from ullme_cli.data import FORMATS, read_corpus

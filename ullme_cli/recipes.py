@@ -17,10 +17,85 @@ import yaml
 
 from ullme_cli.constants import ATTENTION_MODES, POOLINGS
 from ullme_cli.errors import UllmeError
+from ullme_cli.io.rows import detect_format
 from ullme_cli.losses.table import LOSS_TABLE, STRATEGIES, names_needing
 from ullme_cli.model_setup import TEMPLATES, ModelSetup
 
 LOSS_COMPONENTS = tuple(LOSS_TABLE)
+
+
+# ---------------------------------------------------------------- training sources (data.sources)
+SOURCE_KEYS = ("path", "max_rows", "weight", "instruction", "generation_instruction", "in_batch_negatives", "stream")
+# A jsonl source this large is read as a stream (data.StreamedExamples) unless its `stream` says otherwise.
+STREAM_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    max_rows: int | None = None
+    weight: float = 1.0
+    instruction: str | None = None
+    generation_instruction: str | None = None
+    in_batch_negatives: bool = True
+    stream: bool | None = None  # None: stream a jsonl file of STREAM_BYTES or more
+
+    @property
+    def streamed(self) -> bool:
+        if self.stream is not None:
+            return self.stream
+        path = Path(self.path)
+        return path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file() and path.stat().st_size >= STREAM_BYTES
+
+    def with_defaults(self, ex: TrainingExample) -> TrainingExample:
+        """The source's instructions where the row has none of its own, and its in_batch_negatives."""
+        if ex.instruction is None:
+            ex.instruction = self.instruction
+        if ex.generation_instruction is None:
+            ex.generation_instruction = self.generation_instruction
+        ex.in_batch_negatives = self.in_batch_negatives
+        return ex
+
+    @property
+    def name(self) -> str:
+        return self.path[3:].split(":")[0] if self.path.startswith("hf:") else Path(self.path).name
+
+
+def parse_sources(values, where: str) -> list[Source]:
+    """`data.sources` as Source records; a bad entry is named `data.sources[i].key`."""
+    if not isinstance(values, list) or not values:
+        raise UllmeError(f"{where}: 'data.sources' must be a non-empty list of sources")
+    sources = []
+    for n, entry in enumerate(values):
+        key = f"data.sources[{n}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise UllmeError(f"{where}: '{key}' must be a mapping with a path, or a path")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise UllmeError(f"{where}: unknown key '{key}.{unknown[0]}' (known: {', '.join(SOURCE_KEYS)})")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise UllmeError(f"{where}: '{key}.path' must name training data")
+        checks = {
+            "max_rows": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "weight": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+            "instruction": lambda v: v is None or isinstance(v, str),
+            "generation_instruction": lambda v: v is None or isinstance(v, str),
+            "in_batch_negatives": lambda v: isinstance(v, bool),
+            "stream": lambda v: v is None or isinstance(v, bool),
+        }  # fmt: skip
+        for name, ok in checks.items():
+            if name in entry and not ok(entry[name]):
+                raise UllmeError(f"{where}: '{key}.{name}' has an invalid value {entry[name]!r}")
+        if entry.get("stream") and (kind := detect_format(entry["path"])) in ("tsv", "text", "csv", "parquet", "dataset"):
+            raise UllmeError(f"{where}: '{key}.stream' is true, but streaming reads jsonl files only and {entry['path']} is {kind}; "
+                             "drop `stream` (the source is then read into memory) or convert it to jsonl")  # fmt: skip
+        sources.append(Source(**{k: entry[k] for k in SOURCE_KEYS if k in entry}))
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):
+        raise UllmeError(f"{where}: two sources share the name '{next(n for n in names if names.count(n) > 1)}'; name each data file once")
+    return sources
 
 
 @dataclass
@@ -58,8 +133,6 @@ class DataSection:
 
     def source_list(self):
         """The sources to train on (training/mixture.py): `sources`, or `train` as the one source."""
-        from ullme_cli.training.mixture import Source, parse_sources
-
         return parse_sources(self.sources, "recipe") if self.sources else [Source(self.train)]
 
 
@@ -297,8 +370,6 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     if not recipe.data.train and not recipe.data.sources:
         bad("data.train", "must name training data: jsonl, tsv, csv, parquet, a datasets folder or hf:NAME[:SPLIT] (or data.sources)")
     if recipe.data.sources:
-        from ullme_cli.training.mixture import parse_sources
-
         sources = parse_sources(recipe.data.sources, source)
         if recipe.train.batching == "mixed" and any(s.weight != 1 for s in sources):
             bad("train.batching", "mixed does not apply source weights (every row of every source in one shuffle); use same-source")

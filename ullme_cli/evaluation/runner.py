@@ -100,7 +100,7 @@ def evaluate(
     `pooling` and `attention` override the model's own (None keeps them), e.g. to score a base model in
     the setup that a fine-tune will use.
     """
-    from ullme_cli.evaluation.instructions import load_instruction_table
+    from ullme_cli.instructions import load_instruction_table
     from ullme_cli.evaluation.local_tasks import beir_retrieval_task, pair_classification_task, sts_task, unique_task_names
     from ullme_cli.io.outputs import guard_output
     from ullme_cli.model_setup import Runtime, resolve_setup
@@ -148,7 +148,7 @@ def report(results: list[TaskResult], model: str):
 
 def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
     """The result key (module docstring) that files this task's result, as the model revision mteb stores."""
-    from ullme_cli.evaluation.instructions import instruction_for
+    from ullme_cli.instructions import instruction_for
 
     weights = weights or setup.fingerprint
     if not weights:
@@ -166,7 +166,7 @@ def result_path(output_dir: str, model_name: str, task, revision: str) -> Path:
     """Where mteb's cache files this task's result under its result key."""
     from mteb import ResultCache
 
-    from ullme_cli.evaluation.mteb_adapter import mteb_model_name
+    from ullme_cli.models.mteb_face import mteb_model_name
 
     name = mteb_model_name(model_name).replace("/", "__").replace(" ", "_")
     return ResultCache(cache_path=str(Path(output_dir))).get_task_result_path(task.metadata.name, name, revision)
@@ -180,7 +180,7 @@ def run_evaluation(embedder, model_name: str, tasks, output_dir: str, instructio
     """
     import mteb
 
-    from ullme_cli.evaluation.mteb_adapter import MtebEncoder
+    from ullme_cli.models.mteb_face import MtebEncoder
 
     cache = mteb.ResultCache(cache_path=str(Path(output_dir)))
     reports = []

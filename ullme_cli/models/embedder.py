@@ -636,14 +636,14 @@ class Embedder:
         return torch.from_numpy(result) if convert_to_tensor else result
 
     def _mteb_encoder(self):
-        from ullme_cli.evaluation.mteb_adapter import MtebEncoder
+        from ullme_cli.models.mteb_face import MtebEncoder
 
         if getattr(self, "_mteb", None) is None or self._mteb.mteb_model_meta.revision != self._mteb_revision():
             self._mteb = MtebEncoder(self)
         return self._mteb
 
     def _mteb_revision(self) -> str:
-        from ullme_cli.evaluation.mteb_adapter import setup_revision
+        from ullme_cli.models.mteb_face import setup_revision
 
         return setup_revision(self.setup)
 
@@ -654,12 +654,12 @@ class Embedder:
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """Cosine similarity matrix [n, m], as sentence-transformers' `similarity`."""
-        from ullme_cli.evaluation.mteb_adapter import cosine_matrix
+        from ullme_cli.models.mteb_face import cosine_matrix
 
         return cosine_matrix(embeddings1, embeddings2)
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
-        from ullme_cli.evaluation.mteb_adapter import cosine_pairwise
+        from ullme_cli.models.mteb_face import cosine_pairwise
 
         return cosine_pairwise(embeddings1, embeddings2)
 

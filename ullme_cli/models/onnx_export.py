@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

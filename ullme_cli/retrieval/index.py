@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli import __version__
+from ullme_cli.constants import __version__
 from ullme_cli.artifacts import dequantize, embedding_files, load_embeddings, read_id_lines, save_npy
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.io.agreement import SAME_SIDE, require_agreement

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from ullme_cli.errors import UllmeError
-from ullme_cli.losses.table import LOSS_TABLE
 from ullme_cli.models.embedder import enable_activation_checkpointing, peft_deprecations_silenced
 from ullme_cli.recipes import Recipe
+from ullme_cli.training.step import step_texts
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -150,13 +150,11 @@ def trace_step(model, recipe: Recipe, device: str = "cpu") -> tuple[float, int, 
     from torch.utils.flop_counter import FlopCounterMode
 
     t, length, weights = recipe.train, recipe.model.max_length, recipe.loss.resolved_weights()
-    needs = set().union(*(LOSS_TABLE[name].needs for name in weights))
     negatives = recipe.data.negatives_per_query
-    texts = t.batch_size * (2 + negatives) if "pairs" in needs else 2 * t.batch_size if needs & {"views", "masked"} else 0
+    texts, generated = step_texts(weights, t.batch_size, negatives)  # the step's own count
     graded = min(texts, t.grad_cache_chunk) if t.grad_cache_chunk else texts  # GradCache: one chunk has a graph at a time
-    generated = t.batch_size * (1 + negatives) if "generation" in needs else 0
     chunk_rows = min(t.batch_size, t.grad_cache_chunk) if t.grad_cache_chunk else t.batch_size
-    generated_graded = chunk_rows * (1 + negatives) if generated else 0
+    generated_graded = min(generated, chunk_rows * (1 + negatives))
     body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     vocabulary = model.get_output_embeddings().weight.shape[0]
     dtype_bytes = 4  # logits are scored in fp32

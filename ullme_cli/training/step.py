@@ -36,6 +36,19 @@ PAIR_TERMS = names_needing("pairs")  # the terms that embed queries, positives a
 GENERATION_TERMS = names_needing("generation")
 
 
+def step_texts(weights, batch_size: int, negatives: int) -> tuple[int, int]:
+    """(texts through the embedding forward, texts through the LM head), each with a graph, in one step of
+    these loss weights: what `StepLoss.backward` runs, and what the dry run counts, from this one place.
+    SimCSE embeds the queries and the positives twice (two dropout views); MNTP runs the positives, masked,
+    through the LM head; the generation terms score each row's positive and negatives."""
+    names = set(weights)
+    embedded = batch_size * (2 + negatives) if PAIR_TERMS & names else 0
+    embedded += 2 * (2 * batch_size) if "simcse" in names else 0
+    through_lm = batch_size * (1 + negatives) if GENERATION_TERMS & names else 0
+    through_lm += batch_size if "mntp" in names else 0
+    return embedded, through_lm
+
+
 def rng_state(device: torch.device) -> tuple:
     """The CPU generator's state, and the GPU's where the model runs on one."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None

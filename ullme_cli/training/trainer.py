@@ -245,7 +245,7 @@ def evaluate_during_training(embedder, tasks: dict, out: Path, step: int, weight
     mteb's own result files land in `<output_dir>/eval/`, keyed by the fingerprint of the weights at this
     step, so a resumed run reuses the evaluations it already made, and other weights never do.
     """
-    from ullme_cli.evaluation.instructions import load_instruction_table
+    from ullme_cli.instructions import load_instruction_table
     from ullme_cli.evaluation.runner import run_evaluation
 
     embedder.model.eval()

@@ -8,7 +8,7 @@ import yaml
 
 from ullme_cli.errors import UllmeError
 
-SHIPPED = Path(__file__).with_name("instructions.yaml")
+SHIPPED = Path(__file__).with_name("resources") / "instructions.yaml"
 
 
 def load_instruction_table(override: str | None = None) -> dict[str, dict[str, str]]:

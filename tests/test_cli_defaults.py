@@ -1,0 +1,44 @@
+"""A CLI default is its dataclass field's default (the field is the one declaration): where the CLI cannot
+import the dataclass without slowing `--help` it types the value again, and this test holds the two equal."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from typer.main import get_command
+
+from ullme_cli.cli import app
+from ullme_cli.encoding import EncodeOptions
+from ullme_cli.model_setup import Runtime
+from ullme_cli.serving.limits import Limits
+
+COMMANDS = get_command(app).commands
+
+
+def defaults(command: str) -> dict:
+    return {param.name: param.default for param in COMMANDS[command].params}
+
+
+@pytest.mark.parametrize("command, fields, scale", [
+    ("encode", EncodeOptions, {}),
+    ("serve", Limits, {"max_wait_ms": ("max_wait", 1000), "max_request_mb": ("max_request_bytes", 2**-20)}),
+])  # fmt: skip
+def test_cli_defaults_equal_the_dataclass_defaults(command, fields, scale):
+    values = {f.name: f.default for f in dataclasses.fields(fields)}
+    given = defaults(command)
+    compared = 0
+    for name, default in given.items():
+        field, factor = scale.get(name, (name, 1))
+        if field in values:
+            assert default == values[field] * factor if factor != 1 else default == values[field], (command, name, default, values[field])
+            compared += 1
+    assert compared >= 3, (command, compared)
+
+
+@pytest.mark.parametrize("command", ["encode", "serve", "search", "mine", "evaluate"])
+def test_the_runtime_flags_default_to_the_runtime_defaults(command):
+    given, runtime = defaults(command), Runtime()
+    for name in ("dtype", "device", "trust_remote_code", "backend"):
+        if name in given:
+            assert given[name] == getattr(runtime, name), (command, name)
