@@ -8,7 +8,6 @@ refused with the reason.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

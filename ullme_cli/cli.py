@@ -210,7 +210,6 @@ def serve(
     """Serve embeddings (OpenAI-compatible /v1/embeddings) and search (/v1/search) over HTTP until SIGTERM."""
     _output(quiet, verbose)
     from ullme_cli.model_setup import Runtime, resolve_setup
-    from ullme_cli.serving.limits import Limits
     from ullme_cli.serving.server import serve as run_server
 
     if not 0 < port < 65536:

@@ -16,6 +16,7 @@ from typing import ClassVar
 import yaml
 
 from ullme_cli.constants import ATTENTION_MODES, POOLINGS
+from ullme_cli.data import TrainingExample
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import detect_format
 from ullme_cli.losses.table import LOSS_TABLE, STRATEGIES, names_needing

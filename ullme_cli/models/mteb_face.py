@@ -31,8 +31,6 @@ def setup_revision(setup) -> str:
 
 def display_name(setup) -> str:
     """The model's name for mteb and model cards: a hub id as it is, a local folder by its last part."""
-    from pathlib import Path
-
     source = setup.model
     return Path(source).name if Path(source).is_absolute() or Path(source).exists() else source
 

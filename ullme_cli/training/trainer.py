@@ -92,7 +92,6 @@ def check_inputs(checkpoint: Path, recorded: dict | None, current: dict) -> None
     if recorded is None:  # written before checkpoints recorded their inputs (ullme 0.x): nothing to compare
         log.warning(f"{checkpoint}: records no training inputs; cannot check that it was trained from this recipe's model and data")
         return
-    from ullme_cli.recipes import Recipe
 
     # A setting added since the checkpoint was written counts as its default there (the old code's behaviour).
     defaults = dataclasses.asdict(Recipe())
