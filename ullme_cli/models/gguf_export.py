@@ -7,7 +7,7 @@ name map, its quantizers) and writes what ullme's vectors need:
 
 - the weights, the adapter merged: `f16` (default), `f32` or `q8_0` for the matrices, norms and biases in f32;
 - llama.cpp's architecture for the family: `llama` (llama, mistral; q and k rows permuted to llama.cpp's
-  rotary layout), `qwen2`, `qwen3`;
+  rotary layout), `qwen2`, `qwen3`, `gemma`, `gemma2` (norm weights + 1; gemma2's softcaps and window);
 - the tokenizer (byte-level BPE: tokens, types, merges, special ids, whether BOS/EOS are added), with the
   pre-tokenizer llama.cpp must use: the first of PRE_TOKENIZERS under which llama.cpp tokenizes probe
   texts as the model's own tokenizer does (checked where llama-cpp-python is installed);
@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 # mean 0.998, min 0.933 over 48 demo texts).
 FLOORS = {"f32": ("min", 0.999), "f16": ("min", 0.999), "q8_0": ("mean", 0.99)}
 # ullme family -> (llama.cpp architecture, q/k rows permuted to llama.cpp's rotary layout)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+                 "gemma": ("gemma", False), "gemma2": ("gemma2", False)}  # fmt: skip
+# Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the file holds w + 1.
+NORM_OFFSET_FAMILIES = ("gemma", "gemma2")
 POOLINGS = {"mean": "MEAN", "cls": "CLS", "last-token": "LAST"}
 PRE_TOKENIZERS = ("gpt-2", "smollm", "qwen2", "llama-bpe", "default")
 PROBES = ("Who wrote Hamlet?", "A tiny probe.", "3 apples and 4 pears", "Ünïcödé, naïve café", "x",
@@ -129,6 +132,10 @@ def write_gguf(embedder: Embedder, path: Path, quant: str, pre: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
     writer.add_causal_attention(setup.attention == "causal")
     writer.add_pooling_type(getattr(gguf.PoolingType, POOLINGS[setup.pooling]))
     instructions = {kind: embedder.instruction_prefix(kind) for kind in ("query", "passage")}
@@ -146,7 +153,11 @@ def write_gguf(embedder: Embedder, path: Path, quant: str, pre: str) -> None:
         if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             data = data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        if config.model_type in NORM_OFFSET_FAMILIES and name.endswith("norm.weight"):
+            data = data + 1
         mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None and name == "lm_head.weight":  # gemma's llama.cpp graph ties the output to the embeddings; vectors never read it
+            continue
         if mapped is None:
             raise UllmeError(f"no GGUF name for the tensor {name} of this '{config.model_type}' model")
         array = data.numpy()
