@@ -203,3 +203,18 @@ def test_compile_gives_the_eager_vectors_and_falls_back_without_a_compiler(tiny_
     assert broken.returncode == 0, broken.stderr.decode()[-2000:]
     assert b"torch.compile failed" in broken.stderr and b"encoding without it" in broken.stderr
     np.testing.assert_allclose(load_embeddings(str(tmp_path / "fallback.npy"))[0], eager[0], atol=1e-5)
+
+
+def test_on_long_error_passes_a_corpus_within_max_length_unchanged_and_refuses_one_text_over(tiny_llama, tmp_path):
+    """`--on-long error` changes no vector: a corpus within max_length gives the default's bytes; one text
+    over it refuses the job before anything is written (tests/test_bad_inputs.py has the message)."""
+    texts = demo_texts(20)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    assert encode(tiny_llama, corpus, tmp_path / "a.npy").returncode == 0
+    assert encode(tiny_llama, corpus, tmp_path / "b.npy", "--on-long", "error").returncode == 0
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    corpus.write_text(corpus.read_text() + json.dumps({"id": "long", "text": "word " * 600}) + "\n")
+    refused = encode(tiny_llama, corpus, tmp_path / "c.npy", "--on-long", "error")
+    assert refused.returncode == 2 and b"text 'long' is longer than max_length" in refused.stderr
+    assert not (tmp_path / "c.npy").exists()

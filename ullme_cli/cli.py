@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, OUT_DTYPES, POOLINGS
+from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, ON_LONG, OUT_DTYPES, POOLINGS
 from ullme_cli.errors import UllmeError
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -146,6 +146,7 @@ def encode(
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: encode only shard i of N (join them with `ullme join`)."),
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
     input_format: str = InputFormatOption,
+    on_long: str = typer.Option("truncate", "--on-long", help=f"{' or '.join(ON_LONG)}: a text longer than --max-length is cut (the summary counts them) or refused."),
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     compile: Optional[bool] = CompileOption,
@@ -163,7 +164,7 @@ def encode(
     from ullme_cli.model_setup import Runtime, resolve_setup
 
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
-                            token_budget=token_budget, input_format=input_format).validate()  # fmt: skip
+                            token_budget=token_budget, input_format=input_format, on_long=on_long).validate()  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
     runtime = Runtime(dtype, device, trust_remote_code, compile, _backend(backend))
     launch = Launch.from_env()

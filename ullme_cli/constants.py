@@ -18,4 +18,5 @@ def cache_root():
 # auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_graph.py)
 BACKENDS = ("auto", "torch", "onnx")
 EXPORT_FORMATS = ("folder", "onnx", "gguf")  # `ullme export --format`
-GGUF_QUANTS = ("f16", "f32", "q8_0")  # `ullme export --format gguf --quant`
+GGUF_QUANTS = ("f16", "f32", "q8_0")
+ON_LONG = ("truncate", "error")  # what encode does with a text longer than max_length  # `ullme export --format gguf --quant`

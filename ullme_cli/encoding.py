@@ -21,7 +21,7 @@ import numpy as np
 
 from ullme_cli.constants import __version__
 from ullme_cli.artifacts import OUT_DTYPES, embedding_files, load_embeddings, quantize, save_embeddings, save_npy, truncate
-from ullme_cli.constants import KINDS
+from ullme_cli.constants import KINDS, ON_LONG
 from ullme_cli.data import FORMATS, read_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
@@ -45,6 +45,7 @@ class EncodeOptions:
     truncate_dim: int | None = None
     token_budget: int | None = None  # None: the embedder's default for its device
     input_format: str = "auto"
+    on_long: str = "truncate"  # a text over max_length: cut it (counted in the summary), or refuse the job (ON_LONG)
 
     def validate(self) -> "EncodeOptions":
         if self.kind not in KINDS:
@@ -55,9 +56,21 @@ class EncodeOptions:
             raise UllmeError(f"--token-budget must be at least 1, got {self.token_budget}")
         if self.truncate_dim is not None and self.truncate_dim < 1:
             raise UllmeError(f"--truncate-dim must be at least 1, got {self.truncate_dim}")
+        if self.on_long not in ON_LONG:
+            raise UllmeError(f"--on-long must be one of {', '.join(ON_LONG)}, got '{self.on_long}'")
         if self.input_format not in FORMATS:
             raise UllmeError(f"unknown input format '{self.input_format}' (choose from {', '.join(FORMATS)})")
         return self
+
+
+def refuse_long_texts(embedder, records, options: EncodeOptions, input_path: str) -> None:
+    """--on-long error: the first text longer than max_length (with its instruction), named by id, and how many are."""
+    limit = embedder.setup.max_length
+    over = [(r, len(t.ids)) for r, t in zip(records, embedder.tokenize([r.text for r in records], options.kind, options.instruction, max_length=limit + 1))
+            if len(t.ids) > limit]  # fmt: skip
+    if over:
+        raise UllmeError(f"{input_path}: text '{over[0][0].id}' is longer than max_length {limit} tokens ({len(over)} text(s) over; "
+                         "--on-long error): raise --max-length, or drop --on-long to cut them")  # fmt: skip
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -80,7 +93,8 @@ def _job_fingerprint(record: dict, options: EncodeOptions, shard, corpus: str) -
     """What the chunks of `.partial/` depend on: the vectors' whole record (setup, weights fingerprint, kind,
     instruction, compute dtype, truncation), the options, the shard and the corpus. A rerun resumes only
     when all of them are the same."""
-    payload = {"record": record, "options": vars(options), "shard": shard, "corpus": corpus}
+    # on_long changes no vector (it refuses or it does not), so a job resumes across it.
+    payload = {"record": record, "options": {k: v for k, v in vars(options).items() if k != "on_long"}, "shard": shard, "corpus": corpus}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,6 +150,8 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         log.warning(f"--truncate-dim {options.truncate_dim}: {untrained}")
     # Resolved here, so a resume on another device with another default never mixes two batchings.
     options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
+    if options.on_long == "error":
+        refuse_long_texts(embedder, records, options, input_path)
     tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)
     lengths = [len(t.ids) for t in tokenized]
     batches = plan_batches(lengths, options.token_budget)
