@@ -11,7 +11,6 @@ Usage: python benchmarks/serve_adapters.py [--model smollm2-135m] [--rank 16] [-
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import cpu_name  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve import cpu_name, free_port  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

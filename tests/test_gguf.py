@@ -16,6 +16,7 @@ from conftest import demo_texts, run_cli, write_corpus
 from tiny_models import EXTRA, save_tiny
 
 from ullme_cli.models.embedder import Embedder
+from ullme_cli.models.gguf_export import open_in_llama_cpp
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -29,19 +30,7 @@ def plain_base(folder, family="llama"):
 
 
 def llama_cpp_vectors(path, texts, max_length=256) -> np.ndarray:
-    """Embeddings from llama.cpp (pooling and attention read from the file), weight repacking off (see gguf_export)."""
-    inner, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_repacking():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    inner.llama_model_default_params = without_repacking
-    try:
-        llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=max_length, n_batch=max_length, n_ubatch=max_length, verbose=False)
-    finally:
-        inner.llama_model_default_params = default
+    llm = open_in_llama_cpp(path, max_length)
     try:
         return np.asarray(llm.embed(list(texts), normalize=True), dtype=np.float32)
     finally:

@@ -233,12 +233,13 @@ except ImportError:
     _QUIET = None
 
 
-def _check(llama_cpp, path: Path, embedder: Embedder, references: dict, quant: str) -> dict:
-    """llama.cpp's tokens and vectors of the probes (each text with its instruction) against ullme's."""
-    length = min(embedder.setup.max_length, embedder.model.config.max_position_embeddings)
-    # Without llama.cpp's extra buffer types (its weight repacking): on an Intel Xeon with AMX, the AMX
-    # repacking of q8_0 weights crashed the embedding pass (a segfault in decode, llama-cpp-python 0.3.36).
-    # llama-server's `--no-repack` is the same switch. The vectors do not depend on it.
+def open_in_llama_cpp(path, n_ctx: int, llama_cpp=None):
+    """llama.cpp's embedding model of the GGUF file `path` (pooling and attention as the file says), one
+    sequence of up to `n_ctx` tokens per batch, as a bidirectional model needs. Without llama.cpp's extra
+    buffer types (its weight repacking): on an Intel Xeon with AMX, the AMX repacking of q8_0 weights crashed
+    the embedding pass (a segfault in decode, llama-cpp-python 0.3.36); llama-server's `--no-repack` is the
+    same switch, and the vectors do not depend on it."""
+    llama_cpp = llama_cpp or _llama_cpp()
     inner, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
 
     def without_repacking():
@@ -248,9 +249,15 @@ def _check(llama_cpp, path: Path, embedder: Embedder, references: dict, quant: s
 
     inner.llama_model_default_params = without_repacking
     try:
-        llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=length, n_batch=length, n_ubatch=length, verbose=False, n_threads=torch.get_num_threads())
+        return llama_cpp.Llama(str(path), embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, verbose=False, n_threads=torch.get_num_threads())
     finally:
         inner.llama_model_default_params = default
+
+
+def _check(llama_cpp, path: Path, embedder: Embedder, references: dict, quant: str) -> dict:
+    """llama.cpp's tokens and vectors of the probes (each text with its instruction) against ullme's."""
+    length = min(embedder.setup.max_length, embedder.model.config.max_position_embeddings)
+    llm = open_in_llama_cpp(path, length, llama_cpp)
     try:
         tokens_match, cosines = True, []
         for kind in ("query", "passage"):
