@@ -39,6 +39,7 @@ from ullme_cli.errors import UllmeError
 from ullme_cli.io.outputs import atomic_path, guarded
 from ullme_cli.model_setup import Runtime, resolve_setup
 from ullme_cli.models.embedder import Embedder, load_embedder
+from ullme_cli.models.export_check import PROBES, agreement, require_floor
 from ullme_cli.models.loading import model_inputs
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": 
 NORM_OFFSET_FAMILIES = ("gemma", "gemma2")
 POOLINGS = {"mean": "MEAN", "cls": "CLS", "last-token": "LAST"}
 PRE_TOKENIZERS = ("gpt-2", "smollm", "qwen2", "llama-bpe", "default")
-PROBES = ("Who wrote Hamlet?", "A tiny probe.", "3 apples and 4 pears", "Ünïcödé, naïve café", "x",
-          "The quick brown fox jumps over the lazy dog, and then it runs far into the woods past the old mill.")  # fmt: skip
 
 
 def gguf_blocker(embedder: Embedder) -> str | None:
@@ -101,10 +100,7 @@ def export_gguf(source: str, output: str, quant: str = "f16", overwrite: bool = 
             else:
                 raise UllmeError(f"{source}: llama.cpp tokenizes this model's texts differently under every pre-tokenizer it knows "
                                  f"({', '.join(PRE_TOKENIZERS)}); not written")  # fmt: skip
-            statistic, floor = FLOORS[quant]
-            if not check[f"{statistic}_cosine"] >= floor:
-                raise UllmeError(f"{source}: llama.cpp's vectors differ from the torch model's ({statistic} cosine {check[f'{statistic}_cosine']:.6f} < "
-                                 f"{floor} on {check['texts']} probe texts, {quant}); not written")  # fmt: skip
+            require_floor(check, *FLOORS[quant], f"{source}: llama.cpp's vectors ({quant})")
     return check
 
 
@@ -259,16 +255,13 @@ def _check(llama_cpp, path: Path, embedder: Embedder, references: dict, quant: s
     length = min(embedder.setup.max_length, embedder.model.config.max_position_embeddings)
     llm = open_in_llama_cpp(path, length, llama_cpp)
     try:
-        tokens_match, cosines = True, []
+        tokens_match, theirs = True, []
         for kind in ("query", "passage"):
             prefix = embedder.instruction_prefix(kind)
             for text, item in zip(PROBES, embedder.tokenize(list(PROBES), kind)):
-                theirs = llm.tokenize((prefix + text).encode(), add_bos=True, special=False)
-                tokens_match &= list(theirs) == list(item.ids)
-            vectors = np.asarray(llm.embed([prefix + text for text in PROBES], normalize=True), dtype=np.float32)
-            ours = references[kind]
-            cosines.extend((ours * vectors).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(vectors, axis=1))
+                tokens_match &= list(llm.tokenize((prefix + text).encode(), add_bos=True, special=False)) == list(item.ids)
+            theirs.append(np.asarray(llm.embed([prefix + text for text in PROBES], normalize=True), dtype=np.float32))
     finally:
         llm.close()
-    return {"checked": True, "tokens_match": bool(tokens_match), "min_cosine": round(float(min(cosines)), 6),
-            "mean_cosine": round(float(np.mean(cosines)), 6), "texts": len(cosines), "quant": quant}  # fmt: skip
+    ours = np.concatenate([references[kind] for kind in ("query", "passage")])
+    return {"checked": True, "tokens_match": bool(tokens_match), **agreement(ours, np.concatenate(theirs)), "quant": quant}

@@ -40,6 +40,7 @@ from ullme_cli.io.outputs import atomic_folder, guarded
 from ullme_cli.model_setup import MATRYOSHKA_KEY, ONNX_KEY, SETUP_FILE, SETUP_FORMAT, Runtime, resolve_setup
 from ullme_cli.models.bidirectional import hidden_states
 from ullme_cli.models.embedder import Embedder, load_embedder
+from ullme_cli.models.export_check import PROBES, agreement, probe_cosines, require_floor
 from ullme_cli.models.loading import model_inputs
 from ullme_cli.models.onnx_graph import INPUTS, ONNX_FILE, OUTPUT, run, session
 
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("int8",)
 FLOORS = {None: ("min", 0.9999), "int8": ("mean", 0.99)}
-PROBES = ("Who wrote Hamlet?", "A tiny probe.", "The quick brown fox jumps over the lazy dog, and then it runs far into the woods "
-          "where nobody can see it any more, past the river and the old mill.", "x", "3 apples and 4 pears", "Ünïcödé, naïve café")  # fmt: skip
 PROTOBUF_LIMIT = 2 * 2**30
 
 
@@ -143,20 +142,12 @@ def _probe_vectors(embedder: Embedder) -> np.ndarray:
     return np.concatenate([embedder.encode_tokenized(items) for items in _probe_batches(embedder)])
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 def _check(embedder: Embedder, graph_session, quantize: str | None, references: np.ndarray) -> dict:
     """ONNX Runtime against the torch forward (`references`, from before any change of the weights) on the
     probes; refused below the floor of FLOORS."""
     theirs = np.concatenate([run(graph_session, embedder.collate(items)) for items in _probe_batches(embedder)])
-    cosines = _cosines(references, theirs)
-    check = {"min_cosine": round(float(min(cosines)), 6), "mean_cosine": round(float(np.mean(cosines)), 6), "texts": len(cosines)}
-    statistic, floor = FLOORS[quantize]
-    if not check[f"{statistic}_cosine"] >= floor:  # NaN too
-        raise UllmeError(f"the ONNX graph's vectors differ from the torch model's ({statistic} cosine {check[f'{statistic}_cosine']:.6f} "
-                         f"< {floor} on {len(cosines)} probe texts); not written")  # fmt: skip
+    check = agreement(references, theirs)
+    require_floor(check, *FLOORS[quantize], "the ONNX graph's vectors")
     return check
 
 
@@ -210,7 +201,7 @@ def smooth_for_int8(embedder: Embedder, calibration: list[str], references: np.n
             norm.weight.div_(scale.to(norm.weight.dtype))
             for linear in linears:
                 linear.weight.mul_(scale.to(linear.weight.dtype))
-    if references is None or _cosines(references, _probe_vectors(embedder)).min() >= 0.99999:
+    if references is None or probe_cosines(references, _probe_vectors(embedder)).min() >= 0.99999:
         return True
     with torch.no_grad():  # this family's norm is not w · x̂: the fold changed the function
         for norm, linears in pairs:
