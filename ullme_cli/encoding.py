@@ -63,16 +63,6 @@ class EncodeOptions:
         return self
 
 
-def refuse_long_texts(embedder, records, options: EncodeOptions, input_path: str) -> None:
-    """--on-long error: the first text longer than max_length (with its instruction), named by id, and how many are."""
-    limit = embedder.setup.max_length
-    over = [(r, len(t.ids)) for r, t in zip(records, embedder.tokenize([r.text for r in records], options.kind, options.instruction, max_length=limit + 1))
-            if len(t.ids) > limit]  # fmt: skip
-    if over:
-        raise UllmeError(f"{input_path}: text '{over[0][0].id}' is longer than max_length {limit} tokens ({len(over)} text(s) over; "
-                         "--on-long error): raise --max-length, or drop --on-long to cut them")  # fmt: skip
-
-
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
     if spec is None:
         return None
@@ -150,9 +140,14 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         log.warning(f"--truncate-dim {options.truncate_dim}: {untrained}")
     # Resolved here, so a resume on another device with another default never mixes two batchings.
     options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
-    if options.on_long == "error":
-        refuse_long_texts(embedder, records, options, input_path)
-    tokenized = embedder.tokenize([r.text for r in records], options.kind, options.instruction)
+    texts = [r.text for r in records]
+    if options.on_long == "error":  # tokenized once: with no text over max_length, these are `tokenize`'s tokens
+        tokenized, over = embedder.tokenize_past_limit(texts, options.kind, options.instruction)
+        if over:
+            raise UllmeError(f"{input_path}: text '{records[over[0]].id}' is longer than max_length {embedder.setup.max_length} tokens "
+                             f"({len(over)} text(s) over; --on-long error): raise --max-length, or drop --on-long to cut them")  # fmt: skip
+    else:
+        tokenized = embedder.tokenize(texts, options.kind, options.instruction)
     lengths = [len(t.ids) for t in tokenized]
     batches = plan_batches(lengths, options.token_budget)
     chunks: list[list[list[int]]] = [[]]

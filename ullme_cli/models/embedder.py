@@ -472,6 +472,13 @@ class Embedder:
                 self.cut_tokens += sum(len(o.ids) - sum(o.special_tokens_mask) for o in encoding.overflowing)
         return result
 
+    def tokenize_past_limit(self, texts: Sequence[str], kind: str = "passage", instruction: str | None = None) -> tuple[list[Tokenized], list[int]]:
+        """The texts' tokens cut one past max_length, and the positions of those longer than max_length: what a
+        caller that refuses over-long texts needs (serve without --truncate, encode --on-long error). Where no
+        text is over, the tokens are `tokenize`'s own."""
+        items = self.tokenize(texts, kind, instruction, max_length=self.setup.max_length + 1)
+        return items, [i for i, item in enumerate(items) if len(item.ids) > self.setup.max_length]
+
     def require_room_for_text(self, prefix: str) -> None:
         """Refuse an instruction that leaves fewer than MIN_TEXT_TOKENS of max_length for the text."""
         if prefix not in self._prefix_tokens:

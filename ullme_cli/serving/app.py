@@ -290,8 +290,7 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
                              f"({over}the server was started without --truncate)", code="input_too_long")  # fmt: skip
 
     def tokenize_within_limits(texts: list[str], kind: str, embedder) -> list:
-        items = embedder.tokenize(texts, kind, max_length=embedder.setup.max_length + 1)
-        over = [i for i, item in enumerate(items) if len(item.ids) > embedder.setup.max_length]
+        items, over = embedder.tokenize_past_limit(texts, kind)
         if over and not limits.truncate:
             raise too_long(embedder, over[0], len(over))
         if over:
