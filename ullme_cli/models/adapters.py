@@ -67,13 +67,12 @@ class Adapters:
     def encode_batch(self, name: str, items: Sequence) -> np.ndarray:
         """The vectors of one model's tokenized texts, with that model's adapter active (none for the base)."""
         embedder = self.embedders[name]
-        model = embedder.model
-        if not hasattr(model, "peft_config"):  # no adapter was added
+        if not embedder.has_adapter:  # no adapter was added
             return embedder.encode_batch(items)
         if name == self.base_name:
-            with model.disable_adapter():
+            with embedder.model.disable_adapter():
                 return embedder.encode_batch(items)
-        model.set_adapter(name)
+        embedder.model.set_adapter(name)
         return embedder.encode_batch(items)
 
 

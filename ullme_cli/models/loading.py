@@ -17,6 +17,7 @@ import torch
 
 from ullme_cli.constants import DEFAULT_MODEL, cache_root  # noqa: F401 - cache_root: also read from here
 from ullme_cli.errors import UllmeError
+from ullme_cli.models.onnx_graph import is_onnx_folder
 
 
 
@@ -146,7 +147,7 @@ def resolve_model_source(name: str) -> str:
             raise UllmeError(f"{name}: expected a model folder or a .gguf file")
         if adapter_record(path) is not None:  # an adapter-only folder: its base is resolved when it loads
             return str(path)
-        if (path / "model.onnx").is_file() and (path / "ullme.json").is_file():  # an ONNX export: ONNX Runtime runs it
+        if is_onnx_folder(str(path)):  # an ONNX export: ONNX Runtime runs it
             return str(path)
         if not any(path.glob("*.safetensors")):
             raise UllmeError(f"{name}: model folder has no weights (*.safetensors); ullme loads safetensors only")

@@ -74,7 +74,7 @@ def write_sentence_transformers_files(folder: Path, embedder, adapter_layout: st
     if setup.attention == "bidirectional" and adapter_only:
         transformer_config["config_kwargs"] = {"is_causal": False}
     elif setup.attention == "bidirectional":
-        add_config_keys(folder, bidirectional_keys(json.loads((folder / "config.json").read_text()).get("model_type")))
+        add_config_keys(folder, bidirectional_keys(embedder.model.config.model_type))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
     if setup.normalize:
