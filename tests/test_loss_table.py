@@ -88,3 +88,76 @@ def test_training_gives_each_candidate_its_rows_instruction_under_the_paper_temp
     assert prefixes.count(("passage", "Task A\nCandidate:\n")) == 2, "row 0's positive and negative"
     assert prefixes.count(("passage", "Default task\nCandidate:\n")) == 2, "row 1 has no instruction: the setup's"
     assert ("query", "Task A\n") in prefixes
+
+
+TOY_LOSS = '''
+import torch
+from torch import nn
+
+
+class AlignmentLoss(nn.Module):
+    """Alignment (Wang and Isola, 2020) of each query with its positive, scaled:
+
+        L = 1/B Σ_i (1 - s(q_i, p_i⁺)) / τ
+
+    Inputs: queries (B, d), positives (B, d), unit vectors. Returns a scalar.
+    """
+
+    seen = []  # the embeddings it was given, for the test to recompute the value by hand
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, queries, positives):
+        return (1 - (queries * positives).sum(-1)).mean() / self.temperature
+
+    def from_step(self, inputs):
+        AlignmentLoss.seen.append((inputs.queries.detach().clone(), inputs.positives.detach().clone()))
+        return self(inputs.queries, inputs.positives)
+'''
+
+
+def test_a_new_loss_is_one_file_and_one_row(tmp_path, monkeypatch, tiny_llama):
+    """design.md §5: the loss table drives the step. A loss added as one file (its class with `from_step`)
+    and one table row is accepted by recipes, counted by the dry run as the step runs it, computed by the
+    step, and replayed by GradCache by its row's rule; nothing else changes."""
+    from conftest import lora_step_gradients
+
+    from ullme_cli.training.step import step_texts
+
+    package = tmp_path / "toylosses"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "alignment.py").write_text(TOY_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(LOSS_TABLE, "alignment", Component("alignment", "toylosses.alignment:AlignmentLoss", ("temperature",), frozenset({"pairs"})))
+
+    recipe = load_recipe(str(write_recipe(tmp_path, "loss: {weights: {alignment: 1.0}, temperature: 0.5}\n")))
+    assert recipe.loss.resolved_weights() == {"alignment": 1.0}
+    assert step_texts({"alignment": 1.0}, 6, 2) == (6 * 4, 0), "queries, positives and two negatives per row; no LM head"
+
+    import toylosses.alignment as toy
+
+    loss, parts, grads, passes = lora_step_gradients(tiny_llama, {"alignment": 1.0})
+    (queries, positives), = toy.AlignmentLoss.seen
+    expected = float((1 - (queries * positives).sum(-1)).mean() / 0.05)  # LossSection's default temperature
+    assert set(parts) == {"alignment"} and parts["alignment"] == pytest.approx(expected, rel=1e-6) and loss == pytest.approx(expected, rel=1e-6)
+    assert passes == 3, "one embedding pass per role (queries, positives, negatives), no generation pass"
+    assert grads, "its gradient reaches the adapters"
+
+    chunked_loss, _, chunked_grads, _ = lora_step_gradients(tiny_llama, {"alignment": 1.0}, chunk=2)
+    assert chunked_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_step_names_no_loss():
+    """The step reads the table; no component's name is spelled in training/step.py."""
+    import ast
+    from pathlib import Path
+
+    import ullme_cli.training.step as step_module
+
+    strings = {node.value for node in ast.walk(ast.parse(Path(step_module.__file__).read_text())) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not strings & set(LOSS_TABLE), sorted(strings & set(LOSS_TABLE))

@@ -81,6 +81,7 @@ def test_mntp_predicts_masked_tokens_from_the_previous_position():
 
 def test_grl_terms_are_the_ones_training_assembles():
     """StepLoss (what `finetune` runs) builds GRL's parts under one set of names, with the paper's λ."""
+    from ullme_cli.losses.step_inputs import StepInputs
     from ullme_cli.recipes import LossSection
     from ullme_cli.training.step import StepLoss
 
@@ -89,8 +90,9 @@ def test_grl_terms_are_the_ones_training_assembles():
     sums = torch.tensor([[-5.0, -9.0], [-7.0, -4.0]])
     step = StepLoss(None, LossSection(strategy="grl", temperature=0.5, reference_free=True), negatives_per_query=1)
     assert step.weights == {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0}
-    parts = step.embedding_terms(Q, P, negatives, None, means)
-    parts.update(step.generation_terms(None, None, [["n"]] * 2, {"sum": sums, "mean": means}))
+    inputs = StepInputs(queries=Q, positives=P, negatives=negatives, generation={"sum": sums, "mean": means})
+    parts = step.phase_terms("embeddings", inputs)
+    parts.update(step.phase_terms("generation", inputs))
     cl = InfoNCELoss(0.5)(Q, P, torch.cat([N, N]))
     dpo = DPOLoss(0.1, reference_free=True)(sums[:, 0], sums[:, 1])
     scores = torch.stack([(Q * P).sum(1), (Q * N).sum(1)], dim=1)
@@ -101,6 +103,7 @@ def test_grl_terms_are_the_ones_training_assembles():
 
 
 def test_ipo_scores_token_means_and_sigmoid_sums_unless_told():
+    from ullme_cli.losses.step_inputs import StepInputs
     from ullme_cli.recipes import LossSection
     from ullme_cli.training.step import StepLoss
 
@@ -108,7 +111,7 @@ def test_ipo_scores_token_means_and_sigmoid_sums_unless_told():
     generation = {"sum": sums, "mean": means}
     for variant, logprob, expected in [("ipo", "auto", means), ("sigmoid", "auto", sums), ("ipo", "sum", sums), ("sigmoid", "mean", means)]:
         loss = LossSection(strategy="dpo", dpo_variant=variant, dpo_logprob=logprob, reference_free=True)
-        part = StepLoss(None, loss, negatives_per_query=1).generation_terms(None, None, [["n"]], generation)["dpo"]
+        part = StepLoss(None, loss, negatives_per_query=1).phase_terms("generation", StepInputs(generation=generation))["dpo"]
         assert part.item() == pytest.approx(DPOLoss(0.1, variant, True)(expected[:, 0], expected[:, 1]).item())
 
 

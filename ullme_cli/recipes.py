@@ -284,8 +284,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
     if recipe.loss.strategy not in STRATEGIES:
         bad("loss.strategy", f"must be one of {', '.join(STRATEGIES)}")
     for component in recipe.loss.weights:
-        if component not in LOSS_COMPONENTS:
-            bad(f"loss.weights.{component}", f"is not a loss component ({', '.join(LOSS_COMPONENTS)})")
+        if component not in LOSS_TABLE:  # the table itself, so a row added at run time is a component too
+            bad(f"loss.weights.{component}", f"is not a loss component ({', '.join(LOSS_TABLE)})")
     if recipe.loss.kl_direction not in ("rt||gen", "gen||rt"):
         bad("loss.kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'")
     if recipe.loss.dpo_variant not in ("sigmoid", "hinge", "ipo"):

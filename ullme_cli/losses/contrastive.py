@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ullme_cli.losses.step_inputs import StepInputs
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward hands each process the gradient of its own rows, summed over every
@@ -90,3 +92,6 @@ class InfoNCELoss(nn.Module):
                     keep[i, first : first + per_row] = True
             logits = logits.masked_fill(own_only[:, None] & ~keep, float("-inf"))
         return F.cross_entropy(logits, rows + offset)
+
+    def from_step(self, inputs: StepInputs) -> torch.Tensor:
+        return self(inputs.queries, inputs.positives, inputs.negatives.reshape(-1, inputs.negatives.shape[-1]), inputs.groups, inputs.own_only)

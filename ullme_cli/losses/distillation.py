@@ -1,6 +1,9 @@
 import torch
 from torch import nn
 
+from ullme_cli.losses.kl import candidate_scores
+from ullme_cli.losses.step_inputs import StepInputs
+
 
 class DistillationLoss(nn.Module):
     """Knowledge distillation from teacher scores over each query's candidates (FlagEmbedding, Tevatron;
@@ -40,3 +43,6 @@ class DistillationLoss(nn.Module):
         kept = scored & (p_t > 0)  # a candidate the teacher gives no mass adds nothing (not 0 * -inf)
         per_candidate = torch.where(kept, p_t * (log_t - log_s.double()), torch.zeros_like(p_t))
         return per_candidate.sum(-1)[rows].mean().float()
+
+    def from_step(self, inputs: StepInputs) -> torch.Tensor:
+        return self(candidate_scores(inputs.queries, inputs.positives, inputs.negatives), *inputs.teacher)

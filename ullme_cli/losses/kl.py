@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from ullme_cli.losses.step_inputs import StepInputs
+
 DIRECTIONS = ("rt||gen", "gen||rt")
 
 
@@ -34,3 +36,6 @@ class RelevanceKLLoss(nn.Module):
         log_gen = (generation_scores.float() / self.tau_gen).log_softmax(-1)
         log_p, log_q = (log_rt, log_gen) if self.direction == "rt||gen" else (log_gen, log_rt)
         return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    def from_step(self, inputs: StepInputs) -> torch.Tensor:
+        return self(candidate_scores(inputs.queries, inputs.positives, inputs.negatives), inputs.generation["mean"])

@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ullme_cli.losses.step_inputs import StepInputs
+
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, probability: float, generator: torch.Generator | None = None):
     """Replace a share of the real tokens by `mask_token_id`; labels keep the originals there and -100 elsewhere."""
@@ -24,3 +26,6 @@ class MNTPLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def from_step(self, inputs: StepInputs) -> torch.Tensor:
+        return self(*inputs.masked)

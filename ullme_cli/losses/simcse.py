@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from ullme_cli.losses.contrastive import InfoNCELoss
+from ullme_cli.losses.step_inputs import StepInputs
 
 
 class SimCSELoss(nn.Module):
@@ -19,3 +20,6 @@ class SimCSELoss(nn.Module):
 
     def forward(self, first_view: torch.Tensor, second_view: torch.Tensor) -> torch.Tensor:
         return self.info_nce(first_view, second_view)
+
+    def from_step(self, inputs: StepInputs) -> torch.Tensor:
+        return self(*inputs.views)

@@ -1,8 +1,10 @@
 """One training step, from a batch of examples to gradients, component by component.
 
-Read top to bottom: pick each query's positive and negatives, embed queries and passages
-(bidirectional), score generations (causal, same weights), add each loss component the recipe weights,
-and backpropagate. Only what a component needs is computed.
+Read top to bottom: draw each query's positive and negatives; score their generations (causal, same
+weights) and add the generation components; embed queries and passages (bidirectional) and add the
+embedding components; mask the positives and add the masked-token components; backpropagate the weighted
+sum. Only what a component needs (`losses/table.py`) is computed, into one `StepInputs` record, and each
+component reads its inputs from it itself (`from_step`): the step names no loss.
 
 GradCache (Gao et al., 2021) when `chunk_size` is set: embed every chunk without gradients, take the
 loss's gradient with respect to the embeddings, then embed each chunk again with gradients (replaying its
@@ -19,6 +21,7 @@ import hashlib
 import json
 
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
@@ -26,26 +29,35 @@ import torch
 from ullme_cli.data import TrainingExample
 from ullme_cli.errors import UllmeError
 from ullme_cli.losses import MatryoshkaLoss, mask_tokens
-from ullme_cli.losses.kl import candidate_scores
-from ullme_cli.losses.table import LOSS_TABLE, names_needing
+from ullme_cli.losses.step_inputs import StepInputs
+from ullme_cli.losses.table import LOSS_TABLE, in_step_order
 from ullme_cli.models.bidirectional import lm_logits
 from ullme_cli.recipes import LossSection
 
-EMBEDDING_TERMS = {name for name, c in LOSS_TABLE.items() if c.embeds}
-PAIR_TERMS = names_needing("pairs")  # the terms that embed queries, positives and negatives
-GENERATION_TERMS = names_needing("generation")
+
+
+def needs_of(weights) -> set[str]:
+    """Everything the components of these loss weights need from a step (losses/table.py)."""
+    return set().union(*(LOSS_TABLE[name].needs for name in weights))
+
+
+def generation_with_graph(weights) -> bool:
+    """Some component's gradient flows through the generation scores (the KL reads them as fixed targets)."""
+    return any(LOSS_TABLE[name].phase == "generation" for name in weights)
 
 
 def step_texts(weights, batch_size: int, negatives: int) -> tuple[int, int]:
     """(texts through the embedding forward, texts through the LM head), each with a graph, in one step of
-    these loss weights: what `StepLoss.backward` runs, and what the dry run counts, from this one place.
-    SimCSE embeds the queries and the positives twice (two dropout views); MNTP runs the positives, masked,
-    through the LM head; the generation terms score each row's positive and negatives."""
-    names = set(weights)
-    embedded = batch_size * (2 + negatives) if PAIR_TERMS & names else 0
-    embedded += 2 * (2 * batch_size) if "simcse" in names else 0
-    through_lm = batch_size * (1 + negatives) if GENERATION_TERMS & names else 0
-    through_lm += batch_size if "mntp" in names else 0
+    these loss weights: what `StepLoss.backward` runs for their needs, and what the dry run counts, from this
+    one place. `pairs` embeds each row's query, positive and negatives; `views` embeds the queries and the
+    positives twice (two dropout views); `masked` runs the positives, masked, through the LM head;
+    `generation` scores each row's positive and negatives, with a graph when a generation-phase component
+    backpropagates through them."""
+    needs = needs_of(weights)
+    embedded = batch_size * (2 + negatives) if "pairs" in needs else 0
+    embedded += 2 * (2 * batch_size) if "views" in needs else 0
+    through_lm = batch_size * (1 + negatives) if generation_with_graph(weights) else 0
+    through_lm += batch_size if "masked" in needs else 0
     return embedded, through_lm
 
 
@@ -73,8 +85,8 @@ class StepLoss:
         self.negatives_per_query = negatives_per_query
         self.chunk_size = chunk_size
         self.terms = {name: LOSS_TABLE[name].build(loss) for name in self.weights}  # the recipe's components (losses/table.py)
-        # IPO's 1/(2β) margin is meant for token means (TRL, the ULLME code); sigmoid and hinge use sums.
-        self.dpo_score = loss.dpo_logprob if loss.dpo_logprob != "auto" else ("mean" if loss.dpo_variant == "ipo" else "sum")
+        self.order = in_step_order(self.weights)
+        self.needs = needs_of(self.weights)
         self.mask_probability = loss.mask_probability
         dims = loss.matryoshka()
         too_large = [d for d in dims if d is not None and d > embedder.dim]
@@ -143,14 +155,14 @@ class StepLoss:
         scores = e.generation_logprobs(flat_prompts, [t for row in rows for t in row], grad=grad)
         return {k: v.reshape(len(batch), -1) for k, v in scores.items()}
 
-    def reference_scores(self, batch, chosen, rejected):
-        if self.terms["dpo"].reference_free:
-            return None, None
+    def reference_scores(self, batch, positives, negatives) -> dict[str, torch.Tensor]:
+        """The positive's and the first negative's scores under the reference: the same weights with the
+        adapters off. {"sum", "mean", "tokens"} -> (B, 2), chosen first."""
         e = self.embedder
         prompts = self.prompts(batch)
-        with torch.no_grad(), e.model.disable_adapter():  # the reference: the same weights, adapters off
-            scores = e.generation_logprobs(prompts + prompts, list(chosen) + list(rejected))[self.dpo_score]
-        return scores[: len(prompts)], scores[len(prompts) :]
+        with torch.no_grad(), e.model.disable_adapter():
+            scores = e.generation_logprobs(prompts + prompts, list(positives) + [row[0] for row in negatives])
+        return {k: torch.stack([v[: len(prompts)], v[len(prompts) :]], dim=-1) for k, v in scores.items()}
 
     def groups(self, batch: list[TrainingExample]) -> torch.Tensor | None:
         """Each row's `label` (or `cluster`) as a stable integer id, -1 for none; None when no row has one.
@@ -181,84 +193,78 @@ class StepLoss:
         flags = [not ex.in_batch_negatives for ex in batch]
         return torch.tensor(flags, device=self.embedder.device) if any(flags) else None
 
-    def embedding_terms(self, q, p, neg, simcse_views, generation_means, groups=None, own_only=None, teacher=None) -> dict[str, torch.Tensor]:
-        w, t, parts = self.weights, self.terms, {}
-
-        def on_trained_sizes(term, *embeddings):  # Matryoshka: the term on each trained size, weighted
-            return self.matryoshka(term, *embeddings) if self.matryoshka else term(*embeddings)
-
-        if "contrastive" in w:
-            parts["contrastive"] = on_trained_sizes(lambda q, p, n: t["contrastive"](q, p, n.reshape(-1, n.shape[-1]), groups, own_only), q, p, neg)
-        if "distill" in w:
-            parts["distill"] = on_trained_sizes(lambda q, p, n: t["distill"](candidate_scores(q, p, n), *teacher), q, p, neg)
-        if "kl" in w:
-            parts["kl"] = t["kl"](candidate_scores(q, p, neg), generation_means)
-        if "simcse" in w:
-            parts["simcse"] = t["simcse"](*simcse_views)
-        return parts
-
-    def generation_terms(self, batch, positives, negatives, generation, sft_tokens=None) -> dict[str, torch.Tensor]:
-        """`sft_tokens`: the whole batch's positive-token count, when `batch` is one chunk of it."""
-        w, t, parts = self.weights, self.terms, {}
-        if "sft" in w:
-            parts["sft"] = t["sft"](generation["sum"][:, 0], generation["tokens"][:, 0] if sft_tokens is None else sft_tokens)
-        if "dpo" in w:
-            reference = self.reference_scores(batch, positives, [row[0] for row in negatives])
-            policy = generation[self.dpo_score]
-            parts["dpo"] = t["dpo"](policy[:, 0], policy[:, 1], *reference)
-        return parts
-
-    def mntp_loss(self, texts: list[str], generator: torch.Generator) -> torch.Tensor:
+    def masked_logits(self, texts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM logits of the texts with a share of their tokens masked (bidirectional), and the labels."""
         e = self.embedder
         batch = e.collate(e.tokenize(texts, "passage"))
         mask_id = e.tokenizer.mask_token_id if e.tokenizer.mask_token_id is not None else e.tokenizer.pad_token_id
         masked, labels = mask_tokens(batch.input_ids, batch.attention_mask, mask_id, self.mask_probability, generator)
-        return self.terms["mntp"](lm_logits(e.model, masked, batch.attention_mask, "bidirectional"), labels)
+        return lm_logits(e.model, masked, batch.attention_mask, "bidirectional"), labels
+
+    def pair_roles(self, batch, positives, negatives) -> list[tuple[list[str], str, list[str | None] | None]]:
+        """The queries, the drawn positives and the drawn negatives (flat, n per row), as embedding roles."""
+        return [
+            ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),
+            (positives, "passage", self.passage_instructions(batch)),
+            ([t for row in negatives for t in row], "passage", self.passage_instructions(batch, len(negatives[0]))),
+        ]
+
+    def generation_inputs(self, batch, positives, negatives, batch_tokens=None) -> StepInputs:
+        """The generation scores of the rows' candidates, and their reference scores on demand."""
+        return StepInputs(
+            generation=self.generation_scores(batch, positives, negatives, grad=generation_with_graph(self.weights)),
+            reference=lambda: self.reference_scores(batch, positives, negatives),
+            batch_tokens=batch_tokens,
+        )
+
+    def pair_inputs(self, inputs: StepInputs, batch, positives, negatives, q, p, neg) -> StepInputs:
+        """`inputs` with the pairs' embeddings and what the pair components read beside them."""
+        return replace(
+            inputs, queries=q, positives=p, negatives=neg.reshape(len(batch), len(negatives[0]), -1), groups=self.groups(batch),
+            own_only=self.own_only(batch), teacher=self.teacher_scores(batch, positives, negatives) if "teacher" in self.needs else None,
+        )  # fmt: skip
+
+    def score(self, name: str, inputs: StepInputs) -> torch.Tensor:
+        """One component's value; with Matryoshka, where the table applies it, the weighted sum over the trained sizes."""
+        term = self.terms[name]
+        if self.matryoshka and LOSS_TABLE[name].matryoshka:
+            return self.matryoshka(lambda q, p, n: term.from_step(inputs.truncated(q, p, n)), inputs.queries, inputs.positives, inputs.negatives)
+        return term.from_step(inputs)
+
+    def phase_terms(self, phase: str, inputs: StepInputs) -> dict[str, torch.Tensor]:
+        """The values of the recipe's components of one phase (losses/table.py), in step order."""
+        return {name: self.score(name, inputs) for name in self.order if LOSS_TABLE[name].phase == phase}
 
     # ------------------------------------------------------------------ the step
     def backward(self, batch: list[TrainingExample], generator: torch.Generator) -> tuple[float, dict[str, float]]:
         """Compute the weighted loss and backpropagate it; return its value and its components."""
         if self.chunk_size and self.chunk_size < len(batch):
             return self._backward_grad_cache(batch, generator)
-        w = self.weights
+        needs = self.needs
         positives, negatives = self.candidates(batch, generator)
-        parts: dict[str, torch.Tensor] = {}
-        generation = None
-        if GENERATION_TERMS & set(w):
-            generation = self.generation_scores(batch, positives, negatives, grad=bool({"dpo", "sft"} & set(w)))
-            parts.update(self.generation_terms(batch, positives, negatives, generation))
-        if EMBEDDING_TERMS & set(w):
-            q = p = neg = views = None
-            if PAIR_TERMS & set(w):
-                q, p, neg = self.embed_roles(
-                    ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),
-                    (positives, "passage", self.passage_instructions(batch)),
-                    ([t for row in negatives for t in row], "passage", self.passage_instructions(batch, len(negatives[0]))),
-                )
-                neg = neg.reshape(len(batch), len(negatives[0]), -1)
-            if "simcse" in w:
-                texts = [ex.query for ex in batch] + positives
-                views = (self.embed(texts, "passage"), self.embed(texts, "passage"))
-            teacher = self.teacher_scores(batch, positives, negatives) if "distill" in w else None
-            parts.update(self.embedding_terms(q, p, neg, views, generation["mean"] if generation else None, self.groups(batch), self.own_only(batch), teacher))
-        if "mntp" in w:
-            parts["mntp"] = self.mntp_loss(positives, generator)
-        total = sum(w[name] * value for name, value in parts.items())
+        inputs = self.generation_inputs(batch, positives, negatives) if "generation" in needs else StepInputs()
+        parts = self.phase_terms("generation", inputs)
+        if "pairs" in needs:
+            q, p, neg = self.embed_roles(*self.pair_roles(batch, positives, negatives))
+            inputs = self.pair_inputs(inputs, batch, positives, negatives, q, p, neg)
+        if "views" in needs:
+            texts = [ex.query for ex in batch] + positives
+            inputs = replace(inputs, views=(self.embed(texts, "passage"), self.embed(texts, "passage")))
+        parts.update(self.phase_terms("embeddings", inputs))
+        if "masked" in needs:
+            inputs = replace(inputs, masked=self.masked_logits(positives, generator))
+        parts.update(self.phase_terms("masked", inputs))
+        total = sum(self.weights[name] * value for name, value in parts.items())
         self.scale(total).backward()
         return float(total.detach()), {name: float(value.detach()) for name, value in parts.items()}
 
     def _backward_grad_cache(self, batch, generator) -> tuple[float, dict[str, float]]:
-        w, e = self.weights, self.embedder
+        w, e, needs = self.weights, self.embedder, self.needs
         not_cached = [name for name in w if not LOSS_TABLE[name].grad_cache]
         if not_cached:  # recipes.py refuses this first; a StepLoss built by hand gets the same answer
             raise NotImplementedError(f"GradCache does not cover {' or '.join(not_cached)}; set train.grad_cache_chunk: 0")
         positives, negatives = self.candidates(batch, generator)
-        n = len(negatives[0])
-        roles = {
-            "q": ([ex.query for ex in batch], "query", [ex.instruction for ex in batch]),
-            "p": (positives, "passage", self.passage_instructions(batch)),
-            "neg": ([t for row in negatives for t in row], "passage", self.passage_instructions(batch, n)),
-        } if EMBEDDING_TERMS & set(w) else {}  # fmt: skip
+        roles = dict(zip(("q", "p", "neg"), self.pair_roles(batch, positives, negatives))) if "pairs" in needs else {}
         chunks = {role: self._chunks(len(texts)) for role, (texts, _, _) in roles.items()}
         # 1. Embed every chunk without gradients, remembering the RNG state each chunk started from.
         cached, rng = {}, {}
@@ -269,29 +275,32 @@ class StepLoss:
                     rng[(role, start)] = rng_state(e.device)
                     pieces.append(self.embed(texts[start:stop], kind, instr[start:stop] if instr else None))
                 cached[role] = torch.cat(pieces).requires_grad_()
-        # 2. Generation scores: per-example terms, backpropagated chunk by chunk (weighted by chunk share).
+        # 2. Generation components, computed and backpropagated chunk by chunk of rows, each as its table rule says:
+        # `rows` (a mean over rows) weighted by the chunk's share of the rows; `tokens` divided by the whole batch's count.
         parts_value: dict[str, float] = {}
         means = []
-        # SFT is token-weighted over the batch, so each chunk divides by the batch's token count.
-        sft_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(self.prompts(batch), positives)), device=e.device)
-        for start, stop in self._chunks(len(batch)) if GENERATION_TERMS & set(w) else []:
+        by_tokens = any(LOSS_TABLE[name].grad_cache == "tokens" for name in w)
+        batch_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(self.prompts(batch), positives)), device=e.device) if by_tokens else None
+        for start, stop in self._chunks(len(batch)) if "generation" in needs else []:
             sub = batch[start:stop]
-            generation = self.generation_scores(sub, positives[start:stop], negatives[start:stop], grad=bool({"dpo", "sft"} & set(w)))
-            means.append(generation["mean"].detach())
-            terms = self.generation_terms(sub, positives[start:stop], negatives[start:stop], generation, sft_tokens)
+            inputs = self.generation_inputs(sub, positives[start:stop], negatives[start:stop], batch_tokens)
+            means.append(inputs.generation["mean"].detach())
+            terms = self.phase_terms("generation", inputs)
             if terms:
-                shares = {k: 1.0 if k == "sft" else len(sub) / len(batch) for k in terms}  # dpo is a mean over rows
+                shares = {k: {"rows": len(sub) / len(batch), "tokens": 1.0}[LOSS_TABLE[k].grad_cache] for k in terms}
                 self.scale(sum(w[k] * v * shares[k] for k, v in terms.items())).backward()
                 for k, v in terms.items():
                     parts_value[k] = parts_value.get(k, 0.0) + float(v.detach()) * shares[k]
-        # 3. Embedding terms on the cached embeddings, then their gradients pushed back chunk by chunk.
+        # 3. Embedding components on the cached embeddings, then their gradients pushed back chunk by chunk.
         if roles:
-            q, p, neg = cached["q"], cached["p"], cached["neg"].reshape(len(batch), n, -1)
-            teacher = self.teacher_scores(batch, positives, negatives) if "distill" in w else None
-            terms = self.embedding_terms(q, p, neg, None, torch.cat(means) if means else None, self.groups(batch), self.own_only(batch), teacher)
+            inputs = StepInputs(generation={"mean": torch.cat(means)} if means else None)
+            inputs = self.pair_inputs(inputs, batch, positives, negatives, cached["q"], cached["p"], cached["neg"])
+            terms = self.phase_terms("embeddings", inputs)
             self.scale(sum(w[k] * v for k, v in terms.items())).backward()
             for role, (texts, kind, instr) in roles.items():
                 gradient = cached[role].grad  # already scaled, when a scaler is in use
+                if gradient is None:  # no component read this role (a loss of queries and positives only)
+                    continue
                 for start, stop in chunks[role]:
                     with replayed_rng(rng[(role, start)], e.device):  # the chunk's dropout masks again
                         again = self.embed(texts[start:stop], kind, instr[start:stop] if instr else None)
