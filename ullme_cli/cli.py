@@ -147,6 +147,9 @@ def encode(
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
     input_format: str = InputFormatOption,
     on_long: str = typer.Option("truncate", "--on-long", help=f"{' or '.join(ON_LONG)}: a text longer than --max-length is cut (the summary counts them) or refused."),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Cut each text into windows of N model tokens instead of truncating it (N <= --max-length)."),
+    chunk_overlap: int = typer.Option(0, "--chunk-overlap", help="Tokens each window shares with the previous one (below --chunk-tokens)."),
+    chunk_pool: str = typer.Option("none", "--chunk-pool", help="none: one vector per window, ids DOCID#k, a .chunks.jsonl map of spans | mean: one per text, the token-weighted mean."),
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     compile: Optional[bool] = CompileOption,
@@ -164,7 +167,8 @@ def encode(
     from ullme_cli.model_setup import Runtime, resolve_setup
 
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
-                            token_budget=token_budget, input_format=input_format, on_long=on_long).validate()  # fmt: skip
+                            token_budget=token_budget, input_format=input_format, on_long=on_long, chunk_tokens=chunk_tokens,
+                            chunk_overlap=chunk_overlap, chunk_pool=chunk_pool).validate()  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
     runtime = Runtime(dtype, device, trust_remote_code, compile, _backend(backend))
     launch = Launch.from_env()
@@ -326,6 +330,9 @@ def search(
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Query instruction (default: the manifest's)."),
     rerank_exact: bool = typer.Option(False, "--rerank-exact", help="Rescore candidates with exact vectors (PQ/SQ indexes)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index from disk instead of reading it into RAM."),
+    aggregate: str = typer.Option("max", "--aggregate", help="Over chunk vectors: a document scores as its best chunk (max) or the sum of its chunks among the top hits (sum)."),
+    chunks: bool = typer.Option(False, "--chunks", help="Over chunk vectors: return the chunks themselves, not documents."),
+    chunk_depth: int = typer.Option(100, "--chunk-depth", help="Over chunk vectors: chunk hits per query that documents are ranked from (doubled until -k documents)."),
     input_format: str = InputFormatOption,
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -333,7 +340,8 @@ def search(
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Search index folders; several folders (shards) are merged into one top-k."""
+    """Search index folders; several folders (shards) are merged into one top-k. Over an index of chunk
+    vectors, documents are ranked by their chunks, each hit with its best chunk's id and span."""
     show_progress = _output(quiet, verbose)
     from ullme_cli.retrieval.search import search as run_search
     from ullme_cli.retrieval.search import search_inputs, write_results
@@ -342,7 +350,8 @@ def search(
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
     inputs = search_inputs(folders, queries, embeddings)
-    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction, fmt)
+    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction, fmt,
+                         None if chunks else aggregate, chunk_depth)  # fmt: skip
     count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":
         log.info(f"wrote {count} queries' hits to {output}")

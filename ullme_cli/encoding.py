@@ -1,6 +1,6 @@
-"""The `ullme encode` job: shard, tokenize once, batch by token budget, checkpoint chunks, assemble.
+"""The `ullme encode` job: shard, tokenize once (or cut into windows), batch by token budget, checkpoint, assemble.
 
-Resume: finished chunks of batches are saved atomically in `<output>.partial/`, keyed by a fingerprint of
+Resume: finished parts (CHUNK_TEXTS rows of batches each) are saved atomically in `<output>.partial/`, keyed by a fingerprint of
 the setup (model files included), the options and the corpus. A rerun after a crash or SIGKILL loads them
 and encodes only what is missing. The final files appear only when everything is done (docs/design.md §6), and
 the partial folder is removed. One writer at a time holds the output's lock.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.constants import __version__
-from ullme_cli.artifacts import OUT_DTYPES, embedding_files, load_embeddings, quantize, save_embeddings, save_npy, truncate
+from ullme_cli.artifacts import OUT_DTYPES, embedding_files, load_chunked_embeddings, quantize, save_embeddings, save_npy, truncate
 from ullme_cli.constants import KINDS, ON_LONG
 from ullme_cli.data import FORMATS, read_corpus
 from ullme_cli.errors import UllmeError
@@ -28,6 +28,7 @@ from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_JOB, disagreement, require_agreement
 from ullme_cli.io.outputs import STDIO, atomic_write_text, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
+from ullme_cli.models.chunking import CHUNK_POOLS, chunk_id, chunk_map_rows, chunk_texts, pool_mean, validate_chunking
 from ullme_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ class EncodeOptions:
     token_budget: int | None = None  # None: the embedder's default for its device
     input_format: str = "auto"
     on_long: str = "truncate"  # a text over max_length: cut it (counted in the summary), or refuse the job (ON_LONG)
+    chunk_tokens: int | None = None  # windows of this many model tokens per text instead of one cut vector (models/chunking.py)
+    chunk_overlap: int = 0  # tokens each window shares with the previous one
+    chunk_pool: str = "none"  # none: one vector per window (ids DOCID#k, a chunk map beside) | mean: one per text, token-weighted
+
+    def chunking(self) -> dict | None:
+        """The chunking settings as the vectors' record carries them; None without chunking."""
+        if self.chunk_tokens is None:
+            return None
+        return {"tokens": self.chunk_tokens, "overlap": self.chunk_overlap, "pool": self.chunk_pool}
 
     def validate(self) -> "EncodeOptions":
         if self.kind not in KINDS:
@@ -60,6 +70,9 @@ class EncodeOptions:
             raise UllmeError(f"--on-long must be one of {', '.join(ON_LONG)}, got '{self.on_long}'")
         if self.input_format not in FORMATS:
             raise UllmeError(f"unknown input format '{self.input_format}' (choose from {', '.join(FORMATS)})")
+        if self.chunk_pool not in CHUNK_POOLS:
+            raise UllmeError(f"--chunk-pool must be one of {', '.join(CHUNK_POOLS)}, got '{self.chunk_pool}'")
+        validate_chunking(self.chunk_tokens, self.chunk_overlap, self.chunk_pool, max_length=10**9)  # max_length: once the model is known
         return self
 
 
@@ -141,7 +154,14 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     # Resolved here, so a resume on another device with another default never mixes two batchings.
     options = dataclasses.replace(options, token_budget=options.token_budget or embedder.default_token_budget)
     texts = [r.text for r in records]
-    if options.on_long == "error":  # tokenized once: with no text over max_length, these are `tokenize`'s tokens
+    chunks = None
+    if options.chunk_tokens is not None:  # windows of every text: nothing is cut, so --on-long has nothing to refuse
+        validate_chunking(options.chunk_tokens, options.chunk_overlap, options.chunk_pool, embedder.setup.max_length)
+        chunks = chunk_texts(embedder, texts, options.kind, options.instruction, options.chunk_tokens, options.chunk_overlap, [r.id for r in records])
+        tokenized = [c.tokens for c in chunks]
+        log.info(f"encode: {len(records)} text(s) as {len(chunks)} window(s) of up to {options.chunk_tokens} tokens "
+                 f"(overlap {options.chunk_overlap}; {sum(1 for c in chunks if c.number == 1)} text(s) longer than one window)")  # fmt: skip
+    elif options.on_long == "error":  # tokenized once: with no text over max_length, these are `tokenize`'s tokens
         tokenized, over = embedder.tokenize_past_limit(texts, options.kind, options.instruction)
         if over:
             raise UllmeError(f"{input_path}: text '{records[over[0]].id}' is longer than max_length {embedder.setup.max_length} tokens "
@@ -150,11 +170,11 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
         tokenized = embedder.tokenize(texts, options.kind, options.instruction)
     lengths = [len(t.ids) for t in tokenized]
     batches = plan_batches(lengths, options.token_budget)
-    chunks: list[list[list[int]]] = [[]]
+    saved_parts: list[list[list[int]]] = [[]]  # checkpointed together, CHUNK_TEXTS rows at a time
     for batch in batches:
-        if sum(len(b) for b in chunks[-1]) >= CHUNK_TEXTS:
-            chunks.append([])
-        chunks[-1].append(batch)
+        if sum(len(b) for b in saved_parts[-1]) >= CHUNK_TEXTS:
+            saved_parts.append([])
+        saved_parts[-1].append(batch)
 
     record = embedder.vector_record(options.kind, options.instruction, options.truncate_dim)
     fingerprint = _job_fingerprint(record, options, shard, corpus)
@@ -170,36 +190,42 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
                 log.warning(f"{partial}: left by a job with other inputs (model files, setup, options or corpus); starting over")
                 shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "chunks": len(chunks)}))
+        atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "chunks": len(saved_parts)}))
 
-    matrix = np.zeros((len(records), embedder.dim), dtype=np.float32)
+    matrix = np.zeros((len(tokenized), embedder.dim), dtype=np.float32)
     if partial is not None:
-        done = sum((partial / f"chunk-{n:06d}.npy").exists() for n in range(len(chunks)))
+        done = sum((partial / f"chunk-{n:06d}.npy").exists() for n in range(len(saved_parts)))
         if done:
-            log.info(f"resuming {output}: {done} of {len(chunks)} chunks already encoded")
-    embedder.plan(padded_tokens((batch for number, chunk in enumerate(chunks) for batch in chunk
+            log.info(f"resuming {output}: {done} of {len(saved_parts)} parts already encoded")
+    embedder.plan(padded_tokens((batch for number, part in enumerate(saved_parts) for batch in part
                                  if partial is None or not (partial / f"chunk-{number:06d}.npy").exists()), lengths))  # fmt: skip
-    with progress_bar(f"encode ({embedder.backend})", total=len(records), enabled=show_progress) as advance:
-        for number, chunk in enumerate(chunks):
-            rows = [i for batch in chunk for i in batch]
+    with progress_bar(f"encode ({embedder.backend})", total=len(tokenized), enabled=show_progress) as advance:
+        for number, part in enumerate(saved_parts):
+            rows = [i for batch in part for i in batch]
             saved = partial / f"chunk-{number:06d}.npy" if partial is not None else None
             if saved is not None and saved.exists():
                 matrix[rows] = np.load(saved, allow_pickle=False)
                 advance(len(rows))
                 continue
-            for batch in chunk:
+            for batch in part:
                 matrix[batch] = embedder.encode_batch([tokenized[i] for i in batch])
                 advance(len(batch))
             if saved is not None:
                 save_npy(saved, matrix[rows])
 
-    meta = {**record, "dim": options.truncate_dim or embedder.dim, "dtype": options.out_dtype, "corpus_fingerprint": corpus, "ullme_version": __version__}
+    meta = {**record, "dim": options.truncate_dim or embedder.dim, "dtype": options.out_dtype, "chunking": options.chunking(),
+            "corpus_fingerprint": corpus, "ullme_version": __version__}  # fmt: skip
     meta["processes"] = 1
     if shard is not None:
         meta["shard"] = {"index": shard[0], "count": shard[1], "start": shard_slice(total, *shard)[0], "total": total}
     embedder.report_truncation("encode")
+    ids, chunk_map = [r.id for r in records], None
+    if chunks is not None and options.chunk_pool == "mean":  # one vector per text, pooled before any truncation
+        matrix = pool_mean(matrix, chunks, len(records), embedder.setup.normalize)
+    elif chunks is not None:
+        ids, chunk_map = [chunk_id(records[c.doc].id, c.number) for c in chunks], chunk_map_rows(chunks, ids)
     final = quantize(truncate(matrix, options.truncate_dim, embedder.setup.normalize), options.out_dtype)
-    meta = save_embeddings(output, final, [r.id for r in records], meta)
+    meta = save_embeddings(output, final, ids, meta, chunk_map)
     if partial is not None:
         shutil.rmtree(partial, ignore_errors=True)
     return meta
@@ -215,12 +241,13 @@ def join_shards(paths: list[str], output: str, overwrite: bool = False) -> dict:
 
 
 def _join_locked(paths: list[str], output: str) -> dict:
-    parts = []
+    parts, chunk_maps = [], {}
     for path in paths:
-        matrix, ids, meta = load_embeddings(path)
+        matrix, ids, meta, chunk_map = load_chunked_embeddings(path)
         if "shard" not in meta:
             raise UllmeError(f"{path}: not a shard (its meta has no 'shard'; it was not made with --shard)")
         parts.append((path, matrix, ids, meta))
+        chunk_maps[path] = chunk_map
     parts.sort(key=lambda p: p[3]["shard"]["index"])
     first = parts[0][3]
     count = first["shard"]["count"]
@@ -239,9 +266,10 @@ def _join_locked(paths: list[str], output: str) -> dict:
     ids = [i for p in parts for i in p[2]]
     if len(set(ids)) != len(ids):
         raise UllmeError("join: the shards share ids; they do not come from one corpus")
-    meta = {k: v for k, v in first.items() if k not in ("shard", "count", "width", "checksum")}
+    meta = {k: v for k, v in first.items() if k not in ("shard", "count", "width", "checksum", "chunk_map_checksum")}
     meta["processes"] = sum(p[3].get("processes", 1) for p in parts)
-    return save_embeddings(output, np.concatenate([p[1] for p in parts]), ids, meta)
+    chunk_map = [row for p in parts for row in chunk_maps[p[0]]] if chunk_maps[parts[0][0]] is not None else None
+    return save_embeddings(output, np.concatenate([p[1] for p in parts]), ids, meta, chunk_map)
 
 
 @dataclass(frozen=True)
@@ -302,19 +330,19 @@ def encode_launched(
 def _finished_part(part: Path, input_path: str, setup: ModelSetup, runtime: Runtime, options: EncodeOptions, shard: str) -> bool:
     """A part that an interrupted launch finished already, made from the same corpus, model files and job,
     in the same compute dtype."""
-    if not all(p.exists() for p in embedding_files(str(part))):
+    if not all(p.exists() for p in embedding_files(str(part))[:3]):  # the chunk map is checked by the reader
         return False
     from ullme_cli.models.loading import model_fingerprint, resolve_device, resolve_dtype, resolve_model_source
 
     try:
-        _, _, meta = load_embeddings(str(part))
+        _, _, meta, _ = load_chunked_embeddings(str(part))
     except UllmeError:
         return False
     records = read_corpus(input_path, options.input_format)
     compute_dtype = str(resolve_dtype(runtime.dtype, resolve_device(runtime.device))).replace("torch.", "")
     made = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
     expected = {**made.vector_record(options.kind, options.instruction, compute_dtype, options.truncate_dim),
-                "dtype": options.out_dtype, "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}  # fmt: skip
+                "dtype": options.out_dtype, "chunking": options.chunking(), "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}  # fmt: skip
     index, count = parse_shard(shard)
     same_shard = meta.get("shard", {}).get("index") == index and meta.get("shard", {}).get("count") == count
     return same_shard and disagreement(meta, expected, SAME_JOB) is None

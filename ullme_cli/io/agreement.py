@@ -13,7 +13,8 @@ The key sets below are named once, and each meeting point picks one:
   query embeddings against the index's queries, corpus embeddings against the model that mines).
 - `SAME_SIDE`: vectors placed side by side in one matrix or one ranking: `index --add`, several indexes
   searched together, the shards of `join`, multi-process parts, an encode resume.
-- `SAME_JOB`: `SAME_SIDE` plus the corpus: pieces of one encode job.
+- `SAME_JOB`: `SAME_SIDE` plus the chunking (`encode --chunk-tokens`: window, overlap, pooling; None without)
+  and the corpus: pieces of one encode job.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ STORAGE_KEYS = ("dtype",)
 SAME_SPACE = SPACE_KEYS
 SAME_VECTORS = (*SPACE_KEYS, *SIDE_KEYS)
 SAME_SIDE = (*SPACE_KEYS, *SIDE_KEYS, *STORAGE_KEYS)
-SAME_JOB = (*SAME_SIDE, "corpus_fingerprint")
+SAME_JOB = (*SAME_SIDE, "chunking", "corpus_fingerprint")
 
 
 def disagreement(found: dict, expected: dict, keys=SAME_SIDE) -> str | None:

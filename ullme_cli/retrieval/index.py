@@ -1,5 +1,8 @@
 """`ullme index`: a FAISS index folder (index.faiss, ids.jsonl, manifest.json) built from embedding files.
 
+An index of chunk vectors (`encode --chunk-tokens N`) keeps their chunk map beside the ids (chunks.jsonl:
+each vector's document, place and character span), so that `ullme search` ranks documents by their chunks.
+
 The manifest records how the vectors were made (the setup record of model_setup.py, with the model's
 fingerprint) and the fingerprints of the corpora in it, so that `ullme search` encodes queries the same
 way with the same weights, and `--add` refuses vectors from another setup or a corpus already added.
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.constants import __version__
-from ullme_cli.artifacts import dequantize, embedding_files, load_embeddings, read_id_lines, save_npy
+from ullme_cli.artifacts import chunk_map_checksum, chunk_map_text, dequantize, embedding_files, load_chunked_embeddings, read_id_lines, save_npy
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.io.agreement import SAME_SIDE, require_agreement
 from ullme_cli.io.outputs import atomic_folder, guard_output, output_lock
@@ -25,7 +28,8 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.jsonl"
 MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"  # exact copies kept beside lossy (PQ/SQ) indexes, for --rerank-exact
-INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE, VECTORS_FILE)
+CHUNKS_FILE = "chunks.jsonl"  # the chunk map of chunk vectors, row for row with ids.jsonl
+INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE, VECTORS_FILE, CHUNKS_FILE)
 METRICS = ("ip", "l2")
 # Measured on 20k clustered 64-d unit vectors (tests/test_retrieval.py): FAISS' defaults (40/16) give
 # recall@10 0.39; 200/256 give 0.996 against Flat.
@@ -84,6 +88,19 @@ def read_ids(folder: str | Path) -> list[str]:
     if not path.exists():
         raise located(str(path), None, "missing: an index folder holds index.faiss, ids.jsonl and manifest.json")
     return read_id_lines(path)
+
+
+def read_chunk_map(folder: str | Path, manifest: dict) -> list[dict] | None:
+    """The chunk map of an index of chunk vectors, checked against its manifest; None for one vector per text."""
+    if not manifest.get("chunk_map_checksum"):
+        return None
+    path = Path(folder) / CHUNKS_FILE
+    if not path.exists():
+        raise located(str(path), None, "missing: an index of chunk vectors holds its chunk map; build it again")
+    chunk_map = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(chunk_map) != manifest["count"] or chunk_map_checksum(chunk_map) != manifest["chunk_map_checksum"]:
+        raise located(str(path), None, "does not belong to this index (an interrupted or mixed write); build it again")
+    return chunk_map
 
 
 def load_faiss_index(folder: str | Path, mmap: bool = False):
@@ -174,7 +191,7 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
                   trained_from: str | None = None) -> tuple[dict, str]:  # fmt: skip
     import faiss
 
-    matrix, ids, meta = load_embeddings(embeddings)
+    matrix, ids, meta, chunk_map = load_chunked_embeddings(embeddings)
     if len(matrix) == 0:
         raise UllmeError(f"{embeddings}: no embeddings (empty input)")
     missing = [k for k in (*SETUP_FIELDS, *SAME_SIDE, "corpus_fingerprint") if k not in meta]
@@ -189,15 +206,19 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
     out = Path(output)
     note = ""
     old_ids: list[str] = []
+    old_chunks: list[dict] = []
     if add:
         manifest = read_manifest(out)
         if manifest["dim"] != dim:
             raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({manifest['dim']}) in {output}")
         require_agreement(meta, manifest, embeddings, f"the index {output}", SAME_SIDE)
+        if meta.get("chunking") != manifest.get("chunking"):
+            raise UllmeError(f"{embeddings}: chunking {meta.get('chunking')} does not match the index's {manifest.get('chunking')} in {output}")
         if meta["corpus_fingerprint"] in manifest.get("corpora", []):
             raise UllmeError(f"{embeddings}: this corpus (the same ids and texts) is in the index {output} already")
         index = load_faiss_index(out)
         old_ids = read_ids(out)
+        old_chunks = read_chunk_map(out, manifest) or []
         clash = set(old_ids) & set(ids)
         if clash:
             raise UllmeError(f"{embeddings}: id '{sorted(clash)[0]}' is already in the index {output}")
@@ -211,6 +232,8 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
         index = load_faiss_index(trained_from)
         index.reset()  # keeps what training learned (centroids, codebooks), drops the vectors
         factory, metric, note = template["factory"], template["metric"], f"trained structure of {trained_from}, emptied"
+        if meta.get("chunking") != template.get("chunking"):
+            raise UllmeError(f"{embeddings}: chunking {meta.get('chunking')} does not match the index's {template.get('chunking')} in {trained_from}")
         manifest = {**template, "corpora": [meta["corpus_fingerprint"]], "ullme_version": __version__}
     else:
         metric = metric or ("ip" if meta["normalize"] else "l2")
@@ -233,15 +256,21 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
             **{k: meta[k] for k in (*SETUP_FIELDS, *SAME_SIDE)},
             "corpora": [meta["corpus_fingerprint"]], "metric": metric, "factory": factory, "dim": dim, "dtype": meta["dtype"],
             "nprobe": default_nprobe(factory), "ef_search": DEFAULT_EF_SEARCH if "HNSW" in factory else None,
-            "ullme_version": __version__,
+            "chunking": meta.get("chunking"), "ullme_version": __version__,
         }  # fmt: skip
     index.add(vectors)
     manifest["count"] = index.ntotal
+    chunk_map = old_chunks + chunk_map if chunk_map is not None else None
+    manifest.pop("chunk_map_checksum", None)
+    if chunk_map is not None:
+        manifest["chunk_map_checksum"] = chunk_map_checksum(chunk_map)
 
     with atomic_folder(out) as staging:
         write = faiss.write_index_binary if binary else faiss.write_index
         write(index, str(staging / INDEX_FILE))
         (staging / IDS_FILE).write_text("".join(json.dumps(i) + "\n" for i in old_ids + ids), encoding="utf-8")
+        if chunk_map is not None:
+            (staging / CHUNKS_FILE).write_text(chunk_map_text(chunk_map), encoding="utf-8")
         if keep_vectors and is_lossy(factory) and not binary:
             kept = [np.load(out / VECTORS_FILE)] if add and (out / VECTORS_FILE).exists() else []
             save_npy(staging / VECTORS_FILE, np.concatenate(kept + [vectors.astype(np.float16)]))

@@ -3,6 +3,13 @@
 Scores are "higher is better" for every metric: inner products as they are, L2 and Hamming distances
 negated. Several folders (one per encode shard) are searched one after another and their top-k merged,
 which gives the same hits as one index over all vectors (exact indexes) and lets a corpus outgrow memory.
+
+Over an index of chunk vectors (`encode --chunk-tokens`), hits are documents by default: the query's top
+`chunk_depth` chunk hits are grouped by document, and each document scores as its best chunk (`max`, the
+max-sim of vector-search stacks) or as the sum of its chunks among those hits (`sum`). The depth doubles
+until k documents are found (or every chunk is), so `max` ranks exactly as scoring every chunk would. Each
+document hit carries its best chunk's id and character span. `aggregate=None` (`--chunks`) returns the
+chunks themselves.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from ullme_cli.progress import progress_bar
 from ullme_cli.retrieval.index import (
     VECTORS_FILE,
     load_faiss_index,
+    read_chunk_map,
     read_ids,
     read_manifest,
 )
@@ -34,6 +42,18 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "trec")
 QUERY_BATCH = 1024
+AGGREGATES = ("max", "sum")
+CHUNK_DEPTH = 100  # chunk hits per query that a document ranking starts from (module docstring)
+
+
+class Hit(tuple):
+    """One hit, unpacked as (id, score). A hit from an index of chunk vectors also names the chunk that
+    matched (a document's best one), its character span in the document's text, and its document."""
+
+    def __new__(cls, id: str, score: float, chunk: str | None = None, span: tuple[int, int] | None = None, doc: str | None = None):
+        hit = super().__new__(cls, (id, score))
+        hit.chunk, hit.span, hit.doc = chunk, span, doc
+        return hit
 
 
 @dataclass
@@ -43,6 +63,7 @@ class OpenIndex:
     index: object
     ids: list[str]
     vectors: np.ndarray | None  # exact copies for --rerank-exact
+    chunks: list[dict] | None = None  # the chunk map of chunk vectors, row for row with ids
 
     @property
     def metric(self) -> str:
@@ -58,11 +79,13 @@ def open_indexes(folders: list[str], mmap: bool = False) -> list[OpenIndex]:
         index, ids = load_faiss_index(folder, mmap), read_ids(folder)
         if len(ids) != index.ntotal:
             raise located(str(Path(folder) / "ids.jsonl"), None, f"{len(ids)} ids for {index.ntotal} vectors in the index; build it again")
-        opened.append(OpenIndex(folder, manifest, index, ids, vectors))
+        opened.append(OpenIndex(folder, manifest, index, ids, vectors, read_chunk_map(folder, manifest)))
     first = opened[0].manifest
     owner: dict[str, str] = {}
     for other in opened:
         require_agreement(other.manifest, first, other.folder, opened[0].folder, (*SAME_SIDE, "query_instruction", "dim", "metric"))
+        if other.manifest.get("chunking") != first.get("chunking"):
+            raise UllmeError(f"{other.folder}: chunking {other.manifest.get('chunking')} differs from {opened[0].folder}'s {first.get('chunking')}")
         for doc in other.ids:  # one merged ranking: a document in two folders would be listed twice
             if owner.setdefault(doc, other.folder) != other.folder:
                 raise UllmeError(f"{other.folder}: id '{doc}' is in {owner[doc]} too; search folders that hold different documents (shards of one corpus)")
@@ -176,11 +199,15 @@ def search(
     show_progress: bool = True,
     instruction: str | None = None,
     fmt: str = "jsonl",
-) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    aggregate: str | None = "max",
+    chunk_depth: int = CHUNK_DEPTH,
+) -> Iterator[tuple[str, list[Hit]]]:
     """Yield (query id, [(doc id, score), ...]) in query order. `instruction` overrides the manifest's.
-    For `fmt` trec, every query and document id is checked before the first query is searched."""
+    For `fmt` trec, every query and document id is checked before the first query is searched.
+    `aggregate` ranks documents over an index of chunks (module docstring); None returns the chunks."""
     if k < 1:
         raise UllmeError(f"-k must be at least 1, got {k}")
+    check_aggregate(aggregate, chunk_depth)
     opened = open_indexes(index_folders, mmap)
     manifest = opened[0].manifest if instruction is None else {**opened[0].manifest, "query_instruction": instruction}
     if fmt == "trec":
@@ -188,36 +215,80 @@ def search(
             refuse_trec_ids(o.ids, "document", o.folder)
     check_ids = (lambda ids, source: refuse_trec_ids(ids, "query", source)) if fmt == "trec" else (lambda ids, source: None)
     qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress, check_ids)
-    yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress)
+    yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress, aggregate, chunk_depth)
+
+
+def check_aggregate(aggregate: str | None, chunk_depth: int) -> None:
+    if aggregate is not None and aggregate not in AGGREGATES:
+        raise UllmeError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got '{aggregate}'")
+    if chunk_depth < 1:
+        raise UllmeError(f"--chunk-depth must be at least 1, got {chunk_depth}")
 
 
 def search_opened(
     opened: list[OpenIndex], qids: list[str], vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
     ef_search: int | None = None, rerank_exact: bool = False, show_progress: bool = False,
-) -> Iterator[tuple[str, list[tuple[str, float]]]]:
-    """The per-query path over indexes already open: search each, merge, map positions to ids."""
+    aggregate: str | None = "max", chunk_depth: int = CHUNK_DEPTH,
+) -> Iterator[tuple[str, list[Hit]]]:
+    """The per-query path over indexes already open: search each, merge, map positions to ids; over chunk
+    vectors, rank documents by `aggregate` (None: the chunks)."""
     if vectors.shape[1] != opened[0].manifest["dim"]:
         raise UllmeError(f"query vectors have dimension {vectors.shape[1]}, the index {opened[0].manifest['dim']}")
     for o in opened:
         set_search_parameters(o.index, nprobe or o.manifest.get("nprobe"), ef_search or o.manifest.get("ef_search"))
+    by_document = aggregate is not None and opened[0].chunks is not None
+    total = sum(o.index.ntotal for o in opened)
     with progress_bar("search", total=len(qids), enabled=show_progress) as advance:
         for start in range(0, len(qids), QUERY_BATCH):
             batch = vectors[start : start + QUERY_BATCH]
-            parts = [search_one(o, batch, k, rerank_exact) for o in opened]
-            scores = np.concatenate([p[0] for p in parts], axis=1)
-            owners = np.concatenate([np.full(p[1].shape, n) for n, p in enumerate(parts)], axis=1)
-            positions = np.concatenate([p[1] for p in parts], axis=1)
-            if len(parts) > 1:  # merge the shards' lists into one top-k
-                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-                scores, owners, positions = (np.take_along_axis(a, order, 1) for a in (scores, owners, positions))
-            for row in range(len(batch)):
-                hits = [
-                    (opened[owner].ids[position], score)
-                    for owner, position, score in zip(owners[row].tolist(), positions[row].tolist(), scores[row].tolist())
-                    if position >= 0
-                ]
+            if by_document:
+                ranked = document_hits(opened, batch, k, aggregate, rerank_exact, min(max(chunk_depth, k), total), total)
+            else:
+                ranked = [hits[:k] for hits in merged_hits(opened, batch, k, rerank_exact)]
+            for row, hits in enumerate(ranked):
                 yield qids[start + row], hits
             advance(len(batch))
+
+
+def merged_hits(opened: list[OpenIndex], batch: np.ndarray, depth: int, rerank_exact: bool) -> list[list[Hit]]:
+    """Each query's best `depth` hits over every folder, best first (a chunk hit with its span)."""
+    parts = [search_one(o, batch, depth, rerank_exact) for o in opened]
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    owners = np.concatenate([np.full(p[1].shape, n) for n, p in enumerate(parts)], axis=1)
+    positions = np.concatenate([p[1] for p in parts], axis=1)
+    if len(parts) > 1:  # merge the shards' lists into one list
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+        scores, owners, positions = (np.take_along_axis(a, order, 1) for a in (scores, owners, positions))
+
+    def hit(owner: int, position: int, score: float) -> Hit:
+        o = opened[owner]
+        if o.chunks is None:
+            return Hit(o.ids[position], score)
+        row = o.chunks[position]
+        return Hit(o.ids[position], score, o.ids[position], (row["start"], row["end"]), row["doc"])
+
+    return [
+        [hit(owner, position, score) for owner, position, score in zip(owners[row].tolist(), positions[row].tolist(), scores[row].tolist()) if position >= 0]
+        for row in range(len(batch))
+    ]
+
+
+def document_hits(opened: list[OpenIndex], batch: np.ndarray, k: int, aggregate: str, rerank_exact: bool, depth: int, total: int) -> list[list[Hit]]:
+    """Each query's top k documents from its top `depth` chunk hits, the depth doubled until every query has k
+    documents or every chunk is in."""
+    while True:
+        ranked = []
+        for hits in merged_hits(opened, batch, depth, rerank_exact):
+            best: dict[str, Hit] = {}
+            sums: dict[str, float] = {}
+            for h in hits:
+                best.setdefault(h.doc, h)
+                sums[h.doc] = sums.get(h.doc, 0.0) + h[1]
+            order = list(best) if aggregate == "max" else sorted(best, key=lambda d: -sums[d])  # sorted is stable: ties by best chunk
+            ranked.append([Hit(d, best[d][1] if aggregate == "max" else sums[d], best[d].chunk, best[d].span, d) for d in order[:k]])
+        if depth >= total or all(len(r) >= k for r in ranked):
+            return ranked
+        depth = min(2 * depth, total)
 
 
 def refuse_trec_ids(ids, what: str, source) -> None:
@@ -229,10 +300,19 @@ def refuse_trec_ids(ids, what: str, source) -> None:
                              "(its columns are split on whitespace); use --format jsonl, or ids without spaces")  # fmt: skip
 
 
+def hit_json(hit, rank: int) -> dict:
+    """A hit as JSON: id, score and rank, and for a hit from chunk vectors its chunk and character span."""
+    doc, score = hit
+    row = {"id": doc, "score": round(score, 6), "rank": rank}
+    if getattr(hit, "chunk", None) is not None:
+        row.update(chunk=hit.chunk, span=list(hit.span))
+    return row
+
+
 def format_hits(qid: str, hits: list[tuple[str, float]], fmt: str, tag: str = "ullme") -> str:
     if fmt == "trec":
         return "".join(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n" for rank, (doc, score) in enumerate(hits, start=1))
-    return json.dumps({"qid": qid, "hits": [{"id": d, "score": round(s, 6), "rank": r} for r, (d, s) in enumerate(hits, start=1)]}) + "\n"
+    return json.dumps({"qid": qid, "hits": [hit_json(h, r) for r, h in enumerate(hits, start=1)]}) + "\n"
 
 
 @contextmanager
