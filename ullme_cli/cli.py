@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, ON_LONG, OUT_DTYPES, POOLINGS
+from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, ON_LONG, OUT_DTYPES, SERVE_ON_LONG, POOLINGS
 from ullme_cli.errors import UllmeError
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -204,7 +204,8 @@ def serve(
     backend: str = BackendOption,
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
     max_inputs: int = typer.Option(Limits.max_inputs, "--max-inputs", help="Texts per request; more is a 413."),
-    truncate: bool = typer.Option(False, "--truncate", help="Cut inputs longer than --max-length (as encode does) instead of answering 413."),
+    on_long: str = typer.Option(Limits.on_long, "--on-long", help=f"{' or '.join(SERVE_ON_LONG)}: an input longer than --max-length is a 413, is cut (as encode cuts it), or is embedded as windows of max_length pooled by their token-weighted mean."),
+    truncate: bool = typer.Option(False, "--truncate", help="The same as --on-long truncate."),
     max_queue: int = typer.Option(Limits.max_queue, "--max-queue", help="Texts waiting for a batch, over all requests; past it requests get 503 with Retry-After."),
     max_wait_ms: float = typer.Option(Limits.max_wait * 1000, "--max-wait-ms", help="How long the first text of a batch waits for others to join."),
     timeout: float = typer.Option(Limits.timeout, "--timeout", help="Seconds a request may wait for its vectors (then 504)."),
@@ -225,7 +226,11 @@ def serve(
     for name, value, low, high in (("--timeout", timeout, 0, 86400), ("--max-request-mb", max_request_mb, 0, 1024), ("--max-wait-ms", max_wait_ms, None, 10000)):
         if not math.isfinite(value) or not (value > low if low is not None else value >= 0) or value > high:
             raise UllmeError(f"{name} must be {'above 0' if low is not None else '0 or more'} and at most {high:g}, got {value:g}")
-    limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), truncate=truncate, timeout=timeout,
+    if on_long not in SERVE_ON_LONG:
+        raise UllmeError(f"--on-long must be one of {', '.join(SERVE_ON_LONG)}, got '{on_long}'")
+    if truncate and on_long not in ("truncate", Limits.on_long):
+        raise UllmeError(f"--truncate and --on-long {on_long} disagree; give one")
+    limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), on_long="truncate" if truncate else on_long, timeout=timeout,
                     max_queue=max_queue, max_wait=max_wait_ms / 1000)  # fmt: skip
     adapters = {}
     for given in adapter:
@@ -373,6 +378,8 @@ def mine(
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Write pos_scores and neg_scores: this embedder's cosines (an ullme folder, a model ullme loads, or a sentence-transformers folder), for loss.weights.distill."),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Search the corpus by windows of N tokens: a negative is a document, written as its best window's text."),
+    chunk_overlap: int = typer.Option(0, "--chunk-overlap", help="Tokens each window shares with the previous one (below --chunk-tokens)."),
     pooling: Optional[str] = PoolingOption,
     attention: Optional[str] = AttentionOption,
     max_length: Optional[int] = MaxLengthOption,
@@ -389,7 +396,7 @@ def mine(
     from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
 
     start, stop = MiningOptions.parse_range(rank_range)
-    options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing, teacher).validate()
+    options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing, teacher, chunk_tokens, chunk_overlap).validate()
     setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
     runtime = Runtime(dtype, device, trust_remote_code)
     stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, show_progress)

@@ -19,4 +19,5 @@ def cache_root():
 BACKENDS = ("auto", "torch", "onnx")
 EXPORT_FORMATS = ("folder", "onnx", "gguf")  # `ullme export --format`
 GGUF_QUANTS = ("f16", "f32", "q8_0")
-ON_LONG = ("truncate", "error")  # what encode does with a text longer than max_length  # `ullme export --format gguf --quant`
+ON_LONG = ("truncate", "error")
+SERVE_ON_LONG = (*ON_LONG, "mean")  # serve also chunks an over-long input and pools its windows (models/chunking.py)  # what encode does with a text longer than max_length  # `ullme export --format gguf --quant`

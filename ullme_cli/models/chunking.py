@@ -70,8 +70,10 @@ def validate_chunking(size: int | None, overlap: int, pool: str, max_length: int
         raise UllmeError(f"--chunk-pool must be one of {', '.join(CHUNK_POOLS)}, got '{pool}'")
 
 
-def chunk_texts(embedder, texts: Sequence[str], kind: str, instruction: str | None, size: int, overlap: int, ids: Sequence[str] | None = None) -> list[Chunk]:
-    """Every text's windows, in text order then window order."""
+def chunk_texts(embedder, texts: Sequence[str], kind: str, instruction: str | None, size: int | None, overlap: int = 0,
+                ids: Sequence[str] | None = None) -> list[Chunk]:  # fmt: skip
+    """Every text's windows, in text order then window order. `size` None: as many tokens as max_length leaves
+    beside the text's instruction and special tokens (`serve --on-long mean`)."""
     from ullme_cli.models.embedder import Tokenized  # the embedder module loads torch
 
     prefix = embedder.instruction_prefix(kind, instruction)
@@ -98,15 +100,21 @@ def chunk_texts(embedder, texts: Sequence[str], kind: str, instruction: str | No
         if add_eos and (not trail or trail[-1] != eos):
             trail = trail + [eos]
         room = embedder.setup.max_length - len(lead) - len(trail)
-        if size > room:
+        if size is None and room < 1:
+            raise UllmeError(f"max_length {embedder.setup.max_length} leaves no room for text beside {len(lead) + len(trail)} instruction and special tokens")
+        if size is not None and size > room:
             name = f"text '{ids[row]}'" if ids is not None else f"text {row}"
             raise UllmeError(f"--chunk-tokens {size}: {name} has {len(lead) + len(trail)} instruction and special tokens, which leave room "
                              f"for {room} of max_length {embedder.setup.max_length}; use --chunk-tokens {max(room, 1)} or less")  # fmt: skip
         text = texts[row]
-        for number, (a, b) in enumerate(windows(len(content), size, overlap)):
+        for number, (a, b) in enumerate(windows(len(content), size or room, overlap)):
             if b > a:
                 start = max(offsets[head + a][0] - len(prefix), 0)  # a token straddling the prefix starts at the text's 0
                 end = max(offsets[head + b - 1][1] - len(prefix), start)
+                while start < end and text[start].isspace():  # byte-level BPE tokens carry the space before a word
+                    start += 1
+                while end > start and text[end - 1].isspace():
+                    end -= 1
             else:
                 start = end = 0 if not content else len(text)
             chunks.append(Chunk(row, number, Tokenized(lead + content[a:b] + trail, len(lead) if prefix else 0), start, end, b - a))
@@ -115,17 +123,24 @@ def chunk_texts(embedder, texts: Sequence[str], kind: str, instruction: str | No
 
 def pool_mean(vectors: np.ndarray, chunks: Sequence[Chunk], documents: int, normalize: bool = True) -> np.ndarray:
     """One vector per document: the token-weighted mean of its chunks' vectors, renormalised (module docstring).
-    A document whose chunks hold no token takes their plain mean."""
+    A document of one chunk keeps that chunk's vector as it is (the vector of the text unchunked); one whose
+    chunks hold no token takes their plain mean."""
     pooled = np.zeros((documents, vectors.shape[1]), dtype=np.float64)
     weights = np.zeros(documents, dtype=np.float64)
+    windows_of = np.zeros(documents, dtype=np.int64)
     for row, chunk in enumerate(chunks):
         weight = max(chunk.count, 1e-12)
         pooled[chunk.doc] += weight * vectors[row].astype(np.float64)
         weights[chunk.doc] += weight
+        windows_of[chunk.doc] += 1
     pooled /= np.maximum(weights, 1e-300)[:, None]
     if normalize:
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-    return pooled.astype(np.float32)
+    pooled = pooled.astype(np.float32)
+    for row, chunk in enumerate(chunks):
+        if windows_of[chunk.doc] == 1:
+            pooled[chunk.doc] = vectors[row]
+    return pooled
 
 
 def chunk_map_rows(chunks: Sequence[Chunk], doc_ids: Sequence[str]) -> list[dict]:

@@ -7,7 +7,11 @@ negatives); then keep the best `negatives` of them, or a seeded random sample (`
 what sentence-transformers' `mine_hard_negatives` means by range_min/range_max, absolute_margin,
 relative_margin, max_score and sampling_strategy. The corpus embeddings are cached next to the output (or taken from
 `--corpus-embeddings`), so a rerun does not encode them again. They are reused only when their setup
-(model fingerprint included) and corpus fingerprint match.
+(model fingerprint included), chunking and corpus fingerprint match.
+
+A chunked corpus (`--chunk-tokens N`, or chunk vectors given with `--corpus-embeddings`) is searched by its
+chunks, and ranked by document as `ullme search` ranks them: a candidate is a document, scored by its best
+chunk, and the negative written into the row is that chunk's text (a passage the model can take whole).
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.artifacts import dequantize, embedding_files, load_embeddings
+from ullme_cli.artifacts import dequantize, embedding_files, load_chunked_embeddings, load_embeddings
 from ullme_cli.data import read_corpus, read_training_examples
-from ullme_cli.encoding import encode_corpus
+from ullme_cli.encoding import EncodeOptions, encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_VECTORS, disagreement, require_agreement
 from ullme_cli.io.outputs import atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
+from ullme_cli.models.chunking import validate_chunking
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ class MiningOptions:
     seed: int = 0
     keep_existing: bool = False
     teacher: str | None = None  # an embedder whose cosine scores go into pos_scores / neg_scores
+    chunk_tokens: int | None = None  # encode the corpus as windows of this many tokens (the cache); given chunk vectors need none
+    chunk_overlap: int = 0
 
     @classmethod
     def parse_range(cls, spec: str) -> tuple[int, int | None]:
@@ -79,6 +86,7 @@ class MiningOptions:
             raise UllmeError(f"--seed must be between 0 and 2^32-1, got {self.seed}")
         if self.sample is False and self.seed != 0:
             raise UllmeError("--seed applies to --sample only; add --sample or drop --seed")
+        validate_chunking(self.chunk_tokens, self.chunk_overlap, "none", max_length=10**9)  # max_length: once the model is known
         return self
 
     def check_range(self, corpus_size: int, corpus: str) -> None:
@@ -112,16 +120,19 @@ def mine_negatives(
         return _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, options, show_progress)
 
 
-def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddings: str | None, show_progress: bool) -> np.ndarray:
-    """The corpus's passage vectors: given, cached beside the output, or encoded now (and cached)."""
+def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddings: str | None, options: "MiningOptions",
+                    show_progress: bool) -> tuple[np.ndarray, list[dict] | None]:  # fmt: skip
+    """The corpus's passage vectors, and their chunk map for chunk vectors: given, cached beside the output, or
+    encoded now (and cached)."""
     expected = {**embedder.vector_record("passage"), "corpus_fingerprint": corpus_fingerprint((r.id, r.text) for r in records)}
+    encode_options = EncodeOptions(chunk_tokens=options.chunk_tokens, chunk_overlap=options.chunk_overlap)
     if corpus_embeddings is None:
         cache = Path(output).with_name(Path(output).name + ".cache") / "corpus.npy"
         reusable = False
         if cache.exists():
             try:
                 _, _, meta = load_embeddings(str(cache))
-                problem = disagreement(meta, expected, CORPUS_KEYS)
+                problem = disagreement(meta, {**expected, "chunking": encode_options.chunking()}, (*CORPUS_KEYS, "chunking"))
             except UllmeError as e:
                 problem = str(e)
             reusable = problem is None
@@ -130,13 +141,36 @@ def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddin
             else:
                 log.warning(f"{cache}: stale ({problem}); encoding the corpus again")
         if not reusable:
-            encode_corpus(corpus, str(cache), embedder.setup, overwrite=True, show_progress=show_progress, embedder=embedder)
+            encode_corpus(corpus, str(cache), embedder.setup, options=encode_options, overwrite=True, show_progress=show_progress, embedder=embedder)
         corpus_embeddings = str(cache)
-    matrix, ids, meta = load_embeddings(corpus_embeddings)
+    elif options.chunk_tokens is not None:
+        raise UllmeError("--chunk-tokens applies when mine encodes the corpus; --corpus-embeddings are used as they were made")
+    matrix, ids, meta, chunk_map = load_chunked_embeddings(corpus_embeddings)
     require_agreement(meta, expected, corpus_embeddings, f"passages of {corpus} encoded by the model {embedder.setup.model}", CORPUS_KEYS)
-    if ids != [r.id for r in records]:
+    if (meta.get("chunking") or {}).get("pool") == "mean":
+        raise UllmeError(f"{corpus_embeddings}: pooled chunk vectors (--chunk-pool mean) carry no passage to write as a negative; "
+                         "encode with --chunk-pool none, or without chunking")  # fmt: skip
+    made_from = [r.id for r in records]
+    if (ids if chunk_map is None else list(dict.fromkeys(row["doc"] for row in chunk_map))) != made_from:
         raise UllmeError(f"{corpus_embeddings}: made from another corpus than {corpus} (ids or texts differ); pass the right --corpus-embeddings")
-    return np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32)
+    return np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32), chunk_map
+
+
+def ranked_passages(scores: np.ndarray, found: np.ndarray, chunk_map: list[dict] | None, position_of: dict[str, int]):
+    """One query's hits as (document position, score, character span or None), best first; over chunk vectors,
+    one per document, at its best chunk."""
+    seen: set[int] = set()
+    for position, score in zip(found.tolist(), scores.tolist()):
+        if position < 0:
+            continue
+        if chunk_map is None:
+            yield position, score, None
+            continue
+        row = chunk_map[position]
+        doc = position_of[row["doc"]]
+        if doc not in seen:
+            seen.add(doc)
+            yield doc, score, (row["start"], row["end"])
 
 
 def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, options: MiningOptions, show_progress) -> dict:
@@ -152,7 +186,7 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
         resolve_model_source(options.teacher)  # a teacher that is not there is refused before mining, not after
     options.check_range(len(records), corpus)
     embedder = load_embedder(setup, runtime)
-    vectors = _corpus_vectors(corpus, records, output, embedder, corpus_embeddings, show_progress)
+    vectors, chunk_map = _corpus_vectors(corpus, records, output, embedder, corpus_embeddings, options, show_progress)
     if vectors.shape[1] != embedder.dim:
         raise UllmeError(f"{corpus_embeddings}: vectors of dimension {vectors.shape[1]}, the model's are {embedder.dim} (truncated embeddings cannot be mined)")
     index = faiss.IndexFlatIP(vectors.shape[1])
@@ -164,8 +198,13 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
     positive_vectors = dict(zip(positive_texts, embedder.encode(positive_texts, kind="passage"))) if bounded else {}
 
     end = options.pool_end(len(records))
-    scores, found = index.search(queries, end)
+    depth = end
+    if chunk_map is not None:  # the end-th document's best chunk ranks within (end - 1) × its most windows + 1
+        windows = max(row["chunk"] for row in chunk_map) + 1
+        depth = min(len(chunk_map), end * windows)
+    scores, found = index.search(queries, depth)
     texts = [r.text for r in records]
+    position_of = {r.id: i for i, r in enumerate(records)}
     rng = np.random.default_rng(options.seed)
     short = 0
     stale = sum(any(k in ex.extra for k in STALE_FIELDS) for ex in examples)
@@ -183,9 +222,10 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
             if options.relative_margin is not None:  # sentence-transformers' relative_margin
                 ceiling = min(ceiling, weakest * (1 - options.relative_margin))
         candidates = []
-        for position, score in zip(ranked[options.start :], ranked_scores[options.start :]):
-            text = texts[position] if position >= 0 else ""
-            if position < 0 or score > ceiling or _normal(text) in blocked or _normal(text) in seen:
+        hits = list(ranked_passages(ranked_scores, ranked, chunk_map, position_of))[options.start : end]
+        for position, score, span in hits:
+            text = texts[position] if span is None else texts[position][span[0] : span[1]]
+            if score > ceiling or _normal(text) in blocked or _normal(texts[position]) in blocked or _normal(text) in seen:
                 continue
             seen.add(_normal(text))
             candidates.append(text)

@@ -300,10 +300,11 @@ def refuse_trec_ids(ids, what: str, source) -> None:
                              "(its columns are split on whitespace); use --format jsonl, or ids without spaces")  # fmt: skip
 
 
-def hit_json(hit, rank: int) -> dict:
-    """A hit as JSON: id, score and rank, and for a hit from chunk vectors its chunk and character span."""
+def hit_json(hit, rank: int, digits: int | None = 6) -> dict:
+    """A hit as JSON: id, score (rounded to `digits`, None: as it is) and rank, and for a hit from chunk
+    vectors its chunk and character span. `ullme search` and `serve`'s /v1/search both write this."""
     doc, score = hit
-    row = {"id": doc, "score": round(score, 6), "rank": rank}
+    row = {"id": doc, "score": round(score, digits) if digits is not None else score, "rank": rank}
     if getattr(hit, "chunk", None) is not None:
         row.update(chunk=hit.chunk, span=list(hit.span))
     return row

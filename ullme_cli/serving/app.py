@@ -33,6 +33,7 @@ import numpy as np
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import lone_surrogate
+from ullme_cli.models.chunking import chunk_texts, pool_mean
 from ullme_cli.serving.batcher import Batcher, Closed, Overloaded
 from ullme_cli.serving.limits import Limits
 
@@ -250,9 +251,9 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
         for i, text in enumerate(texts):
             if (where := lone_surrogate(text)) is not None:
                 raise ApiError(400, f"field 'input'[{i}] holds a lone surrogate ({where}), which is not Unicode text", code="invalid_value")
-            if not limits.truncate and len(text) > surely_over[model]:
+            if limits.on_long == "error" and len(text) > surely_over[model]:
                 raise too_long(served[model], i)
-        items = await tokenized(texts, kind, served[model])
+        items, long_inputs = await tokenized(texts, kind, served[model])
         task = asyncio.ensure_future(state["batcher"].embed(items, model))
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
@@ -265,15 +266,22 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
                 raise ApiError(499, "client closed the request", code="client_closed")
             raise ApiError(504, f"no vectors within the request timeout of {limits.timeout:g} s", type="server_error", code="timeout")
         try:
-            return task.result(), sum(len(item.ids) for item in items)
+            matrix = task.result()
         except Overloaded as e:
             raise ApiError(503, f"server overloaded ({e}); retry later", type="server_error", code="overloaded",
                            headers={"Retry-After": str(limits.retry_after)}) from None  # fmt: skip
         except Closed as e:
             raise ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": str(limits.retry_after)}) from None
+        usage = {"prompt_tokens": sum(len(item.ids) for item in items)}
+        if limits.on_long == "mean" and len(items) > len(texts):  # windows of over-long inputs: one vector per input again
+            matrix = pool_mean(matrix, long_inputs, len(texts), served[model].setup.normalize)
+            usage.update(chunked_inputs=len({c.doc for c in long_inputs if c.number > 0}), chunks=len(items))
+        elif long_inputs:
+            usage["truncated_inputs"] = len(long_inputs)
+        return matrix, usage
 
-    async def tokenized(texts: list[str], kind: str, embedder) -> list:
-        """The texts' tokens, computed on the tokenizer thread; an over-long text is a 413 unless --truncate."""
+    async def tokenized(texts: list[str], kind: str, embedder) -> tuple[list, list]:
+        """The texts' tokens, computed on the tokenizer thread, as `tokenize_within_limits` gives them."""
         size = sum(len(t) for t in texts)
         if state["tokenizing_chars"] + size > limits.max_tokenizing_chars:
             raise ApiError(503, "too much text waiting to be tokenized; retry later", type="server_error", code="overloaded",
@@ -287,16 +295,21 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
     def too_long(embedder, first: int, count: int | None = None) -> ApiError:
         over = f"{count} input(s) over; " if count else ""
         return ApiError(413, f"input {first} is longer than the model's {embedder.setup.max_length} tokens "
-                             f"({over}the server was started without --truncate)", code="input_too_long")  # fmt: skip
+                             f"({over}the server was started with --on-long error)", code="input_too_long")  # fmt: skip
 
-    def tokenize_within_limits(texts: list[str], kind: str, embedder) -> list:
+    def tokenize_within_limits(texts: list[str], kind: str, embedder) -> tuple[list, list]:
+        """The items to embed and what the --on-long policy did: `error` answers 413 for an over-long input;
+        `truncate` cuts it (the positions cut come back); `mean` cuts every input into windows of max_length
+        when one is over (the windows come back, to pool: models/chunking.py)."""
         items, over = embedder.tokenize_past_limit(texts, kind)
-        if over and not limits.truncate:
+        if over and limits.on_long == "error":
             raise too_long(embedder, over[0], len(over))
-        if over:
-            for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
-                items[i] = item
-        return items
+        if over and limits.on_long == "mean":
+            windows = chunk_texts(embedder, texts, kind, None, size=None)
+            return [w.tokens for w in windows], windows
+        for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
+            items[i] = item
+        return items, over
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
@@ -305,29 +318,29 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
         texts = [body.input] if isinstance(body.input, str) else body.input
         if body.dimensions is not None and body.dimensions > embedder.dim:
             raise ApiError(400, f"field 'dimensions': {body.dimensions} is above the model's {embedder.dim}", code="invalid_value")
-        matrix, tokens = await vectors(request, texts, INPUT_TYPES[body.input_type], model)
+        matrix, usage = await vectors(request, texts, INPUT_TYPES[body.input_type], model)
         matrix = truncate(matrix.astype(np.float32), body.dimensions, embedder.setup.normalize).astype(np.float32)
         encode = (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64" else (lambda v: v.tolist())
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(matrix)]
-        return JSONResponse({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return JSONResponse({"object": "list", "data": data, "model": model, "usage": {**usage, "total_tokens": usage["prompt_tokens"]}})
 
     @app.post("/v1/search")
     async def search(body: SearchRequest, request: Request):
         from starlette.concurrency import run_in_threadpool
 
-        from ullme_cli.retrieval.search import as_index_queries, search_opened
+        from ullme_cli.retrieval.search import as_index_queries, hit_json, search_opened
 
         if check_model(body.model) != name:
             raise ApiError(400, f"field 'model': search runs with '{name}', the model the indexes were built with", code="invalid_value")
         if not indexes:
             raise ApiError(404, "no index is loaded (start the server with --index FOLDER)", code="no_index")
         queries = [body.query] if isinstance(body.query, str) else body.query
-        matrix, tokens = await vectors(request, queries, "query", name)
+        matrix, usage = await vectors(request, queries, "query", name)
         matrix = as_index_queries(matrix, indexes[0].manifest)
         qids = [str(i) for i in range(len(queries))]
         found = await run_in_threadpool(lambda: list(search_opened(indexes, qids, matrix, body.k)))
-        data = [{"index": int(qid), "hits": [{"id": d, "score": s, "rank": r} for r, (d, s) in enumerate(hits, start=1)]} for qid, hits in found]
-        return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        data = [{"index": int(qid), "hits": [hit_json(h, r, digits=None) for r, h in enumerate(hits, start=1)]} for qid, hits in found]
+        return JSONResponse({"object": "list", "data": data, "model": name, "usage": {**usage, "total_tokens": usage["prompt_tokens"]}})
 
     @app.get("/health")
     async def health():

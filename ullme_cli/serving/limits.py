@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Limits:
     max_inputs: int = 2048  # texts per request (OpenAI's limit)
     max_request_bytes: int = 8 * 2**20  # one request body, counted as it arrives (Content-Length or chunked)
-    truncate: bool = False  # over-long inputs: 413, or cut to the model's max_length as `ullme encode` does
+    on_long: str = "error"  # an input over max_length: 413 (error), cut as `ullme encode` cuts it (truncate), or windows pooled (mean)
     timeout: float = 60.0  # seconds a request may wait for its vectors
     max_queue: int = 8192  # texts waiting for a batch, over all requests
     max_wait: float = 0.005  # seconds the first text of a batch waits for others
