@@ -307,8 +307,9 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
         if over and limits.on_long == "mean":
             windows = chunk_texts(embedder, texts, kind, None, size=None)
             return [w.tokens for w in windows], windows
-        for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
-            items[i] = item
+        if over:
+            for i, item in zip(over, embedder.tokenize([texts[i] for i in over], kind)):
+                items[i] = item
         return items, over
 
     @app.post("/v1/embeddings")
