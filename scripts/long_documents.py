@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRECQA = REPO / "ullme_cli" / "resources" / "trecqa-test"
+QUERY_INSTRUCTION = "Given a question, retrieve sentences that answer the question"
 DEPTH_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0001))
 
 
@@ -46,7 +47,7 @@ def build_task(out: Path, count_tokens, max_length: int, seed: int = 0, factor: 
     answers = {d for docs in relevant.values() for d in docs}
     filler = sorted(d for d in corpus if d not in answers)  # sentences that answer no question
     rng = random.Random(seed)
-    need = factor * max_length
+    need = factor * max_length + 8  # a margin: the answer placed elsewhere may join with one token fewer
     out.mkdir(parents=True, exist_ok=True)
     (out / "qrels").mkdir(exist_ok=True)
     rows, qrels, depths, lengths = [], [], [], []
@@ -56,10 +57,10 @@ def build_task(out: Path, count_tokens, max_length: int, seed: int = 0, factor: 
         rng.shuffle(order)
         sentences, tokens = [], count_tokens(answer)
         for doc in order:
-            if tokens >= need:
+            if tokens >= need and count_tokens(" ".join([answer, *sentences])) >= need:  # joined text tokenizes shorter
                 break
             sentences.append(corpus[doc])
-            tokens += count_tokens(corpus[doc]) + 1
+            tokens += count_tokens(corpus[doc])
         depth = rng.random()
         at = round(depth * len(sentences))
         text = " ".join(sentences[:at] + [answer] + sentences[at:])
@@ -87,7 +88,9 @@ def run(*args) -> subprocess.CompletedProcess:
 def evaluate_setting(task: Path, work: Path, name: str, model: str, max_length: int, encode_flags: list[str], search_flags: list[str]) -> dict:
     from ullme_cli.evaluation.runner import score_run
 
-    common = ["-m", model, "--max-length", str(max_length), "-q"]
+    # The query instruction `ullme evaluate` gives TREC QA (resources/instructions.yaml), as the results' other
+    # tables use; recorded with the passages, so the index's queries agree.
+    common = ["-m", model, "--max-length", str(max_length), "--query-instruction", QUERY_INSTRUCTION, "-q"]
     started = time.perf_counter()
     encoded = run("encode", task / "corpus.jsonl", "-o", work / f"{name}.npy", *common, *encode_flags, "--overwrite")
     seconds = time.perf_counter() - started

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ullme_cli"
 # docs/design.md §1, from the bottom up: the first name after `ullme_cli.` decides a module's layer.
 LAYERS = [
-    ("base", {"constants", "errors", "progress", "io", "fingerprints", "losses"}),
+    ("base", {"constants", "dtypes", "errors", "progress", "io", "fingerprints", "losses"}),
     ("schema", {"model_setup", "data", "artifacts", "recipes", "instructions"}),
     ("models", {"models"}),
     ("jobs", {"encoding", "retrieval", "training", "evaluation"}),

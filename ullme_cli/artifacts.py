@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.constants import OUT_DTYPES
+from ullme_cli.dtypes import OUT_DTYPES
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.fingerprints import array_checksum
 from ullme_cli.io.outputs import STDIO, atomic_path, atomic_write_text, require_output_path

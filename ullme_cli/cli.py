@@ -13,7 +13,8 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import BACKENDS, COMPUTE_DTYPES, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, ON_LONG, OUT_DTYPES, SERVE_ON_LONG, POOLINGS
+from ullme_cli.constants import BACKENDS, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, ON_LONG, POOLINGS, SERVE_ON_LONG
+from ullme_cli.dtypes import COMPUTE_CHOICES, OUT_DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -25,7 +26,7 @@ app = typer.Typer(
 )
 
 ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder, model folder, .gguf file, bundled name or hub id.")
-DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_DTYPES)} (auto: bf16 where the CPU/GPU runs it fast).")
+DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_CHOICES)} (auto: bf16 where the CPU/GPU runs it fast).")
 # --input-format is always the format of what a command reads, --format always the format of what it writes.
 InputFormatOption = typer.Option("auto", "--input-format", help="jsonl, tsv, text, csv, parquet, dataset (a save_to_disk folder) or auto (by suffix; hf:NAME[:SPLIT] is a dataset).")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps, ...")

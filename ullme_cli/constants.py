@@ -5,8 +5,6 @@ DEFAULT_MODEL = "smollm2-135m"
 POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention", "latent-attention-paper")
 ATTENTION_MODES = ("bidirectional", "causal")
 KINDS = ("query", "passage")
-OUT_DTYPES = ("float32", "float16", "int8", "binary")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def cache_root():

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.constants import __version__
-from ullme_cli.artifacts import OUT_DTYPES, embedding_files, load_chunked_embeddings, quantize, save_embeddings, save_npy, truncate
+from ullme_cli.artifacts import embedding_files, load_chunked_embeddings, quantize, save_embeddings, save_npy, truncate
 from ullme_cli.constants import KINDS, ON_LONG
 from ullme_cli.data import FORMATS, read_corpus
+from ullme_cli.dtypes import OUT_DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_JOB, disagreement, require_agreement

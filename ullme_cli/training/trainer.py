@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from ullme_cli.io.outputs import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, guard_output, output_lock
 from ullme_cli.data import TrainingExample
+from ullme_cli.dtypes import AUTOCAST
+from ullme_cli.models.loading import DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import tensors_fingerprint
 from ullme_cli.model_setup import Runtime
@@ -420,7 +422,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     params = trainable_parameters(embedder)
     optimizer = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
     # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
+    scaler = torch.amp.GradScaler(accelerator.device.type) if AUTOCAST[t.mixed_precision] == "float16" else None  # fp16 needs loss scaling
     # A recipe the model cannot take (a Matryoshka size above its own) is refused here, before anything is written.
     loss_fn = StepLoss(embedder, recipe.loss, recipe.data.negatives_per_query, t.grad_cache_chunk, scale=scaler.scale if scaler else lambda x: x)
     return Run(recipe, out, t, mixture, eval_tasks, tracking, accelerator, embedder, base_fingerprint, inputs, params, optimizer, scaler, loss_fn, batching)
@@ -475,7 +477,7 @@ def train_step(run: Run) -> tuple[float, dict[str, float], float]:
     seed = step_seed(t.seed, run.step, accelerator.process_index)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    autocast_dtype = DTYPES.get(AUTOCAST[t.mixed_precision])
     with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss, parts = run.loss_fn.backward(batch, generator)
     if accelerator.num_processes > 1:  # DDP by hand (FSDP reduces its own gradients)
