@@ -158,7 +158,9 @@ def step_rate(embedder, texts: list[str], weights: dict, batch: int, checkpointi
     loss = StepLoss(embedder, LossSection(weights=weights), negatives_per_query=1)
     tokens = sum(len(t.ids) for ex in rows for t in embedder.tokenize([ex.query, *ex.positives, *ex.negatives]))
     if "dpo" in weights or "kl" in weights:  # the generation passes read prompt + passage again, causally
-        tokens += sum(len(p) + len(c) for p, c in embedder.generation_pairs([embedder.generation_prompt(ex.query) for ex in rows] * 2,
+        from ullme_cli.models import generation
+
+        tokens += sum(len(p) + len(c) for p, c in generation.generation_pairs(embedder, [generation.generation_prompt(embedder, ex.query) for ex in rows] * 2,
                                                                             [t for ex in rows for t in (*ex.positives, *ex.negatives)]))  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

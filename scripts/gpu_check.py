@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from tiny_models import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
+from ullme_cli.models import generation  # noqa: E402
+
 DEVICE = torch.device("cuda")
 TEXTS = [json.loads(line)["text"] for line in (REPO / "ullme_cli/resources/demo/corpus.jsonl").read_text().splitlines()]
 
@@ -66,7 +68,7 @@ def check_generation_logits() -> str:
         for side in ("left", "right"):
             embedder = Embedder(model, tokenizer, ModelSetup(model="tiny", padding_side=side), DEVICE)
             prompts, continuations = ["Who wrote it ?", "Why"], ["Hugo Young wrote the biography .", "because of the rain"]
-            scores = embedder.generation_logprobs(prompts, continuations)
+            scores = generation.generation_logprobs(embedder, prompts, continuations)
             for row, (p, c) in enumerate(zip(prompts, continuations)):
                 p_ids, c_ids = tokenizer(p)["input_ids"], tokenizer(c, add_special_tokens=False)["input_ids"]
                 with torch.no_grad():

@@ -80,6 +80,7 @@ def test_the_dry_run_counts_the_texts_the_step_runs(strategy, tiny_llama, monkey
     are counted for every strategy: texts through the embedding forward, and through the LM head with a
     graph. (The dry run counted SimCSE's two views of queries and positives as 2B texts: the step runs 4B.)"""
     from ullme_cli.models import embedder as embedder_module
+    from ullme_cli.models import generation
     from ullme_cli.training import step as step_module
     from ullme_cli.training.step import step_texts
 
@@ -98,7 +99,7 @@ def test_the_dry_run_counts_the_texts_the_step_runs(strategy, tiny_llama, monkey
         return wrapped
 
     monkeypatch.setattr(embedder_module.Embedder, "embed", counting_embed)
-    monkeypatch.setattr(embedder_module, "lm_logits", counting(embedder_module.lm_logits))
+    monkeypatch.setattr(generation, "lm_logits", counting(generation.lm_logits))
     monkeypatch.setattr(step_module, "lm_logits", counting(step_module.lm_logits))
     weights = STRATEGIES[strategy]
     lora_step_gradients(tiny_llama, weights)

@@ -6,6 +6,7 @@ import torch
 from conftest import demo_texts
 
 from ullme_cli.errors import UllmeError
+from ullme_cli.models import generation
 from ullme_cli.models.embedder import Embedder, plan_batches
 
 TEXTS = demo_texts(12)
@@ -114,7 +115,7 @@ def test_lora_add_and_load_raise_no_deprecation_noise(tiny_llama, tmp_path):
 def test_generation_logprobs_match_full_logits(tiny_llama):
     embedder = load(tiny_llama)
     prompts, continuations = ["Who wrote it ?", "Why"], ["Hugo Young wrote it .", "because"]
-    scores = embedder.generation_logprobs(prompts, continuations)
+    scores = generation.generation_logprobs(embedder, prompts, continuations)
     for row, (p, c) in enumerate(zip(prompts, continuations)):
         p_ids = embedder.tokenizer(p)["input_ids"]
         c_ids = embedder.tokenizer(c, add_special_tokens=False)["input_ids"]
@@ -129,7 +130,7 @@ def test_generation_logprobs_match_full_logits(tiny_llama):
 
 def test_generation_logprobs_carry_gradients_when_asked(tiny_llama):
     embedder = load(tiny_llama)
-    scores = embedder.generation_logprobs(["q"], ["an answer"], grad=True)
+    scores = generation.generation_logprobs(embedder, ["q"], ["an answer"], grad=True)
     scores["mean"].sum().backward()
     assert embedder.model.lm_head.weight.grad is not None
 

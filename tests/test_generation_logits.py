@@ -7,6 +7,7 @@ from conftest import demo_texts
 from tiny_models import tiny_model, tiny_tokenizer
 
 from ullme_cli.model_setup import ModelSetup
+from ullme_cli.models import generation
 from ullme_cli.models.bidirectional import TESTED_MODEL_TYPES
 from ullme_cli.models.embedder import Embedder
 
@@ -36,7 +37,7 @@ def reference(model, tokenizer, prompt: str, continuation: str) -> tuple[float, 
 def test_generation_logprobs_equal_the_models_own_logits(tokenizer, model_type, padding_side):
     model = tiny_model(model_type, **SCALES.get(model_type, {}))
     embedder = Embedder(model, tokenizer, ModelSetup(model="tiny", padding_side=padding_side, max_length=256), torch.device("cpu"))
-    scores = embedder.generation_logprobs(PROMPTS, CONTINUATIONS)
+    scores = generation.generation_logprobs(embedder, PROMPTS, CONTINUATIONS)
     for row, (prompt, continuation) in enumerate(zip(PROMPTS, CONTINUATIONS)):
         total, count = reference(model, tokenizer, prompt, continuation)
         assert scores["tokens"][row].item() == count
@@ -47,20 +48,20 @@ def test_generation_logprobs_equal_the_models_own_logits(tokenizer, model_type, 
 def test_the_lm_head_runs_on_the_longest_continuation_only(tokenizer, monkeypatch):
     """Prompts of different lengths: the positions that go through the LM head are those of the longest
     continuation (plus none of the prompts' band), so a large vocabulary costs what the targets need."""
-    import ullme_cli.models.embedder as embedder_module
+    import ullme_cli.models.generation as generation_module
 
     seen = []
-    original = embedder_module.lm_logits
+    original = generation_module.lm_logits
 
     def recording(model, ids, mask, mode, keep=None):
         seen.append(len(keep))
         return original(model, ids, mask, mode, keep)
 
-    monkeypatch.setattr(embedder_module, "lm_logits", recording)
+    monkeypatch.setattr(generation_module, "lm_logits", recording)
     model = tiny_model("llama")
     prompts = ["Who wrote The Iron Lady , the biography of the prime minister , and when ?", "Why"]
     embedder = Embedder(model, tokenizer, ModelSetup(model="tiny", padding_side="right", max_length=256), torch.device("cpu"))
-    scores = embedder.generation_logprobs(prompts, CONTINUATIONS)
+    scores = generation.generation_logprobs(embedder, prompts, CONTINUATIONS)
     assert seen == [max(scores["tokens"]).item()]
     for row, (prompt, continuation) in enumerate(zip(prompts, CONTINUATIONS)):
         assert scores["sum"][row].item() == pytest.approx(reference(model, tokenizer, prompt, continuation)[0], abs=1e-4)

@@ -6,7 +6,16 @@ import math
 import pytest
 import torch
 
-from ullme_cli.losses import DPOLoss, InfoNCELoss, MNTPLoss, RelevanceKLLoss, SFTLoss, SimCSELoss, mask_tokens
+from ullme_cli.losses import (
+    DPOLoss,
+    InfoNCELoss,
+    MNTPLoss,
+    RelevanceKLLoss,
+    SFTLoss,
+    SimCSELoss,
+    mask_tokens,
+)
+from ullme_cli.models import generation
 
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 P = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
@@ -133,8 +142,8 @@ def test_a_rows_generation_instruction_prompts_its_generation_terms(tiny_llama, 
     step = StepLoss(embedder, LossSection(strategy="grl", reference_free=True), negatives_per_query=1)
     assert embedder.setup.generation_separator == "\n"
     assert step.prompts(examples) == ["Paraphrase: a man plays\n", "Answer: who won?\n"]
-    assert step.prompts(examples)[1] == embedder.generation_prompt("who won?")
-    assert ullme.load(str(tiny_llama), dtype="float32", generation_separator="").generation_prompt("who won?", "Q: ") == "Q: who won?"
+    assert step.prompts(examples)[1] == generation.generation_prompt(embedder, "who won?")
+    assert generation.generation_prompt(ullme.load(str(tiny_llama), dtype="float32", generation_separator=""), "who won?", "Q: ") == "Q: who won?"
 
 
 def test_conservative_dpo_matches_its_formula_by_hand():
@@ -171,11 +180,10 @@ def test_rows_of_one_label_are_not_each_others_negatives():
 
 
 def test_a_rows_label_groups_its_batch_and_gradcache_agrees(tiny_llama, tmp_path):
+    import ullme_cli as ullme
     from ullme_cli.data import read_training_examples
     from ullme_cli.recipes import LossSection
     from ullme_cli.training.step import StepLoss
-
-    import ullme_cli as ullme
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in [

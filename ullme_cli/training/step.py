@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Iterator
@@ -31,9 +30,9 @@ from ullme_cli.errors import UllmeError
 from ullme_cli.losses import MatryoshkaLoss, mask_tokens
 from ullme_cli.losses.step_inputs import StepInputs
 from ullme_cli.losses.table import LOSS_TABLE, in_step_order
+from ullme_cli.models import generation
 from ullme_cli.models.bidirectional import lm_logits
 from ullme_cli.recipes import LossSection
-
 
 
 def needs_of(weights) -> set[str]:
@@ -145,14 +144,14 @@ class StepLoss:
         """The generation prompt of each example: generation_instruction + query + generation_separator
         (docs/design.md §4), as `Embedder.generation_prompt` builds it; a row's own generation_instruction wins
         over the model's, so one multi-task set can prompt each task its way."""
-        return [self.embedder.generation_prompt(ex.query, ex.generation_instruction) for ex in batch]
+        return [generation.generation_prompt(self.embedder, ex.query, ex.generation_instruction) for ex in batch]
 
     def generation_scores(self, batch, positives, negatives, grad: bool) -> dict[str, torch.Tensor]:
         e = self.embedder
         prompts = self.prompts(batch)
         rows = [[pos] + row for pos, row in zip(positives, negatives)]  # U(q): the positive first
         flat_prompts = [pr for pr, row in zip(prompts, rows) for _ in row]
-        scores = e.generation_logprobs(flat_prompts, [t for row in rows for t in row], grad=grad)
+        scores = generation.generation_logprobs(e, flat_prompts, [t for row in rows for t in row], grad=grad)
         return {k: v.reshape(len(batch), -1) for k, v in scores.items()}
 
     def reference_scores(self, batch, positives, negatives) -> dict[str, torch.Tensor]:
@@ -161,7 +160,7 @@ class StepLoss:
         e = self.embedder
         prompts = self.prompts(batch)
         with torch.no_grad(), e.model.disable_adapter():
-            scores = e.generation_logprobs(prompts + prompts, list(positives) + [row[0] for row in negatives])
+            scores = generation.generation_logprobs(e, prompts + prompts, list(positives) + [row[0] for row in negatives])
         return {k: torch.stack([v[: len(prompts)], v[len(prompts) :]], dim=-1) for k, v in scores.items()}
 
     def groups(self, batch: list[TrainingExample]) -> torch.Tensor | None:
@@ -280,7 +279,7 @@ class StepLoss:
         parts_value: dict[str, float] = {}
         means = []
         by_tokens = any(LOSS_TABLE[name].grad_cache == "tokens" for name in w)
-        batch_tokens = torch.tensor(sum(len(c) for _, c in e.generation_pairs(self.prompts(batch), positives)), device=e.device) if by_tokens else None
+        batch_tokens = torch.tensor(sum(len(c) for _, c in generation.generation_pairs(e, self.prompts(batch), positives)), device=e.device) if by_tokens else None
         for start, stop in self._chunks(len(batch)) if "generation" in needs else []:
             sub = batch[start:stop]
             inputs = self.generation_inputs(sub, positives[start:stop], negatives[start:stop], batch_tokens)
