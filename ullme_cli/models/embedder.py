@@ -7,7 +7,6 @@ the tokenizer, the latent-attention head when used, and `adapter/` when a LoRA a
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import types
@@ -22,12 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ullme_cli.io.agreement import require_agreement
-from ullme_cli.io.outputs import atomic_folder, guarded, real_path
 from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import BASE_KEY, MATRYOSHKA_KEY, SETUP_FILE, SETUP_FORMAT, ModelSetup, Runtime, read_setup_file, resolve_setup
-from ullme_cli.models.bidirectional import decoder_of, hidden_states, packed_hidden_states, sliding_window, verify_bidirectional
+from ullme_cli.io.agreement import require_agreement
+from ullme_cli.io.outputs import atomic_folder, guarded, real_path
+from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, resolve_setup
+from ullme_cli.models.bidirectional import (
+    decoder_of,
+    hidden_states,
+    packed_hidden_states,
+    sliding_window,
+    verify_bidirectional,
+)
+from ullme_cli.models.folder import has_setup_file, matryoshka_dims, write_setup_file
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
     adapter_base,
@@ -198,15 +204,14 @@ def embedder_over(model, setup: ModelSetup, source: str, device: torch.device, t
     folder = Path(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     latent = None
-    if model is not None and setup.pooling.startswith("latent-attention") and (folder / SETUP_FILE).is_file():  # an ONNX graph holds its head
+    if model is not None and setup.pooling.startswith("latent-attention") and has_setup_file(folder):  # an ONNX graph holds its head
         # A saved setup that names a trained head must have it: an untrained one would give other vectors.
         if not (folder / LATENT_WEIGHTS).exists():
             raise UllmeError(f"{folder / LATENT_WEIGHTS}: missing: {folder / SETUP_FILE} names pooling '{setup.pooling}', whose trained head is this file")
         latent = LatentAttentionPooling.load(folder)
     embedder = Embedder(model, tokenizer, setup, device, latent, graph)
     embedder.source = source
-    if (folder / SETUP_FILE).is_file():
-        embedder.matryoshka_dims = read_setup_file(folder / SETUP_FILE).get(MATRYOSHKA_KEY)
+    embedder.matryoshka_dims = matryoshka_dims(folder)
     for kind in ("query", "passage"):
         if prefix := embedder.instruction_prefix(kind):
             embedder.require_room_for_text(prefix)
@@ -420,12 +425,7 @@ class Embedder:
         if self.setup.pooling.startswith("latent-attention"):
             self.pooler.latent.save(staging)
         # The fingerprint describes files, and is computed from them when the folder is loaded.
-        record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in self.setup.record().items() if k not in ("model", "fingerprint")}}
-        if base_record and base_record.get("fingerprint"):
-            record[BASE_KEY] = base_record
-        if self.matryoshka_dims:
-            record[MATRYOSHKA_KEY] = self.matryoshka_dims
-        (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_setup_file(staging, self.setup, base_record if base_record and base_record.get("fingerprint") else None, self.matryoshka_dims)
         from ullme_cli.models.st_export import write_sentence_transformers_files
 
         route = write_sentence_transformers_files(staging, self, adapter_layout)

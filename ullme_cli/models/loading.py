@@ -18,8 +18,8 @@ import torch
 from ullme_cli.constants import DEFAULT_MODEL, cache_root  # noqa: F401 - cache_root: also read from here
 from ullme_cli.dtypes import COMPUTE_DTYPES
 from ullme_cli.errors import UllmeError
+from ullme_cli.models.folder import adapter_record
 from ullme_cli.models.onnx_graph import is_onnx_folder
-
 
 
 @dataclass(frozen=True)
@@ -173,21 +173,6 @@ def _load_error(name: str, error: Exception, what: str) -> UllmeError:
         f"{name}: cannot load from the Hugging Face hub ({type(error).__name__}); with no network, pass a local "
         f"folder, a .gguf file, or the bundled default '{DEFAULT_MODEL}'"
     )
-
-
-def adapter_record(folder: Path) -> dict | None:
-    """The base that an adapter-only folder names in its ullme.json (None for any other folder)."""
-    from ullme_cli.model_setup import BASE_KEY, SETUP_FILE, read_setup_file
-
-    setup_file = Path(folder) / SETUP_FILE
-    if not setup_file.is_file():
-        return None
-    record = read_setup_file(setup_file).get(BASE_KEY)
-    if record is None:
-        return None
-    if not (isinstance(record, dict) and isinstance(record.get("model"), str) and isinstance(record.get("fingerprint"), str)):
-        raise UllmeError(f"{setup_file}: field '{BASE_KEY}' must be {{\"model\": ..., \"fingerprint\": ...}}")
-    return record
 
 
 def model_inputs(name: str) -> list[str]:

@@ -26,7 +26,6 @@ model above about 500M parameters) is refused.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -37,10 +36,16 @@ from torch import nn
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.outputs import atomic_folder, guarded
-from ullme_cli.model_setup import MATRYOSHKA_KEY, ONNX_KEY, SETUP_FILE, SETUP_FORMAT, Runtime, resolve_setup
+from ullme_cli.model_setup import Runtime, resolve_setup
 from ullme_cli.models.bidirectional import hidden_states
 from ullme_cli.models.embedder import Embedder, load_embedder
-from ullme_cli.models.export_check import PROBES, agreement, probe_cosines, require_floor
+from ullme_cli.models.export_check import (
+    PROBES,
+    agreement,
+    probe_cosines,
+    require_floor,
+)
+from ullme_cli.models.folder import write_setup_file
 from ullme_cli.models.loading import model_inputs
 from ullme_cli.models.onnx_graph import INPUTS, ONNX_FILE, OUTPUT, run, session
 
@@ -97,11 +102,8 @@ def _write(embedder: Embedder, staging: Path, quantize: str | None) -> dict:
     embedder.tokenizer.save_pretrained(staging)
     check = {**_check(embedder, session(staging / ONNX_FILE), quantize, references), "exporter": exporter,
              **({"smoothquant_alpha": SMOOTHQUANT_ALPHA} if smoothed else {})}  # fmt: skip
-    record = {"ullme_format": SETUP_FORMAT, **{k: v for k, v in embedder.setup.record().items() if k not in ("model", "fingerprint")},
-              ONNX_KEY: {"file": ONNX_FILE, "quantize": quantize, "inputs": list(INPUTS), "output": OUTPUT, "dim": embedder.dim, "check": check}}  # fmt: skip
-    if embedder.matryoshka_dims:
-        record[MATRYOSHKA_KEY] = embedder.matryoshka_dims
-    (staging / SETUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_setup_file(staging, embedder.setup, matryoshka_dims=embedder.matryoshka_dims,
+                     onnx={"file": ONNX_FILE, "quantize": quantize, "inputs": list(INPUTS), "output": OUTPUT, "dim": embedder.dim, "check": check})
     return check
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import ONNX_KEY, SETUP_FILE, ModelSetup, Runtime, read_setup_file
+from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime
+from ullme_cli.models.folder import folder_record, onnx_record
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class OnnxGraph:
 
 def open_graph(source: str, setup: ModelSetup, runtime: Runtime) -> OnnxGraph:
     """The graph of the ONNX folder `source`, refused where the runtime or the setup asks for what it does not hold."""
-    saved = read_setup_file(Path(source) / SETUP_FILE)
-    record = saved.get(ONNX_KEY) or {}
+    saved = folder_record(source)
+    record = onnx_record(source)
     computes = record.get("quantize") or "float32"
     if runtime.device not in ("auto", "cpu"):
         raise UllmeError(f"{source}: an ONNX folder runs on the CPU here (ONNX Runtime's CPU provider); --device {runtime.device} is not offered")
