@@ -10,8 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ullme_cli"
 # docs/design.md §1, from the bottom up: the first name after `ullme_cli.` decides a module's layer.
 LAYERS = [
-    ("base", {"constants", "dtypes", "errors", "progress", "io", "fingerprints", "losses"}),
-    ("schema", {"model_setup", "data", "artifacts", "recipes", "instructions"}),
+    ("base", {"constants", "dtypes", "errors", "options", "progress", "io", "fingerprints", "losses"}),
+    ("schema", {"model_setup", "encode_options", "data", "artifacts", "recipes", "instructions"}),
     ("models", {"models"}),
     ("jobs", {"encoding", "retrieval", "training", "evaluation"}),
     ("serving", {"serving"}),

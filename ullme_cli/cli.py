@@ -5,6 +5,7 @@ Heavy libraries (torch, transformers, faiss, mteb) are imported inside the comma
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -13,9 +14,11 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import BACKENDS, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, KINDS, ON_LONG, POOLINGS, SERVE_ON_LONG
-from ullme_cli.dtypes import COMPUTE_CHOICES, OUT_DTYPES
+from ullme_cli.constants import BACKENDS, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, POOLINGS
+from ullme_cli.dtypes import COMPUTE_CHOICES
+from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fields declare encode's flags
 from ullme_cli.errors import UllmeError
+from ullme_cli.options import flag_of
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
 app = typer.Typer(
@@ -25,10 +28,19 @@ app = typer.Typer(
     help="Decoder LLMs as text-embedding models: finetune, encode, index, search, serve, evaluate.",
 )
 
+def field_option(section, name: str, *short: str):
+    """The Typer option of a dataclass field declared with `options.option`: its default, flag and help (with its
+    choices), so the flag is declared once, in the field."""
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    choices = field.metadata.get("choices")
+    help = field.metadata["help"] + (f": {', '.join(choices)}." if choices else "")
+    return typer.Option(field.default, flag_of(field), *short, help=help)
+
+
 ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder, model folder, .gguf file, bundled name or hub id.")
 DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_CHOICES)} (auto: bf16 where the CPU/GPU runs it fast).")
 # --input-format is always the format of what a command reads, --format always the format of what it writes.
-InputFormatOption = typer.Option("auto", "--input-format", help="jsonl, tsv, text, csv, parquet, dataset (a save_to_disk folder) or auto (by suffix; hf:NAME[:SPLIT] is a dataset).")
+InputFormatOption = field_option(EncodeOptions, "input_format")  # every command that reads texts takes it
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps, ...")
 PoolingOption = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean).")
 AttentionOption = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional).")
@@ -135,22 +147,22 @@ def encode(
     input: str = typer.Argument(..., help="Corpus: .jsonl/.csv/.parquet/datasets folder/hf:NAME (id, text, title?), .tsv (id, text), text (one per line), or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", help="emb.npy (plus emb.ids.jsonl, emb.meta.json), or - for an npz stream on stdout."),
     model: str = ModelOption,
-    kind: str = typer.Option("passage", "--kind", help=f"{' or '.join(KINDS)}: which instruction applies."),
+    kind: str = field_option(EncodeOptions, "kind"),
     pooling: Optional[str] = PoolingOption,
     attention: Optional[str] = AttentionOption,
-    instruction: Optional[str] = typer.Option(None, "--instruction", help="Instruction for these texts (overrides the model's for --kind)."),
+    instruction: Optional[str] = field_option(EncodeOptions, "instruction"),
     query_instruction: Optional[str] = typer.Option(None, "--query-instruction", help="Instruction that queries against these passages use; recorded for `ullme search`."),
     max_length: Optional[int] = MaxLengthOption,
     dtype: str = DtypeOption,
-    out_dtype: str = typer.Option("float32", "--out-dtype", help=f"Stored dtype: {', '.join(OUT_DTYPES)}."),
-    truncate_dim: Optional[int] = typer.Option(None, "--truncate-dim", help="Keep the first D dimensions (Matryoshka) and renormalize."),
+    out_dtype: str = field_option(EncodeOptions, "out_dtype"),
+    truncate_dim: Optional[int] = field_option(EncodeOptions, "truncate_dim"),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: encode only shard i of N (join them with `ullme join`)."),
-    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
-    input_format: str = InputFormatOption,
-    on_long: str = typer.Option("truncate", "--on-long", help=f"{' or '.join(ON_LONG)}: a text longer than --max-length is cut (the summary counts them) or refused."),
-    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Cut each text into windows of N model tokens instead of truncating it (N <= --max-length)."),
-    chunk_overlap: int = typer.Option(0, "--chunk-overlap", help="Tokens each window shares with the previous one (below --chunk-tokens)."),
-    chunk_pool: str = typer.Option("none", "--chunk-pool", help="none: one vector per window, ids DOCID#k, a .chunks.jsonl map of spans | mean: one per text, the token-weighted mean."),
+    token_budget: Optional[int] = field_option(EncodeOptions, "token_budget"),
+    input_format: str = field_option(EncodeOptions, "input_format"),
+    on_long: str = field_option(EncodeOptions, "on_long"),
+    chunk_tokens: Optional[int] = field_option(EncodeOptions, "chunk_tokens"),
+    chunk_overlap: int = field_option(EncodeOptions, "chunk_overlap"),
+    chunk_pool: str = field_option(EncodeOptions, "chunk_pool"),
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     compile: Optional[bool] = CompileOption,
@@ -164,7 +176,7 @@ def encode(
     Under `torchrun --nproc_per_node N -m ullme_cli encode ...` (or `accelerate launch`) the N processes
     share the corpus and rank 0 writes the joined files."""
     show_progress = _output(quiet, verbose)
-    from ullme_cli.encoding import EncodeOptions, Launch, encode_corpus, encode_launched
+    from ullme_cli.encoding import Launch, encode_corpus, encode_launched
     from ullme_cli.model_setup import Runtime, resolve_setup
 
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
@@ -204,12 +216,12 @@ def serve(
     trust_remote_code: bool = TrustOption,
     backend: str = BackendOption,
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
-    max_inputs: int = typer.Option(Limits.max_inputs, "--max-inputs", help="Texts per request; more is a 413."),
-    on_long: str = typer.Option(Limits.on_long, "--on-long", help=f"{' or '.join(SERVE_ON_LONG)}: an input longer than --max-length is a 413, is cut (as encode cuts it), or is embedded as windows of max_length pooled by their token-weighted mean."),
+    max_inputs: int = field_option(Limits, "max_inputs"),
+    on_long: str = field_option(Limits, "on_long"),
     truncate: bool = typer.Option(False, "--truncate", help="The same as --on-long truncate."),
-    max_queue: int = typer.Option(Limits.max_queue, "--max-queue", help="Texts waiting for a batch, over all requests; past it requests get 503 with Retry-After."),
+    max_queue: int = field_option(Limits, "max_queue"),
     max_wait_ms: float = typer.Option(Limits.max_wait * 1000, "--max-wait-ms", help="How long the first text of a batch waits for others to join."),
-    timeout: float = typer.Option(Limits.timeout, "--timeout", help="Seconds a request may wait for its vectors (then 504)."),
+    timeout: float = field_option(Limits, "timeout"),
     max_request_mb: float = typer.Option(Limits.max_request_bytes / 2**20, "--max-request-mb", help="Largest request body; more is a 413."),
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -227,12 +239,10 @@ def serve(
     for name, value, low, high in (("--timeout", timeout, 0, 86400), ("--max-request-mb", max_request_mb, 0, 1024), ("--max-wait-ms", max_wait_ms, None, 10000)):
         if not math.isfinite(value) or not (value > low if low is not None else value >= 0) or value > high:
             raise UllmeError(f"{name} must be {'above 0' if low is not None else '0 or more'} and at most {high:g}, got {value:g}")
-    if on_long not in SERVE_ON_LONG:
-        raise UllmeError(f"--on-long must be one of {', '.join(SERVE_ON_LONG)}, got '{on_long}'")
     if truncate and on_long not in ("truncate", Limits.on_long):
         raise UllmeError(f"--truncate and --on-long {on_long} disagree; give one")
     limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), on_long="truncate" if truncate else on_long, timeout=timeout,
-                    max_queue=max_queue, max_wait=max_wait_ms / 1000)  # fmt: skip
+                    max_queue=max_queue, max_wait=max_wait_ms / 1000).validate()  # fmt: skip
     adapters = {}
     for given in adapter:
         adapter_name, _, path = given.partition("=")

@@ -19,3 +19,5 @@ EXPORT_FORMATS = ("folder", "onnx", "gguf")  # `ullme export --format`
 GGUF_QUANTS = ("f16", "f32", "q8_0")
 ON_LONG = ("truncate", "error")
 SERVE_ON_LONG = (*ON_LONG, "mean")  # serve also chunks an over-long input and pools its windows (models/chunking.py)  # what encode does with a text longer than max_length  # `ullme export --format gguf --quant`
+INPUT_FORMATS = ("auto", "jsonl", "tsv", "text", "csv", "parquet", "dataset")  # what the one reader (io/rows.py) reads
+CHUNK_POOLS = ("none", "mean")  # encode --chunk-pool: one vector per window, or their token-weighted mean per text

@@ -21,60 +21,20 @@ import numpy as np
 
 from ullme_cli.constants import __version__
 from ullme_cli.artifacts import embedding_files, load_chunked_embeddings, quantize, save_embeddings, save_npy, truncate
-from ullme_cli.constants import KINDS, ON_LONG
-from ullme_cli.data import FORMATS, read_corpus
-from ullme_cli.dtypes import OUT_DTYPES
+from ullme_cli.data import read_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_JOB, disagreement, require_agreement
 from ullme_cli.io.outputs import STDIO, atomic_write_text, guard_output, output_lock
+from ullme_cli.encode_options import EncodeOptions  # noqa: F401 - also imported from here
 from ullme_cli.model_setup import ModelSetup, Runtime
-from ullme_cli.models.chunking import CHUNK_POOLS, chunk_id, chunk_map_rows, chunk_texts, pool_mean, validate_chunking
+from ullme_cli.encode_options import validate_chunking
+from ullme_cli.models.chunking import chunk_id, chunk_map_rows, chunk_texts, pool_mean
 from ullme_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 CHUNK_TEXTS = 256  # texts per checkpointed chunk: small enough to lose little, large enough to be cheap
-
-
-@dataclass
-class EncodeOptions:
-    """What one encode job does with a loaded model. How the model embeds is its ModelSetup."""
-
-    kind: str = "passage"
-    instruction: str | None = None  # overrides the setup's instruction for `kind`
-    out_dtype: str = "float32"
-    truncate_dim: int | None = None
-    token_budget: int | None = None  # None: the embedder's default for its device
-    input_format: str = "auto"
-    on_long: str = "truncate"  # a text over max_length: cut it (counted in the summary), or refuse the job (ON_LONG)
-    chunk_tokens: int | None = None  # windows of this many model tokens per text instead of one cut vector (models/chunking.py)
-    chunk_overlap: int = 0  # tokens each window shares with the previous one
-    chunk_pool: str = "none"  # none: one vector per window (ids DOCID#k, a chunk map beside) | mean: one per text, token-weighted
-
-    def chunking(self) -> dict | None:
-        """The chunking settings as the vectors' record carries them; None without chunking."""
-        if self.chunk_tokens is None:
-            return None
-        return {"tokens": self.chunk_tokens, "overlap": self.chunk_overlap, "pool": self.chunk_pool}
-
-    def validate(self) -> "EncodeOptions":
-        if self.kind not in KINDS:
-            raise UllmeError(f"--kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
-        if self.out_dtype not in OUT_DTYPES:
-            raise UllmeError(f"unknown --out-dtype '{self.out_dtype}' (choose from {', '.join(OUT_DTYPES)})")
-        if self.token_budget is not None and self.token_budget < 1:
-            raise UllmeError(f"--token-budget must be at least 1, got {self.token_budget}")
-        if self.truncate_dim is not None and self.truncate_dim < 1:
-            raise UllmeError(f"--truncate-dim must be at least 1, got {self.truncate_dim}")
-        if self.on_long not in ON_LONG:
-            raise UllmeError(f"--on-long must be one of {', '.join(ON_LONG)}, got '{self.on_long}'")
-        if self.input_format not in FORMATS:
-            raise UllmeError(f"unknown input format '{self.input_format}' (choose from {', '.join(FORMATS)})")
-        if self.chunk_pool not in CHUNK_POOLS:
-            raise UllmeError(f"--chunk-pool must be one of {', '.join(CHUNK_POOLS)}, got '{self.chunk_pool}'")
-        validate_chunking(self.chunk_tokens, self.chunk_overlap, self.chunk_pool, max_length=10**9)  # max_length: once the model is known
-        return self
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -157,7 +117,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     texts = [r.text for r in records]
     chunks = None
     if options.chunk_tokens is not None:  # windows of every text: nothing is cut, so --on-long has nothing to refuse
-        validate_chunking(options.chunk_tokens, options.chunk_overlap, options.chunk_pool, embedder.setup.max_length)
+        validate_chunking(options.chunk_tokens, options.chunk_overlap, embedder.setup.max_length)
         chunks = chunk_texts(embedder, texts, options.kind, options.instruction, options.chunk_tokens, options.chunk_overlap, [r.id for r in records])
         tokenized = [c.tokens for c in chunks]
         log.info(f"encode: {len(records)} text(s) as {len(chunks)} window(s) of up to {options.chunk_tokens} tokens "

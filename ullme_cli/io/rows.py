@@ -25,12 +25,13 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from ullme_cli.constants import INPUT_FORMATS
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.io.outputs import HUB_PREFIX, STDIO
 
 STDIN = STDIO
 TABLE_FORMATS = ("parquet", "dataset")
-FORMATS = ("auto", "jsonl", "tsv", "text", "csv", "parquet", "dataset")
+FORMATS = INPUT_FORMATS
 BOM = "\ufeff"
 
 # Each field's spellings, ours first: BEIR, Tevatron, FlagEmbedding, sentence-transformers.

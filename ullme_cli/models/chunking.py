@@ -22,7 +22,6 @@ import numpy as np
 
 from ullme_cli.errors import UllmeError
 
-CHUNK_POOLS = ("none", "mean")
 CHUNK_SEPARATOR = "#"  # a chunk's id is DOCID#k
 
 
@@ -52,22 +51,6 @@ def windows(count: int, size: int, overlap: int) -> list[tuple[int, int]]:
         if stop >= count:
             return spans
         start += size - overlap
-
-
-def validate_chunking(size: int | None, overlap: int, pool: str, max_length: int, flag: str = "--chunk-tokens") -> None:
-    """Refuse settings that cannot chunk: an overlap as large as the window, a window above max_length."""
-    if size is None:
-        if overlap:
-            raise UllmeError(f"--chunk-overlap {overlap} needs {flag}")
-        return
-    if size < 1:
-        raise UllmeError(f"{flag} must be at least 1, got {size}")
-    if not 0 <= overlap < size:
-        raise UllmeError(f"--chunk-overlap must be at least 0 and below {flag} ({size}), got {overlap}")
-    if size > max_length:
-        raise UllmeError(f"{flag} {size} is above the model's max_length {max_length}: a window must fit in one pass")
-    if pool not in CHUNK_POOLS:
-        raise UllmeError(f"--chunk-pool must be one of {', '.join(CHUNK_POOLS)}, got '{pool}'")
 
 
 def chunk_texts(embedder, texts: Sequence[str], kind: str, instruction: str | None, size: int | None, overlap: int = 0,

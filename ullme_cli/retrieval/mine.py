@@ -26,13 +26,13 @@ import numpy as np
 
 from ullme_cli.artifacts import dequantize, embedding_files, load_chunked_embeddings, load_embeddings
 from ullme_cli.data import read_corpus, read_training_examples
-from ullme_cli.encoding import EncodeOptions, encode_corpus
+from ullme_cli.encode_options import EncodeOptions, validate_chunking
+from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_VECTORS, disagreement, require_agreement
 from ullme_cli.io.outputs import atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
-from ullme_cli.models.chunking import validate_chunking
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class MiningOptions:
             raise UllmeError(f"--seed must be between 0 and 2^32-1, got {self.seed}")
         if self.sample is False and self.seed != 0:
             raise UllmeError("--seed applies to --sample only; add --sample or drop --seed")
-        validate_chunking(self.chunk_tokens, self.chunk_overlap, "none", max_length=10**9)  # max_length: once the model is known
+        validate_chunking(self.chunk_tokens, self.chunk_overlap)
         return self
 
     def check_range(self, corpus_size: int, corpus: str) -> None:
