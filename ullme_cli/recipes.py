@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import yaml
 
@@ -115,6 +115,22 @@ class ModelSection(ModelSetup):
     def setup(self) -> ModelSetup:
         return ModelSetup.from_dict(dataclasses.asdict(self))
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.attention not in ATTENTION_MODES:
+            yield "attention", f"must be one of {', '.join(ATTENTION_MODES)}"
+        if self.pooling not in POOLINGS:
+            yield "pooling", f"must be one of {', '.join(POOLINGS)}"
+        if self.padding_side not in ("left", "right"):
+            yield "padding_side", "must be left or right"
+        for key in ("instruction_template", "passage_template"):
+            template = getattr(self, key)
+            if (template or key == "instruction_template") and "{instruction}" not in template:
+                yield key, "must contain '{instruction}'"
+        if self.dtype not in TRAINING_DTYPES:
+            yield "dtype", f"must be {' or '.join(TRAINING_DTYPES)} (training weights)"
+        if self.max_length < 8:
+            yield "max_length", "must be at least 8"
+
 
 @dataclass
 class LoraSection:
@@ -125,6 +141,14 @@ class LoraSection:
     target_modules: str | list = "all-linear"
     merge: bool = False
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.enabled and self.r < 1:
+            yield "r", "must be at least 1"
+        if self.alpha <= 0:
+            yield "alpha", "must be positive"
+        if not 0 <= self.dropout < 1:
+            yield "dropout", "must be at least 0 and below 1"
+
 
 @dataclass
 class DataSection:
@@ -132,6 +156,12 @@ class DataSection:
     sources: list = field(default_factory=list)  # [{path, max_rows, weight, instruction, generation_instruction, in_batch_negatives}]
     negatives_per_query: int = 1
     skip_bad_rows: bool = False
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.train and self.sources:
+            yield "train", "and data.sources do not mix: name one file as data.train, or several as data.sources"
+        if not self.train and not self.sources:
+            yield "train", "must name training data: jsonl, tsv, csv, parquet, a datasets folder or hf:NAME[:SPLIT] (or data.sources)"
 
     def source_list(self):
         """The sources to train on (training/mixture.py): `sources`, or `train` as the one source."""
@@ -163,6 +193,47 @@ class LossSection:
     def resolved_weights(self) -> dict[str, float]:
         return {k: float(v) for k, v in (self.weights or STRATEGIES[self.strategy]).items() if float(v) != 0.0}
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.strategy not in STRATEGIES:
+            yield "strategy", f"must be one of {', '.join(STRATEGIES)}"
+            return
+        for component in self.weights:
+            if component not in LOSS_TABLE:  # the table itself, so a row added at run time is a component too
+                yield f"weights.{component}", f"is not a loss component ({', '.join(LOSS_TABLE)})"
+        if self.kl_direction not in ("rt||gen", "gen||rt"):
+            yield "kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'"
+        if self.dpo_variant not in ("sigmoid", "hinge", "ipo"):
+            yield "dpo_variant", "must be sigmoid, hinge or ipo"
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            yield "dpo_label_smoothing", "must be at least 0 and below 0.5"
+        if self.dpo_label_smoothing and self.dpo_variant != "sigmoid":
+            yield "dpo_label_smoothing", f"applies to dpo_variant: sigmoid only, not {self.dpo_variant}"
+        if self.dpo_logprob not in ("auto", "sum", "mean"):
+            yield "dpo_logprob", "must be auto, sum or mean"
+        dims = self.matryoshka_dims
+        if any(not (d == "full" or (isinstance(d, int) and not isinstance(d, bool) and d >= 1)) for d in dims):
+            yield "matryoshka_dims", f"must list sizes of at least 1 (or full), got {dims!r}"
+        sizes = [d for d in dims if d != "full"]
+        if sizes != sorted(set(sizes)) or dims.count("full") > 1:
+            yield "matryoshka_dims", f"must be increasing, each size once, got {dims!r}"
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(dims):
+            yield "matryoshka_weights", f"needs one weight per dim ({len(dims)}), got {len(self.matryoshka_weights)}"
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in self.matryoshka_weights):
+            yield "matryoshka_weights", f"must be positive numbers, got {self.matryoshka_weights!r}"
+        if dims and not any(LOSS_TABLE[name].matryoshka for name in self.resolved_weights()):
+            on = [name for name, c in LOSS_TABLE.items() if c.matryoshka]
+            yield "matryoshka_dims", f"apply to the {' and '.join(on)} terms, and this recipe has none of them"
+        for key in ("temperature", "tau_kl", "tau_gen", "beta", "teacher_temperature"):
+            if getattr(self, key) <= 0:
+                yield key, "must be positive"
+        if not 0 < self.mask_probability < 1:
+            yield "mask_probability", "must be between 0 and 1"
+        for component, weight in self.weights.items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+                yield f"weights.{component}", f"must be a number of at least 0, got {weight!r}"
+        if not self.resolved_weights():
+            yield "weights", "are all 0: nothing would be trained"
+
 
 @dataclass
 class TrainSection:
@@ -187,6 +258,36 @@ class TrainSection:
     fsdp_cpu_offload: bool = False  # keep sharded weights, gradients and optimizer state in CPU memory
     fsdp_param_dtype: str = "float32"  # float32 | bfloat16: the dtype weights are gathered and computed in
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for key in ("weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                yield key, "must be at least 0"
+        for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                yield key, "must be at least 1"
+        if self.grad_cache_chunk < 0:
+            yield "grad_cache_chunk", "must be 0 (off) or a chunk size"
+        if self.distributed not in ("ddp", "fsdp"):
+            yield "distributed", "must be ddp or fsdp (DeepSpeed is not supported: use fsdp)"
+        if self.fsdp_param_dtype not in TRAINING_DTYPES:
+            yield "fsdp_param_dtype", f"must be {' or '.join(TRAINING_DTYPES)}"
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            yield "mixed_precision", "fp16 (loss scaling) is not supported with train.distributed: fsdp; use bf16"
+        if self.report_to not in REPORT_TO:
+            yield "report_to", f"must be one of {', '.join(REPORT_TO)}"
+        if self.mixed_precision not in AUTOCAST:
+            yield "mixed_precision", f"must be {', '.join(list(AUTOCAST)[:-1])} or {list(AUTOCAST)[-1]}"
+        # Upper bounds where torch itself fails: AdamW turns lr (and 1 - lr * weight_decay) into a float32
+        # scalar, and a value past float32's range is a RuntimeError there, not a NaN the step guard could name.
+        if not 0 < self.learning_rate <= 10:
+            yield "learning_rate", f"must be above 0 and at most 10, got {self.learning_rate:g}"
+        if self.weight_decay > 10:
+            yield "weight_decay", f"must be at most 10, got {self.weight_decay:g}"
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            yield "warmup_steps", f"must be between 0 and train.steps ({self.steps})"
+        if self.batching not in ("auto", "same-source", "mixed"):
+            yield "batching", "must be auto, same-source or mixed"
+
 
 REPORT_TO = ("none", "tensorboard")
 
@@ -196,6 +297,10 @@ class EvalSection:
     task_dir: str = ""  # a retrieval set in BEIR layout, evaluated during training
     sts: str = ""  # an STS file (score<TAB>sentence1<TAB>sentence2), its cosine Spearman evaluated during training
     every: int = 0  # steps between evaluations; 0: only after the last step (when task_dir is set)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.every < 0:
+            yield "every", "must be 0 (after the last step only) or a step interval"
 
 
 @dataclass
@@ -208,6 +313,29 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     source: ClassVar[str | None] = None  # the recipe file read (set per instance by load_recipe), an input of finetune
+
+    def problems(self, source: str) -> Iterator[tuple[str, str]]:
+        """Each section's own problems, named by their recipe key, then those that span sections."""
+        for name in ("model", "loss", "lora", "train", "eval", "data"):
+            for key, why in getattr(self, name).problems():
+                yield f"{name}.{key}", why
+        weights = self.loss.resolved_weights()
+        not_cached = [name for name in weights if not LOSS_TABLE[name].grad_cache]
+        if self.train.grad_cache_chunk and not_cached:
+            covered = ", ".join(name for name, c in LOSS_TABLE.items() if c.grad_cache)
+            yield "train.grad_cache_chunk", f"GradCache covers {covered}, not {' or '.join(not_cached)}"
+        if self.train.distributed == "fsdp":
+            for key in ("task_dir", "sts"):
+                if getattr(self.eval, key):
+                    yield f"eval.{key}", "is not run under train.distributed: fsdp yet; evaluate the final model with `ullme evaluate`"
+        needing = names_needing("negatives")
+        if needing & set(weights) and self.data.negatives_per_query < 1:
+            yield "data.negatives_per_query", f"must be at least 1 for {', '.join(sorted(needing))}"
+        sources = parse_sources(self.data.sources, source) if self.data.sources else []  # refuses a bad source itself
+        if self.train.batching == "mixed" and any(s.weight != 1 for s in sources):
+            yield "train.batching", "mixed does not apply source weights (every row of every source in one shuffle); use same-source"
+        if "dpo" in weights and not self.lora.enabled and not self.loss.reference_free:
+            yield "loss.reference_free", "must be true for DPO without LoRA (the reference is the model with adapters off)"
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -267,118 +395,10 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
 
 
 def _validate(recipe: Recipe, source: str) -> Recipe:
-    def bad(key: str, why: str):
+    """Each section checks its own fields (`problems`); the recipe checks what spans sections. The first
+    problem is the error, named by its recipe key."""
+    for key, why in recipe.problems(source):
         raise UllmeError(f"{source}: '{key}' {why}")
-
-    if recipe.model.attention not in ATTENTION_MODES:
-        bad("model.attention", f"must be one of {', '.join(ATTENTION_MODES)}")
-    if recipe.model.pooling not in POOLINGS:
-        bad("model.pooling", f"must be one of {', '.join(POOLINGS)}")
-    if recipe.model.padding_side not in ("left", "right"):
-        bad("model.padding_side", "must be left or right")
-    for key in ("instruction_template", "passage_template"):
-        template = getattr(recipe.model, key)
-        if (template or key == "instruction_template") and "{instruction}" not in template:
-            bad(f"model.{key}", "must contain '{instruction}'")
-    if recipe.model.dtype not in TRAINING_DTYPES:
-        bad("model.dtype", f"must be {' or '.join(TRAINING_DTYPES)} (training weights)")
-    if recipe.loss.strategy not in STRATEGIES:
-        bad("loss.strategy", f"must be one of {', '.join(STRATEGIES)}")
-    for component in recipe.loss.weights:
-        if component not in LOSS_TABLE:  # the table itself, so a row added at run time is a component too
-            bad(f"loss.weights.{component}", f"is not a loss component ({', '.join(LOSS_TABLE)})")
-    if recipe.loss.kl_direction not in ("rt||gen", "gen||rt"):
-        bad("loss.kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'")
-    if recipe.loss.dpo_variant not in ("sigmoid", "hinge", "ipo"):
-        bad("loss.dpo_variant", "must be sigmoid, hinge or ipo")
-    if not 0 <= recipe.loss.dpo_label_smoothing < 0.5:
-        bad("loss.dpo_label_smoothing", "must be at least 0 and below 0.5")
-    if recipe.loss.dpo_label_smoothing and recipe.loss.dpo_variant != "sigmoid":
-        bad("loss.dpo_label_smoothing", f"applies to dpo_variant: sigmoid only, not {recipe.loss.dpo_variant}")
-    if recipe.loss.dpo_logprob not in ("auto", "sum", "mean"):
-        bad("loss.dpo_logprob", "must be auto, sum or mean")
-    dims = recipe.loss.matryoshka_dims
-    if any(not (d == "full" or (isinstance(d, int) and not isinstance(d, bool) and d >= 1)) for d in dims):
-        bad("loss.matryoshka_dims", f"must list sizes of at least 1 (or full), got {dims!r}")
-    sizes = [d for d in dims if d != "full"]
-    if sizes != sorted(set(sizes)) or dims.count("full") > 1:
-        bad("loss.matryoshka_dims", f"must be increasing, each size once, got {dims!r}")
-    if recipe.loss.matryoshka_weights and len(recipe.loss.matryoshka_weights) != len(dims):
-        bad("loss.matryoshka_weights", f"needs one weight per dim ({len(dims)}), got {len(recipe.loss.matryoshka_weights)}")
-    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in recipe.loss.matryoshka_weights):
-        bad("loss.matryoshka_weights", f"must be positive numbers, got {recipe.loss.matryoshka_weights!r}")
-    if dims and not any(LOSS_TABLE[name].matryoshka for name in recipe.loss.resolved_weights()):
-        on = [name for name, c in LOSS_TABLE.items() if c.matryoshka]
-        bad("loss.matryoshka_dims", f"apply to the {' and '.join(on)} terms, and this recipe has none of them")
-    for key in ("temperature", "tau_kl", "tau_gen", "beta", "teacher_temperature"):
-        if getattr(recipe.loss, key) <= 0:
-            bad(f"loss.{key}", "must be positive")
-    if not 0 < recipe.loss.mask_probability < 1:
-        bad("loss.mask_probability", "must be between 0 and 1")
-    for component, weight in recipe.loss.weights.items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
-            bad(f"loss.weights.{component}", f"must be a number of at least 0, got {weight!r}")
-    if not recipe.loss.resolved_weights():
-        bad("loss.weights", "are all 0: nothing would be trained")
-    if recipe.lora.enabled and recipe.lora.r < 1:
-        bad("lora.r", "must be at least 1")
-    if recipe.lora.alpha <= 0:
-        bad("lora.alpha", "must be positive")
-    if not 0 <= recipe.lora.dropout < 1:
-        bad("lora.dropout", "must be at least 0 and below 1")
-    for key in ("weight_decay", "max_grad_norm"):
-        if getattr(recipe.train, key) < 0:
-            bad(f"train.{key}", "must be at least 0")
-    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if getattr(recipe.train, key) < 1:
-            bad(f"train.{key}", "must be at least 1")
-    if recipe.train.grad_cache_chunk < 0:
-        bad("train.grad_cache_chunk", "must be 0 (off) or a chunk size")
-    not_cached = [name for name in recipe.loss.resolved_weights() if not LOSS_TABLE[name].grad_cache]
-    if recipe.train.grad_cache_chunk and not_cached:
-        covered = ", ".join(name for name, c in LOSS_TABLE.items() if c.grad_cache)
-        bad("train.grad_cache_chunk", f"GradCache covers {covered}, not {' or '.join(not_cached)}")
-    if recipe.train.distributed not in ("ddp", "fsdp"):
-        bad("train.distributed", "must be ddp or fsdp (DeepSpeed is not supported: use fsdp)")
-    if recipe.train.fsdp_param_dtype not in TRAINING_DTYPES:
-        bad("train.fsdp_param_dtype", f"must be {' or '.join(TRAINING_DTYPES)}")
-    if recipe.train.distributed == "fsdp":
-        for key in ("task_dir", "sts"):
-            if getattr(recipe.eval, key):
-                bad(f"eval.{key}", "is not run under train.distributed: fsdp yet; evaluate the final model with `ullme evaluate`")
-        if recipe.train.mixed_precision == "fp16":
-            bad("train.mixed_precision", "fp16 (loss scaling) is not supported with train.distributed: fsdp; use bf16")
-    if recipe.train.report_to not in REPORT_TO:
-        bad("train.report_to", f"must be one of {', '.join(REPORT_TO)}")
-    if recipe.train.mixed_precision not in AUTOCAST:
-        bad("train.mixed_precision", f"must be {', '.join(list(AUTOCAST)[:-1])} or {list(AUTOCAST)[-1]}")
-    if recipe.eval.every < 0:
-        bad("eval.every", "must be 0 (after the last step only) or a step interval")
-    # Upper bounds where torch itself fails: AdamW turns lr (and 1 - lr * weight_decay) into a float32
-    # scalar, and a value past float32's range is a RuntimeError there, not a NaN the step guard could name.
-    if not 0 < recipe.train.learning_rate <= 10:
-        bad("train.learning_rate", f"must be above 0 and at most 10, got {recipe.train.learning_rate:g}")
-    if recipe.train.weight_decay > 10:
-        bad("train.weight_decay", f"must be at most 10, got {recipe.train.weight_decay:g}")
-    if recipe.train.warmup_steps < 0 or recipe.train.warmup_steps > recipe.train.steps:
-        bad("train.warmup_steps", f"must be between 0 and train.steps ({recipe.train.steps})")
-    if recipe.model.max_length < 8:
-        bad("model.max_length", "must be at least 8")
-    needing = names_needing("negatives")
-    if needing & set(recipe.loss.resolved_weights()) and recipe.data.negatives_per_query < 1:
-        bad("data.negatives_per_query", f"must be at least 1 for {', '.join(sorted(needing))}")
-    if recipe.data.train and recipe.data.sources:
-        bad("data.train", "and data.sources do not mix: name one file as data.train, or several as data.sources")
-    if not recipe.data.train and not recipe.data.sources:
-        bad("data.train", "must name training data: jsonl, tsv, csv, parquet, a datasets folder or hf:NAME[:SPLIT] (or data.sources)")
-    if recipe.data.sources:
-        sources = parse_sources(recipe.data.sources, source)
-        if recipe.train.batching == "mixed" and any(s.weight != 1 for s in sources):
-            bad("train.batching", "mixed does not apply source weights (every row of every source in one shuffle); use same-source")
-    if recipe.train.batching not in ("auto", "same-source", "mixed"):
-        bad("train.batching", "must be auto, same-source or mixed")
-    if "dpo" in recipe.loss.resolved_weights() and not recipe.lora.enabled and not recipe.loss.reference_free:
-        bad("loss.reference_free", "must be true for DPO without LoRA (the reference is the model with adapters off)")
     return recipe
 
 
