@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ullme_cli.errors import UllmeError, located
+from ullme_cli.fingerprints import JsonDigest
 from ullme_cli.io.rows import (  # noqa: F401 - the readers' names, used across ullme
     FORMATS,
     ID_FIELDS,
@@ -23,10 +24,12 @@ from ullme_cli.io.rows import (  # noqa: F401 - the readers' names, used across 
     also_read_from,
     display_name,
     field_value,
+    iter_jsonl_lines,
     iter_lines,
     iter_rows,
     missing,
     read_json_object,
+    read_jsonl_line,
     string_field,
 )
 
@@ -174,9 +177,6 @@ class StreamedExamples:
     def __init__(self, path: str, skip_bad_rows: bool = False):
         from array import array
 
-        from ullme_cli.fingerprints import JsonDigest
-        from ullme_cli.io.rows import iter_jsonl_lines
-
         self.path = path
         self.offsets, self.lines, self.clusters = array("q"), array("q"), array("q")
         self.skipped, self.has_teacher_scores = 0, False
@@ -202,7 +202,6 @@ class StreamedExamples:
         return len(self.offsets)
 
     def __getitem__(self, index: int) -> TrainingExample:
-        from ullme_cli.io.rows import read_jsonl_line
 
         return training_example(*read_jsonl_line(self.path, self.offsets[index], self.lines[index]))
 

@@ -18,6 +18,9 @@ from typing import Iterable
 
 import numpy as np
 
+from ullme_cli.constants import cache_root
+from ullme_cli.io.outputs import atomic_write_text
+
 # Files in an Embedder folder that do not change any vector: the setup (compared field by field) and
 # the model card.
 NOT_FINGERPRINTED = {"ullme.json", "README.md", "training.json"}  # descriptions, not weights
@@ -25,7 +28,6 @@ HASH_BLOCK = 1 << 24
 
 
 def _cache_file() -> Path:
-    from ullme_cli.constants import cache_root
 
     return cache_root() / "fingerprints.json"
 
@@ -39,7 +41,6 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
-    from ullme_cli.io.outputs import atomic_write_text
 
     try:
         atomic_write_text(_cache_file(), json.dumps(cache))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, KINDS, POOLINGS
 from ullme_cli.errors import UllmeError
+from ullme_cli.io.rows import parse_json_object
 
 SETUP_FILE = "ullme.json"
 # The version of an Embedder folder's layout, recorded in ullme.json. 1: the first versioned layout. A newer
@@ -156,8 +157,6 @@ def read_setup_file(path: Path) -> dict:
 @functools.lru_cache(maxsize=16)
 def _checked_setup_file(path: str, data: bytes) -> dict:
     import logging
-
-    from ullme_cli.io.rows import parse_json_object
 
     values = parse_json_object(path, data)
     version = values.get("ullme_format", 0)

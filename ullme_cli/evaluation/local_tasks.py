@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ullme_cli.data import iter_lines, read_beir_folder
-from ullme_cli.errors import located
+from ullme_cli.errors import UllmeError, located
 from ullme_cli.fingerprints import corpus_fingerprint
 
 _COMMON = dict(
@@ -28,7 +28,6 @@ def task_name_for(path: str) -> str:
 def unique_task_names(paths: list[str]) -> list[str]:
     """One task name per local path: `task_name_for`, with parent folders prefixed where two paths would
     share a name (`a/test`, `b/test` -> `a-test`, `b-test`), so that no score overwrites another."""
-    from ullme_cli.errors import UllmeError
 
     resolved = [str(Path(p).resolve()) for p in paths]
     for n, path in enumerate(resolved):

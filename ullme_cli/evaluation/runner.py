@@ -15,7 +15,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ullme_cli.data import iter_lines, read_qrels
 from ullme_cli.errors import UllmeError, located
+from ullme_cli.evaluation.local_tasks import (
+    beir_retrieval_task,
+    pair_classification_task,
+    sts_task,
+    unique_task_names,
+)
+from ullme_cli.instructions import instruction_for, load_instruction_table
+from ullme_cli.io.outputs import guard_output
+from ullme_cli.model_setup import Runtime, resolve_setup
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +110,6 @@ def evaluate(
     `pooling` and `attention` override the model's own (None keeps them), e.g. to score a base model in
     the setup that a fine-tune will use.
     """
-    from ullme_cli.instructions import load_instruction_table
-    from ullme_cli.evaluation.local_tasks import beir_retrieval_task, pair_classification_task, sts_task, unique_task_names
-    from ullme_cli.io.outputs import guard_output
-    from ullme_cli.model_setup import Runtime, resolve_setup
     from ullme_cli.models.embedder import load_embedder
     from ullme_cli.models.loading import model_fingerprint, resolve_model_source
 
@@ -148,7 +154,6 @@ def report(results: list[TaskResult], model: str):
 
 def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
     """The result key (module docstring) that files this task's result, as the model revision mteb stores."""
-    from ullme_cli.instructions import instruction_for
 
     weights = weights or setup.fingerprint
     if not weights:
@@ -205,14 +210,15 @@ def score_run(run_path: str, qrels_path: str, k_values=(1, 3, 5, 10, 100, 1000))
     mteb range in pyproject.toml is the tested one and tests/test_evaluate.py fails loudly when it moves.
     """
     try:
-        from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores, make_score_dict
+        from mteb._evaluators.retrieval_metrics import (
+            calculate_retrieval_scores,
+            make_score_dict,
+        )
     except ImportError as e:
         import mteb
 
         raise UllmeError(f"evaluate --run: mteb {mteb.__version__} moved its retrieval metrics ({e}); install the "
                          "mteb version that pyproject.toml names") from None  # fmt: skip
-
-    from ullme_cli.data import iter_lines, read_qrels
 
     qrels = read_qrels(qrels_path)
     run: dict[str, dict[str, float]] = {}

@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ullme_cli.io.outputs import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 MAX_SHARE = 0.10  # compile only when it costs under this share of the eager time left
@@ -72,7 +74,6 @@ class CompileTimes:
         return float(value) if isinstance(value, (int, float)) else None
 
     def put(self, key: str, seconds: float) -> None:
-        from ullme_cli.io.outputs import atomic_write_text
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

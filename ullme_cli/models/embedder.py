@@ -33,6 +33,7 @@ from ullme_cli.models.bidirectional import (
     sliding_window,
     verify_bidirectional,
 )
+from ullme_cli.models.compile_policy import auto_policy
 from ullme_cli.models.folder import has_setup_file, matryoshka_dims, write_setup_file
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
@@ -51,6 +52,7 @@ from ullme_cli.models.loading import (
 from ullme_cli.models.model_card import write_model_card
 from ullme_cli.models.onnx_graph import OnnxGraph, is_onnx_folder, open_graph
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
+from ullme_cli.models.st_export import write_sentence_transformers_files
 from ullme_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -191,7 +193,6 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if verify and setup.attention == "bidirectional":
         verify_bidirectional(model)
     if runtime.compile is None:
-        from ullme_cli.models.compile_policy import auto_policy
 
         embedder.compile_policy = auto_policy(model, embedder.device.type, embedder.compute_dtype)
     return embedder.compile() if runtime.compile else embedder
@@ -426,7 +427,6 @@ class Embedder:
             self.pooler.latent.save(staging)
         # The fingerprint describes files, and is computed from them when the folder is loaded.
         write_setup_file(staging, self.setup, base_record if base_record and base_record.get("fingerprint") else None, self.matryoshka_dims)
-        from ullme_cli.models.st_export import write_sentence_transformers_files
 
         route = write_sentence_transformers_files(staging, self, adapter_layout)
         write_model_card(staging, self, name, route)

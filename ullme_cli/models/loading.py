@@ -18,6 +18,7 @@ import torch
 from ullme_cli.constants import DEFAULT_MODEL, cache_root  # noqa: F401 - cache_root: also read from here
 from ullme_cli.dtypes import COMPUTE_DTYPES
 from ullme_cli.errors import UllmeError
+from ullme_cli.fingerprints import folder_fingerprint
 from ullme_cli.models.folder import adapter_record
 from ullme_cli.models.onnx_graph import is_onnx_folder
 
@@ -225,7 +226,6 @@ def model_fingerprint(source: str) -> str:
     A hub id is fingerprinted through its snapshot in the Hugging Face cache, which `from_pretrained`
     reads; where none is cached yet, the id and the hub's commit stand in (not checked here: no network).
     """
-    from ullme_cli.fingerprints import folder_fingerprint
 
     folder = Path(source)
     record = adapter_record(folder) if folder.is_dir() else None

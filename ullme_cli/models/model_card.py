@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ullme_cli.io.rows import read_json_object
+
 TRAINING_FILE = "training.json"
 CARD_FILE = "README.md"
 
@@ -52,7 +54,6 @@ def describe_base(name: str, source: str) -> dict:
 
 def read_training(folder: Path) -> dict | None:
     """What finetune recorded about a model (training.json), or None where it recorded nothing."""
-    from ullme_cli.io.rows import read_json_object
 
     path = Path(folder) / TRAINING_FILE
     return read_json_object(path) if path.is_file() else None

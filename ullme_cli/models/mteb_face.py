@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from ullme_cli.instructions import instruction_for, load_instruction_table
+from ullme_cli.models.model_card import describe_base, read_training
+from ullme_cli.recipes import Source
 
 
 def mteb_model_name(name: str) -> str:
@@ -44,8 +46,6 @@ def model_meta(embedder, name: str | None = None, revision: str | None = None):
 
     setup = embedder.setup
     parameters = [*embedder.model.parameters(), *embedder.pooler.parameters()]
-    from ullme_cli.models.model_card import describe_base, read_training
-    from ullme_cli.recipes import Source
 
     source = getattr(embedder, "source", None)
     training = embedder.training or (read_training(Path(source)) if source else None) or {}

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ullme_cli.data import read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.outputs import atomic_folder, guarded
 from ullme_cli.model_setup import Runtime, resolve_setup
@@ -159,7 +160,6 @@ INT8_KEPT_FLOAT = ("down_proj",)  # the projections whose inputs carry the activ
 
 def calibration_texts(rows: int = 64) -> list[str]:
     """Questions and their first relevant sentences from the bundled TREC QA train split (never its test split)."""
-    from ullme_cli.data import read_training_examples
 
     examples, _ = read_training_examples(str(Path(__file__).resolve().parent.parent / "resources" / "trecqa-train" / "train.jsonl"))
     return [text for example in examples[:rows] for text in (example.query, example.positives[0])]

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
+from ullme_cli.model_setup import Runtime, resolve_setup
+
 
 class UllmeSentenceModule(InputModule):
     """sentence-transformers module around an Embedder: preprocess (prompt = instruction prefix) and forward."""
@@ -43,12 +45,13 @@ class UllmeSentenceModule(InputModule):
 
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", *args, **kwargs) -> "UllmeSentenceModule":
-        from ullme_cli.model_setup import Runtime, resolve_setup
         from ullme_cli.models.embedder import load_embedder
 
         folder = Path(model_name_or_path) / subfolder
         if not folder.is_dir():
-            from huggingface_hub import snapshot_download  # a hub id: fetch the files, then the same local load
+            from huggingface_hub import (
+                snapshot_download,  # a hub id: fetch the files, then the same local load
+            )
 
             folder = Path(snapshot_download(model_name_or_path, local_files_only=kwargs.get("local_files_only", False)))
         return cls(load_embedder(resolve_setup(str(folder)), Runtime(dtype=requested_dtype(kwargs.get("model_kwargs")), device="cpu")))

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ullme_cli.artifacts import dequantize, embedding_files, load_chunked_embeddings, load_embeddings
+from ullme_cli.artifacts import (
+    dequantize,
+    embedding_files,
+    load_chunked_embeddings,
+    load_embeddings,
+)
 from ullme_cli.data import read_corpus, read_training_examples
 from ullme_cli.encode_options import EncodeOptions, validate_chunking
 from ullme_cli.encoding import encode_corpus
@@ -32,7 +37,8 @@ from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
 from ullme_cli.io.agreement import SAME_VECTORS, disagreement, require_agreement
 from ullme_cli.io.outputs import atomic_path, guard_output, output_lock
-from ullme_cli.model_setup import ModelSetup, Runtime
+from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, resolve_setup
+from ullme_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +256,6 @@ def teacher_encoder(name: str, runtime: Runtime):
     """`encode(texts, kind, instruction) -> unit vectors` of a teacher: an ullme folder or any model ullme
     loads, or a sentence-transformers folder (modules.json, no ullme.json), whose "query" and "document"
     prompts are used where it has them."""
-    from ullme_cli.model_setup import SETUP_FILE, resolve_setup
 
     folder = Path(name)
     if (folder / "modules.json").is_file() and not (folder / SETUP_FILE).is_file():
@@ -282,7 +287,6 @@ def teacher_encoder(name: str, runtime: Runtime):
 def score_with_teacher(examples, teacher: str, runtime: Runtime, show_progress: bool) -> None:
     """Each row's `pos_scores` and `neg_scores`: the teacher's cosine between the query (with the row's
     instruction) and each positive and negative, in their order, as FlagEmbedding and Tevatron lay them out."""
-    from ullme_cli.progress import progress_bar
 
     encode = teacher_encoder(teacher, runtime)
     passages = sorted({t for ex in examples for t in (*ex.positives, *ex.negatives)})

@@ -24,7 +24,14 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from ullme_cli.artifacts import dequantize, load_embeddings
+from ullme_cli.artifacts import (
+    dequantize,
+    embedding_files,
+    load_embeddings,
+    quantize,
+    truncate,
+)
+from ullme_cli.data import read_corpus
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.io.agreement import SAME_SIDE, SAME_VECTORS, require_agreement
 from ullme_cli.io.outputs import STDIO, atomic_path, guard_output, output_lock
@@ -154,7 +161,6 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
         return qids, np.ascontiguousarray(dequantize(matrix, meta) if manifest["dtype"] != "binary" else matrix)
     if queries is None:
         raise UllmeError("search: give QUERIES (a file or -) or --embeddings")
-    from ullme_cli.data import read_corpus
     from ullme_cli.models.embedder import load_embedder
 
     records = read_corpus(queries, input_format)
@@ -176,7 +182,6 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
 def as_index_queries(matrix: np.ndarray, manifest: dict) -> np.ndarray:
     """Full query vectors as the index searches with them: cut to its truncate_dim (renormalised where its
     vectors are), packed to bits for a binary index. `ullme search` and `ullme serve` both use this."""
-    from ullme_cli.artifacts import quantize, truncate
 
     matrix = truncate(matrix.astype(np.float32), manifest.get("truncate_dim"), manifest["normalize"])
     if manifest["dtype"] == "binary":
@@ -331,7 +336,6 @@ def open_output(path: str) -> Iterator[TextIO]:
 def search_inputs(folders: list[str], queries: str | None, embeddings: str | None) -> list[str]:
     """What a search reads, for the output guard: the index folders, the queries or query embeddings (with
     their sidecars), and the models the indexes name (an output inside one would change its fingerprint)."""
-    from ullme_cli.artifacts import embedding_files
     from ullme_cli.models.loading import model_inputs
 
     models = []

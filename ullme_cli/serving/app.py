@@ -31,9 +31,11 @@ from typing import Literal, Union
 
 import numpy as np
 
+from ullme_cli.artifacts import truncate
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import lone_surrogate
 from ullme_cli.models.chunking import chunk_texts, pool_mean
+from ullme_cli.retrieval.search import as_index_queries, hit_json, search_opened
 from ullme_cli.serving.batcher import Batcher, Closed, Overloaded
 from ullme_cli.serving.limits import Limits
 
@@ -161,7 +163,6 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
     """The ASGI app around the served models (`models.adapters.Adapters`: a base, and adapters on it) and the
     open indexes the base must agree with. A batch holds one model's texts, at most `token_budget` padded
     tokens (default: ullme's, as `ullme encode` uses)."""
-    from ullme_cli.artifacts import truncate
 
     indexes = indexes or []
     name = served.base_name
@@ -328,8 +329,6 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
     @app.post("/v1/search")
     async def search(body: SearchRequest, request: Request):
         from starlette.concurrency import run_in_threadpool
-
-        from ullme_cli.retrieval.search import as_index_queries, hit_json, search_opened
 
         if check_model(body.model) != name:
             raise ApiError(400, f"field 'model': search runs with '{name}', the model the indexes were built with", code="invalid_value")

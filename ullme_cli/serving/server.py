@@ -14,6 +14,7 @@ import signal
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import ModelSetup, Runtime
+from ullme_cli.retrieval.search import open_indexes, require_query_agreement
 from ullme_cli.serving.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ def serve(
         raise UllmeError("ullme serve needs its extra: pip install 'ullme[serve]'") from None
     from ullme_cli.models.adapters import load_adapters
     from ullme_cli.models.embedder import load_embedder
-    from ullme_cli.retrieval.search import open_indexes, require_query_agreement
 
     opened = open_indexes(index_folders) if index_folders else []
     if opened and runtime.dtype == "auto":  # queries in the dtype the passages were encoded in, as `ullme search`

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ullme_cli.errors import UllmeError, located
+from ullme_cli.io.outputs import atomic_path, guarded
 
 METRICS_FILE = "metrics.jsonl"
 NOT_PLOTTED = ("step", "steps_per_s")
@@ -129,8 +130,6 @@ def plot_runs(series: dict[str, list[dict]], output, by_source: bool = False) ->
 def write_plot(runs: list[str], output: str, overwrite: bool = False, by_source: bool = False) -> list[str]:
     """`ullme plot`: the PNG to a file (checked, written whole or not at all) or to stdout (`-`)."""
     import sys
-
-    from ullme_cli.io.outputs import atomic_path, guarded
 
     series = read_runs(runs)
     if by_source and not any(sources_in(records) for records in series.values()):

@@ -27,10 +27,13 @@ import torch
 
 from ullme_cli.dtypes import BYTES_PER_ELEMENT
 from ullme_cli.errors import UllmeError
-from ullme_cli.models.embedder import enable_activation_checkpointing, peft_deprecations_silenced
+from ullme_cli.models.embedder import (
+    enable_activation_checkpointing,
+    peft_deprecations_silenced,
+)
 from ullme_cli.recipes import Recipe
+from ullme_cli.training.mixture import read_mixture
 from ullme_cli.training.step import step_texts
-
 
 
 @dataclass
@@ -77,7 +80,6 @@ def model_config(recipe: Recipe):
 
 
 def read_sources(recipe: Recipe) -> list[SourceReport]:
-    from ullme_cli.training.mixture import read_mixture
 
     reports = []
     for source in recipe.data.source_list():

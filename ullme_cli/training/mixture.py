@@ -23,8 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ullme_cli.data import StreamedExamples, TrainingExample, cluster_key, read_training_examples
+from ullme_cli.data import (
+    StreamedExamples,
+    TrainingExample,
+    cluster_key,
+    read_training_examples,
+)
 from ullme_cli.errors import UllmeError
+from ullme_cli.fingerprints import json_fingerprint
 from ullme_cli.recipes import Source
 
 BATCHINGS = ("auto", "same-source", "mixed")
@@ -111,7 +117,6 @@ class Mixture:
 
 def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixture:
     """Read, cap and join the sources. A streamed source keeps no rows in memory (data.StreamedExamples)."""
-    from ullme_cli.fingerprints import json_fingerprint
 
     mixture = Mixture(sources, Rows())
     streams = []

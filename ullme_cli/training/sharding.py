@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ullme_cli.io.outputs import commit_folder
 from ullme_cli.errors import UllmeError
+from ullme_cli.io.outputs import commit_folder
+from ullme_cli.model_setup import Runtime
 from ullme_cli.models.bidirectional import decoder_of
 
 DCP_FOLDER = "dcp"
@@ -42,7 +43,12 @@ def ensure_process_group(device: torch.device) -> None:
 def shard_model(embedder, train, device: torch.device) -> None:
     """fully_shard each decoder layer, then the root, with the recipe's FSDP options."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     if any(p.requires_grad for p in embedder.pooler.parameters()):
         raise UllmeError("train.distributed: fsdp does not shard a trainable pooling head (latent-attention) yet; use ddp")
@@ -167,7 +173,10 @@ def load_sharded_checkpoint(checkpoint: Path, model, optimizer) -> None:
 
 def gather_full_weights(model, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The whole (or the trainable part of the) model's weights on rank 0's CPU; a collective: all ranks call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_model_state_dict(model, options=options)
@@ -175,7 +184,6 @@ def gather_full_weights(model, trainable_only: bool) -> dict[str, torch.Tensor]:
 
 def unsharded_copy(recipe, weights: dict[str, torch.Tensor]):
     """A plain Embedder of the recipe's model with the gathered weights: what rank 0 saves at the end."""
-    from ullme_cli.model_setup import Runtime
     from ullme_cli.models.embedder import load_embedder
 
     copy = load_embedder(recipe.model.setup(), Runtime(dtype=recipe.model.dtype, device="cpu"))

@@ -28,16 +28,33 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ullme_cli.io.outputs import STAGING_MARK, atomic_folder, atomic_path, atomic_write_text, guard_output, output_lock
 from ullme_cli.data import TrainingExample
 from ullme_cli.dtypes import AUTOCAST
-from ullme_cli.models.loading import DTYPES
 from ullme_cli.errors import UllmeError
+from ullme_cli.evaluation.local_tasks import beir_retrieval_task, sts_task
+from ullme_cli.evaluation.runner import run_evaluation
 from ullme_cli.fingerprints import tensors_fingerprint
+from ullme_cli.instructions import load_instruction_table
+from ullme_cli.io.outputs import (
+    STAGING_MARK,
+    atomic_folder,
+    atomic_path,
+    atomic_write_text,
+    guard_output,
+    output_lock,
+)
 from ullme_cli.model_setup import Runtime
+from ullme_cli.models.loading import DTYPES
 from ullme_cli.progress import progress_bar
 from ullme_cli.recipes import Recipe, TrainSection, dump_recipe
-from ullme_cli.training.curves import METRICS_FILE, last_eval_metrics
+from ullme_cli.training.curves import (
+    METRICS_FILE,
+    last_eval_metrics,
+    plot_runs,
+    read_runs,
+    sources_in,
+)
+from ullme_cli.training.mixture import Batching, _positions, read_mixture
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +66,6 @@ CURVES = "curves.png"
 def batch_indices(step: int, batch_size: int, count: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """The examples of `step` for process `rank` of one source: a seeded permutation per epoch, read in order
     (several sources: training/mixture.py's Batching)."""
-    from ullme_cli.training.mixture import _positions
 
     return _positions(step, batch_size, count, seed, rank, world)
 
@@ -246,8 +262,6 @@ def evaluate_during_training(embedder, tasks: dict, out: Path, step: int, weight
     mteb's own result files land in `<output_dir>/eval/`, keyed by the fingerprint of the weights at this
     step, so a resumed run reuses the evaluations it already made, and other weights never do.
     """
-    from ullme_cli.instructions import load_instruction_table
-    from ullme_cli.evaluation.runner import run_evaluation
 
     embedder.model.eval()
     try:
@@ -272,7 +286,6 @@ def flat_config(recipe: Recipe) -> dict:
 
 def draw_curves(out: Path) -> None:
     """<output_dir>/curves.png from metrics.jsonl; without matplotlib, say how to get it and go on."""
-    from ullme_cli.training.curves import plot_runs, read_runs, sources_in
 
     try:
         series = read_runs([out])
@@ -360,7 +373,6 @@ def prepare(recipe: Recipe, out: Path) -> Run:
     from accelerate import Accelerator
 
     from ullme_cli.models.embedder import load_embedder
-    from ullme_cli.training.mixture import Batching, read_mixture
     from ullme_cli.training.step import StepLoss
 
     t = recipe.train
@@ -376,11 +388,9 @@ def prepare(recipe: Recipe, out: Path) -> Run:
 
     eval_tasks = {}  # built now, so that a bad eval set fails before training starts
     if recipe.eval.task_dir:
-        from ullme_cli.evaluation.local_tasks import beir_retrieval_task
 
         eval_tasks["retrieval"] = beir_retrieval_task(recipe.eval.task_dir)
     if recipe.eval.sts:
-        from ullme_cli.evaluation.local_tasks import sts_task
 
         eval_tasks["sts"] = sts_task(recipe.eval.sts)
     # Autocast is ours (train_step), so accelerate runs without a precision of its own.
