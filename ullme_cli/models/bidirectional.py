@@ -12,7 +12,7 @@ ullme's own 4-D mask stays for what the flag does not express, decided per model
   window, and ullme's switch lets every token see every other. The 4-D additive mask hides only padding,
   and the attention modules' `is_causal` is cleared for the call, so SDPA cannot stay causal in silence;
 - families outside the tested table.
-Both routes give the same states (tests/test_bidirectional.py, to 1e-6 in float32).
+Both routes give the same states (tests/unit/test_bidirectional.py, to 1e-6 in float32).
 
 No modeling file is copied, which is what broke LLM2Vec and GritLM on each transformers release.
 """
@@ -31,7 +31,7 @@ from ullme_cli.errors import UllmeError
 
 AttentionMode = Literal["bidirectional", "causal"]
 
-# Families whose bidirectional mode is proven by tests/test_bidirectional.py on transformers 5.
+# Families whose bidirectional mode is proven by tests/unit/test_bidirectional.py on transformers 5.
 TESTED_MODEL_TYPES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
     "gemma3_text", "phi", "phi3", "olmo", "olmo2", "olmo3", "granite", "stablelm", "starcoder2", "cohere",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "ullme_cli"
+PACKAGE = Path(__file__).resolve().parents[2] / "ullme_cli"
 # docs/design.md §1, from the bottom up: the first name after `ullme_cli.` decides a module's layer.
 LAYERS = [
     ("base", {"constants", "dtypes", "errors", "options", "progress", "io", "fingerprints", "losses"}),
