@@ -1,4 +1,4 @@
-"""Where vectors meet, where data could run code, and what outputs look like to other users (issue 25 §3-§5).
+"""Where vectors meet, where data could run code, and what outputs look like to other users (docs/design.md §10).
 
 Each test names the fault it pins: before the one agreement check, the one output guard and the
 restricted DCP reader, each of these passed silently.

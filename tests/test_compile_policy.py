@@ -1,4 +1,4 @@
-"""The automatic torch.compile decision (issue 29 §1): where it may compile, when a job is long enough, the
+"""The automatic torch.compile decision (docs/design.md §7): where it may compile, when a job is long enough, the
 compile time it remembers, and an encode that switches to the compiled function mid-job with the same vectors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Teacher scores and Matryoshka (issue 28 §4-§5): the two losses by hand, teacher scores aligned with the
+"""Teacher scores and Matryoshka (docs/design.md §4): the two losses by hand, teacher scores aligned with the
 drawn candidates, `mine --teacher` (an ullme teacher and a sentence-transformers one), and a finetune that
 records its trained sizes, which `encode --truncate-dim` then checks."""
 

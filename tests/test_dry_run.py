@@ -1,4 +1,4 @@
-"""`finetune --dry-run` (issue 28 §8): the paper recipes budget offline from their shipped configs, and the
+"""`finetune --dry-run` (docs/design.md §4, "Dry run"): the paper recipes budget offline from their shipped configs, and the
 memory the meta-device trace predicts matches a real step's measured peak on a small random model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The loss table (issue 28 §9) and the paper's templates (§6): recipe validation and the training step
+"""The loss table (docs/design.md §4) and the paper's templates (§3): recipe validation and the training step
 read one table of components, and `model.template: ullme-paper` formats queries, candidates and the
 generation prompt as the original ULLME does."""
 

@@ -1,4 +1,4 @@
-"""Dataset mixtures and same-source batches (issue 28 §1-§2; ullme_cli/training/mixture.py)."""
+"""Dataset mixtures and same-source batches (docs/design.md §5; ullme_cli/training/mixture.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Padding-free batches (issue 29 §2): texts packed end to end in rows, each attending to itself only,
+"""Padding-free batches (docs/design.md §2, §7): texts packed end to end in rows, each attending to itself only,
 give the padded path's vectors (cosine ≥ 0.9999 in float32) and the same training gradients (1e-5)."""
 
 import pytest
@@ -86,7 +86,7 @@ def test_packed_training_gradients_equal_padded_ones(tokenizer, model_type):
 @pytest.mark.parametrize("weights", [{"contrastive": 1.0}, {"contrastive": 1.0, "dpo": 0.5, "kl": 1.0}])
 def test_a_padding_free_step_embeds_every_role_in_one_pass_with_the_padded_gradients(tiny_llama, weights):
     """Padding-free, a step embeds queries, positives and negatives in one forward pass instead of three
-    (issue 29 §4: a small batch's passes cost more in overhead than in matmuls), with the padded step's
+    (a small batch's passes cost more in overhead than in matmuls: docs/benchmarks.md), with the padded step's
     loss and gradients to 1e-5."""
     runs = {packing: lora_step_gradients(tiny_llama, weights, packing=packing) for packing in (False, True)}
     (loss, parts, padded, padded_passes), (packed_loss, packed_parts, packed, packed_passes) = runs[False], runs[True]

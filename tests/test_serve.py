@@ -1,4 +1,4 @@
-"""`ullme serve` (issue 27): a real server in a subprocess on a free loopback port, driven by real clients
+"""`ullme serve` (docs/guide.md "ullme serve", design.md §11): a real server in a subprocess on a free loopback port, driven by real clients
 (OpenAI's own Python client, httpx, a raw socket), against `ullme encode` and `ullme search`."""
 
 from __future__ import annotations

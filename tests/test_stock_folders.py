@@ -1,4 +1,4 @@
-"""An ullme model is a plain Hugging Face folder where stock parts can express its setup (issue 26).
+"""An ullme model is a plain Hugging Face folder where stock parts can express its setup (docs/design.md §2).
 
 `SentenceTransformer(folder)` without `trust_remote_code` must give ullme's vectors (cosine >= 0.9999) for
 queries and documents, padded or alone; where stock parts cannot, the folder keeps ullme's module and says

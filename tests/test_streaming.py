@@ -1,4 +1,4 @@
-"""Sources larger than memory (issue 28 §7): a jsonl source read as a stream keeps only row offsets, gives
+"""Sources larger than memory (docs/design.md §5, §11): a jsonl source read as a stream keeps only row offsets, gives
 the same rows and batches as reading it whole, takes caps and weights, checks every row up front, and a
 resumed run sees the same order."""
 

@@ -104,7 +104,7 @@ def test_a_switch_that_has_no_effect_is_an_error_not_silent_causal(monkeypatch):
         verify_bidirectional(model)
 
 
-# ---------------------------------------------------------------- one switch (issue 26 part 3)
+# ---------------------------------------------------------------- one switch (docs/design.md §2)
 @pytest.mark.parametrize("model_type", TESTED_MODEL_TYPES)
 def test_the_config_flag_gives_the_4d_mask_states_logits_and_gradients(model_type):
     """transformers' `is_causal=False` and ullme's 4-D mask agree to 1e-6 in float32: states (padded
