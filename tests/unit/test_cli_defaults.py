@@ -42,3 +42,17 @@ def test_the_runtime_flags_default_to_the_runtime_defaults(command):
     for name in ("dtype", "device", "trust_remote_code", "backend"):
         if name in given:
             assert given[name] == getattr(runtime, name), (command, name)
+
+
+def test_ullme_load_takes_the_parameters_of_embedder_load():
+    """One Python entry point: `ullme.load` offers what `Embedder.load` does, with the same defaults."""
+    import inspect
+
+    import ullme_cli
+    from ullme_cli.models.embedder import Embedder
+
+    ours = inspect.signature(ullme_cli.load).parameters
+    theirs = inspect.signature(Embedder.load).parameters
+    named = lambda params: {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}  # noqa: E731
+    assert named(ours) == named(theirs)
+    assert list(ours.values())[0].default == list(theirs.values())[0].default, "the same default model"
