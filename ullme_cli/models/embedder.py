@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ullme_cli.constants import DEFAULT_MODEL
 from ullme_cli.errors import UllmeError
@@ -33,7 +31,7 @@ from ullme_cli.models.bidirectional import (
     sliding_window,
     verify_bidirectional,
 )
-from ullme_cli.models.compile_policy import auto_policy
+from ullme_cli.models.compile_policy import auto_policy, compile_encoding
 from ullme_cli.models.folder import has_setup_file, matryoshka_dims, write_setup_file
 from ullme_cli.models.loading import (
     ADAPTER_DIR,
@@ -195,7 +193,7 @@ def load_embedder(setup: ModelSetup, runtime: Runtime = Runtime(), verify: bool 
     if runtime.compile is None:
 
         embedder.compile_policy = auto_policy(model, embedder.device.type, embedder.compute_dtype)
-    return embedder.compile() if runtime.compile else embedder
+    return compile_encoding(embedder) if runtime.compile else embedder
 
 
 def embedder_over(model, setup: ModelSetup, source: str, device: torch.device, trust_remote_code: bool = False, graph=None) -> "Embedder":
@@ -228,22 +226,6 @@ def export_model(source: str, output: str, merge: bool = False, overwrite: bool 
     with guarded([output], model_inputs(source), overwrite, folder=True):
         embedder = load_embedder(resolve_setup(source), Runtime(dtype="float32", device="cpu"))
         return embedder.save(output, merge_lora=merge)
-
-
-def compile_each_layer_once(model: nn.Module) -> None:
-    """Mark every decoder layer as a nested compile region, so that torch.compile traces and compiles one
-    layer and stamps it out for the others (a new compile only where a layer differs, such as gemma2's
-    sliding-window layers) instead of the same code 30 times. On the default model the cold compile took 50 s
-    instead of 89 (2-core AMD EPYC with avx512_bf16, a niced job beside it), and the steady state was no
-    slower (measured alone). Outside torch.compile the mark does nothing."""
-    layers = getattr(decoder_of(model), "layers", None)
-    if layers is None:
-        return
-    marked: dict[type, Callable] = {}
-    for layer in layers:
-        if type(layer) not in marked:
-            marked[type(layer)] = torch.compiler.nested_compile_region(type(layer).forward)
-        layer.forward = types.MethodType(marked[type(layer)], layer)
 
 
 class Embedder:
@@ -300,37 +282,11 @@ class Embedder:
         """Load an Embedder folder, a plain model folder, a .gguf file, a bundled name or a hub id.
 
         `overrides` set ModelSetup fields (pooling, attention, instructions, ...); None means keep.
-        `compile` True encodes through `torch.compile` (see `compile()`), False never; None lets the policy of
+        `compile` True encodes through `torch.compile` (`compile_policy.compile_encoding`), False never; None lets the policy of
         `compile_policy.py` decide from the CPU, the dtype and the size of each `encode` call. `backend` "onnx"
         runs a folder `ullme export --format onnx` wrote in ONNX Runtime ("auto": that folder's own backend).
         """
         return load_embedder(resolve_setup(name, **overrides), Runtime(dtype, device, trust_remote_code, compile, backend), verify)
-
-    def compile(self) -> "Embedder":
-        """Encode through `torch.compile` with dynamic shapes, so that one compile serves every batch size and
-        length (static shapes recompile per batch; padding to a few bucketed shapes costs more than fusion gains
-        on short texts: docs/benchmarks.md).
-
-        It fuses the elementwise work that transformers runs unfused (RMSNorm, rotary, SiLU gating, residual
-        adds): 1.2x on a 2-core EPYC with AVX512-BF16 in bf16, within noise on fp32-only CPUs, vectors within
-        1e-5 of eager in fp32. The first batch pays the compile (minutes cold on 2 cores, less from inductor's
-        on-disk cache), so by default `compile_policy.py` decides when it pays. Training never runs the
-        compiled function.
-        """
-        log.info("encoding through torch.compile: the first batch compiles (a minute on a CPU, seconds when inductor's cache has this model)")
-        compile_each_layer_once(self.model)
-        compiled = torch.compile(self.embed, dynamic=True)
-
-        def embed_compiled(batch: Batch) -> torch.Tensor:
-            # The modules' float attributes (norm eps, the embedding's norm_type) stay constants. Under
-            # dynamic=True Dynamo traces them as symbols, then specializes them and traces the whole model
-            # again: twice the tracing, and an AOT-autograd cache miss on every run (docs/benchmarks.md).
-            with torch._dynamo.config.patch(specialize_float=True):
-                return compiled(batch)
-
-        self.compiled_embed = embed_compiled
-        self._compile_timer = True
-        return self
 
     def plan(self, tokens: int) -> None:
         """Announce an encode job of `tokens` padded tokens, so the compile policy can weigh its cost."""
@@ -576,7 +532,7 @@ class Embedder:
         vectors = self.embed(batch).float().cpu().numpy()
         policy = self.compile_policy
         if policy is not None and not policy.decided and policy.observe(batch.input_ids.numel(), time.perf_counter() - started):
-            self.compile()
+            compile_encoding(self)
         return vectors
 
     def encode_batch(self, items: Sequence[Tokenized]) -> np.ndarray:
