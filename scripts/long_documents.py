@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--again", action="store_true", help="rerun settings whose result (OUT/NAME.json) exists already")
     args = parser.parse_args()
 
     import ullme_cli as ullme
@@ -138,7 +139,12 @@ def main() -> None:
         settings += [(f"chunk{size}-maxsim", chunking, ["--aggregate", "max"]), (f"chunk{size}-mean", [*chunking, "--chunk-pool", "mean"], [])]
     results = []
     for name, encode_flags, search_flags in settings:
+        saved = args.out / f"{name}.json"  # each setting's result, so an interrupted run goes on where it stopped
+        if saved.exists() and not args.again:
+            results.append(json.loads(saved.read_text()))
+            continue
         results.append(evaluate_setting(task, args.out, name, args.model, args.max_length, encode_flags, search_flags))
+        saved.write_text(json.dumps(results[-1]) + "\n")
         print(json.dumps(results[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps({"task": summary, "results": results}, indent=2) + "\n")
     print("\n| setting | nDCG@10 | hit@10 | " + " | ".join(f"hit@10, answer at {b['depth']}" for b in results[0]["by_depth"]) + " |")
