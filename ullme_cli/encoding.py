@@ -157,7 +157,7 @@ def _encode_locked(input_path, output, setup, runtime, options, shard, show_prog
     if partial is not None:
         done = sum((partial / f"chunk-{n:06d}.npy").exists() for n in range(len(saved_parts)))
         if done:
-            log.info(f"resuming {output}: {done} of {len(saved_parts)} parts already encoded")
+            log.info(f"resuming {output}: {done} of {len(saved_parts)} chunks already encoded")
     embedder.plan(padded_tokens((batch for number, part in enumerate(saved_parts) for batch in part
                                  if partial is None or not (partial / f"chunk-{number:06d}.npy").exists()), lengths))  # fmt: skip
     with progress_bar(f"encode ({embedder.backend})", total=len(tokenized), enabled=show_progress) as advance:
