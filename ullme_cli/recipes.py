@@ -20,7 +20,7 @@ from ullme_cli.data import TrainingExample
 from ullme_cli.dtypes import AUTOCAST, TRAINING_DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import detect_format
-from ullme_cli.losses.table import LOSS_TABLE, STRATEGIES, names_needing
+from ullme_cli.losses.table import DPO_LOGPROBS, DPO_VARIANTS, KL_DIRECTIONS, LOSS_TABLE, STRATEGIES, names_needing
 from ullme_cli.model_setup import TEMPLATES, ModelSetup
 
 LOSS_COMPONENTS = tuple(LOSS_TABLE)
@@ -200,16 +200,16 @@ class LossSection:
         for component in self.weights:
             if component not in LOSS_TABLE:  # the table itself, so a row added at run time is a component too
                 yield f"weights.{component}", f"is not a loss component ({', '.join(LOSS_TABLE)})"
-        if self.kl_direction not in ("rt||gen", "gen||rt"):
-            yield "kl_direction", "must be 'rt||gen' (the paper's) or 'gen||rt'"
-        if self.dpo_variant not in ("sigmoid", "hinge", "ipo"):
-            yield "dpo_variant", "must be sigmoid, hinge or ipo"
+        if self.kl_direction not in KL_DIRECTIONS:
+            yield "kl_direction", f"must be '{KL_DIRECTIONS[0]}' (the paper's) or '{KL_DIRECTIONS[1]}'"
+        if self.dpo_variant not in DPO_VARIANTS:
+            yield "dpo_variant", f"must be {', '.join(DPO_VARIANTS[:-1])} or {DPO_VARIANTS[-1]}"
         if not 0 <= self.dpo_label_smoothing < 0.5:
             yield "dpo_label_smoothing", "must be at least 0 and below 0.5"
         if self.dpo_label_smoothing and self.dpo_variant != "sigmoid":
             yield "dpo_label_smoothing", f"applies to dpo_variant: sigmoid only, not {self.dpo_variant}"
-        if self.dpo_logprob not in ("auto", "sum", "mean"):
-            yield "dpo_logprob", "must be auto, sum or mean"
+        if self.dpo_logprob not in DPO_LOGPROBS:
+            yield "dpo_logprob", f"must be {', '.join(DPO_LOGPROBS[:-1])} or {DPO_LOGPROBS[-1]}"
         dims = self.matryoshka_dims
         if any(not (d == "full" or (isinstance(d, int) and not isinstance(d, bool) and d >= 1)) for d in dims):
             yield "matryoshka_dims", f"must list sizes of at least 1 (or full), got {dims!r}"

@@ -2,8 +2,9 @@ import torch
 from torch import nn
 
 from ullme_cli.losses.step_inputs import StepInputs
+from ullme_cli.losses.table import KL_DIRECTIONS
 
-DIRECTIONS = ("rt||gen", "gen||rt")
+DIRECTIONS = KL_DIRECTIONS
 
 
 def candidate_scores(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:

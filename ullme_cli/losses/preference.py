@@ -3,9 +3,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ullme_cli.losses.step_inputs import StepInputs
+from ullme_cli.losses.table import DPO_LOGPROBS, DPO_VARIANTS
 
-VARIANTS = ("sigmoid", "hinge", "ipo")
-LOGPROBS = ("sum", "mean", "auto")
+VARIANTS, LOGPROBS = DPO_VARIANTS, DPO_LOGPROBS
 
 
 class DPOLoss(nn.Module):

@@ -80,6 +80,10 @@ LOSS_TABLE: dict[str, Component] = {c.name: c for c in (
     _component("dpo", "preference:DPOLoss", ["beta", "dpo_variant", "reference_free", "dpo_label_smoothing", "dpo_logprob"],
                {"negatives", "generation"}, grad_cache="rows"),
 )}  # fmt: skip
+# The values a loss parameter may take, named here (torch-free) for the loss classes and for recipe validation.
+KL_DIRECTIONS = ("rt||gen", "gen||rt")  # loss.kl_direction: the paper's KL(P_rt ‖ P_gen) first, the original code's second
+DPO_VARIANTS = ("sigmoid", "hinge", "ipo")  # loss.dpo_variant
+DPO_LOGPROBS = ("auto", "sum", "mean")  # loss.dpo_logprob: auto is mean for ipo, sum for sigmoid and hinge
 # Strategy presets: the weights of each component (GRL's are the paper's λ).
 STRATEGIES = {
     "contrastive": {"contrastive": 1.0},
