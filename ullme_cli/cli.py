@@ -18,6 +18,7 @@ from ullme_cli.constants import BACKENDS, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QU
 from ullme_cli.dtypes import COMPUTE_CHOICES
 from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fields declare encode's flags
 from ullme_cli.errors import UllmeError
+from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
 from ullme_cli.options import flag_of
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -380,17 +381,17 @@ def mine(
     output: str = typer.Option(..., "--output", "-o", help="Training jsonl with 'negative' filled in."),
     model: str = ModelOption,
     corpus_embeddings: Optional[str] = typer.Option(None, "--corpus-embeddings", help="Reuse these corpus embeddings (default: cached beside --output)."),
-    negatives: int = typer.Option(7, "--negatives", help="Negatives per query."),
+    negatives: int = field_option(MiningOptions, "negatives"),
     rank_range: str = typer.Option("10:", "--range", help="A:B: take candidates from ranks A to B-1 (0-based; the top ranks are often unlabelled positives). A: has no upper bound."),
-    sample: bool = typer.Option(False, "--sample", help="A random sample of the candidates in the range (seeded by --seed) instead of the best ones."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="Drop candidates scoring within M of the row's weakest positive (cosine)."),
-    relative_margin: Optional[float] = typer.Option(None, "--relative-margin", help="Drop candidates scoring above the row's weakest positive × (1 − R) (sentence-transformers' rule)."),
-    max_score: Optional[float] = typer.Option(None, "--max-score", help="Drop candidates scoring above S (cosine)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
-    keep_existing: bool = typer.Option(False, "--keep-existing", help="Append to the rows' own negatives instead of replacing them."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Write pos_scores and neg_scores: this embedder's cosines (an ullme folder, a model ullme loads, or a sentence-transformers folder), for loss.weights.distill."),
-    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Search the corpus by windows of N tokens: a negative is a document, written as its best window's text."),
-    chunk_overlap: int = typer.Option(0, "--chunk-overlap", help="Tokens each window shares with the previous one (below --chunk-tokens)."),
+    sample: bool = field_option(MiningOptions, "sample"),
+    margin: Optional[float] = field_option(MiningOptions, "margin"),
+    relative_margin: Optional[float] = field_option(MiningOptions, "relative_margin"),
+    max_score: Optional[float] = field_option(MiningOptions, "max_score"),
+    seed: int = field_option(MiningOptions, "seed"),
+    keep_existing: bool = field_option(MiningOptions, "keep_existing"),
+    teacher: Optional[str] = field_option(MiningOptions, "teacher"),
+    chunk_tokens: Optional[int] = field_option(MiningOptions, "chunk_tokens"),
+    chunk_overlap: int = field_option(MiningOptions, "chunk_overlap"),
     pooling: Optional[str] = PoolingOption,
     attention: Optional[str] = AttentionOption,
     max_length: Optional[int] = MaxLengthOption,
@@ -404,7 +405,7 @@ def mine(
     """Mine hard negatives for training data by searching a corpus."""
     show_progress = _output(quiet, verbose)
     from ullme_cli.model_setup import Runtime, resolve_setup
-    from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
+    from ullme_cli.retrieval.mine import mine_negatives
 
     start, stop = MiningOptions.parse_range(rank_range)
     options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing, teacher, chunk_tokens, chunk_overlap).validate()

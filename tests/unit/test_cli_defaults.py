@@ -10,6 +10,7 @@ from typer.main import get_command
 
 from ullme_cli.cli import app
 from ullme_cli.encoding import EncodeOptions
+from ullme_cli.mine_options import MiningOptions
 from ullme_cli.model_setup import Runtime
 from ullme_cli.serving.limits import Limits
 
@@ -22,6 +23,7 @@ def defaults(command: str) -> dict:
 
 @pytest.mark.parametrize("command, fields, scale", [
     ("encode", EncodeOptions, {}),
+    ("mine", MiningOptions, {}),
     ("serve", Limits, {"max_wait_ms": ("max_wait", 1000), "max_request_mb": ("max_request_bytes", 2**-20)}),
 ])  # fmt: skip
 def test_cli_defaults_equal_the_dataclass_defaults(command, fields, scale):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,8 @@ from ullme_cli.artifacts import (
     load_embeddings,
 )
 from ullme_cli.data import read_corpus, read_training_examples
-from ullme_cli.encode_options import EncodeOptions, validate_chunking
+from ullme_cli.encode_options import EncodeOptions
+from ullme_cli.mine_options import MiningOptions  # noqa: F401 - also imported from here
 from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
@@ -50,58 +49,6 @@ STALE_FIELDS = ("neg_scores",)
 
 def _normal(text: str) -> str:
     return " ".join(text.split()).lower()
-
-
-@dataclass(frozen=True)
-class MiningOptions:
-    negatives: int = 7
-    start: int = 10  # first rank considered (0-based): ranks above it are skipped
-    stop: int | None = None  # first rank not considered; None: start + max(100, 10 × negatives)
-    sample: bool = False  # a seeded random sample of the candidates instead of the best ones
-    margin: float | None = None  # drop candidates scoring above (weakest positive's score − margin)
-    relative_margin: float | None = None  # drop candidates scoring above weakest positive's score × (1 − r)
-    max_score: float | None = None  # drop candidates scoring above this
-    seed: int = 0
-    keep_existing: bool = False
-    teacher: str | None = None  # an embedder whose cosine scores go into pos_scores / neg_scores
-    chunk_tokens: int | None = None  # encode the corpus as windows of this many tokens (the cache); given chunk vectors need none
-    chunk_overlap: int = 0
-
-    @classmethod
-    def parse_range(cls, spec: str) -> tuple[int, int | None]:
-        """`A:B` (ranks A to B-1, 0-based), `A:` (from A on)."""
-        try:
-            first, _, last = spec.partition(":")
-            start, stop = int(first or 0), int(last) if last.strip() else None
-        except ValueError:
-            raise UllmeError(f"--range must look like A:B or A: (ranks, 0-based), got '{spec}'") from None
-        if start < 0 or (stop is not None and stop <= start):
-            raise UllmeError(f"--range {spec}: need 0 <= A < B")
-        return start, stop
-
-    def validate(self) -> "MiningOptions":
-        if self.negatives < 1:
-            raise UllmeError("--negatives must be at least 1")
-        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
-            raise UllmeError(f"--margin must be a number of at least 0, got {self.margin}")
-        if self.relative_margin is not None and not (math.isfinite(self.relative_margin) and 0 <= self.relative_margin < 1):
-            raise UllmeError(f"--relative-margin must be at least 0 and below 1, got {self.relative_margin}")
-        if self.max_score is not None and not math.isfinite(self.max_score):
-            raise UllmeError(f"--max-score must be a finite number, got {self.max_score}")
-        if not 0 <= self.seed < 2**32:
-            raise UllmeError(f"--seed must be between 0 and 2^32-1, got {self.seed}")
-        if self.sample is False and self.seed != 0:
-            raise UllmeError("--seed applies to --sample only; add --sample or drop --seed")
-        validate_chunking(self.chunk_tokens, self.chunk_overlap)
-        return self
-
-    def check_range(self, corpus_size: int, corpus: str) -> None:
-        """A range that starts past the corpus would give every row no negatives: refused, not run."""
-        if self.start >= corpus_size:
-            raise UllmeError(f"--range starts at rank {self.start}, but {corpus} holds {corpus_size} passages; start below {corpus_size}")
-
-    def pool_end(self, corpus_size: int) -> int:
-        return min(corpus_size, self.stop if self.stop is not None else self.start + max(100, 10 * self.negatives))
 
 
 def mine_negatives(
