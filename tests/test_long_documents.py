@@ -274,3 +274,26 @@ def test_serve_follows_its_long_input_policy_and_searches_documents(tiny_llama, 
                     assert all("#" not in h["id"] for h in mine["hits"]), "documents, not chunks"
         finally:
             assert server.stop() == 0
+
+
+def test_latent_attention_pooling_chunks_like_the_others(tiny_llama, tmp_path):
+    """Each window goes through the latent head, then the windows are averaged: a text of one window keeps its
+    unchunked vector, and the mean is the token-weighted mean of the windows' vectors."""
+    corpus = write_corpus(tmp_path / "c.jsonl", demo_texts(30))
+    common = ["-m", tiny_llama, "--dtype", "float32", "--pooling", "latent-attention", "-q"]
+    for name, extra in {"plain": [], "chunks": ["--chunk-tokens", "48"], "mean": ["--chunk-tokens", "48", "--chunk-pool", "mean"]}.items():
+        result = run_cli("encode", corpus, "-o", tmp_path / f"{name}.npy", *common, *extra)
+        assert result.returncode == 0, result.stderr.decode()
+    plain, ids, _ = load_embeddings(str(tmp_path / "plain.npy"))
+    chunks, _, _, chunk_map = load_chunked_embeddings(str(tmp_path / "chunks.npy"))
+    pooled, _, _ = load_embeddings(str(tmp_path / "mean.npy"))
+    singles = 0
+    for position, doc in enumerate(ids):
+        rows = [i for i, row in enumerate(chunk_map) if row["doc"] == doc]
+        weights = np.array([chunk_map[i]["tokens"] for i in rows], dtype=np.float64)
+        expected = (weights[:, None] * chunks[rows].astype(np.float64)).sum(0)
+        np.testing.assert_allclose(pooled[position], expected / np.linalg.norm(expected), atol=1e-6)
+        if len(rows) == 1:
+            singles += 1
+            np.testing.assert_allclose(chunks[rows[0]], plain[position], atol=1e-6)
+    assert 0 < singles < len(ids), "both texts of one window and longer ones"
