@@ -44,11 +44,6 @@ def matryoshka_dims(folder: str | Path) -> list | None:
     return folder_record(folder).get(MATRYOSHKA_KEY)
 
 
-def onnx_record(folder: str | Path) -> dict:
-    """An ONNX export's record of its graph ({} for another folder)."""
-    return folder_record(folder).get(ONNX_KEY) or {}
-
-
 def adapter_record(folder: str | Path) -> dict | None:
     """The base that an adapter-only folder names in its ullme.json (None for any other folder)."""
     record = folder_record(folder).get(BASE_KEY)

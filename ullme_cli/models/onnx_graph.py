@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime
-from ullme_cli.models.folder import folder_record, onnx_record
+from ullme_cli.model_setup import ONNX_KEY, SETUP_FILE, ModelSetup, Runtime
+from ullme_cli.models.folder import folder_record
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class OnnxGraph:
 def open_graph(source: str, setup: ModelSetup, runtime: Runtime) -> OnnxGraph:
     """The graph of the ONNX folder `source`, refused where the runtime or the setup asks for what it does not hold."""
     saved = folder_record(source)
-    record = onnx_record(source)
+    record = saved.get(ONNX_KEY) or {}
     computes = record.get("quantize") or "float32"
     if runtime.device not in ("auto", "cpu"):
         raise UllmeError(f"{source}: an ONNX folder runs on the CPU here (ONNX Runtime's CPU provider); --device {runtime.device} is not offered")
