@@ -8,7 +8,7 @@ from conftest import RESOURCES, run_cli
 
 from ullme_cli.artifacts import load_embeddings
 from ullme_cli.data import read_training_examples
-from ullme_cli.model_setup import resolve_setup
+from ullme_cli.model_setup import Runtime, resolve_setup
 from ullme_cli.models.embedder import Embedder
 from ullme_cli.retrieval.mine import MiningOptions, mine_negatives
 
@@ -26,9 +26,11 @@ def trecqa(tiny_llama, tmp_path_factory):
     return folder
 
 
+# float32 on both sides: under bf16 the compile policy decides from measured rates, so a busy machine could
+# compile one run and not the other, and near-tied ranks would then flip between mine and this reference.
 def mine(tiny_llama, folder, name, **options):
     out = folder / f"{name}.jsonl"
-    mine_negatives(str(folder / "train.jsonl"), str(folder / "corpus.jsonl"), str(out), resolve_setup(str(tiny_llama)),
+    mine_negatives(str(folder / "train.jsonl"), str(folder / "corpus.jsonl"), str(out), resolve_setup(str(tiny_llama)), Runtime("float32"),
                    options=MiningOptions(**options), overwrite=True, show_progress=False)  # fmt: skip
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -37,7 +39,7 @@ def scored(tiny_llama, folder, rows):
     """Each row's corpus texts in rank order with their scores, and the row's weakest positive score."""
     matrix, ids, _ = load_embeddings(str(next(folder.glob("*.cache")) / "corpus.npy"))
     texts = [json.loads(line)["text"] for line in (folder / "corpus.jsonl").read_text().splitlines()]
-    embedder = Embedder.load(str(tiny_llama))
+    embedder = Embedder.load(str(tiny_llama), dtype="float32")
     queries = embedder.encode([r["query"] for r in rows], kind="query")
     result = []
     for row, q in zip(rows, queries):
