@@ -17,6 +17,7 @@ from ullme_cli.artifacts import load_chunked_embeddings, load_embeddings
 from ullme_cli.models.chunking import chunk_texts, windows
 
 TRECQA = RESOURCES / "trecqa-test"
+QUERY_INSTRUCTION = "Given a question, retrieve sentences that answer the question"
 
 
 def corpus_texts() -> dict[str, str]:
@@ -79,7 +80,7 @@ def test_chunk_boundaries_token_counts_overlap_and_spans(embedder, kind):
 def chunked(tiny_llama, tmp_path_factory):
     """The TREC QA test corpus as chunk vectors (none), pooled vectors (mean), plain vectors, its index, and queries."""
     root = tmp_path_factory.mktemp("chunked")
-    common = ["-m", tiny_llama, "--dtype", "float32", "--max-length", "64", "-q"]
+    common = ["-m", tiny_llama, "--dtype", "float32", "--max-length", "64", "--query-instruction", QUERY_INSTRUCTION, "-q"]
     corpus = TRECQA / "corpus.jsonl"
     for name, extra in {"chunks": ["--chunk-tokens", "16", "--chunk-overlap", "4"], "mean": ["--chunk-tokens", "16", "--chunk-overlap", "4", "--chunk-pool", "mean"],
                         "plain": []}.items():  # fmt: skip
@@ -236,8 +237,9 @@ def test_mine_on_a_chunked_corpus_takes_documents_and_writes_their_best_chunk(ti
 
 def test_serve_follows_its_long_input_policy_and_searches_documents(tiny_llama, chunked, tmp_path):
     """`--on-long mean` embeds an over-long input as windows of max_length pooled by their token-weighted mean
-    (= `encode --chunk-tokens <room> --chunk-pool mean`), `truncate` cuts it as encode does, `error` is a 413
-    (tests/test_serve.py); usage says what happened. /v1/search over a chunk index returns documents."""
+    (= `encode --chunk-tokens <room> --chunk-pool mean`), for documents and for queries with their instruction;
+    `truncate` cuts it as encode does, `error` is a 413 (tests/test_serve.py); usage says what happened.
+    /v1/search over a chunk index returns documents."""
     httpx = pytest.importorskip("httpx")
     from test_serve import Server
 
@@ -249,8 +251,18 @@ def test_serve_follows_its_long_input_policy_and_searches_documents(tiny_llama, 
         assert run_cli("encode", corpus, "-o", tmp_path / f"{name}.npy", *common, *extra).returncode == 0
     windows_of_long = sum(1 for i in load_embeddings(str(tmp_path / "chunks.npy"))[1] if i.startswith("d1#"))
     assert windows_of_long >= 3
+    # A query's windows leave room for its instruction: as many tokens as max_length leaves beside it.
+    from ullme_cli.models.embedder import Embedder
+
+    embedder = Embedder.load(str(tiny_llama), dtype="float32", max_length=64, query_instruction=QUERY_INSTRUCTION)
+    query_windows = chunk_texts(embedder, texts, "query", None, None)
+    room = next(w for w in query_windows if w.doc == 1).count
+    queries_over = len({w.doc for w in query_windows if w.number > 0})
+    assert run_cli("encode", corpus, "-o", tmp_path / "query-mean.npy", *common, "--kind", "query", "--query-instruction", QUERY_INSTRUCTION,
+                   "--chunk-tokens", str(room), "--chunk-pool", "mean").returncode == 0  # fmt: skip
     for policy, expected_file in (("mean", "mean.npy"), ("truncate", "plain.npy")):
-        server = Server(tiny_llama, "--dtype", "float32", "--max-length", "64", "--on-long", policy, "--index", chunked / "index")
+        server = Server(tiny_llama, "--dtype", "float32", "--max-length", "64", "--on-long", policy, "--index", chunked / "index",
+                        "--query-instruction", QUERY_INSTRUCTION)  # fmt: skip
         try:
             answer = httpx.post(f"{server.url}/v1/embeddings", json={"input": texts}, timeout=60).json()
             served = np.array([d["embedding"] for d in answer["data"]], dtype=np.float32)
@@ -263,6 +275,12 @@ def test_serve_follows_its_long_input_policy_and_searches_documents(tiny_llama, 
             else:
                 assert usage["truncated_inputs"] == 1 and "chunks" not in usage, usage
             if policy == "mean":
+                answer = httpx.post(f"{server.url}/v1/embeddings", json={"input": texts, "input_type": "query"}, timeout=60).json()
+                served = np.array([d["embedding"] for d in answer["data"]], dtype=np.float32)
+                expected = np.load(tmp_path / "query-mean.npy")
+                cosines = (served * expected).sum(1) / np.linalg.norm(served, axis=1) / np.linalg.norm(expected, axis=1)
+                assert cosines.min() >= 0.9999 and answer["usage"]["chunked_inputs"] == queries_over, (cosines, answer["usage"])
+            else:  # `ullme search` cuts over-long queries as this server does (the instruction fills most of 64 tokens here)
                 queries = [json.loads(line)["text"] for line in (TRECQA / "queries.jsonl").read_text().splitlines()][:4]
                 response = httpx.post(f"{server.url}/v1/search", json={"query": queries, "k": 3}, timeout=60)
                 assert response.status_code == 200, response.text
@@ -297,3 +315,33 @@ def test_latent_attention_pooling_chunks_like_the_others(tiny_llama, tmp_path):
             singles += 1
             np.testing.assert_allclose(chunks[rows[0]], plain[position], atol=1e-6)
     assert 0 < singles < len(ids), "both texts of one window and longer ones"
+
+
+def test_deep_searches_hold_a_bounded_block_of_hits_and_rank_the_same(chunked, monkeypatch):
+    """Document ranking and mining search a block of queries at a time (HITS_AT_ONCE hits): with a block of a
+    single query, every query is ranked as in one batch."""
+    from ullme_cli.retrieval import mine, search
+
+    queries, qids, _ = load_embeddings(str(chunked / "q.npy"))
+    opened = search.open_indexes([str(chunked / "index")])
+    for aggregate in ("max", "sum"):
+        whole = [[tuple(h) + (h.chunk,) for h in hits] for _, hits in search.search_opened(opened, qids, queries, 5, aggregate=aggregate)]
+        monkeypatch.setattr(search, "HITS_AT_ONCE", 1)
+        blocked = [[tuple(h) + (h.chunk,) for h in hits] for _, hits in search.search_opened(opened, qids, queries, 5, aggregate=aggregate)]
+        monkeypatch.undo()
+        assert blocked == whole, aggregate
+    index = opened[0].index
+    whole = list(mine.searched_in_blocks(index, queries, 40))
+    monkeypatch.setattr(mine, "HITS_AT_ONCE", 1)
+    blocked = list(mine.searched_in_blocks(index, queries, 40))
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(whole, blocked)) and len(whole) == len(blocked) == len(queries)
+
+
+def test_a_damaged_chunk_map_is_one_line_naming_the_file(chunked, tmp_path):
+    import shutil
+
+    shutil.copytree(chunked / "index", tmp_path / "index")
+    (tmp_path / "index" / "chunks.jsonl").write_text('{"doc": "d0", "chunk": 0,\n')
+    result = run_cli("search", tmp_path / "index", "--embeddings", chunked / "q.npy", "-q")
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "chunks.jsonl: its chunk map is not JSON lines" in lines[0], lines

@@ -65,6 +65,18 @@ def chunk_map_checksum(chunk_map: list[dict]) -> str:
     return hashlib.sha256(chunk_map_text(chunk_map).encode()).hexdigest()
 
 
+def parse_chunk_map(text: str, count: int, checksum: str, name: str, remedy: str) -> list[dict]:
+    """A chunk map read back (from embeddings or an index), refused unless it is JSON lines of `count` rows
+    whose checksum is the one recorded beside the vectors."""
+    try:
+        chunk_map = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise located(name, None, f"its chunk map is not JSON lines ({e.msg}); {remedy}") from None
+    if len(chunk_map) != count or chunk_map_checksum(chunk_map) != checksum:
+        raise located(name, None, f"the chunk map does not belong to these vectors (an interrupted or mixed write); {remedy}")
+    return chunk_map
+
+
 def quantize(matrix: np.ndarray, out_dtype: str) -> np.ndarray:
     if out_dtype == "float32":
         return matrix.astype(np.float32)
@@ -181,13 +193,7 @@ def load_chunked_embeddings(path: str) -> tuple[np.ndarray, list[str], dict, lis
         if where is None or not where.exists():
             raise located(str(where or name), None, "missing: chunk vectors need their chunk map (.chunks.jsonl); make them again")
         chunks_text = where.read_text(encoding="utf-8")
-    try:
-        chunk_map = [json.loads(line) for line in chunks_text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise located(name, None, f"its chunk map is not JSON lines ({e.msg})") from None
-    if len(chunk_map) != len(ids) or chunk_map_checksum(chunk_map) != meta["chunk_map_checksum"]:
-        raise located(name, None, "the chunk map does not belong to these embeddings (an interrupted or mixed write); make them again")
-    return matrix, ids, meta, chunk_map
+    return matrix, ids, meta, parse_chunk_map(chunks_text, len(ids), meta["chunk_map_checksum"], name, "make them again")
 
 
 def _read_unit(path: str) -> tuple[np.ndarray, list[str], dict, str | None]:

@@ -13,8 +13,14 @@ The key sets below are named once, and each meeting point picks one:
   query embeddings against the index's queries, corpus embeddings against the model that mines).
 - `SAME_SIDE`: vectors placed side by side in one matrix or one ranking: `index --add`, several indexes
   searched together, the shards of `join`, multi-process parts, an encode resume.
-- `SAME_JOB`: `SAME_SIDE` plus the chunking (`encode --chunk-tokens`: window, overlap, pooling; None without)
-  and the corpus: pieces of one encode job.
+- `SAME_LAYOUT`: `SAME_SIDE` plus how texts became vectors, the chunking (`encode --chunk-tokens`: window,
+  overlap, pooling; None for one vector per text): vectors in one index (`index --add`, `--trained-from`) or
+  several indexes ranked together.
+- `SAME_JOB`: `SAME_LAYOUT` plus the corpus: pieces of one encode job (the shards of `join`, multi-process
+  parts).
+
+A record made before a layout key existed lacks it; absent then means None (one vector per text), which is
+what that ullme made.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ STORAGE_KEYS = ("dtype",)
 SAME_SPACE = SPACE_KEYS
 SAME_VECTORS = (*SPACE_KEYS, *SIDE_KEYS)
 SAME_SIDE = (*SPACE_KEYS, *SIDE_KEYS, *STORAGE_KEYS)
-SAME_JOB = (*SAME_SIDE, "chunking", "corpus_fingerprint")
+LAYOUT_KEYS = ("chunking",)
+SAME_LAYOUT = (*SAME_SIDE, *LAYOUT_KEYS)
+SAME_JOB = (*SAME_LAYOUT, "corpus_fingerprint")
 
 
 def disagreement(found: dict, expected: dict, keys=SAME_SIDE) -> str | None:
@@ -45,9 +53,9 @@ def disagreement(found: dict, expected: dict, keys=SAME_SIDE) -> str | None:
 
 def require_agreement(found: dict, expected: dict, found_name: str, expected_name: str, keys=SAME_SIDE) -> None:
     """Refuse to combine vectors (or a model and vectors) whose records differ on `keys`. A record that
-    lacks one of them was made by an older ullme, and is named as such."""
+    lacks one of them was made by an older ullme, and is named as such (a layout key it lacks means None)."""
     for record, name in ((found, found_name), (expected, expected_name)):
-        absent = [k for k in keys if k not in record or (k == "fingerprint" and not record.get(k))]
+        absent = [k for k in keys if k not in LAYOUT_KEYS and (k not in record or (k == "fingerprint" and not record.get(k)))]
         if absent:
             raise UllmeError(f"{name}: records no '{absent[0]}' (made by an older ullme); make it again")
     problem = disagreement(found, expected, keys)

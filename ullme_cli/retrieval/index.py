@@ -17,9 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from ullme_cli.constants import __version__
-from ullme_cli.artifacts import chunk_map_checksum, chunk_map_text, dequantize, embedding_files, load_chunked_embeddings, read_id_lines, save_npy
+from ullme_cli.artifacts import (
+    chunk_map_checksum,
+    chunk_map_text,
+    dequantize,
+    embedding_files,
+    load_chunked_embeddings,
+    parse_chunk_map,
+    read_id_lines,
+    save_npy,
+)
 from ullme_cli.errors import UllmeError, located
-from ullme_cli.io.agreement import SAME_SIDE, require_agreement
+from ullme_cli.io.agreement import SAME_LAYOUT, SAME_SIDE, require_agreement
 from ullme_cli.io.outputs import atomic_folder, guard_output, output_lock
 from ullme_cli.io.rows import read_json_object
 from ullme_cli.model_setup import SETUP_FIELDS
@@ -97,10 +106,7 @@ def read_chunk_map(folder: str | Path, manifest: dict) -> list[dict] | None:
     path = Path(folder) / CHUNKS_FILE
     if not path.exists():
         raise located(str(path), None, "missing: an index of chunk vectors holds its chunk map; build it again")
-    chunk_map = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(chunk_map) != manifest["count"] or chunk_map_checksum(chunk_map) != manifest["chunk_map_checksum"]:
-        raise located(str(path), None, "does not belong to this index (an interrupted or mixed write); build it again")
-    return chunk_map
+    return parse_chunk_map(path.read_text(encoding="utf-8"), manifest["count"], manifest["chunk_map_checksum"], str(path), "build the index again")
 
 
 def load_faiss_index(folder: str | Path, mmap: bool = False):
@@ -211,9 +217,7 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
         manifest = read_manifest(out)
         if manifest["dim"] != dim:
             raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({manifest['dim']}) in {output}")
-        require_agreement(meta, manifest, embeddings, f"the index {output}", SAME_SIDE)
-        if meta.get("chunking") != manifest.get("chunking"):
-            raise UllmeError(f"{embeddings}: chunking {meta.get('chunking')} does not match the index's {manifest.get('chunking')} in {output}")
+        require_agreement(meta, manifest, embeddings, f"the index {output}", SAME_LAYOUT)
         if meta["corpus_fingerprint"] in manifest.get("corpora", []):
             raise UllmeError(f"{embeddings}: this corpus (the same ids and texts) is in the index {output} already")
         index = load_faiss_index(out)
@@ -228,12 +232,10 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
         template = read_manifest(trained_from)
         if template["dim"] != dim:
             raise UllmeError(f"{embeddings}: dimension {dim} does not match the index ({template['dim']}) in {trained_from}")
-        require_agreement(meta, template, embeddings, f"the index {trained_from}", SAME_SIDE)
+        require_agreement(meta, template, embeddings, f"the index {trained_from}", SAME_LAYOUT)
         index = load_faiss_index(trained_from)
         index.reset()  # keeps what training learned (centroids, codebooks), drops the vectors
         factory, metric, note = template["factory"], template["metric"], f"trained structure of {trained_from}, emptied"
-        if meta.get("chunking") != template.get("chunking"):
-            raise UllmeError(f"{embeddings}: chunking {meta.get('chunking')} does not match the index's {template.get('chunking')} in {trained_from}")
         manifest = {**template, "corpora": [meta["corpus_fingerprint"]], "ullme_version": __version__}
     else:
         metric = metric or ("ip" if meta["normalize"] else "l2")

@@ -34,10 +34,11 @@ from ullme_cli.mine_options import MiningOptions  # noqa: F401 - also imported f
 from ullme_cli.encoding import encode_corpus
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import corpus_fingerprint
-from ullme_cli.io.agreement import SAME_VECTORS, disagreement, require_agreement
+from ullme_cli.io.agreement import LAYOUT_KEYS, SAME_VECTORS, disagreement, require_agreement
 from ullme_cli.io.outputs import atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import SETUP_FILE, ModelSetup, Runtime, resolve_setup
 from ullme_cli.progress import progress_bar
+from ullme_cli.retrieval.search import HITS_AT_ONCE
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddin
         if cache.exists():
             try:
                 _, _, meta = load_embeddings(str(cache))
-                problem = disagreement(meta, {**expected, "chunking": encode_options.chunking()}, (*CORPUS_KEYS, "chunking"))
+                problem = disagreement(meta, {**expected, "chunking": encode_options.chunking()}, (*CORPUS_KEYS, *LAYOUT_KEYS))
             except UllmeError as e:
                 problem = str(e)
             reusable = problem is None
@@ -107,6 +108,15 @@ def _corpus_vectors(corpus: str, records, output: str, embedder, corpus_embeddin
     if (ids if chunk_map is None else list(dict.fromkeys(row["doc"] for row in chunk_map))) != made_from:
         raise UllmeError(f"{corpus_embeddings}: made from another corpus than {corpus} (ids or texts differ); pass the right --corpus-embeddings")
     return np.ascontiguousarray(dequantize(matrix, meta), dtype=np.float32), chunk_map
+
+
+def searched_in_blocks(index, queries: np.ndarray, depth: int):
+    """Each query's (positions, scores) of its top `depth` hits, searched a block of queries at a time so that
+    at most HITS_AT_ONCE hits are held, however many rows and however deep (a chunked corpus goes deeper)."""
+    block = max(1, HITS_AT_ONCE // depth)
+    for start in range(0, len(queries), block):
+        scores, found = index.search(queries[start : start + block], depth)
+        yield from zip(found, scores)
 
 
 def ranked_passages(scores: np.ndarray, found: np.ndarray, chunk_map: list[dict] | None, position_of: dict[str, int]):
@@ -155,7 +165,6 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
     if chunk_map is not None:  # the end-th document's best chunk ranks within (end - 1) × its most windows + 1
         windows = max(row["chunk"] for row in chunk_map) + 1
         depth = min(len(chunk_map), end * windows)
-    scores, found = index.search(queries, depth)
     texts = [r.text for r in records]
     position_of = {r.id: i for i, r in enumerate(records)}
     rng = np.random.default_rng(options.seed)
@@ -163,7 +172,7 @@ def _mine_locked(training, corpus, output, setup, runtime, corpus_embeddings, op
     stale = sum(any(k in ex.extra for k in STALE_FIELDS) for ex in examples)
     if stale and not options.teacher:
         log.warning(f"{training}: dropping {', '.join(STALE_FIELDS)} of {stale} rows: they scored the negatives that mining replaces")
-    for row, (example, ranked, ranked_scores) in enumerate(zip(examples, found, scores)):
+    for row, (example, (ranked, ranked_scores)) in enumerate(zip(examples, searched_in_blocks(index, queries, depth))):
         blocked = {_normal(p) for p in example.positives} | {_normal(example.query)}
         kept = list(example.negatives) if options.keep_existing else []
         seen = {_normal(t) for t in kept}

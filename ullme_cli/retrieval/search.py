@@ -6,8 +6,8 @@ which gives the same hits as one index over all vectors (exact indexes) and lets
 
 Over an index of chunk vectors (`encode --chunk-tokens`), hits are documents by default: the query's top
 `chunk_depth` chunk hits are grouped by document, and each document scores as its best chunk (`max`, the
-max-sim of vector-search stacks) or as the sum of its chunks among those hits (`sum`). The depth doubles
-until k documents are found (or every chunk is), so `max` ranks exactly as scoring every chunk would. Each
+max-sim of vector-search stacks) or as the sum of its chunks among those hits (`sum`). A query's depth doubles
+until it has k documents (or every chunk is in), so `max` ranks exactly as scoring every chunk would. Each
 document hit carries its best chunk's id and character span. `aggregate=None` (`--chunks`) returns the
 chunks themselves.
 """
@@ -33,7 +33,7 @@ from ullme_cli.artifacts import (
 )
 from ullme_cli.data import read_corpus
 from ullme_cli.errors import UllmeError, located
-from ullme_cli.io.agreement import SAME_SIDE, SAME_VECTORS, require_agreement
+from ullme_cli.io.agreement import SAME_LAYOUT, SAME_VECTORS, require_agreement
 from ullme_cli.io.outputs import STDIO, atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
@@ -51,6 +51,7 @@ FORMATS = ("jsonl", "trec")
 QUERY_BATCH = 1024
 AGGREGATES = ("max", "sum")
 CHUNK_DEPTH = 100  # chunk hits per query that a document ranking starts from (module docstring)
+HITS_AT_ONCE = 2**22  # hits (query rows x depth) one deep search holds at once: about 50 MB of scores and positions
 
 
 class Hit(tuple):
@@ -90,9 +91,7 @@ def open_indexes(folders: list[str], mmap: bool = False) -> list[OpenIndex]:
     first = opened[0].manifest
     owner: dict[str, str] = {}
     for other in opened:
-        require_agreement(other.manifest, first, other.folder, opened[0].folder, (*SAME_SIDE, "query_instruction", "dim", "metric"))
-        if other.manifest.get("chunking") != first.get("chunking"):
-            raise UllmeError(f"{other.folder}: chunking {other.manifest.get('chunking')} differs from {opened[0].folder}'s {first.get('chunking')}")
+        require_agreement(other.manifest, first, other.folder, opened[0].folder, (*SAME_LAYOUT, "query_instruction", "dim", "metric"))
         for doc in other.ids:  # one merged ranking: a document in two folders would be listed twice
             if owner.setdefault(doc, other.folder) != other.folder:
                 raise UllmeError(f"{other.folder}: id '{doc}' is in {owner[doc]} too; search folders that hold different documents (shards of one corpus)")
@@ -279,21 +278,35 @@ def merged_hits(opened: list[OpenIndex], batch: np.ndarray, depth: int, rerank_e
 
 
 def document_hits(opened: list[OpenIndex], batch: np.ndarray, k: int, aggregate: str, rerank_exact: bool, depth: int, total: int) -> list[list[Hit]]:
-    """Each query's top k documents from its top `depth` chunk hits, the depth doubled until every query has k
-    documents or every chunk is in."""
-    while True:
-        ranked = []
-        for hits in merged_hits(opened, batch, depth, rerank_exact):
-            best: dict[str, Hit] = {}
-            sums: dict[str, float] = {}
-            for h in hits:
-                best.setdefault(h.doc, h)
-                sums[h.doc] = sums.get(h.doc, 0.0) + h[1]
-            order = list(best) if aggregate == "max" else sorted(best, key=lambda d: -sums[d])  # sorted is stable: ties by best chunk
-            ranked.append([Hit(d, best[d][1] if aggregate == "max" else sums[d], best[d].chunk, best[d].span, d) for d in order[:k]])
-        if depth >= total or all(len(r) >= k for r in ranked):
-            return ranked
+    """Each query's top k documents from its top `depth` chunk hits, its depth doubled until it has k documents
+    or every chunk is in. Each query is ranked at its own depth, so its documents do not depend on the other
+    queries of the batch, and rows are searched in blocks of at most HITS_AT_ONCE hits, so memory stays bounded
+    however deep a query goes."""
+    ranked: list[list[Hit] | None] = [None] * len(batch)
+    todo = list(range(len(batch)))
+    while todo:
+        block = max(1, HITS_AT_ONCE // depth)
+        for start in range(0, len(todo), block):
+            rows = todo[start : start + block]
+            for row, hits in zip(rows, merged_hits(opened, batch[rows], depth, rerank_exact)):
+                documents = rank_documents(hits, aggregate, k)
+                if len(documents) >= k or depth >= total:
+                    ranked[row] = documents
+        todo = [row for row in todo if ranked[row] is None]
         depth = min(2 * depth, total)
+    return ranked
+
+
+def rank_documents(hits: list[Hit], aggregate: str, k: int) -> list[Hit]:
+    """Chunk hits (best first) grouped by document: each scores as its best chunk (max) or the sum of its
+    chunks among `hits` (sum), and names its best chunk."""
+    best: dict[str, Hit] = {}
+    sums: dict[str, float] = {}
+    for h in hits:
+        best.setdefault(h.doc, h)
+        sums[h.doc] = sums.get(h.doc, 0.0) + h[1]
+    order = list(best) if aggregate == "max" else sorted(best, key=lambda d: -sums[d])  # sorted is stable: ties by best chunk
+    return [Hit(d, best[d][1] if aggregate == "max" else sums[d], best[d].chunk, best[d].span, d) for d in order[:k]]
 
 
 def refuse_trec_ids(ids, what: str, source) -> None:
