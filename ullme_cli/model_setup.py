@@ -17,10 +17,12 @@ import dataclasses
 import functools
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, KINDS, POOLINGS
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import parse_json_object
+from ullme_cli.options import choice_problems, option, refusal
 
 SETUP_FILE = "ullme.json"
 # The version of an Embedder folder's layout, recorded in ullme.json. 1: the first versioned layout. A newer
@@ -33,15 +35,18 @@ ONNX_KEY = "onnx"  # an ONNX export's graph: file, quantization, inputs, dim and
 SETUP_FILE_KEYS = ("ullme_format", BASE_KEY, MATRYOSHKA_KEY, ONNX_KEY)
 
 
+MIN_MAX_LENGTH = 2  # the fewest tokens a text may keep: a setup's and a recipe's max_length alike
+
+
 @dataclass
 class ModelSetup:
     # A bundled name, an absolute model folder or .gguf path, or a hub id.
-    model: str = DEFAULT_MODEL
+    model: str = option(DEFAULT_MODEL, "Embedder folder, model folder, .gguf file, bundled name or hub id.", flag="--model")
     # Content hash of the model's files (weights, adapter, tokenizer, config); filled in when loaded.
     fingerprint: str = ""
-    attention: str = "bidirectional"
-    pooling: str = "mean"
-    query_instruction: str = ""
+    attention: str = option("bidirectional", "Attention", ATTENTION_MODES, refusal="unknown attention mode '{value}' (choose from {choices})")
+    pooling: str = option("mean", "Pooling", POOLINGS, refusal="unknown pooling '{value}' (choose from {choices})")
+    query_instruction: str = option("", "Instruction for queries (default: the model's).")
     passage_instruction: str = ""
     # e5 / ULLME style; the instruction tokens are masked out of pooling.
     instruction_template: str = "Instruct: {instruction}\nQuery: "
@@ -52,23 +57,24 @@ class ModelSetup:
     # separator keeps "hamlet?" and "Shakespeare" apart as a tokenizer would see them in running text.
     generation_instruction: str = ""
     generation_separator: str = "\n"
-    max_length: int = 512
-    padding_side: str = "right"
+    max_length: int = option(512, "Truncate texts to this many tokens")
+    padding_side: str = option("right", "Padding side", ("left", "right"), refusal="padding_side must be 'left' or 'right', got '{value}'")
     normalize: bool = True
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """Each field that cannot make a vector, with why (a recipe names it `model.FIELD`). The one check of a
+        setup: `validate` raises the first, recipes (`ModelSection`) report it with the recipe key."""
+        yield from choice_problems(self)
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < MIN_MAX_LENGTH:
+            yield "max_length", f"must be at least {MIN_MAX_LENGTH}, got {self.max_length}"
+        for key in ("instruction_template", "passage_template"):
+            template = getattr(self, key)
+            if (template or key == "instruction_template") and "{instruction}" not in template:
+                yield key, "must contain '{instruction}'" + ("" if key == "instruction_template" else " (or be empty: passages use instruction_template)")
+
     def validate(self) -> "ModelSetup":
-        if self.pooling not in POOLINGS:
-            raise UllmeError(f"unknown pooling '{self.pooling}' (choose from {', '.join(POOLINGS)})")
-        if self.attention not in ATTENTION_MODES:
-            raise UllmeError(f"unknown attention mode '{self.attention}' (choose from {', '.join(ATTENTION_MODES)})")
-        if self.padding_side not in ("left", "right"):
-            raise UllmeError(f"padding_side must be 'left' or 'right', got '{self.padding_side}'")
-        if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise UllmeError(f"max_length must be at least 2, got {self.max_length}")
-        if "{instruction}" not in self.instruction_template:
-            raise UllmeError("instruction_template must contain '{instruction}'")
-        if self.passage_template and "{instruction}" not in self.passage_template:
-            raise UllmeError("passage_template must contain '{instruction}' (or be empty: passages use instruction_template)")
+        for key, why in self.problems():
+            raise refusal(self, key, why)
         return self
 
     @classmethod

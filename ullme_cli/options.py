@@ -5,7 +5,7 @@ section's `validate` checks the choices the fields name (`check_choices`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ullme_cli.errors import UllmeError
 
@@ -25,10 +25,25 @@ def flag_of(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
-def check_choices(section) -> None:
-    """Refuse a value outside its field's choices, naming the flag and the choices."""
+def choice_problems(section) -> Iterator[tuple[str, str]]:
+    """Each field whose value is outside its declared choices, with why (as a recipe reports it)."""
     for field in dataclasses.fields(section):
         choices = field.metadata.get("choices")
-        value = getattr(section, field.name)
-        if choices and value not in choices:
-            raise UllmeError(field.metadata["refusal"].format(flag=flag_of(field), choices=", ".join(choices), value=value))
+        if choices and getattr(section, field.name) not in choices:
+            yield field.name, f"must be one of {', '.join(choices)}"
+
+
+def refusal(section, name: str, why: str) -> UllmeError:
+    """The error for field `name`'s problem `why`: a choice field's declared refusal (naming the flag, the value and
+    the choices), else `NAME WHY`."""
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    choices = field.metadata.get("choices")
+    if not choices or getattr(section, name) in choices:
+        return UllmeError(f"{name} {why}")
+    return UllmeError(field.metadata["refusal"].format(flag=flag_of(field), choices=", ".join(choices), value=getattr(section, name)))
+
+
+def check_choices(section) -> None:
+    """Refuse a value outside its field's choices, naming the flag and the choices."""
+    for name, why in choice_problems(section):
+        raise refusal(section, name, why)

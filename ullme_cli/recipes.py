@@ -15,7 +15,6 @@ from typing import ClassVar, Iterator
 
 import yaml
 
-from ullme_cli.constants import ATTENTION_MODES, POOLINGS
 from ullme_cli.data import TrainingExample
 from ullme_cli.dtypes import AUTOCAST, TRAINING_DTYPES
 from ullme_cli.errors import UllmeError
@@ -116,20 +115,9 @@ class ModelSection(ModelSetup):
         return ModelSetup.from_dict(dataclasses.asdict(self))
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        if self.attention not in ATTENTION_MODES:
-            yield "attention", f"must be one of {', '.join(ATTENTION_MODES)}"
-        if self.pooling not in POOLINGS:
-            yield "pooling", f"must be one of {', '.join(POOLINGS)}"
-        if self.padding_side not in ("left", "right"):
-            yield "padding_side", "must be left or right"
-        for key in ("instruction_template", "passage_template"):
-            template = getattr(self, key)
-            if (template or key == "instruction_template") and "{instruction}" not in template:
-                yield key, "must contain '{instruction}'"
+        yield from super().problems()  # the setup's own checks, then what only training asks
         if self.dtype not in TRAINING_DTYPES:
             yield "dtype", f"must be {' or '.join(TRAINING_DTYPES)} (training weights)"
-        if self.max_length < 8:
-            yield "max_length", "must be at least 8"
 
 
 @dataclass

@@ -88,6 +88,18 @@ def test_mntp_predicts_masked_tokens_from_the_previous_position():
     assert MNTPLoss()(logits, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_mntp_masks_one_token_where_the_draw_masks_none():
+    """Short texts in a small batch can draw no masked position; the loss would be 0/0 (NaN) and stop training
+    (a recipe's max_length may be as low as a setup's). One position is masked then; a draw with any keeps it."""
+    ids = torch.tensor([[5, 6, 0], [7, 8, 9]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    masked, labels = mask_tokens(ids, mask, mask_token_id=0, probability=0.0)
+    assert labels.tolist() == [[-100, 6, -100], [-100, -100, -100]] and masked.tolist() == [[5, 0, 0], [7, 8, 9]]
+    assert torch.isfinite(MNTPLoss()(torch.randn(2, 3, 10), labels))
+    drawn = mask_tokens(ids, mask, mask_token_id=0, probability=1.0)[1]
+    assert drawn.tolist() == [[-100, 6, -100], [-100, 8, 9]]
+
+
 def test_grl_terms_are_the_ones_training_assembles():
     """StepLoss (what `finetune` runs) builds GRL's parts under one set of names, with the paper's λ."""
     from ullme_cli.losses.step_inputs import StepInputs

@@ -9,6 +9,11 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_toke
     """Replace a share of the real tokens by `mask_token_id`; labels keep the originals there and -100 elsewhere."""
     chosen = (torch.rand(input_ids.shape, generator=generator, device="cpu").to(input_ids.device) < probability) & attention_mask.bool()
     chosen[:, 0] = False  # the first token has no previous position to predict it from
+    if not chosen.any():  # none drawn (short texts, a small batch): mask the first one that can be, so the loss is defined
+        eligible = attention_mask.bool().clone()
+        eligible[:, 0] = False
+        if eligible.any():
+            chosen.view(-1)[eligible.view(-1).nonzero()[0]] = True
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     return torch.where(chosen, torch.full_like(input_ids, mask_token_id), input_ids), labels
 
