@@ -8,7 +8,7 @@ from conftest import DEMO_CORPUS, RESOURCES, demo_texts, run_cli
 
 from ullme_cli.artifacts import load_embeddings, save_embeddings
 from ullme_cli.errors import UllmeError
-from ullme_cli.model_setup import ModelSetup
+from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.retrieval.index import build_index
 from ullme_cli.retrieval.search import search
 
@@ -164,13 +164,13 @@ def test_query_instruction_travels_from_encode_to_search(tiny_llama, tmp_path):
     assert run_cli("encode", DEMO_CORPUS, "-o", tmp_path / "e.npy", "--model", tiny_llama, "--query-instruction", instruction, "--dtype", "float32", "-q").returncode == 0
     assert run_cli("index", tmp_path / "e.npy", "-o", tmp_path / "idx").returncode == 0
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["query_instruction"] == instruction
-    hits = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, dtype="float32", show_progress=False))
+    hits = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, runtime=Runtime("float32"), show_progress=False))
     embedder = Embedder.load(str(tiny_llama), dtype="float32", query_instruction=instruction)
     question = json.loads((RESOURCES / "demo" / "queries.jsonl").read_text().splitlines()[0])["text"]
     expected = embedder.encode([question], kind="query")[0]
     corpus, ids, _ = load_embeddings(str(tmp_path / "e.npy"))
     assert [d for d, _ in hits["q0"]] == [ids[i] for i in np.argsort(-(corpus @ expected))[:3]]
-    overridden = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, dtype="float32", show_progress=False, instruction=""))
+    overridden = dict(search([str(tmp_path / "idx")], queries=str(RESOURCES / "demo" / "queries.jsonl"), k=3, runtime=Runtime("float32"), show_progress=False, instruction=""))
     assert overridden["q0"] != hits["q0"]
 
 

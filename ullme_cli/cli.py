@@ -14,11 +14,11 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import BACKENDS, DEFAULT_MODEL, EXPORT_FORMATS, GGUF_QUANTS, POOLINGS
-from ullme_cli.dtypes import COMPUTE_CHOICES
+from ullme_cli.constants import EXPORT_FORMATS, GGUF_QUANTS
 from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fields declare encode's flags
 from ullme_cli.errors import UllmeError
 from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
+from ullme_cli.model_setup import ModelSetup, Runtime  # light: their fields declare the setup flags
 from ullme_cli.options import flag_of
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -29,26 +29,36 @@ app = typer.Typer(
     help="Decoder LLMs as text-embedding models: finetune, encode, index, search, serve, evaluate.",
 )
 
-def field_option(section, name: str, *short: str):
-    """The Typer option of a dataclass field declared with `options.option`: its default, flag and help (with its
-    choices), so the flag is declared once, in the field."""
+def field_help(section, name: str) -> str:
+    """A field's help, with its choices where it declares them."""
     field = next(f for f in dataclasses.fields(section) if f.name == name)
     choices = field.metadata.get("choices")
-    help = field.metadata["help"] + (f": {', '.join(choices)}." if choices else "")
-    return typer.Option(field.default, flag_of(field), *short, help=help)
+    return field.metadata["help"].rstrip(".") + (f": {', '.join(choices)}." if choices else ".")
 
 
-ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Embedder folder, model folder, .gguf file, bundled name or hub id.")
-DtypeOption = typer.Option("auto", "--dtype", help=f"Compute dtype: {', '.join(COMPUTE_CHOICES)} (auto: bf16 where the CPU/GPU runs it fast).")
+def field_option(section, name: str, *short: str, keeps_the_models: bool = False):
+    """The Typer option of a dataclass field declared with `options.option`: its default, flag and help (with its
+    choices), so the flag is declared once, in the field. `keeps_the_models`: a setup field that a model folder
+    may set itself; the flag's default None keeps the folder's value (else the field's default)."""
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    if keeps_the_models:
+        return typer.Option(None, flag_of(field), *short, help=f"{field_help(section, name).rstrip('.')} (default: the model's, else {field.default}).")
+    return typer.Option(field.default, flag_of(field), *short, help=field_help(section, name))
+
+
+# The setup flags: every command that loads a model by name offers all of these, declared in ModelSetup and
+# Runtime (model_setup.SETUP_FLAGS); `search` takes the runtime ones (its setup is the index's).
+ModelOption = field_option(ModelSetup, "model", "-m")
+PoolingOption = field_option(ModelSetup, "pooling", keeps_the_models=True)
+AttentionOption = field_option(ModelSetup, "attention", keeps_the_models=True)
+MaxLengthOption = field_option(ModelSetup, "max_length", keeps_the_models=True)
+DtypeOption = field_option(Runtime, "dtype")
+DeviceOption = field_option(Runtime, "device")
+TrustOption = field_option(Runtime, "trust_remote_code")
+CompileOption = field_option(Runtime, "compile")
+BackendOption = field_option(Runtime, "backend")
 # --input-format is always the format of what a command reads, --format always the format of what it writes.
 InputFormatOption = field_option(EncodeOptions, "input_format")  # every command that reads texts takes it
-DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps, ...")
-PoolingOption = typer.Option(None, "--pooling", help=f"{', '.join(POOLINGS)} (default: the model's, else mean).")
-AttentionOption = typer.Option(None, "--attention", help="bidirectional or causal (default: the model's, else bidirectional).")
-MaxLengthOption = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (default: the model's, else 512).")
-TrustOption = typer.Option(False, "--trust-remote-code", help="Run model code from the hub. Off unless you ask.")
-BackendOption = typer.Option("auto", "--backend", help="auto, torch or onnx: auto runs a folder `ullme export --format onnx` wrote in ONNX Runtime, any other in torch.")
-CompileOption = typer.Option(None, "--compile/--no-compile", help="Encode through torch.compile, or never. Default: compile where it pays (a bf16 CPU and a job long enough that compiling takes under 10% of it); the log says what was decided.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Warnings and errors only: no progress bar, no summary.")
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug messages too.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace an existing output (never an input).")
@@ -82,12 +92,6 @@ def _report_error(message: str) -> None:
         except OSError:
             pass  # an unwritable temp folder: every process prints
     _err(f"ullme: error: {message}")
-
-
-def _backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise UllmeError(f"--backend must be one of {', '.join(BACKENDS)}, got '{name}'")
-    return name
 
 
 def _output(quiet: bool, verbose: bool) -> bool:
@@ -178,13 +182,13 @@ def encode(
     share the corpus and rank 0 writes the joined files."""
     show_progress = _output(quiet, verbose)
     from ullme_cli.encoding import Launch, encode_corpus, encode_launched
-    from ullme_cli.model_setup import Runtime, resolve_setup
+    from ullme_cli.model_setup import resolve_setup
 
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
                             token_budget=token_budget, input_format=input_format, on_long=on_long, chunk_tokens=chunk_tokens,
                             chunk_overlap=chunk_overlap, chunk_pool=chunk_pool).validate()  # fmt: skip
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
-    runtime = Runtime(dtype, device, trust_remote_code, compile, _backend(backend))
+    runtime = Runtime(dtype, device, trust_remote_code, compile, backend)
     launch = Launch.from_env()
     if launch.world > 1:
         if shard:
@@ -200,7 +204,7 @@ def encode(
 
 @app.command()
 def serve(
-    model: str = typer.Argument(DEFAULT_MODEL, help="Embedder folder, model folder, .gguf file, bundled name or hub id."),
+    model: str = typer.Argument(ModelSetup.model, help=field_help(ModelSetup, "model")),
     index: list[str] = typer.Option([], "--index", help="Index folder(s) built with this model, for POST /v1/search (repeatable; merged as `search` merges them)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; any other needs --api-key-env or --insecure-public)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
@@ -215,6 +219,7 @@ def serve(
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
+    compile: Optional[bool] = CompileOption,
     backend: str = BackendOption,
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Padded tokens per batch (default 1536 on CPU, 16384 on GPU)."),
     max_inputs: int = field_option(Limits, "max_inputs"),
@@ -229,7 +234,7 @@ def serve(
 ) -> None:
     """Serve embeddings (OpenAI-compatible /v1/embeddings) and search (/v1/search) over HTTP until SIGTERM."""
     _output(quiet, verbose)
-    from ullme_cli.model_setup import Runtime, resolve_setup
+    from ullme_cli.model_setup import resolve_setup
     from ullme_cli.serving.server import serve as run_server
 
     if not 0 < port < 65536:
@@ -251,7 +256,7 @@ def serve(
             raise UllmeError(f"--adapter {given}: expected NAME=PATH")
         adapters[adapter_name.strip()] = path.strip()
     setup = resolve_setup(model, pooling=pooling, attention=attention, query_instruction=query_instruction, max_length=max_length)
-    run_server(setup, Runtime(dtype, device, trust_remote_code, backend=_backend(backend)), index, host, port, api_key_env, insecure_public, limits,
+    run_server(setup, Runtime(dtype, device, trust_remote_code, compile, backend), index, host, port, api_key_env, insecure_public, limits,
                served_name or model, token_budget, access_log=verbose, adapters=adapters)  # fmt: skip
 
 
@@ -353,6 +358,9 @@ def search(
     input_format: str = InputFormatOption,
     dtype: str = DtypeOption,
     device: str = DeviceOption,
+    trust_remote_code: bool = TrustOption,
+    compile: Optional[bool] = CompileOption,
+    backend: str = BackendOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -367,7 +375,8 @@ def search(
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
     inputs = search_inputs(folders, queries, embeddings)
-    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, dtype, device, show_progress, instruction, fmt,
+    runtime = Runtime(dtype, device, trust_remote_code, compile, backend)
+    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, runtime, show_progress, instruction, fmt,
                          None if chunks else aggregate, chunk_depth)  # fmt: skip
     count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":
@@ -398,19 +407,21 @@ def mine(
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
+    compile: Optional[bool] = CompileOption,
+    backend: str = BackendOption,
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
     """Mine hard negatives for training data by searching a corpus."""
     show_progress = _output(quiet, verbose)
-    from ullme_cli.model_setup import Runtime, resolve_setup
+    from ullme_cli.model_setup import resolve_setup
     from ullme_cli.retrieval.mine import mine_negatives
 
     start, stop = MiningOptions.parse_range(rank_range)
     options = MiningOptions(negatives, start, stop, sample, margin, relative_margin, max_score, seed, keep_existing, teacher, chunk_tokens, chunk_overlap).validate()
     setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
-    runtime = Runtime(dtype, device, trust_remote_code)
+    runtime = Runtime(dtype, device, trust_remote_code, compile, backend)
     stats = mine_negatives(training, corpus, output, setup, runtime, corpus_embeddings, options, overwrite, show_progress)
     log.info(f"mined {stats['examples']} rows against {stats['corpus']} passages -> {output} ({stats['short']} rows got fewer than {negatives})")
 
@@ -447,10 +458,12 @@ def evaluate(
     prefetch: bool = typer.Option(False, "--prefetch", help="Only download the --tasks' data into the HF cache (needs a network)."),
     pooling: Optional[str] = PoolingOption,
     attention: Optional[str] = AttentionOption,
+    max_length: Optional[int] = MaxLengthOption,
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     trust_remote_code: bool = TrustOption,
     compile: Optional[bool] = CompileOption,
+    backend: str = BackendOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
@@ -459,7 +472,6 @@ def evaluate(
     import json
 
     from ullme_cli.evaluation import runner
-    from ullme_cli.model_setup import Runtime
 
     names = [n.strip() for n in _split_task_names(tasks)] if tasks else []  # 'MTEB(eng, v2)' has a comma
     if run or qrels:
@@ -470,9 +482,9 @@ def evaluate(
     if prefetch:
         log.info(f"cached: {', '.join(runner.prefetch(names))}")
         return
-    runtime = Runtime(dtype, device, trust_remote_code, compile)
+    runtime = Runtime(dtype, device, trust_remote_code, compile, backend)
     results = runner.evaluate(model, names, task_dir, sts, output_dir, instructions, runtime, show_progress, pooling=pooling,
-                              attention=attention, pair_files=pairs)  # fmt: skip
+                              attention=attention, max_length=max_length, pair_files=pairs)  # fmt: skip
     summary, table = runner.report(results, model)
     if show_progress:
         from ullme_cli.progress import stderr_console

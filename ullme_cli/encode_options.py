@@ -19,7 +19,7 @@ class EncodeOptions:
     out_dtype: str = option("float32", "Stored dtype", OUT_DTYPES, refusal=UNKNOWN)
     truncate_dim: int | None = option(None, "Keep the first D dimensions (Matryoshka) and renormalize.")
     token_budget: int | None = option(None, "Padded tokens per batch (default 1536 on CPU, 16384 on GPU).")
-    input_format: str = option("auto", "jsonl, tsv, text, csv, parquet, dataset (a save_to_disk folder) or auto (by suffix; hf:NAME[:SPLIT] is a dataset).",
+    input_format: str = option("auto", "The input's format (auto: by suffix, and hf:NAME[:SPLIT] is a dataset; dataset: a save_to_disk folder)",
                                INPUT_FORMATS, refusal="unknown input format '{value}' (choose from {choices})")  # fmt: skip
     on_long: str = option("truncate", "A text longer than --max-length is cut (the summary counts them) or refused", ON_LONG)
     chunk_tokens: int | None = option(None, "Cut each text into windows of N model tokens instead of truncating it (N <= --max-length).")

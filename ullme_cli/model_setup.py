@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-from ullme_cli.constants import ATTENTION_MODES, DEFAULT_MODEL, KINDS, POOLINGS
+from ullme_cli.constants import ATTENTION_MODES, BACKENDS, DEFAULT_MODEL, KINDS, POOLINGS
+from ullme_cli.dtypes import COMPUTE_CHOICES
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.rows import parse_json_object
-from ullme_cli.options import choice_problems, option, refusal
+from ullme_cli.options import check_choices, choice_problems, option, refusal
 
 SETUP_FILE = "ullme.json"
 # The version of an Embedder folder's layout, recorded in ullme.json. 1: the first versioned layout. A newer
@@ -46,7 +47,7 @@ class ModelSetup:
     fingerprint: str = ""
     attention: str = option("bidirectional", "Attention", ATTENTION_MODES, refusal="unknown attention mode '{value}' (choose from {choices})")
     pooling: str = option("mean", "Pooling", POOLINGS, refusal="unknown pooling '{value}' (choose from {choices})")
-    query_instruction: str = option("", "Instruction for queries (default: the model's).")
+    query_instruction: str = ""
     passage_instruction: str = ""
     # e5 / ULLME style; the instruction tokens are masked out of pooling.
     instruction_template: str = "Instruct: {instruction}\nQuery: "
@@ -57,7 +58,7 @@ class ModelSetup:
     # separator keeps "hamlet?" and "Shakespeare" apart as a tokenizer would see them in running text.
     generation_instruction: str = ""
     generation_separator: str = "\n"
-    max_length: int = option(512, "Truncate texts to this many tokens")
+    max_length: int = option(512, "Truncate texts to this many tokens")  # (the CLI's --max-length keeps the model's unless given)
     padding_side: str = option("right", "Padding side", ("left", "right"), refusal="padding_side must be 'left' or 'right', got '{value}'")
     normalize: bool = True
 
@@ -126,11 +127,24 @@ TEMPLATES = {
 
 @dataclass(frozen=True)
 class Runtime:
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    compile: bool | None = None  # torch.compile for encoding: True always, False never, None when compile_policy.py finds it pays
-    backend: str = "auto"  # one of constants.BACKENDS
+    """Where and how fast vectors are computed, never what they are. Its fields declare the runtime flags that
+    every command loading a model offers (cli.py)."""
+
+    dtype: str = option("auto", "Compute dtype (auto: bf16 where the CPU/GPU runs it fast)", COMPUTE_CHOICES, refusal="unknown dtype '{value}' (choose from {choices})")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, mps, ...")
+    trust_remote_code: bool = option(False, "Run model code from the hub. Off unless you ask.")
+    # True always, False never, None when compile_policy.py finds it pays
+    compile: bool | None = option(None, "Encode through torch.compile, or never. Default: compile where it pays (a bf16 CPU and a job long enough that "
+                                        "compiling takes under 10% of it); the log says what was decided.", flag="--compile/--no-compile")  # fmt: skip
+    backend: str = option("auto", "auto runs a folder `ullme export --format onnx` wrote in ONNX Runtime, any other in torch", BACKENDS)
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+# The setup fields that every command loading a model by name lets its flags override (None keeps the model's own),
+# beside all of Runtime's. Instructions are each command's own (encode's --kind, serve's input_type, evaluate's table).
+SETUP_FLAGS = ("pooling", "attention", "max_length")
 
 
 SETUP_FIELDS = tuple(f.name for f in fields(ModelSetup))

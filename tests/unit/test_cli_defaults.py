@@ -11,7 +11,7 @@ from typer.main import get_command
 from ullme_cli.cli import app
 from ullme_cli.encoding import EncodeOptions
 from ullme_cli.mine_options import MiningOptions
-from ullme_cli.model_setup import Runtime
+from ullme_cli.model_setup import SETUP_FLAGS, ModelSetup, Runtime
 from ullme_cli.serving.limits import Limits
 
 COMMANDS = get_command(app).commands
@@ -38,12 +38,36 @@ def test_cli_defaults_equal_the_dataclass_defaults(command, fields, scale):
     assert compared >= 3, (command, compared)
 
 
+RUNTIME_FLAGS = [f.name for f in dataclasses.fields(Runtime)]
+
+
 @pytest.mark.parametrize("command", ["encode", "serve", "search", "mine", "evaluate"])
 def test_the_runtime_flags_default_to_the_runtime_defaults(command):
     given, runtime = defaults(command), Runtime()
-    for name in ("dtype", "device", "trust_remote_code", "backend"):
-        if name in given:
-            assert given[name] == getattr(runtime, name), (command, name)
+    for name in RUNTIME_FLAGS:
+        assert given[name] == getattr(runtime, name), (command, name)
+
+
+@pytest.mark.parametrize("command", ["serve", "search", "mine", "evaluate"])
+def test_every_command_that_loads_a_model_offers_the_same_setup_flags(command):
+    """The setup flags are declared once (ModelSetup's and Runtime's fields): each command that loads a model by
+    name offers all of them, spelled, defaulted and explained as `encode` does; `search` the runtime ones, since
+    its setup is the index's."""
+    params, reference = {p.name: p for p in COMMANDS[command].params}, {p.name: p for p in COMMANDS["encode"].params}
+    for name in RUNTIME_FLAGS + ([] if command == "search" else ["model", *SETUP_FLAGS]):
+        assert name in params, (command, name)
+        ours, theirs = params[name], reference[name]
+        assert (ours.default, getattr(ours, "help", None)) == (theirs.default, theirs.help), (command, name)
+        if ours.param_type_name == "option":  # serve takes MODEL as its argument
+            assert ours.opts == theirs.opts and ours.secondary_opts == theirs.secondary_opts, (command, name)
+
+
+def test_a_setup_flag_keeps_the_models_value_and_names_the_fallback():
+    """--pooling and the like default to None (the folder's own setup); their help names the field's default."""
+    given = {p.name: p for p in COMMANDS["encode"].params}
+    for name in SETUP_FLAGS:
+        assert given[name].default is None
+        assert f"else {getattr(ModelSetup, name)})" in given[name].help, name
 
 
 def test_ullme_load_takes_the_parameters_of_embedder_load():

@@ -104,11 +104,12 @@ def evaluate(
     pooling: str | None = None,
     attention: str | None = None,
     pair_files: list[str] = (),
+    max_length: int | None = None,
 ) -> list[TaskResult]:
     """Resolve every task first (cheap, and fails before the model loads), then run them all.
 
-    `pooling` and `attention` override the model's own (None keeps them), e.g. to score a base model in
-    the setup that a fine-tune will use.
+    `pooling`, `attention` and `max_length` override the model's own (None keeps them), e.g. to score a base
+    model in the setup that a fine-tune will use.
     """
     from ullme_cli.models.embedder import load_embedder
     from ullme_cli.models.loading import model_fingerprint, resolve_model_source
@@ -122,7 +123,7 @@ def evaluate(
     tasks = hub_tasks + [make(path, prefix + name) for (path, make, prefix), name in zip(local, names)]
     if not tasks:
         raise UllmeError("evaluate: name --tasks, --task-dir, --sts or --pairs (or --run with --qrels)")
-    setup = resolve_setup(model, pooling=pooling, attention=attention)
+    setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
     # The results cache is written as tasks finish: never inside the model (its fingerprint would change) or a task.
     from ullme_cli.models.loading import model_inputs
 

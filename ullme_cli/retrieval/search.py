@@ -14,6 +14,8 @@ chunks themselves.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import sys
@@ -148,7 +150,7 @@ def require_query_agreement(embedder, manifest: dict, what: str) -> None:
                       "the index's queries", SAME_VECTORS)  # fmt: skip
 
 
-def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, dtype: str, device: str, show_progress: bool,
+def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, input_format: str, runtime: Runtime, show_progress: bool,
                   check_ids=lambda ids, source: None):  # fmt: skip
     """Query ids and vectors: from a ready embeddings file, or encoded as the manifest says. `check_ids`
     sees the query ids (and where they come from) before any query is encoded."""
@@ -166,8 +168,8 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
     check_ids([r.id for r in records], queries)
     # The manifest's setup, fingerprint included: a model whose files changed since indexing is refused. The
     # queries are encoded in the dtype the passages were, unless the user names one (then it must agree).
-    embedder = load_embedder(ModelSetup.from_dict(manifest), Runtime(manifest["compute_dtype"] if dtype == "auto" else dtype, device))
-    require_query_agreement(embedder, manifest, f"queries encoded now (--dtype {dtype})")
+    embedder = load_embedder(ModelSetup.from_dict(manifest), in_index_dtype(runtime, manifest))
+    require_query_agreement(embedder, manifest, f"queries encoded now (--dtype {runtime.dtype})")
     texts = [r.text for r in records]
     parts = []
     with progress_bar(f"encode queries ({embedder.backend})", total=len(texts), enabled=show_progress) as advance:
@@ -176,6 +178,12 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
             advance(len(parts[-1]))
     embedder.report_truncation("search")
     return [r.id for r in records], as_index_queries(np.concatenate(parts), manifest)
+
+
+def in_index_dtype(runtime: Runtime, manifest: dict) -> Runtime:
+    """`runtime` with --dtype auto read as the dtype the index's passages were encoded in: queries are encoded
+    alike (`ullme search` and `ullme serve --index`); a dtype the user names must agree with it."""
+    return dataclasses.replace(runtime, dtype=manifest["compute_dtype"]) if runtime.dtype == "auto" else runtime
 
 
 def as_index_queries(matrix: np.ndarray, manifest: dict) -> np.ndarray:
@@ -198,8 +206,7 @@ def search(
     rerank_exact: bool = False,
     mmap: bool = False,
     input_format: str = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
+    runtime: Runtime = Runtime(),
     show_progress: bool = True,
     instruction: str | None = None,
     fmt: str = "jsonl",
@@ -218,7 +225,7 @@ def search(
         for o in opened:
             refuse_trec_ids(o.ids, "document", o.folder)
     check_ids = (lambda ids, source: refuse_trec_ids(ids, "query", source)) if fmt == "trec" else (lambda ids, source: None)
-    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, dtype, device, show_progress, check_ids)
+    qids, vectors = query_vectors(manifest, queries, embeddings, input_format, runtime, show_progress, check_ids)
     yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress, aggregate, chunk_depth)
 
 

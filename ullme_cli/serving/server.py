@@ -14,7 +14,7 @@ import signal
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.model_setup import ModelSetup, Runtime
-from ullme_cli.retrieval.search import open_indexes, require_query_agreement
+from ullme_cli.retrieval.search import in_index_dtype, open_indexes, require_query_agreement
 from ullme_cli.serving.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def serve(
     from ullme_cli.models.embedder import load_embedder
 
     opened = open_indexes(index_folders) if index_folders else []
-    if opened and runtime.dtype == "auto":  # queries in the dtype the passages were encoded in, as `ullme search`
-        runtime = Runtime(opened[0].manifest["compute_dtype"], runtime.device, runtime.trust_remote_code, runtime.compile)
+    if opened:  # queries in the dtype the passages were encoded in, as `ullme search`
+        runtime = in_index_dtype(runtime, opened[0].manifest)
     embedder = load_embedder(setup, runtime)
     if opened:
         require_query_agreement(embedder, opened[0].manifest, f"the served model ({setup.model})")
