@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_retrieval import clustered_vectors, write_vectors  # noqa: E402
 
 from ullme_cli.retrieval.index import build_index  # noqa: E402
+from ullme_cli.retrieval_options import IndexOptions  # noqa: E402
 from ullme_cli.retrieval.search import open_indexes, search_opened, set_search_parameters  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     for factory in ("Flat", f"IVF{nlist},Flat", "HNSW32"):
         folder = work / factory.replace(",", "_")
         start = time.perf_counter()
-        build_index(str(work / "c.npy"), str(folder), factory)
+        build_index(str(work / "c.npy"), str(folder), IndexOptions(factory))
         build = time.perf_counter() - start
         start = time.perf_counter()
         opened = open_indexes([str(folder)])[0]

@@ -19,6 +19,7 @@ from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fie
 from ullme_cli.errors import UllmeError
 from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
 from ullme_cli.model_setup import ModelSetup, Runtime  # light: their fields declare the setup flags
+from ullme_cli.retrieval_options import IndexOptions, SearchOptions  # light: their fields declare index's and search's flags
 from ullme_cli.options import flag_of
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -321,12 +322,12 @@ def join(
 def index(
     embeddings: str = typer.Argument(..., help="emb.npy (with its .ids.jsonl and .meta.json), an .npz, or - for an npz stream."),
     output: str = typer.Option(..., "--output", "-o", help="Index folder: index.faiss, ids.jsonl, manifest.json."),
-    factory: str = typer.Option("auto", "--factory", help="FAISS index_factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64) or auto."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="ip or l2 (default: ip for normalized vectors)."),
-    add: bool = typer.Option(False, "--add", help="Append to the existing index in --output."),
-    keep_vectors: bool = typer.Option(True, "--keep-vectors/--no-keep-vectors", help="Keep float16 copies beside lossy indexes for --rerank-exact."),
+    factory: str = field_option(IndexOptions, "factory"),
+    metric: Optional[str] = field_option(IndexOptions, "metric"),
+    add: bool = field_option(IndexOptions, "add"),
+    keep_vectors: bool = field_option(IndexOptions, "keep_vectors"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index folder (one that holds only ullme's index files)."),
-    trained_from: Optional[str] = typer.Option(None, "--trained-from", help="Start from this index folder's trained centroids/codebooks (shard indexes that merge exactly)."),
+    trained_from: Optional[str] = field_option(IndexOptions, "trained_from"),
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
@@ -334,7 +335,8 @@ def index(
     _output(quiet, verbose)
     from ullme_cli.retrieval.index import build_index
 
-    manifest, note = build_index(embeddings, output, factory, metric, add, keep_vectors, overwrite=overwrite, trained_from=trained_from)
+    options = IndexOptions(factory, metric, add, keep_vectors, trained_from).validate()
+    manifest, note = build_index(embeddings, output, options, overwrite)
     if note:
         log.info(f"factory {'auto -> ' if factory == 'auto' and not trained_from else ''}{manifest['factory']} ({note})")
     log.info(f"index {output}: {manifest['count']} vectors, {manifest['factory']}, metric {manifest['metric']}")
@@ -344,17 +346,17 @@ def index(
 def search(
     indexes: list[str] = typer.Argument(..., help="Index folder(s), then QUERIES (.jsonl/.tsv/text/-) last unless --embeddings is given."),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Query embeddings made already (q.npy or .npz); no QUERIES then."),
-    k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
+    k: int = field_option(SearchOptions, "k", "-k"),
     output: str = typer.Option("-", "--output", "-o", help="Results file, or - for stdout."),
-    fmt: str = typer.Option("jsonl", "--format", help="Output format: jsonl or trec."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists to visit (default: the manifest's)."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default: the manifest's)."),
-    instruction: Optional[str] = typer.Option(None, "--instruction", help="Query instruction (default: the manifest's)."),
-    rerank_exact: bool = typer.Option(False, "--rerank-exact", help="Rescore candidates with exact vectors (PQ/SQ indexes)."),
-    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index from disk instead of reading it into RAM."),
-    aggregate: str = typer.Option("max", "--aggregate", help="Over chunk vectors: a document scores as its best chunk (max) or the sum of its chunks among the top hits (sum)."),
+    fmt: str = field_option(SearchOptions, "format"),
+    nprobe: Optional[int] = field_option(SearchOptions, "nprobe"),
+    ef_search: Optional[int] = field_option(SearchOptions, "ef_search"),
+    instruction: Optional[str] = field_option(SearchOptions, "instruction"),
+    rerank_exact: bool = field_option(SearchOptions, "rerank_exact"),
+    mmap: bool = field_option(SearchOptions, "mmap"),
+    aggregate: str = field_option(SearchOptions, "aggregate"),
     chunks: bool = typer.Option(False, "--chunks", help="Over chunk vectors: return the chunks themselves, not documents."),
-    chunk_depth: int = typer.Option(100, "--chunk-depth", help="Over chunk vectors: chunk hits per query that documents are ranked from (doubled until -k documents)."),
+    chunk_depth: int = field_option(SearchOptions, "chunk_depth"),
     input_format: str = InputFormatOption,
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -374,10 +376,10 @@ def search(
     folders, queries = (indexes, None) if embeddings else (indexes[:-1], indexes[-1])
     if not folders:
         raise UllmeError("search: give at least one index folder before QUERIES")
-    inputs = search_inputs(folders, queries, embeddings)
+    options = SearchOptions(k, nprobe, ef_search, instruction, rerank_exact, mmap, None if chunks else aggregate, chunk_depth, fmt).validate()
     runtime = Runtime(dtype, device, trust_remote_code, compile, backend)
-    results = run_search(folders, queries, embeddings, k, nprobe, ef_search, rerank_exact, mmap, input_format, runtime, show_progress, instruction, fmt,
-                         None if chunks else aggregate, chunk_depth)  # fmt: skip
+    inputs = search_inputs(folders, queries, embeddings)
+    results = run_search(folders, queries, embeddings, options, runtime, input_format, show_progress)
     count = write_results(results, output, fmt, inputs, overwrite)
     if output != "-":
         log.info(f"wrote {count} queries' hits to {output}")

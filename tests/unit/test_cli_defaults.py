@@ -12,6 +12,7 @@ from ullme_cli.cli import app
 from ullme_cli.encoding import EncodeOptions
 from ullme_cli.mine_options import MiningOptions
 from ullme_cli.model_setup import SETUP_FLAGS, ModelSetup, Runtime
+from ullme_cli.retrieval_options import IndexOptions, SearchOptions
 from ullme_cli.serving.limits import Limits
 
 COMMANDS = get_command(app).commands
@@ -25,6 +26,8 @@ def defaults(command: str) -> dict:
     ("encode", EncodeOptions, {}),
     ("mine", MiningOptions, {}),
     ("serve", Limits, {"max_wait_ms": ("max_wait", 1000), "max_request_mb": ("max_request_bytes", 2**-20)}),
+    ("index", IndexOptions, {}),
+    ("search", SearchOptions, {"fmt": ("format", 1)}),
 ])  # fmt: skip
 def test_cli_defaults_equal_the_dataclass_defaults(command, fields, scale):
     values = {f.name: f.default for f in dataclasses.fields(fields)}

@@ -32,6 +32,7 @@ from ullme_cli.io.agreement import SAME_LAYOUT, SAME_SIDE, require_agreement
 from ullme_cli.io.outputs import atomic_folder, guard_output, output_lock
 from ullme_cli.io.rows import read_json_object
 from ullme_cli.model_setup import SETUP_FIELDS
+from ullme_cli.retrieval_options import IndexOptions
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.jsonl"
@@ -39,7 +40,6 @@ MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"  # exact copies kept beside lossy (PQ/SQ) indexes, for --rerank-exact
 CHUNKS_FILE = "chunks.jsonl"  # the chunk map of chunk vectors, row for row with ids.jsonl
 INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE, VECTORS_FILE, CHUNKS_FILE)
-METRICS = ("ip", "l2")
 # Measured on 20k clustered 64-d unit vectors (tests/test_retrieval.py): FAISS' defaults (40/16) give
 # recall@10 0.39; 200/256 give 0.996 against Flat.
 DEFAULT_EF_CONSTRUCTION = 200
@@ -166,31 +166,17 @@ def _create(factory: str, dim: int, metric: str, binary: bool):
         raise UllmeError(f"--factory '{factory}': FAISS cannot build it ({first})") from None
 
 
-def build_index(
-    embeddings: str,
-    output: str,
-    factory: str = "auto",
-    metric: str | None = None,
-    add: bool = False,
-    keep_vectors: bool = True,
-    seed: int = 0,
-    overwrite: bool = False,
-    trained_from: str | None = None,
-) -> tuple[dict, str]:
-    """Build (or with `add`, extend) an index folder. Returns the manifest and a note on the choice.
+def build_index(embeddings: str, output: str, options: IndexOptions = IndexOptions(), overwrite: bool = False, seed: int = 0) -> tuple[dict, str]:
+    """Build (or with `options.add`, extend) an index folder. Returns the manifest and a note on the choice.
 
-    `trained_from`: start from that index folder's trained structure (IVF centroids, PQ codebooks), emptied.
+    `options.trained_from`: start from that index folder's trained structure (IVF centroids, PQ codebooks), emptied.
     Shard indexes built from one trained index give, merged at search time, exactly the hits of one index
     over all their vectors with the same centroids: the multi-node layout of docs/guide.md.
     """
-    if add and trained_from:
-        raise UllmeError("--add and --trained-from do not mix: --add keeps the index's own training")
-    for option, value, default in (("--factory", factory, "auto"), ("--metric", metric, None)):
-        if value != default and (add or trained_from):  # the index's own are used: a value given would be ignored
-            raise UllmeError(f"{option} does not apply with {'--add' if add else '--trained-from'}: the index's own {option[2:]} is used")
-    check_index_output(output, add, overwrite, [*embedding_files(embeddings), trained_from])
+    o = options.validate()
+    check_index_output(output, o.add, overwrite, [*embedding_files(embeddings), o.trained_from])
     with output_lock(output):
-        return _build_locked(embeddings, output, factory, metric, add, keep_vectors, seed, trained_from)
+        return _build_locked(embeddings, output, o.factory, o.metric, o.add, o.keep_vectors, seed, o.trained_from)
 
 
 def _build_locked(embeddings: str, output: str, factory: str, metric: str | None, add: bool, keep_vectors: bool, seed: int,
@@ -239,8 +225,6 @@ def _build_locked(embeddings: str, output: str, factory: str, metric: str | None
         manifest = {**template, "corpora": [meta["corpus_fingerprint"]], "ullme_version": __version__}
     else:
         metric = metric or ("ip" if meta["normalize"] else "l2")
-        if metric not in METRICS:
-            raise UllmeError(f"unknown --metric '{metric}' (choose from ip, l2)")
         if factory == "auto":
             factory, note = ("BFlat", "binary codes: exact Hamming search") if binary else auto_factory(len(vectors), dim)
         index = _create(factory, dim, metric, binary)

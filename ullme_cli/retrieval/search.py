@@ -39,6 +39,7 @@ from ullme_cli.io.agreement import SAME_LAYOUT, SAME_VECTORS, require_agreement
 from ullme_cli.io.outputs import STDIO, atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
+from ullme_cli.retrieval_options import CHUNK_DEPTH, SearchOptions
 from ullme_cli.retrieval.index import (
     VECTORS_FILE,
     load_faiss_index,
@@ -49,10 +50,7 @@ from ullme_cli.retrieval.index import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "trec")
 QUERY_BATCH = 1024
-AGGREGATES = ("max", "sum")
-CHUNK_DEPTH = 100  # chunk hits per query that a document ranking starts from (module docstring)
 HITS_AT_ONCE = 2**22  # hits (query rows x depth) one deep search holds at once: about 50 MB of scores and positions
 
 
@@ -200,40 +198,25 @@ def search(
     index_folders: list[str],
     queries: str | None = None,
     embeddings: str | None = None,
-    k: int = 10,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    rerank_exact: bool = False,
-    mmap: bool = False,
-    input_format: str = "auto",
+    options: SearchOptions = SearchOptions(),
     runtime: Runtime = Runtime(),
+    input_format: str = "auto",
     show_progress: bool = True,
-    instruction: str | None = None,
-    fmt: str = "jsonl",
-    aggregate: str | None = "max",
-    chunk_depth: int = CHUNK_DEPTH,
 ) -> Iterator[tuple[str, list[Hit]]]:
-    """Yield (query id, [(doc id, score), ...]) in query order. `instruction` overrides the manifest's.
-    For `fmt` trec, every query and document id is checked before the first query is searched.
-    `aggregate` ranks documents over an index of chunks (module docstring); None returns the chunks."""
-    if k < 1:
-        raise UllmeError(f"-k must be at least 1, got {k}")
-    check_aggregate(aggregate, chunk_depth)
-    opened = open_indexes(index_folders, mmap)
-    manifest = opened[0].manifest if instruction is None else {**opened[0].manifest, "query_instruction": instruction}
-    if fmt == "trec":
+    """Yield (query id, [(doc id, score), ...]) in query order. `options.instruction` overrides the manifest's.
+    For the trec format, every query and document id is checked before the first query is searched.
+    `options.aggregate` ranks documents over an index of chunks (module docstring); None returns the chunks."""
+    options.validate()
+    opened = open_indexes(index_folders, options.mmap)
+    manifest = opened[0].manifest if options.instruction is None else {**opened[0].manifest, "query_instruction": options.instruction}
+    trec = options.format == "trec"
+    if trec:
         for o in opened:
             refuse_trec_ids(o.ids, "document", o.folder)
-    check_ids = (lambda ids, source: refuse_trec_ids(ids, "query", source)) if fmt == "trec" else (lambda ids, source: None)
+    check_ids = (lambda ids, source: refuse_trec_ids(ids, "query", source)) if trec else (lambda ids, source: None)
     qids, vectors = query_vectors(manifest, queries, embeddings, input_format, runtime, show_progress, check_ids)
-    yield from search_opened(opened, qids, vectors, k, nprobe, ef_search, rerank_exact, show_progress, aggregate, chunk_depth)
-
-
-def check_aggregate(aggregate: str | None, chunk_depth: int) -> None:
-    if aggregate is not None and aggregate not in AGGREGATES:
-        raise UllmeError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got '{aggregate}'")
-    if chunk_depth < 1:
-        raise UllmeError(f"--chunk-depth must be at least 1, got {chunk_depth}")
+    yield from search_opened(opened, qids, vectors, options.k, options.nprobe, options.ef_search, options.rerank_exact, show_progress,
+                             options.aggregate, options.chunk_depth)  # fmt: skip
 
 
 def search_opened(
@@ -368,8 +351,7 @@ def search_inputs(folders: list[str], queries: str | None, embeddings: str | Non
 
 
 def write_results(results, output: str, fmt: str, inputs=(), overwrite: bool = False) -> int:
-    if fmt not in FORMATS:
-        raise UllmeError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
+    """Write each query's hits as `fmt` (jsonl or trec, checked by SearchOptions.validate) to `output` or stdout."""
     guard_output([output], inputs, overwrite)
     count = 0
     with output_lock(output), open_output(output) as out:
