@@ -6,22 +6,29 @@ Heavy libraries (torch, transformers, faiss, mteb) are imported inside the comma
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import EXPORT_FORMATS, GGUF_QUANTS
+from ullme_cli.constants import EXPORT_FORMATS, GGUF_QUANTS, __version__
 from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fields declare encode's flags
 from ullme_cli.errors import UllmeError
 from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
-from ullme_cli.model_setup import ModelSetup, Runtime  # light: their fields declare the setup flags
+from ullme_cli.model_setup import ModelSetup, Runtime, resolve_setup  # light: their fields declare the setup flags
+from ullme_cli.progress import configure_logging, stderr_console  # rich, which typer loads already
 from ullme_cli.retrieval_options import IndexOptions, SearchOptions  # light: their fields declare index's and search's flags
 from ullme_cli.options import flag_of
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
+from ullme_cli.training.curves import write_plot  # light: matplotlib is imported when a plot is drawn
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -77,13 +84,7 @@ def _report_error(message: str) -> None:
     processes that all reach the same refusal (they share their parent, the launcher's agent). A message
     that only some ranks reach is still printed by them. What the launcher prints after that (torchrun's
     ChildFailedError summary) is its own."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        import hashlib
-        import tempfile
-        from pathlib import Path
-
         launch = f"{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
         marker = Path(tempfile.gettempdir()) / f"ullme-error-{hashlib.sha256(f'{launch}:{message}'.encode()).hexdigest()[:20]}"
         try:
@@ -97,16 +98,12 @@ def _report_error(message: str) -> None:
 
 def _output(quiet: bool, verbose: bool) -> bool:
     """Set the log level for this command; True when progress bars should show."""
-    from ullme_cli.progress import configure_logging
-
     configure_logging(quiet, verbose)
     return not quiet
 
 
 def _version(value: bool) -> None:
     if value:
-        from ullme_cli.constants import __version__
-
         typer.echo(f"ullme {__version__}")
         raise typer.Exit()
 
@@ -183,7 +180,6 @@ def encode(
     share the corpus and rank 0 writes the joined files."""
     show_progress = _output(quiet, verbose)
     from ullme_cli.encoding import Launch, encode_corpus, encode_launched
-    from ullme_cli.model_setup import resolve_setup
 
     options = EncodeOptions(kind=kind, instruction=instruction, out_dtype=out_dtype, truncate_dim=truncate_dim,
                             token_budget=token_budget, input_format=input_format, on_long=on_long, chunk_tokens=chunk_tokens,
@@ -235,7 +231,6 @@ def serve(
 ) -> None:
     """Serve embeddings (OpenAI-compatible /v1/embeddings) and search (/v1/search) over HTTP until SIGTERM."""
     _output(quiet, verbose)
-    from ullme_cli.model_setup import resolve_setup
     from ullme_cli.serving.server import serve as run_server
 
     if not 0 < port < 65536:
@@ -417,7 +412,6 @@ def mine(
 ) -> None:
     """Mine hard negatives for training data by searching a corpus."""
     show_progress = _output(quiet, verbose)
-    from ullme_cli.model_setup import resolve_setup
     from ullme_cli.retrieval.mine import mine_negatives
 
     start, stop = MiningOptions.parse_range(rank_range)
@@ -439,8 +433,6 @@ def plot(
 ) -> None:
     """Draw loss components and eval metrics over steps for one or several runs, one line per run."""
     _output(quiet, verbose)
-    from ullme_cli.training.curves import write_plot
-
     panels = write_plot(runs, output, overwrite, by_source)
     if output != "-":
         log.info(f"drew {', '.join(panels)} for {len(runs)} run(s) into {output}")
@@ -471,8 +463,6 @@ def evaluate(
 ) -> None:
     """Evaluate a model on MTEB tasks and local sets, or score a search run. JSON summary on stdout."""
     show_progress = _output(quiet, verbose)
-    import json
-
     from ullme_cli.evaluation import runner
 
     names = [n.strip() for n in _split_task_names(tasks)] if tasks else []  # 'MTEB(eng, v2)' has a comma
@@ -489,8 +479,6 @@ def evaluate(
                               attention=attention, max_length=max_length, pair_files=pairs)  # fmt: skip
     summary, table = runner.report(results, model)
     if show_progress:
-        from ullme_cli.progress import stderr_console
-
         stderr_console.print(table)
     typer.echo(json.dumps(summary, indent=2))
 

@@ -1,5 +1,8 @@
 """Names shared by the CLI and the core; importing this module loads no heavy library."""
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
 DEFAULT_MODEL = "smollm2-135m"
 POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention", "latent-attention-paper")
@@ -9,9 +12,6 @@ KINDS = ("query", "passage")
 
 def cache_root():
     """Where ullme keeps what it can make again (converted GGUF models, file digests): $ULLME_CACHE."""
-    import os
-    from pathlib import Path
-
     return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))
 # auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_graph.py)
 BACKENDS = ("auto", "torch", "onnx")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,8 +176,6 @@ class StreamedExamples:
     cluster, whatever the rows hold."""
 
     def __init__(self, path: str, skip_bad_rows: bool = False):
-        from array import array
-
         self.path = path
         self.offsets, self.lines, self.clusters = array("q"), array("q"), array("q")
         self.skipped, self.has_teacher_scores = 0, False

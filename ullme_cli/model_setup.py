@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -176,8 +177,6 @@ def read_setup_file(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _checked_setup_file(path: str, data: bytes) -> dict:
-    import logging
-
     values = parse_json_object(path, data)
     version = values.get("ullme_format", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version > SETUP_FORMAT:

@@ -7,6 +7,8 @@ level with -q (warnings only, no bars) and -v (debug).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -57,9 +59,6 @@ def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     if quiet:  # the libraries we call log and draw bars of their own; -q means warnings only from them too
-        import os
-        import sys
-
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported
         os.environ.setdefault("DATASETS_VERBOSITY", "warning")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

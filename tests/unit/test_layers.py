@@ -84,3 +84,61 @@ def test_no_modules_import_one_another_around_a_circle():
         if module not in index:
             visit(module)
     assert not circles, circles
+
+
+# What may wait inside a function: libraries slow to import (torch and what stands on it, mteb, faiss, numpy) and
+# those only an extra installs (serve, plot, onnx, gguf, tensorboard). Naming the library is the deferral's reason.
+DEFERRABLE = {
+    "torch", "transformers", "peft", "accelerate", "mteb", "faiss", "datasets", "numpy", "safetensors", "huggingface_hub",
+    "tokenizers", "sentence_transformers", "pyarrow", "pandas", "scipy", "sklearn",  # slow to import
+    "fastapi", "uvicorn", "starlette", "prometheus_client", "matplotlib", "onnxruntime", "onnx", "onnxscript", "optimum",
+    "gguf", "llama_cpp", "tensorboard",  # extras
+}  # fmt: skip
+
+
+def import_statements(path: Path, modules: dict) -> tuple[set[str], list[tuple[int, set[str]]]]:
+    """A file's imports at its top (module level, also under if/try) and, with their lines, those inside functions."""
+    def targets(node) -> set[str]:
+        if isinstance(node, ast.Import):
+            return {a.name for a in node.names}
+        base = node.module or ""
+        return set() if node.level else {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+
+    tree = ast.parse(path.read_text(), str(path))
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)}
+    top, deferred = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if id(node) in inside:
+                deferred.append((node.lineno, targets(node)))
+            else:
+                top |= targets(node)
+    return top, deferred
+
+
+def test_an_import_inside_a_function_defers_a_heavy_library():
+    """An import waits inside a function only for a DEFERRABLE library, itself or through the ullme module it names
+    (at that module's top, however deep); anything else sits at the top of its file, so a reader can tell a
+    deliberate deferral from a habit. Nor does a function import again what its file's top already imports."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    statements = {m: import_statements(p, modules) for m, p in modules.items()}
+    heavy: dict[str, bool] = {}
+
+    def is_heavy(module: str, seen: frozenset = frozenset()) -> bool:
+        if not module.startswith("ullme_cli"):
+            return module.split(".")[0] in DEFERRABLE
+        if module not in heavy:
+            if module in seen or module not in statements:
+                return False
+            heavy[module] = any(is_heavy(t, seen | {module}) for t in statements[module][0])
+        return heavy[module]
+
+    habits, again = [], []
+    for module, (top, deferred) in statements.items():
+        for line, targets in deferred:
+            if not any(is_heavy(t) for t in targets):
+                habits.append(f"{modules[module].name}:{line} imports {', '.join(sorted(targets))}")
+            if targets & top - {"ullme_cli"}:
+                again.append(f"{modules[module].name}:{line} imports {', '.join(sorted(targets & top))} again")
+    assert not habits, "light imports inside functions (move them to the top):\n" + "\n".join(habits)
+    assert not again, "\n".join(again)

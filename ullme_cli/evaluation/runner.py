@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.table import Table
+
 from ullme_cli.data import iter_lines, read_qrels
 from ullme_cli.errors import UllmeError, located
 from ullme_cli.evaluation.local_tasks import (
@@ -139,8 +141,6 @@ def evaluate(
 
 def report(results: list[TaskResult], model: str):
     """The JSON summary (for stdout) and a rich table of it (for people, on stderr)."""
-    from rich.table import Table
-
     table = Table(title=f"ullme evaluate: {model}")
     for column in ("task", "type", "main score", "value", "nDCG@10", "MRR@10", "R@10"):
         table.add_column(column)

@@ -42,6 +42,7 @@ from ullme_cli.models.loading import (
     load_causal_lm,
     load_tokenizer,
     model_fingerprint,
+    model_inputs,
     portable_adapter_config,
     resolve_device,
     resolve_dtype,
@@ -221,8 +222,6 @@ def export_model(source: str, output: str, merge: bool = False, overwrite: bool 
     """Write a model folder that sentence-transformers takes as it is. With `merge`, the LoRA adapter is
     merged into the weights, for tools that cannot run an adapter (the vectors stay the same up to float
     rounding)."""
-    from ullme_cli.models.loading import model_inputs
-
     with guarded([output], model_inputs(source), overwrite, folder=True):
         embedder = load_embedder(resolve_setup(source), Runtime(dtype="float32", device="cpu"))
         return embedder.save(output, merge_lora=merge)

@@ -208,13 +208,12 @@ def _write_tokenizer(writer, embedder: Embedder, pre: str) -> None:
 
 
 def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
+    """llama-cpp-python, silenced, or None where it is not installed."""
+    if _llama_cpp_module is None:
         return None
     # llama.cpp logs every load to stderr from C; the export says what it measured in one line instead.
-    llama_cpp.llama_log_set(_QUIET, None)
-    return llama_cpp
+    _llama_cpp_module.llama_log_set(_QUIET, None)
+    return _llama_cpp_module
 
 
 def _quiet_log(level, text, user_data) -> None:
@@ -226,7 +225,7 @@ try:
 
     _QUIET = _llama_cpp_module.llama_log_callback(_quiet_log)  # kept alive for the C side
 except ImportError:
-    _QUIET = None
+    _llama_cpp_module = _QUIET = None
 
 
 def open_in_llama_cpp(path, n_ctx: int, llama_cpp=None):

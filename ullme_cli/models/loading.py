@@ -6,8 +6,10 @@ caller asks. A GGUF file is converted once into a safetensors folder in the cach
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -230,8 +232,6 @@ def model_fingerprint(source: str) -> str:
     folder = Path(source)
     record = adapter_record(folder) if folder.is_dir() else None
     if record is not None:  # the adapter's files, on the base it names (whose files are checked when it loads)
-        import hashlib
-
         return hashlib.sha256(f"{folder_fingerprint(folder)}:{record['fingerprint']}".encode()).hexdigest()
     if not folder.is_dir():
         try:
@@ -255,8 +255,6 @@ def portable_adapter_config(folder: Path, model, base: str) -> bool:
     never land on other layers than it was trained on. `base_model_name_or_path` is the base ullme checked.
     Returns whether the targets could be written so (if not, the folder keeps ullme's module for
     sentence-transformers: st_export.py)."""
-    import re
-
     path = Path(folder) / "adapter_config.json"
     config = json.loads(path.read_text())
     targets = config.get("target_modules")

@@ -27,6 +27,7 @@ model above about 500M parameters) is refused.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -233,8 +234,6 @@ class _quiet_tracer:
     they are constants of the graph, and the export's own check proves the vectors."""
 
     def __enter__(self):
-        import warnings
-
         self._catch = warnings.catch_warnings()
         self._catch.__enter__()
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

@@ -9,6 +9,7 @@ one line per run and source; evaluation steps stay one line per run. Needs matpl
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ullme_cli.errors import UllmeError, located
@@ -129,8 +130,6 @@ def plot_runs(series: dict[str, list[dict]], output, by_source: bool = False) ->
 
 def write_plot(runs: list[str], output: str, overwrite: bool = False, by_source: bool = False) -> list[str]:
     """`ullme plot`: the PNG to a file (checked, written whole or not at all) or to stdout (`-`)."""
-    import sys
-
     series = read_runs(runs)
     if by_source and not any(sources_in(records) for records in series.values()):
         raise UllmeError("--by-source: no step of these runs recorded a data source (runs from one data.train file have none)")

@@ -16,7 +16,10 @@ parameter dtype are GPU-minded options; their CPU runs are tested to train, not 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+import pickle  # only through MetadataUnpickler, which admits the classes DCP writes and refuses any other
 import shutil
 from pathlib import Path
 
@@ -111,9 +114,6 @@ def read_dcp_metadata(path: Path):
 
     torch's own reader calls `pickle.load` on it: a crafted file could run any code. Any other global it
     names is refused with an UllmeError naming the file and the global."""
-    import importlib
-    import pickle
-
     class MetadataUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
             if module in DCP_METADATA_MODULES:
@@ -201,8 +201,6 @@ def options_from_accelerate(plugin, train):
     recipes/accelerate/fsdp.yaml` shards as `train.distributed: fsdp` does, with the config's options.
     Wrapping (per decoder layer) and checkpoints (DCP) stay ours; the config's wrap and state-dict
     settings are not used."""
-    import dataclasses
-
     reshard = plugin.reshard_after_forward
     if not isinstance(reshard, bool):  # an FSDP1 sharding strategy: FULL_SHARD reshards, SHARD_GRAD_OP does not
         reshard = "FULL_SHARD" in str(reshard).upper()

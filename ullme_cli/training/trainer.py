@@ -44,7 +44,7 @@ from ullme_cli.io.outputs import (
     output_lock,
 )
 from ullme_cli.model_setup import Runtime
-from ullme_cli.models.loading import DTYPES
+from ullme_cli.models.loading import DTYPES, model_inputs
 from ullme_cli.progress import progress_bar
 from ullme_cli.recipes import Recipe, TrainSection, dump_recipe
 from ullme_cli.training.curves import (
@@ -300,8 +300,6 @@ def finetune(recipe: Recipe, resume: bool = False, show_progress: bool = True) -
     out = Path(recipe.output_dir)
     # Everything the run reads is an input: output_dir may not be, lie inside or hold any of them (the recipe
     # file included: finetune writes its resolved recipe into output_dir).
-    from ullme_cli.models.loading import model_inputs
-
     sources = [s.path for s in recipe.data.source_list()]
     inputs = [recipe.source, *sources, *model_inputs(recipe.model.model), recipe.eval.task_dir, recipe.eval.sts]
     guard_output([out], inputs, folder=True, exists_ok=True)
@@ -399,7 +397,7 @@ def prepare(recipe: Recipe, out: Path) -> Run:
         from accelerate.utils import ProjectConfiguration
 
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401 - an optional extra, asked for only by train.report_to
         except ImportError:
             raise UllmeError("train.report_to: tensorboard needs the tensorboard package: pip install 'ullme[tensorboard]'") from None
         tracking = {"log_with": "tensorboard", "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))}
