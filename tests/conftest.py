@@ -35,6 +35,35 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama", demo_texts())
 
 
+@pytest.fixture(scope="session")
+def artefacts(tmp_path_factory) -> Path:
+    """Valid artefacts that the CLI tests point at, built once per test process: a tiny model (model/), corpora
+    (corpus.jsonl: 40 demo texts; other.jsonl: 10 with other ids; queries.jsonl: 5), training rows (train.jsonl),
+    a datasets folder (ds/), embeddings (emb.npy, emb2.npy of other.jsonl, shards s0.npy and s1.npy), an index
+    (idx/), an adapter-only folder (adapter/) and a run's metrics (run/). Tests read them and never write here."""
+    root = tmp_path_factory.mktemp("artefacts")
+    save_tiny(root / "model", "llama", demo_texts())
+    texts = demo_texts(40)
+    write_corpus(root / "corpus.jsonl", texts)
+    write_corpus(root / "other.jsonl", texts[:10], "e")
+    write_corpus(root / "queries.jsonl", texts[:5], "q")
+    (root / "train.jsonl").write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 10, 2)))
+    from datasets import Dataset
+
+    Dataset.from_list([{"id": f"d{i}", "text": t} for i, t in enumerate(texts[:8])]).save_to_disk(str(root / "ds"))
+    for corpus, out, extra in (("corpus.jsonl", "emb.npy", []), ("other.jsonl", "emb2.npy", []), ("corpus.jsonl", "s0.npy", ["--shard", "0/2"]),
+                               ("corpus.jsonl", "s1.npy", ["--shard", "1/2"])):  # fmt: skip
+        result = run_cli("encode", root / corpus, "-o", root / out, "--model", root / "model", "-q", *extra)
+        assert result.returncode == 0, result.stderr.decode()
+    assert run_cli("index", root / "emb.npy", "-o", root / "idx").returncode == 0
+    from ullme_cli.models.embedder import Embedder
+
+    Embedder.load(str(root / "model"), dtype="float32", device="cpu").add_lora(r=2, alpha=4).save(root / "adapter", reference_base=True)
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 4)))
+    return root
+
+
 def lora_step_gradients(model_folder: Path, weights: dict, chunk: int = 0, packing: bool = False) -> tuple[float, dict, dict, int]:
     """One StepLoss backward on 6 TREC QA rows (2 negatives each) with LoRA adapters that matter (random
     lora_B, so a DPO reference differs from the policy): (loss, its parts, each trainable parameter's

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RESOURCES, demo_texts, run_cli, write_corpus
-from tiny_models import save_tiny
+from conftest import RESOURCES, demo_texts, run_cli
 
 from ullme_cli.artifacts import save_embeddings
 
@@ -333,6 +332,12 @@ CASES = [
     ("search-output-is-input", ["search", "{idx}", "{d}/q.jsonl", "-o", "{d}/q.jsonl", "--overwrite"], write("q.jsonl", CORPUS_LINE), "is the input"),
     ("search-k-0", ["search", "{idx}", "{corpus}", "-k", "0"], nothing, "-k must be at least 1"),
     ("search-bad-format", ["search", "{idx}", "{corpus}", "--format", "xml"], nothing, "unknown --format 'xml'"),
+    ("search-nprobe-0", ["search", "{idx}", "{corpus}", "--nprobe", "0"], nothing, "--nprobe must be at least 1"),
+    ("search-backend-unknown", ["search", "{idx}", "{corpus}", "--backend", "tensorrt"], nothing, "--backend must be one of auto, torch, onnx"),
+    ("search-backend-onnx-over-torch-folder", ["search", "{idx}", "{corpus}", "--backend", "onnx"], nothing, "this folder is not an ONNX export"),
+    ("mine-backend-unknown", ["mine", "{train}", "--corpus", "{corpus}", "-o", "{d}/m.jsonl", "-m", "{model}", "--backend", "tensorrt"], nothing, "--backend must be one of"),
+    ("evaluate-max-length-1", ["evaluate", "-m", "{model}", "--task-dir", "{trecqa}", "--output-dir", "{d}/res", "--max-length", "1"], nothing, "max_length must be at least 2"),
+    ("serve-dtype-unknown", ["serve", "{model}", "--dtype", "float8"], nothing, "unknown dtype 'float8'"),
     ("search-index-not-found", ["search", "{d}/none", "{corpus}"], nothing, "index folder not found"),
     ("search-queries-from-other-setup", ["search", "{idx}", "--embeddings", "{d}/e.npy"], embeddings(np.eye(2, 32), pooling="cls", kind="query"), "'pooling' is 'cls' here but 'mean' there"),
     # ---------------------------------------------------------------- mine
@@ -537,18 +542,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
-    """Valid artefacts that the cases point at: a tiny model, a corpus, embeddings, an index, training rows."""
-    root = tmp_path_factory.mktemp("shared")
-    save_tiny(root / "model", "llama", demo_texts())
-    texts = demo_texts(40)
-    write_corpus(root / "corpus.jsonl", texts)
-    (root / "train.jsonl").write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 10, 2)))
-    for args in (["encode", root / "corpus.jsonl", "-o", root / "emb.npy"], ["encode", root / "corpus.jsonl", "-o", root / "s0.npy", "--shard", "0/2"]):
-        result = run_cli(*args, "--model", root / "model", "-q")
-        assert result.returncode == 0, result.stderr.decode()
-    assert run_cli("index", root / "emb.npy", "-o", root / "idx").returncode == 0
-    return root
+def shared(artefacts) -> Path:
+    return artefacts  # conftest.py: valid artefacts that the cases point at
 
 
 def _drop_meta_key(path: Path, key: str) -> None:

@@ -10,14 +10,12 @@ and keep the link.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RESOURCES, demo_texts, run_cli, write_corpus
-from tiny_models import save_tiny
+from conftest import RESOURCES, run_cli
 
 from ullme_cli.cli import app
 
@@ -39,28 +37,8 @@ def state(*folders: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("guard")
-    save_tiny(root / "model", "llama", demo_texts())
-    texts = demo_texts(40)
-    write_corpus(root / "corpus.jsonl", texts)
-    write_corpus(root / "other.jsonl", texts[:10], "e")
-    write_corpus(root / "queries.jsonl", texts[:5], "q")
-    (root / "train.jsonl").write_text("".join(json.dumps({"query": texts[i], "positive": texts[i + 1]}) + "\n" for i in range(0, 10, 2)))
-    from datasets import Dataset
-
-    Dataset.from_list([{"id": f"d{i}", "text": t} for i, t in enumerate(texts[:8])]).save_to_disk(str(root / "ds"))
-    for corpus, out, extra in (("corpus.jsonl", "emb.npy", []), ("other.jsonl", "emb2.npy", []), ("corpus.jsonl", "s0.npy", ["--shard", "0/2"]),
-                               ("corpus.jsonl", "s1.npy", ["--shard", "1/2"])):  # fmt: skip
-        result = run_cli("encode", root / corpus, "-o", root / out, "--model", root / "model", "-q", *extra)
-        assert result.returncode == 0, result.stderr.decode()
-    assert run_cli("index", root / "emb.npy", "-o", root / "idx").returncode == 0
-    from ullme_cli.models.embedder import Embedder
-
-    Embedder.load(str(root / "model"), dtype="float32", device="cpu").add_lora(r=2, alpha=4).save(root / "adapter", reference_base=True)
-    (root / "run").mkdir()
-    (root / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 4)))
-    return root
+def shared(artefacts) -> Path:
+    return artefacts  # conftest.py: the model, corpora, embeddings, index, adapter and run every case points at
 
 
 def link(name: str, target: str):

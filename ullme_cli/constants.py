@@ -16,8 +16,8 @@ def cache_root():
 # auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_graph.py)
 BACKENDS = ("auto", "torch", "onnx")
 EXPORT_FORMATS = ("folder", "onnx", "gguf")  # `ullme export --format`
-GGUF_QUANTS = ("f16", "f32", "q8_0")
-ON_LONG = ("truncate", "error")
-SERVE_ON_LONG = (*ON_LONG, "mean")  # serve also chunks an over-long input and pools its windows (models/chunking.py)  # what encode does with a text longer than max_length  # `ullme export --format gguf --quant`
+GGUF_QUANTS = ("f16", "f32", "q8_0")  # `ullme export --format gguf --quant`
+ON_LONG = ("truncate", "error")  # what encode does with a text longer than max_length
+SERVE_ON_LONG = (*ON_LONG, "mean")  # serve also chunks an over-long input and pools its windows (models/chunking.py)
 INPUT_FORMATS = ("auto", "jsonl", "tsv", "text", "csv", "parquet", "dataset")  # what the one reader (io/rows.py) reads
 CHUNK_POOLS = ("none", "mean")  # encode --chunk-pool: one vector per window, or their token-weighted mean per text

@@ -255,7 +255,7 @@ class TrainSection:
                 yield key, "must be at least 1"
         if self.grad_cache_chunk < 0:
             yield "grad_cache_chunk", "must be 0 (off) or a chunk size"
-        if self.distributed not in ("ddp", "fsdp"):
+        if self.distributed not in DISTRIBUTED:
             yield "distributed", "must be ddp or fsdp (DeepSpeed is not supported: use fsdp)"
         if self.fsdp_param_dtype not in TRAINING_DTYPES:
             yield "fsdp_param_dtype", f"must be {' or '.join(TRAINING_DTYPES)}"
@@ -273,11 +273,13 @@ class TrainSection:
             yield "weight_decay", f"must be at most 10, got {self.weight_decay:g}"
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             yield "warmup_steps", f"must be between 0 and train.steps ({self.steps})"
-        if self.batching not in ("auto", "same-source", "mixed"):
-            yield "batching", "must be auto, same-source or mixed"
+        if self.batching not in BATCHINGS:
+            yield "batching", f"must be {', '.join(BATCHINGS[:-1])} or {BATCHINGS[-1]}"
 
 
 REPORT_TO = ("none", "tensorboard")
+BATCHINGS = ("auto", "same-source", "mixed")  # auto: same-source with several data sources (training/mixture.py)
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass

@@ -85,3 +85,29 @@ def test_ullme_load_takes_the_parameters_of_embedder_load():
     named = lambda params: {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}  # noqa: E731
     assert named(ours) == named(theirs)
     assert list(ours.values())[0].default == list(theirs.values())[0].default, "the same default model"
+
+
+def test_the_loss_classes_and_add_lora_default_to_the_recipe_defaults():
+    """A recipe's loss and lora sections are the declaration a run uses; the classes' own defaults (for Python
+    callers) must not drift from them: each table row's class, for every recipe parameter it takes, and
+    `Embedder.add_lora`."""
+    import importlib
+    import inspect
+
+    from ullme_cli.losses.table import LOSS_TABLE
+    from ullme_cli.models.embedder import Embedder
+    from ullme_cli.recipes import LoraSection, LossSection
+
+    compared = 0
+    for component in LOSS_TABLE.values():
+        module, cls = component.loss_class.split(":")
+        module = module if "." in module else f"ullme_cli.losses.{module}"
+        params = list(inspect.signature(getattr(importlib.import_module(module), cls)).parameters.values())
+        for param, field in zip(params, component.arguments):  # the table passes the fields in order
+            if param.default is not inspect.Parameter.empty:
+                assert param.default == getattr(LossSection, field), (component.name, param.name, field)
+                compared += 1
+    assert compared >= 8
+    lora = inspect.signature(Embedder.add_lora).parameters
+    for name in ("r", "alpha", "dropout", "target_modules"):
+        assert lora[name].default == getattr(LoraSection, name), name

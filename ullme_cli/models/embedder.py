@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ullme_cli.constants import DEFAULT_MODEL
+from ullme_cli.constants import DEFAULT_MODEL, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.agreement import require_agreement
 from ullme_cli.io.outputs import atomic_folder, guarded, real_path
@@ -212,7 +212,7 @@ def embedder_over(model, setup: ModelSetup, source: str, device: torch.device, t
     embedder = Embedder(model, tokenizer, setup, device, latent, graph)
     embedder.source = source
     embedder.matryoshka_dims = matryoshka_dims(folder)
-    for kind in ("query", "passage"):
+    for kind in KINDS:
         if prefix := embedder.instruction_prefix(kind):
             embedder.require_room_for_text(prefix)
     return embedder

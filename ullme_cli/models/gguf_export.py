@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ullme_cli.constants import GGUF_QUANTS as QUANTS
+from ullme_cli.constants import GGUF_QUANTS as QUANTS, KINDS
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.outputs import atomic_path, guarded
 from ullme_cli.model_setup import Runtime, resolve_setup
@@ -65,9 +65,9 @@ def gguf_blocker(embedder: Embedder) -> str | None:
         return f"ullme writes GGUF for {', '.join(ARCHITECTURES)} models; this one is '{model_type}'"
     if setup.pooling not in POOLINGS:
         return f"llama.cpp has no pooling for '{setup.pooling}' (it has {', '.join(POOLINGS)})"
-    if setup.pooling == "mean" and any(embedder.instruction_prefix(kind) for kind in ("query", "passage")):
+    if setup.pooling == "mean" and any(embedder.instruction_prefix(kind) for kind in KINDS):
         return "mean pooling under an instruction: llama.cpp pools every token, the instruction's too, where ullme leaves them out"
-    if setup.pooling == "cls" and any(embedder.instruction_prefix(kind) for kind in ("query", "passage")):
+    if setup.pooling == "cls" and any(embedder.instruction_prefix(kind) for kind in KINDS):
         return "cls pooling under an instruction: llama.cpp takes the first token, which is the instruction's"
     if not setup.normalize:
         return "llama.cpp's embedding routes normalise the vectors, and this setup does not"
@@ -86,7 +86,7 @@ def export_gguf(source: str, output: str, quant: str = "f16", overwrite: bool = 
             embedder.model = embedder.model.merge_and_unload()
         if why := gguf_blocker(embedder):
             raise UllmeError(f"{source}: cannot be written as GGUF: {why}")
-        references = {kind: embedder.encode(list(PROBES), kind=kind) for kind in ("query", "passage")}
+        references = {kind: embedder.encode(list(PROBES), kind=kind) for kind in KINDS}
         runtime = _llama_cpp()
         with atomic_path(output) as staging:
             for pre in PRE_TOKENIZERS if runtime else PRE_TOKENIZERS[:1]:
@@ -134,7 +134,7 @@ def write_gguf(embedder: Embedder, path: Path, quant: str, pre: str) -> None:
         writer.add_sliding_window(config.sliding_window)
     writer.add_causal_attention(setup.attention == "causal")
     writer.add_pooling_type(getattr(gguf.PoolingType, POOLINGS[setup.pooling]))
-    instructions = {kind: embedder.instruction_prefix(kind) for kind in ("query", "passage")}
+    instructions = {kind: embedder.instruction_prefix(kind) for kind in KINDS}
     writer.add_string("ullme.query_instruction", instructions["query"])
     writer.add_string("ullme.passage_instruction", instructions["passage"])
     writer.add_string("ullme.setup", json.dumps({k: v for k, v in setup.record().items() if k not in ("model", "fingerprint")}, sort_keys=True))
@@ -255,12 +255,12 @@ def _check(llama_cpp, path: Path, embedder: Embedder, references: dict, quant: s
     llm = open_in_llama_cpp(path, length, llama_cpp)
     try:
         tokens_match, theirs = True, []
-        for kind in ("query", "passage"):
+        for kind in KINDS:
             prefix = embedder.instruction_prefix(kind)
             for text, item in zip(PROBES, embedder.tokenize(list(PROBES), kind)):
                 tokens_match &= list(llm.tokenize((prefix + text).encode(), add_bos=True, special=False)) == list(item.ids)
             theirs.append(np.asarray(llm.embed([prefix + text for text in PROBES], normalize=True), dtype=np.float32))
     finally:
         llm.close()
-    ours = np.concatenate([references[kind] for kind in ("query", "passage")])
+    ours = np.concatenate([references[kind] for kind in KINDS])
     return {"checked": True, "tokens_match": bool(tokens_match), **agreement(ours, np.concatenate(theirs)), "quant": quant}

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ullme_cli.constants import KINDS
 from ullme_cli.data import read_training_examples
 from ullme_cli.errors import UllmeError
 from ullme_cli.io.outputs import atomic_folder, guarded
@@ -136,7 +137,7 @@ def _export_graph(embedder: Embedder, path: Path, references: np.ndarray) -> str
 def _probe_batches(embedder: Embedder) -> list:
     """The probes as queries and as documents, in one padded batch and each alone."""
     batches = []
-    for kind in ("query", "passage"):
+    for kind in KINDS:
         items = embedder.tokenize(list(PROBES), kind)
         batches += [items, *[[item] for item in items]]
     return batches

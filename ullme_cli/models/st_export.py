@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ullme_cli.constants import KINDS
+
 SHIM_FILE = "ullme_st.py"
 SHIM = '''"""sentence-transformers entry point of an ullme model: the code is the installed ullme package's."""
 import importlib
@@ -123,7 +125,7 @@ def stock_blocker(embedder, adapter_layout: str | None = None) -> str | None:
         return why
     if setup.padding_side != "right":
         return "ullme pads on the left for this setup; sentence-transformers keeps the tokenizer's padding, and positions would shift"
-    prefixes = {kind: embedder.instruction_prefix(kind) for kind in ("query", "passage")}
+    prefixes = {kind: embedder.instruction_prefix(kind) for kind in KINDS}
     if setup.pooling == "weighted-mean" and any(prefixes.values()):
         return "weighted-mean under an instruction: ullme weighs from the first text token, sentence-transformers from the first token"
     if setup.pooling == "cls" and any(prefixes.values()):

@@ -31,9 +31,8 @@ from ullme_cli.data import (
 )
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import json_fingerprint
-from ullme_cli.recipes import Source
+from ullme_cli.recipes import BATCHINGS, Source
 
-BATCHINGS = ("auto", "same-source", "mixed")
 
 
 def cap_indices(clusters, max_rows: int | None, seed: int) -> list[int] | None:
