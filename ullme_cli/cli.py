@@ -6,13 +6,10 @@ Heavy libraries (torch, transformers, faiss, mteb) are imported inside the comma
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,16 +21,15 @@ from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fie
 from ullme_cli.errors import UllmeError
 from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
 from ullme_cli.model_setup import ModelSetup, Runtime, resolve_setup  # light: their fields declare the setup flags
-from ullme_cli.progress import configure_logging, stderr_console  # rich, which typer loads already
-from ullme_cli.retrieval_options import IndexOptions, SearchOptions  # light: their fields declare index's and search's flags
 from ullme_cli.options import flag_of
+from ullme_cli.retrieval_options import IndexOptions, SearchOptions  # light: their fields declare index's and search's flags
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
-from ullme_cli.training.curves import write_plot  # light: matplotlib is imported when a plot is drawn
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Decoder LLMs as text-embedding models: finetune, encode, index, search, serve, evaluate.",
 )
 
@@ -86,6 +82,9 @@ def _report_error(message: str) -> None:
     ChildFailedError summary) is its own."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         launch = f"{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
+        import hashlib  # --help: only a multi-process launch reaches this
+        import tempfile  # --help: likewise
+
         marker = Path(tempfile.gettempdir()) / f"ullme-error-{hashlib.sha256(f'{launch}:{message}'.encode()).hexdigest()[:20]}"
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -98,6 +97,8 @@ def _report_error(message: str) -> None:
 
 def _output(quiet: bool, verbose: bool) -> bool:
     """Set the log level for this command; True when progress bars should show."""
+    from ullme_cli.progress import configure_logging  # --help: rich's progress bars and tables wait for a command
+
     configure_logging(quiet, verbose)
     return not quiet
 
@@ -433,6 +434,8 @@ def plot(
 ) -> None:
     """Draw loss components and eval metrics over steps for one or several runs, one line per run."""
     _output(quiet, verbose)
+    from ullme_cli.training.curves import write_plot  # --help: the output guard waits for a command
+
     panels = write_plot(runs, output, overwrite, by_source)
     if output != "-":
         log.info(f"drew {', '.join(panels)} for {len(runs)} run(s) into {output}")
@@ -463,6 +466,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model on MTEB tasks and local sets, or score a search run. JSON summary on stdout."""
     show_progress = _output(quiet, verbose)
+    import json  # --help: only evaluate writes JSON here
+
     from ullme_cli.evaluation import runner
 
     names = [n.strip() for n in _split_task_names(tasks)] if tasks else []  # 'MTEB(eng, v2)' has a comma
@@ -479,6 +484,8 @@ def evaluate(
                               attention=attention, max_length=max_length, pair_files=pairs)  # fmt: skip
     summary, table = runner.report(results, model)
     if show_progress:
+        from ullme_cli.progress import stderr_console  # --help: as in _output
+
         stderr_console.print(table)
     typer.echo(json.dumps(summary, indent=2))
 

@@ -23,7 +23,6 @@ from typing import Iterator
 from ullme_cli.constants import ATTENTION_MODES, BACKENDS, DEFAULT_MODEL, KINDS, POOLINGS
 from ullme_cli.dtypes import COMPUTE_CHOICES
 from ullme_cli.errors import UllmeError
-from ullme_cli.io.rows import parse_json_object
 from ullme_cli.options import check_choices, choice_problems, option, refusal
 
 SETUP_FILE = "ullme.json"
@@ -177,6 +176,8 @@ def read_setup_file(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _checked_setup_file(path: str, data: bytes) -> dict:
+    from ullme_cli.io.rows import parse_json_object  # --help: cli.py imports this module for its flags; the reader waits
+
     values = parse_json_object(path, data)
     version = values.get("ullme_format", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version > SETUP_FORMAT:
