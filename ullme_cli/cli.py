@@ -16,9 +16,10 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from ullme_cli.constants import EXPORT_FORMATS, GGUF_QUANTS, __version__
+from ullme_cli.constants import __version__
 from ullme_cli.encode_options import EncodeOptions  # a light dataclass: its fields declare encode's flags
 from ullme_cli.errors import UllmeError
+from ullme_cli.export_options import ExportOptions  # light: its fields declare export's flags
 from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
 from ullme_cli.model_setup import ModelSetup, Runtime, resolve_setup  # light: their fields declare the setup flags
 from ullme_cli.options import flag_of
@@ -261,22 +262,17 @@ def serve(
 def export(
     model: str = typer.Argument(..., help="An ullme model folder (the output of finetune or Embedder.save)."),
     output: str = typer.Option(..., "--output", "-o", help="The folder to write (a .gguf file with --format gguf)."),
-    merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the weights (a self-contained folder)."),
-    format: str = typer.Option("folder", "--format", help=f"{', '.join(EXPORT_FORMATS)}: a model folder (sentence-transformers, transformers), an ONNX graph with pooling and normalisation inside (ONNX Runtime), or one GGUF file with ullme's attention and pooling (llama.cpp); the adapter is merged for onnx and gguf."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --format onnx: int8 (ONNX Runtime's dynamic quantization of the projections)."),
-    quant: str = typer.Option("f16", "--quant", help=f"With --format gguf: {', '.join(GGUF_QUANTS)} for the weight matrices."),
+    merge: bool = field_option(ExportOptions, "merge"),
+    format: str = field_option(ExportOptions, "format"),
+    quantize: Optional[str] = field_option(ExportOptions, "quantize"),
+    quant: str = field_option(ExportOptions, "quant"),
     overwrite: bool = OverwriteOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Write a model folder for sentence-transformers (adapter merged with --merge), or an ONNX graph."""
+    """Write a model folder for sentence-transformers (adapter merged with --merge), an ONNX graph, or a GGUF file."""
     _output(quiet, verbose)
-    if format not in EXPORT_FORMATS:
-        raise UllmeError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{format}'")
-    if quantize is not None and format != "onnx":
-        raise UllmeError("--quantize applies to --format onnx only")
-    if quant != "f16" and format != "gguf":
-        raise UllmeError("--quant applies to --format gguf only")
+    ExportOptions(format, merge, quantize, quant).validate()
     if format == "gguf":
         from ullme_cli.models.gguf_export import export_gguf
 

@@ -10,6 +10,7 @@ from typer.main import get_command
 
 from ullme_cli.cli import app
 from ullme_cli.encoding import EncodeOptions
+from ullme_cli.export_options import ExportOptions
 from ullme_cli.mine_options import MiningOptions
 from ullme_cli.model_setup import SETUP_FLAGS, ModelSetup, Runtime
 from ullme_cli.retrieval_options import IndexOptions, SearchOptions
@@ -27,6 +28,7 @@ def defaults(command: str) -> dict:
     ("mine", MiningOptions, {}),
     ("serve", Limits, {"max_wait_ms": ("max_wait", 1000), "max_request_mb": ("max_request_bytes", 2**-20)}),
     ("index", IndexOptions, {}),
+    ("export", ExportOptions, {}),
     ("search", SearchOptions, {"fmt": ("format", 1)}),
 ])  # fmt: skip
 def test_cli_defaults_equal_the_dataclass_defaults(command, fields, scale):

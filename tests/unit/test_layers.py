@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ullme_cli"
 # docs/design.md §1, from the bottom up: the first name after `ullme_cli.` decides a module's layer.
 LAYERS = [
     ("base", {"constants", "dtypes", "errors", "options", "progress", "io", "fingerprints", "losses"}),
-    ("schema", {"model_setup", "encode_options", "mine_options", "retrieval_options", "data", "artifacts", "recipes", "instructions"}),
+    ("schema", {"model_setup", "encode_options", "mine_options", "retrieval_options", "export_options", "data", "artifacts", "recipes", "instructions"}),
     ("models", {"models"}),
     ("jobs", {"encoding", "retrieval", "training", "evaluation"}),
     ("serving", {"serving"}),
