@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -235,18 +234,7 @@ def serve(
     _output(quiet, verbose)
     from ullme_cli.serving.server import serve as run_server
 
-    if not 0 < port < 65536:
-        raise UllmeError(f"--port must be between 1 and 65535, got {port}")
-    for name, value in (("--max-inputs", max_inputs), ("--max-queue", max_queue)):
-        if value < 1:
-            raise UllmeError(f"{name} must be at least 1, got {value}")
-    for name, value, low, high in (("--timeout", timeout, 0, 86400), ("--max-request-mb", max_request_mb, 0, 1024), ("--max-wait-ms", max_wait_ms, None, 10000)):
-        if not math.isfinite(value) or not (value > low if low is not None else value >= 0) or value > high:
-            raise UllmeError(f"{name} must be {'above 0' if low is not None else '0 or more'} and at most {high:g}, got {value:g}")
-    if truncate and on_long not in ("truncate", Limits.on_long):
-        raise UllmeError(f"--truncate and --on-long {on_long} disagree; give one")
-    limits = Limits(max_inputs=max_inputs, max_request_bytes=int(max_request_mb * 2**20), on_long="truncate" if truncate else on_long, timeout=timeout,
-                    max_queue=max_queue, max_wait=max_wait_ms / 1000).validate()  # fmt: skip
+    limits = Limits.from_flags(max_inputs, max_request_mb, on_long, truncate, timeout, max_queue, max_wait_ms)
     adapters = {}
     for given in adapter:
         adapter_name, _, path = given.partition("=")

@@ -40,7 +40,9 @@ def read_api_key(variable: str | None) -> str | None:
     return key.strip()
 
 
-def check_binding(host: str, api_key: str | None, insecure_public: bool) -> None:
+def check_binding(host: str, port: int, api_key: str | None, insecure_public: bool) -> None:
+    if not 0 < port < 65536:
+        raise UllmeError(f"--port must be between 1 and 65535, got {port}")
     if not is_loopback(host) and api_key is None and not insecure_public:
         raise UllmeError(f"--host {host}: serving beyond this machine needs a key (--api-key-env VAR); "
                          "or pass --insecure-public to serve without one")  # fmt: skip
@@ -63,7 +65,7 @@ def serve(
     """Serve one model, and the LoRA adapters in `adapters` (name -> adapter-only folder) on its weights, and
     optionally search over indexes built with it, until SIGTERM or Ctrl-C."""
     api_key = read_api_key(api_key_env)
-    check_binding(host, api_key, insecure_public)
+    check_binding(host, port, api_key, insecure_public)
     from ullme_cli.serving.app import build_app
 
     try:
