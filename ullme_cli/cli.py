@@ -81,10 +81,10 @@ def _report_error(message: str) -> None:
     that only some ranks reach is still printed by them. What the launcher prints after that (torchrun's
     ChildFailedError summary) is its own."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        launch = f"{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
         import hashlib  # --help: only a multi-process launch reaches this
         import tempfile  # --help: likewise
 
+        launch = f"{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
         marker = Path(tempfile.gettempdir()) / f"ullme-error-{hashlib.sha256(f'{launch}:{message}'.encode()).hexdigest()[:20]}"
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
