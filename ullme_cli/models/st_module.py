@@ -8,6 +8,7 @@ import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
 from ullme_cli.model_setup import Runtime, resolve_setup
+from ullme_cli.models.folder import write_folder
 
 
 class UllmeSentenceModule(InputModule):
@@ -41,7 +42,7 @@ class UllmeSentenceModule(InputModule):
     get_sentence_embedding_dimension = get_embedding_dimension  # the name before sentence-transformers 6
 
     def save(self, output_path: str, *args, **kwargs) -> None:
-        self.embedder._write(Path(output_path), merge_lora=False)
+        write_folder(self.embedder, Path(output_path), Path(output_path).name)
 
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", *args, **kwargs) -> "UllmeSentenceModule":
