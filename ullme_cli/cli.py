@@ -5,7 +5,6 @@ Heavy libraries (torch, transformers, faiss, mteb) are imported inside the comma
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -21,7 +20,7 @@ from ullme_cli.errors import UllmeError
 from ullme_cli.export_options import ExportOptions  # light: its fields declare export's flags
 from ullme_cli.mine_options import MiningOptions  # a light dataclass: its fields declare mine's flags
 from ullme_cli.model_setup import ModelSetup, Runtime, resolve_setup  # light: their fields declare the setup flags
-from ullme_cli.options import flag_of
+from ullme_cli.options import field_of, flag_of
 from ullme_cli.retrieval_options import IndexOptions, SearchOptions  # light: their fields declare index's and search's flags
 from ullme_cli.serving.limits import Limits  # a dataclass only: its defaults are the serve flags' defaults
 
@@ -35,7 +34,7 @@ app = typer.Typer(
 
 def field_help(section, name: str) -> str:
     """A field's help, with its choices where it declares them."""
-    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    field = field_of(section, name)
     choices = field.metadata.get("choices")
     return field.metadata["help"].rstrip(".") + (f": {', '.join(choices)}." if choices else ".")
 
@@ -44,7 +43,7 @@ def field_option(section, name: str, *short: str, keeps_the_models: bool = False
     """The Typer option of a dataclass field declared with `options.option`: its default, flag and help (with its
     choices), so the flag is declared once, in the field. `keeps_the_models`: a setup field that a model folder
     may set itself; the flag's default None keeps the folder's value (else the field's default)."""
-    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    field = field_of(section, name)
     if keeps_the_models:
         return typer.Option(None, flag_of(field), *short, help=f"{field_help(section, name).rstrip('.')} (default: the model's, else {field.default}).")
     return typer.Option(field.default, flag_of(field), *short, help=field_help(section, name))

@@ -8,11 +8,6 @@ DEFAULT_MODEL = "smollm2-135m"
 POOLINGS = ("mean", "weighted-mean", "last-token", "cls", "latent-attention", "latent-attention-paper")
 ATTENTION_MODES = ("bidirectional", "causal")
 KINDS = ("query", "passage")
-
-
-def cache_root():
-    """Where ullme keeps what it can make again (converted GGUF models, file digests): $ULLME_CACHE."""
-    return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))
 # auto: ONNX Runtime for a folder `ullme export --format onnx` wrote, torch for any other (models/onnx_graph.py)
 BACKENDS = ("auto", "torch", "onnx")
 EXPORT_FORMATS = ("folder", "onnx", "gguf")  # `ullme export --format`
@@ -21,3 +16,8 @@ ON_LONG = ("truncate", "error")  # what encode does with a text longer than max_
 SERVE_ON_LONG = (*ON_LONG, "mean")  # serve also chunks an over-long input and pools its windows (models/chunking.py)
 INPUT_FORMATS = ("auto", "jsonl", "tsv", "text", "csv", "parquet", "dataset")  # what the one reader (io/rows.py) reads
 CHUNK_POOLS = ("none", "mean")  # encode --chunk-pool: one vector per window, or their token-weighted mean per text
+
+
+def cache_root():
+    """Where ullme keeps what it can make again (converted GGUF models, file digests): $ULLME_CACHE."""
+    return Path(os.environ.get("ULLME_CACHE", Path.home() / ".cache" / "ullme"))

@@ -201,7 +201,6 @@ class StreamedExamples:
         return len(self.offsets)
 
     def __getitem__(self, index: int) -> TrainingExample:
-
         return training_example(*read_jsonl_line(self.path, self.offsets[index], self.lines[index]))
 
 

@@ -28,7 +28,6 @@ HASH_BLOCK = 1 << 24
 
 
 def _cache_file() -> Path:
-
     return cache_root() / "fingerprints.json"
 
 
@@ -41,7 +40,6 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
-
     try:
         atomic_write_text(_cache_file(), json.dumps(cache))
     except OSError:

@@ -21,26 +21,35 @@ def option(default: Any, help: str, choices: Sequence[str] | None = None, flag: 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def field_of(section, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(section) if f.name == name)
+
+
 def flag_of(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def outside_choices(section, field: dataclasses.Field) -> bool:
+    """The field declares choices and holds another value. None is a value of a field typed `X | None` (not given,
+    or its own meaning there: search's aggregate None returns chunks), never of a plain `str` field."""
+    choices, value = field.metadata.get("choices"), getattr(section, field.name)
+    return bool(choices) and value not in choices and not (value is None and "None" in str(field.type))
 
 
 def choice_problems(section) -> Iterator[tuple[str, str]]:
     """Each field whose value is outside its declared choices, with why (as a recipe reports it)."""
     for field in dataclasses.fields(section):
-        choices = field.metadata.get("choices")
-        if choices and getattr(section, field.name) not in choices:
-            yield field.name, f"must be one of {', '.join(choices)}"
+        if outside_choices(section, field):
+            yield field.name, f"must be one of {', '.join(field.metadata['choices'])}"
 
 
 def refusal(section, name: str, why: str) -> UllmeError:
     """The error for field `name`'s problem `why`: a choice field's declared refusal (naming the flag, the value and
     the choices), else `NAME WHY`."""
-    field = next(f for f in dataclasses.fields(section) if f.name == name)
-    choices = field.metadata.get("choices")
-    if not choices or getattr(section, name) in choices:
+    field = field_of(section, name)
+    if not outside_choices(section, field):
         return UllmeError(f"{name} {why}")
-    return UllmeError(field.metadata["refusal"].format(flag=flag_of(field), choices=", ".join(choices), value=getattr(section, name)))
+    return UllmeError(field.metadata["refusal"].format(flag=flag_of(field), choices=", ".join(field.metadata["choices"]), value=getattr(section, name)))
 
 
 def check_choices(section) -> None:

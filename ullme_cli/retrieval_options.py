@@ -4,7 +4,7 @@ option is declared once, here, and the commands' flags are derived from the fiel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ullme_cli.errors import UllmeError
 from ullme_cli.options import UNKNOWN, check_choices, option
@@ -18,8 +18,7 @@ CHUNK_DEPTH = 100  # chunk hits per query that a document ranking starts from (r
 @dataclass(frozen=True)
 class IndexOptions:
     factory: str = option("auto", "FAISS index_factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64) or auto.")
-    # None: ip for normalized vectors, else l2
-    metric: str | None = option(None, "ip or l2 (default: ip for normalized vectors).")
+    metric: str | None = option(None, "Distance (default: ip for normalized vectors, else l2)", METRICS, refusal=UNKNOWN)
     add: bool = option(False, "Append to the existing index in --output.")
     keep_vectors: bool = option(True, "Keep float16 copies beside lossy indexes for --rerank-exact.", flag="--keep-vectors/--no-keep-vectors")
     trained_from: str | None = option(None, "Start from this index folder's trained centroids/codebooks (shard indexes that merge exactly).")
@@ -30,8 +29,7 @@ class IndexOptions:
         for name in ("factory", "metric"):  # with --add or --trained-from the index's own are used: a value given would be ignored
             if getattr(self, name) != getattr(IndexOptions, name) and (self.add or self.trained_from):
                 raise UllmeError(f"--{name} does not apply with {'--add' if self.add else '--trained-from'}: the index's own {name} is used")
-        if self.metric is not None and self.metric not in METRICS:
-            raise UllmeError(f"unknown --metric '{self.metric}' (choose from {', '.join(METRICS)})")
+        check_choices(self)
         return self
 
 
@@ -50,7 +48,7 @@ class SearchOptions:
     format: str = option("jsonl", "Output format", RESULT_FORMATS, refusal=UNKNOWN)
 
     def validate(self) -> "SearchOptions":
-        check_choices(self if self.aggregate is not None else replace(self, aggregate=AGGREGATES[0]))
+        check_choices(self)
         if self.k < 1:
             raise UllmeError(f"-k must be at least 1, got {self.k}")
         if self.chunk_depth < 1:

@@ -37,3 +37,15 @@ def test_the_smallest_max_length_is_one_number():
 
 def test_only_training_adds_the_weights_dtype():
     assert [k for k, _ in ModelSection(dtype="float16").problems()] == ["dtype"]
+
+
+def test_none_is_a_value_only_of_a_field_typed_to_hold_it():
+    """options.outside_choices: `str | None` fields take None (search's aggregate None returns chunks, index's metric
+    None is the vectors' own); a `str` field such as a setup's pooling refuses it, as any other value outside."""
+    from ullme_cli.retrieval_options import IndexOptions, SearchOptions
+
+    assert SearchOptions(aggregate=None).validate() and IndexOptions(metric=None).validate()
+    with pytest.raises(UllmeError, match="unknown pooling 'None'"):
+        ModelSetup(pooling=None).validate()
+    with pytest.raises(UllmeError, match="unknown --metric 'cosine'"):
+        IndexOptions(metric="cosine").validate()

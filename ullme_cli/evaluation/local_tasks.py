@@ -28,7 +28,6 @@ def task_name_for(path: str) -> str:
 def unique_task_names(paths: list[str]) -> list[str]:
     """One task name per local path: `task_name_for`, with parent folders prefixed where two paths would
     share a name (`a/test`, `b/test` -> `a-test`, `b-test`), so that no score overwrites another."""
-
     resolved = [str(Path(p).resolve()) for p in paths]
     for n, path in enumerate(resolved):
         if path in resolved[:n]:

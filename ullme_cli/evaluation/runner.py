@@ -114,7 +114,7 @@ def evaluate(
     model in the setup that a fine-tune will use.
     """
     from ullme_cli.models.embedder import load_embedder
-    from ullme_cli.models.loading import model_fingerprint, resolve_model_source
+    from ullme_cli.models.loading import model_fingerprint, model_inputs, resolve_model_source
 
     table = load_instruction_table(instructions)
     hub_tasks = resolve_tasks(task_names) if task_names else []
@@ -127,8 +127,6 @@ def evaluate(
         raise UllmeError("evaluate: name --tasks, --task-dir, --sts or --pairs (or --run with --qrels)")
     setup = resolve_setup(model, pooling=pooling, attention=attention, max_length=max_length)
     # The results cache is written as tasks finish: never inside the model (its fingerprint would change) or a task.
-    from ullme_cli.models.loading import model_inputs
-
     guard_output([output_dir], [*model_inputs(setup.model), *(path for path, _, _ in local), instructions], folder=True, exists_ok=True,
                  may_hold_inputs=True)  # fmt: skip
     setup = setup.replace(fingerprint=model_fingerprint(resolve_model_source(setup.model)))
@@ -155,7 +153,6 @@ def report(results: list[TaskResult], model: str):
 
 def _revision(setup, task, instruction_table: dict, weights: str | None) -> str:
     """The result key (module docstring) that files this task's result, as the model revision mteb stores."""
-
     weights = weights or setup.fingerprint
     if not weights:
         raise UllmeError("internal: evaluating weights that have no fingerprint")

@@ -75,7 +75,6 @@ class CompileTimes:
         return float(value) if isinstance(value, (int, float)) else None
 
     def put(self, key: str, seconds: float) -> None:
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({**self.read(), key: round(seconds, 1)}))

@@ -213,7 +213,6 @@ def model_fingerprint(source: str) -> str:
     A hub id is fingerprinted through its snapshot in the Hugging Face cache, which `from_pretrained`
     reads; where none is cached yet, the id and the hub's commit stand in (not checked here: no network).
     """
-
     folder = Path(source)
     record = adapter_record(folder) if folder.is_dir() else None
     if record is not None:  # the adapter's files, on the base it names (whose files are checked when it loads)

@@ -53,7 +53,6 @@ def describe_base(name: str, source: str) -> dict:
 
 def read_training(folder: Path) -> dict | None:
     """What finetune recorded about a model (training.json), or None where it recorded nothing."""
-
     path = Path(folder) / TRAINING_FILE
     return read_json_object(path) if path.is_file() else None
 

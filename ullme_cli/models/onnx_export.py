@@ -162,7 +162,6 @@ INT8_KEPT_FLOAT = ("down_proj",)  # the projections whose inputs carry the activ
 
 def calibration_texts(rows: int = 64) -> list[str]:
     """Questions and their first relevant sentences from the bundled TREC QA train split (never its test split)."""
-
     examples, _ = read_training_examples(str(Path(__file__).resolve().parent.parent / "resources" / "trecqa-train" / "train.jsonl"))
     return [text for example in examples[:rows] for text in (example.query, example.positives[0])]
 

@@ -212,7 +212,6 @@ def teacher_encoder(name: str, runtime: Runtime):
     """`encode(texts, kind, instruction) -> unit vectors` of a teacher: an ullme folder or any model ullme
     loads, or a sentence-transformers folder (modules.json, no ullme.json), whose "query" and "document"
     prompts are used where it has them."""
-
     folder = Path(name)
     if (folder / "modules.json").is_file() and not (folder / SETUP_FILE).is_file():
         from sentence_transformers import SentenceTransformer
@@ -243,7 +242,6 @@ def teacher_encoder(name: str, runtime: Runtime):
 def score_with_teacher(examples, teacher: str, runtime: Runtime, show_progress: bool) -> None:
     """Each row's `pos_scores` and `neg_scores`: the teacher's cosine between the query (with the row's
     instruction) and each positive and negative, in their order, as FlagEmbedding and Tevatron lay them out."""
-
     encode = teacher_encoder(teacher, runtime)
     passages = sorted({t for ex in examples for t in (*ex.positives, *ex.negatives)})
     with progress_bar("teacher", total=len(passages) + len(examples), enabled=show_progress) as advance:

@@ -14,13 +14,11 @@ chunks themselves.
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import logging
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -39,7 +37,6 @@ from ullme_cli.io.agreement import SAME_LAYOUT, SAME_VECTORS, require_agreement
 from ullme_cli.io.outputs import STDIO, atomic_path, guard_output, output_lock
 from ullme_cli.model_setup import ModelSetup, Runtime
 from ullme_cli.progress import progress_bar
-from ullme_cli.retrieval_options import CHUNK_DEPTH, SearchOptions
 from ullme_cli.retrieval.index import (
     VECTORS_FILE,
     load_faiss_index,
@@ -47,6 +44,7 @@ from ullme_cli.retrieval.index import (
     read_ids,
     read_manifest,
 )
+from ullme_cli.retrieval_options import CHUNK_DEPTH, SearchOptions
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +179,12 @@ def query_vectors(manifest: dict, queries: str | None, embeddings: str | None, i
 def in_index_dtype(runtime: Runtime, manifest: dict) -> Runtime:
     """`runtime` with --dtype auto read as the dtype the index's passages were encoded in: queries are encoded
     alike (`ullme search` and `ullme serve --index`); a dtype the user names must agree with it."""
-    return dataclasses.replace(runtime, dtype=manifest["compute_dtype"]) if runtime.dtype == "auto" else runtime
+    return replace(runtime, dtype=manifest["compute_dtype"]) if runtime.dtype == "auto" else runtime
 
 
 def as_index_queries(matrix: np.ndarray, manifest: dict) -> np.ndarray:
     """Full query vectors as the index searches with them: cut to its truncate_dim (renormalised where its
     vectors are), packed to bits for a binary index. `ullme search` and `ullme serve` both use this."""
-
     matrix = truncate(matrix.astype(np.float32), manifest.get("truncate_dim"), manifest["normalize"])
     if manifest["dtype"] == "binary":
         matrix = quantize(matrix, "binary")

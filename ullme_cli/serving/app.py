@@ -163,7 +163,6 @@ def build_app(served, indexes: list | None = None, limits: Limits = Limits(), ap
     """The ASGI app around the served models (`models.adapters.Adapters`: a base, and adapters on it) and the
     open indexes the base must agree with. A batch holds one model's texts, at most `token_budget` padded
     tokens (default: ullme's, as `ullme encode` uses)."""
-
     indexes = indexes or []
     name = served.base_name
     state: dict = {"in_flight": 0, "tokenizing_chars": 0}

@@ -80,7 +80,6 @@ def model_config(recipe: Recipe):
 
 
 def read_sources(recipe: Recipe) -> list[SourceReport]:
-
     reports = []
     for source in recipe.data.source_list():
         try:

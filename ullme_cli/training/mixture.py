@@ -116,7 +116,6 @@ class Mixture:
 
 def read_mixture(sources: list[Source], skip_bad_rows: bool, seed: int) -> Mixture:
     """Read, cap and join the sources. A streamed source keeps no rows in memory (data.StreamedExamples)."""
-
     mixture = Mixture(sources, Rows())
     streams = []
     for k, source in enumerate(sources):

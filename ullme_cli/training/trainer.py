@@ -66,7 +66,6 @@ CURVES = "curves.png"
 def batch_indices(step: int, batch_size: int, count: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """The examples of `step` for process `rank` of one source: a seeded permutation per epoch, read in order
     (several sources: training/mixture.py's Batching)."""
-
     return _positions(step, batch_size, count, seed, rank, world)
 
 
@@ -262,7 +261,6 @@ def evaluate_during_training(embedder, tasks: dict, out: Path, step: int, weight
     mteb's own result files land in `<output_dir>/eval/`, keyed by the fingerprint of the weights at this
     step, so a resumed run reuses the evaluations it already made, and other weights never do.
     """
-
     embedder.model.eval()
     try:
         results = run_evaluation(embedder, f"{out.name}-step{step}", list(tasks.values()), str(out / "eval"), load_instruction_table(),
@@ -286,7 +284,6 @@ def flat_config(recipe: Recipe) -> dict:
 
 def draw_curves(out: Path) -> None:
     """<output_dir>/curves.png from metrics.jsonl; without matplotlib, say how to get it and go on."""
-
     try:
         series = read_runs([out])
         (records,) = series.values()
